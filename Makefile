@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make test   - virtualenv, pinned torch, torch-scatter, the package + dev extras, the test suite
+#   make demo   - the same set-up, then the library's main job on synthetic data
+# Every install step lives here (CI runs `make test` on a clean clone).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+TORCH_SCATTER_VERSION := 2.1.2
+PYTEST_ARGS ?=
+
+.PHONY: all test demo bench install clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet setuptools wheel
+
+# torch is pinned by exact version: an unpinned torch would pull several GB of CUDA packages.
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	touch $@
+
+# torch-scatter has no wheel for this torch: build it against the installed torch (pip caches the wheel).
+$(VENV)/.scatter: $(VENV)/.torch
+	$(BIN)/python -m pip install --no-build-isolation "torch-scatter==$(TORCH_SCATTER_VERSION)"
+	touch $@
+
+$(VENV)/.package: $(VENV)/.scatter setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.package
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python -m sparse_bias.demo --out demo_out
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache build *.egg-info

@@ -1,0 +1,68 @@
+"""Small input-validation helpers shared by the public functions.
+
+Every error names the argument and the offending value, so a user can find the bad call quickly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(name: str, x, *, ndim: Optional[Sequence[int]] = None, floating: Optional[bool] = None,
+                 integer: Optional[bool] = None) -> torch.Tensor:
+    """Check that ``x`` is a tensor with one of the allowed ranks and the right kind of dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() not in tuple(ndim):
+        allowed = " or ".join(str(n) for n in ndim)
+        raise ValueError(f"{name} must have {allowed} dimensions, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if integer and x.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got dtype {x.dtype}")
+    return x
+
+
+def check_device(name: str, x: torch.Tensor, device: torch.device, other: str) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {other} is on {device}")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise if ``x`` holds NaN (or infinite) values: they would silently poison the softmax."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "infinite"
+        raise ValueError(f"{name} contains {bad} values")
+
+
+def check_window_size(name: str, size) -> None:
+    """A window size is an odd non-negative int (0 = no window) or an integer tensor of such values."""
+    if isinstance(size, torch.Tensor):
+        check_tensor(name, size, integer=True)
+        if size.numel():
+            if bool((size < 0).any()):
+                raise ValueError(f"{name} must be >= 0, got minimum {int(size.min())}")
+            even = (size > 0) & (size % 2 == 0)
+            if bool(even.any()):
+                raise ValueError(f"{name} must hold odd sizes (or 0 = no window), got {int(size[even][0])}")
+        return
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"{name} must be an odd int or a LongTensor [B, Q], got {type(size).__name__}")
+    if size < 0 or (size > 0 and size % 2 == 0):
+        raise ValueError(f"{name} must be an odd positive int (or 0 = no window), got {size}")
+
+
+def check_shape_2d(name: str, shape, n: int):
+    """Normalise a shape tuple of ``n`` positive ints (or None)."""
+    if shape is None:
+        return None
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                         for s in shape):
+        raise TypeError(f"{name} must be a tuple of {n} ints or None, got {shape!r}")
+    shape = tuple(shape)
+    if len(shape) != n or any(s <= 0 for s in shape):
+        raise ValueError(f"{name} must be a tuple of {n} positive ints or None, got {shape!r}")
+    return shape

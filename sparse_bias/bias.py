@@ -1,0 +1,181 @@
+"""Sparse bias values on a :class:`WindowIndex`, and the per-query window weighting that makes them."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._checks import check_device, check_finite, check_tensor
+from .windows import WindowIndex
+
+__all__ = ["SparseBias", "window_bias"]
+
+PROFILES = ("flat", "gaussian")
+
+
+class SparseBias:
+    """An additive attention bias that is zero outside each query's local windows.
+
+    Args:
+        index: the :class:`WindowIndex` giving the ``nnz`` (query, key) entries.
+        values: ``[nnz]`` (one value shared by all heads) or ``[nnz, H]`` (one per head), floating point.
+            Gradients flow back through ``values`` (to the weights and scale that produced them).
+
+    ``to_dense()`` materialises the origin design's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``.
+    """
+
+    def __init__(self, index: WindowIndex, values: torch.Tensor):
+        if not isinstance(index, WindowIndex):
+            raise TypeError(f"index must be a WindowIndex, got {type(index).__name__}")
+        check_tensor("values", values, ndim=(1, 2), floating=True)
+        if values.shape[0] != index.nnz:
+            raise ValueError(f"values must be [nnz] or [nnz, H] with nnz = {index.nnz}, "
+                             f"got shape {tuple(values.shape)}")
+        check_device("values", values, index.device, "index")
+        self.index = index
+        self.values = values
+
+    @property
+    def num_heads(self) -> Optional[int]:
+        """``H`` for per-head values, None when the values are shared by all heads."""
+        return self.values.shape[1] if self.values.dim() == 2 else None
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of :meth:`to_dense`: ``[B, Q, K]`` or ``[B, H, Q, K]``."""
+        b, q, k = self.index.batch_size, self.index.num_queries, self.index.layout.num_keys
+        return torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, dtype: torch.dtype) -> "SparseBias":
+        """The same bias with values cast to ``dtype`` (differentiable)."""
+        return SparseBias(self.index, self.values.to(dtype))
+
+    def nbytes(self) -> int:
+        """Bytes of the sparse structure: index tensors plus values."""
+        return self.index.nbytes() + self.values.numel() * self.values.element_size()
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense bias: ``[B, Q, K]`` (shared values) or ``[B, H, Q, K]`` (per-head), zeros outside the
+        windows. Differentiable in ``values``. Memory: ``B * (H) * Q * K`` elements -- the reference."""
+        idx = self.index
+        b, q, k = idx.batch_size, idx.num_queries, idx.layout.num_keys
+        flat = idx.row * k + idx.key
+        tail = self.values.shape[1:]
+        dense = self.values.new_zeros((b * q * k,) + tuple(tail)).index_put((flat,), self.values)
+        if self.num_heads is None:
+            return dense.view(b, q, k)
+        return dense.view(b, q, k, self.num_heads).permute(0, 3, 1, 2).contiguous()
+
+    def __repr__(self) -> str:
+        heads = "shared" if self.num_heads is None else f"H={self.num_heads}"
+        return f"SparseBias(nnz={self.index.nnz}, {heads}, dtype={self.dtype}, dense_shape={list(self.shape)})"
+
+
+def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:
+    check_tensor(name, w, ndim=(2, 3), floating=True)
+    if tuple(w.shape[:2]) != (index.batch_size, index.num_queries):
+        raise ValueError(f"{name} must be [B, Q] or [B, Q, H] with [B, Q] = "
+                         f"[{index.batch_size}, {index.num_queries}], got shape {tuple(w.shape)}")
+    check_device(name, w, index.device, "the window index")
+    check_finite(name, w)
+    return w
+
+
+def _pair(name: str, x):
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} must be a number or a (bev, cam) pair, got {x!r}")
+        return tuple(x)
+    return (x, x)
+
+
+def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
+                cam_weight: Optional[torch.Tensor] = None, scale: Union[float, torch.Tensor] = 1.0,
+                profile: str = "flat", sigma: Union[None, float, Sequence[float]] = None) -> SparseBias:
+    """Spread each query's per-modality weight over its windows: ``bias = weight * scale * profile``.
+
+    An entry of query ``(b, q)`` in its BEV window gets ``bev_weight[b, q] * scale * f(dy, dx)``, an entry
+    in a camera window ``cam_weight[b, q] * scale * f(dy, dx)``, with ``f = 1`` for the ``"flat"`` profile
+    (the origin design) and ``f = exp(-(dy^2 + dx^2) / (2 sigma^2))`` for ``"gaussian"``.
+
+    Args:
+        win: the :class:`WindowIndex` from :func:`local_windows`.
+        bev_weight: ``[B, Q]`` (shared by heads) or ``[B, Q, H]`` (per head); required when ``win`` has
+            BEV windows, ignored (may be None) otherwise.
+        cam_weight: same for the camera windows.
+        scale: a float, or a 0-d tensor (may require grad: a learnable scale).
+        profile: ``"flat"`` or ``"gaussian"``.
+        sigma: Gaussian width in cells: a float, a ``(bev, cam)`` pair, or None for half the window's
+            half-size (``max(w // 2, 1) / 2``, per entry, so adaptive windows scale along).
+
+    Returns:
+        :class:`SparseBias` with values ``[nnz]`` (both weights ``[B, Q]``) or ``[nnz, H]``, in the
+        weights' dtype; differentiable in the weights and ``scale``.
+
+    Example::
+
+        >>> layout = KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
+        >>> win = local_windows(layout, torch.tensor([[[90, 90]]]), torch.tensor([[[0, 20, 50]]]))
+        >>> bias = window_bias(win, torch.tensor([[0.5]]), torch.tensor([[1.0]]), scale=2.0)
+        >>> bias.to_dense().shape, bias.values.unique().tolist()
+        (torch.Size([1, 1, 56400]), [1.0, 2.0])
+    """
+    if not isinstance(win, WindowIndex):
+        raise TypeError(f"win must be a WindowIndex, got {type(win).__name__}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    has = {"bev_weight": win.bev_pos is not None, "cam_weight": win.cam_pos is not None}
+    weights = {}
+    for name, w in (("bev_weight", bev_weight), ("cam_weight", cam_weight)):
+        if w is None:
+            if has[name]:
+                raise ValueError(f"{name} is required: the window index has "
+                                 f"{'BEV' if name == 'bev_weight' else 'camera'} windows")
+            continue
+        weights[name] = _check_weight(name, w, win)
+    heads = {w.shape[2] for w in weights.values() if w.dim() == 3}
+    if len(heads) > 1:
+        raise ValueError(f"bev_weight and cam_weight disagree on the number of heads: {sorted(heads)}")
+    dtype = torch.result_type(*weights.values()) if len(weights) == 2 else next(iter(weights.values())).dtype
+    if isinstance(scale, torch.Tensor):
+        check_tensor("scale", scale, floating=True)
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a 0-d tensor, got shape {tuple(scale.shape)}")
+        check_device("scale", scale, win.device, "the window index")
+        check_finite("scale", scale)
+        scale = scale.reshape(())
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+        raise ValueError(f"scale must be a finite number or a 0-d tensor, got {scale!r}")
+
+    # One gather: stack (bev, cam) weights per query and pick by (row, source).
+    tail = (heads.pop(),) if heads else ()
+    b, q = win.batch_size, win.num_queries
+    stacked = []
+    for name in ("bev_weight", "cam_weight"):
+        w = weights.get(name)
+        w = torch.zeros((b, q) + tail, dtype=dtype, device=win.device) if w is None else w.to(dtype)
+        stacked.append(w.unsqueeze(-1).expand((b, q) + tail) if tail and w.dim() == 2 else w)
+    stacked = torch.stack(stacked, dim=2)                              # [B, Q, 2, (H)]
+    values = stacked.reshape((b * q * 2,) + tail)[win.row * 2 + win.source.long()]
+
+    if profile == "gaussian":
+        sig_bev, sig_cam = _pair("sigma", sigma)
+        if sigma is None:
+            sig = win.half_size().clamp(min=1).to(dtype) / 2
+        else:
+            for s in (sig_bev, sig_cam):
+                if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+                    raise ValueError(f"sigma must be a positive number or a (bev, cam) pair, got {sigma!r}")
+            sig = torch.tensor([sig_bev, sig_cam], dtype=dtype, device=win.device)[win.source.long()]
+        d2 = win.dy.to(dtype) ** 2 + win.dx.to(dtype) ** 2
+        falloff = torch.exp(-d2 / (2 * sig * sig))
+        values = values * (falloff.unsqueeze(-1) if tail else falloff)
+    return SparseBias(win, values * scale)

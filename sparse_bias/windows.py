@@ -1,0 +1,292 @@
+"""Per-query local windows on the BEV grid and the camera views, as a CSR index set over queries."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import torch
+
+from ._checks import check_device, check_tensor, check_window_size
+from .layout import KeyLayout
+
+__all__ = ["WindowIndex", "local_windows"]
+
+WindowSize = Union[int, torch.Tensor]
+
+SOURCE_BEV = 0
+SOURCE_CAM = 1
+
+
+@dataclass(eq=False)
+class WindowIndex:
+    """The keys inside every query's local windows, in CSR form over queries (batch-major).
+
+    Entry ``e`` in ``indptr[b * Q + q] : indptr[b * Q + q + 1]`` says that query ``q`` of batch ``b``
+    has key ``key[e]`` in one of its windows. Inside each query the keys ascend and are unique:
+    the BEV window first, then the camera windows in view order.
+
+    Attributes:
+        layout: the :class:`KeyLayout` the keys index into.
+        batch_size, num_queries: ``B`` and ``Q``.
+        indptr: LongTensor ``[B * Q + 1]``.
+        key: LongTensor ``[nnz]``, index into the layout's keys.
+        source: int8 ``[nnz]``, 0 = BEV window, 1 = camera window.
+        dy, dx: int16 ``[nnz]``, offset of the cell from the window centre (row, column).
+        bev_pos: LongTensor ``[B, Q, 2]`` the windows were centred on, or None.
+        cam_pos: LongTensor ``[B, Q, M, 3]`` the windows were centred on (views sorted), or None.
+        bev_window, cam_window: the window sizes it was built for (odd int, or LongTensor ``[B, Q]``).
+    """
+
+    layout: KeyLayout
+    batch_size: int
+    num_queries: int
+    indptr: torch.Tensor
+    key: torch.Tensor
+    source: torch.Tensor
+    dy: torch.Tensor
+    dx: torch.Tensor
+    bev_pos: Optional[torch.Tensor] = None
+    cam_pos: Optional[torch.Tensor] = None
+    bev_window: WindowSize = 0
+    cam_window: WindowSize = 0
+    _cache: Dict[str, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def nnz(self) -> int:
+        """Number of (query, key) entries over the whole batch."""
+        return self.key.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.key.device
+
+    @property
+    def num_rows(self) -> int:
+        """``B * Q``: the number of CSR rows."""
+        return self.batch_size * self.num_queries
+
+    @property
+    def row(self) -> torch.Tensor:
+        """LongTensor ``[nnz]``: the CSR row (``b * Q + q``) of every entry. Computed once, then cached."""
+        if "row" not in self._cache:
+            counts = self.indptr[1:] - self.indptr[:-1]
+            self._cache["row"] = torch.repeat_interleave(
+                torch.arange(self.num_rows, device=self.device), counts, output_size=self.nnz)
+        return self._cache["row"]
+
+    def counts(self) -> torch.Tensor:
+        """LongTensor ``[B, Q]``: window entries per query."""
+        return (self.indptr[1:] - self.indptr[:-1]).view(self.batch_size, self.num_queries)
+
+    def half_size(self) -> torch.Tensor:
+        """LongTensor ``[nnz]``: half the size (``size // 2``) of the window each entry belongs to."""
+        out = []
+        for size in (self.bev_window, self.cam_window):
+            if isinstance(size, torch.Tensor):
+                out.append(size.reshape(-1)[self.row] // 2)
+            else:
+                out.append(torch.full((self.nnz,), size // 2, dtype=torch.long, device=self.device))
+        return torch.where(self.source == SOURCE_BEV, out[0], out[1])
+
+    def to_dense_mask(self) -> torch.Tensor:
+        """BoolTensor ``[B, Q, K]``: True where a key is inside a query's windows (for tests and plots)."""
+        mask = torch.zeros(self.num_rows * self.layout.num_keys, dtype=torch.bool, device=self.device)
+        mask[self.row * self.layout.num_keys + self.key] = True
+        return mask.view(self.batch_size, self.num_queries, self.layout.num_keys)
+
+    def to(self, device) -> "WindowIndex":
+        """A copy on ``device`` (the cache is not carried over)."""
+        def mv(x):
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+        return WindowIndex(self.layout, self.batch_size, self.num_queries, mv(self.indptr), mv(self.key),
+                           mv(self.source), mv(self.dy), mv(self.dx), mv(self.bev_pos), mv(self.cam_pos),
+                           mv(self.bev_window), mv(self.cam_window))
+
+    def nbytes(self) -> int:
+        """Bytes held by the index tensors (``indptr``, ``key``, ``source``, ``dy``, ``dx``)."""
+        return sum(t.numel() * t.element_size() for t in (self.indptr, self.key, self.source, self.dy, self.dx))
+
+    def __repr__(self) -> str:
+        return (f"WindowIndex(B={self.batch_size}, Q={self.num_queries}, nnz={self.nnz}, "
+                f"bev_window={_size_repr(self.bev_window)}, cam_window={_size_repr(self.cam_window)}, "
+                f"layout={self.layout!r})")
+
+
+def _size_repr(size: WindowSize) -> str:
+    return f"tensor{tuple(size.shape)}" if isinstance(size, torch.Tensor) else str(size)
+
+
+def _check_cells(name: str, pos: torch.Tensor, valid: torch.Tensor, bounds, labels) -> None:
+    """Raise if any valid cell of ``pos`` (last dim = coordinates) is outside ``[0, bound)``."""
+    for i, (bound, label) in enumerate(zip(bounds, labels)):
+        c = pos[..., i]
+        bad = valid & ((c < 0) | (c >= bound))
+        if bool(bad.any()):
+            where = tuple(int(j) for j in bad.nonzero()[0])
+            raise ValueError(f"{name}{list(where)}: {label} {int(c[where])} is out of range [0, {bound})")
+
+
+def _check_size_tensor(name: str, size: WindowSize, batch: int, queries: int, device) -> WindowSize:
+    check_window_size(name, size)
+    if isinstance(size, torch.Tensor):
+        if tuple(size.shape) != (batch, queries):
+            raise ValueError(f"{name} must be an odd int or a LongTensor [B, Q] = [{batch}, {queries}], "
+                             f"got shape {tuple(size.shape)}")
+        check_device(name, size, device, "the positions")
+        size = size.long()
+    return size
+
+
+def _half_sizes(size: WindowSize, rows: int, device) -> torch.Tensor:
+    """``[B * Q]`` half window sizes; -1 where the size is 0 (no window)."""
+    if isinstance(size, torch.Tensor):
+        s = size.reshape(rows)
+        return torch.where(s > 0, s // 2, torch.full_like(s, -1))
+    return torch.full((rows,), size // 2 if size > 0 else -1, dtype=torch.long, device=device)
+
+
+def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
+                  cam_pos: Optional[torch.Tensor] = None, bev_window: WindowSize = 15,
+                  cam_window: WindowSize = 15) -> WindowIndex:
+    """Gather every query's local window keys into a CSR :class:`WindowIndex`.
+
+    A query centred on cell ``(r, c)`` with window size ``w`` gets the cells ``(r + dy, c + dx)`` with
+    ``|dy|, |dx| <= w // 2`` that lie on its grid: windows are clipped in 2-D at the grid borders, never
+    wrap into the next row and never cross into another camera view. Fully vectorised.
+
+    Args:
+        layout: the :class:`KeyLayout` of the memory.
+        bev_pos: LongTensor ``[B, Q, 2]`` of BEV cells ``(row, col)``; ``row < 0`` = no BEV window.
+            None = no BEV windows at all.
+        cam_pos: LongTensor ``[B, Q, 3]`` of camera cells ``(view, row, col)``, or ``[B, Q, M, 3]`` for up
+            to ``M`` views per query (a point seen by two overlapping cameras gets a window in each);
+            ``view < 0`` = no window. A query may not name the same view twice.
+        bev_window, cam_window: odd window size (0 = none), or a LongTensor ``[B, Q]`` of per-query sizes
+            (adaptive windows; 0 = no window for that query).
+
+    Returns:
+        :class:`WindowIndex` with ``indptr [B * Q + 1]`` and ``key``, ``source``, ``dy``, ``dx [nnz]``.
+
+    Example::
+
+        >>> layout = KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
+        >>> bev_pos = torch.tensor([[[0, 0], [90, 90]]])          # B=1, Q=2; a corner and the centre
+        >>> cam_pos = torch.tensor([[[2, 20, 50], [-1, 0, 0]]])   # the second query is seen by no camera
+        >>> win = local_windows(layout, bev_pos, cam_pos, bev_window=15, cam_window=15)
+        >>> win.counts().tolist()                                 # corner window clipped to 8 x 8
+        [[289, 225]]
+    """
+    if not isinstance(layout, KeyLayout):
+        raise TypeError(f"layout must be a KeyLayout, got {type(layout).__name__}")
+    if bev_pos is None and cam_pos is None:
+        raise ValueError("local_windows needs bev_pos, cam_pos or both; got neither")
+
+    batch = queries = device = None
+    if bev_pos is not None:
+        check_tensor("bev_pos", bev_pos, ndim=(3,), integer=True)
+        if bev_pos.shape[-1] != 2:
+            raise ValueError(f"bev_pos must be [B, Q, 2] (row, col), got shape {tuple(bev_pos.shape)}")
+        if layout.bev_shape is None:
+            raise ValueError("bev_pos was given but the layout has no BEV part (bev_shape=None)")
+        batch, queries = bev_pos.shape[:2]
+        device = bev_pos.device
+        bev_pos = bev_pos.long()
+        _check_cells("bev_pos", bev_pos, bev_pos[..., 0] >= 0, layout.bev_shape, ("row", "col"))
+    if cam_pos is not None:
+        check_tensor("cam_pos", cam_pos, ndim=(3, 4), integer=True)
+        if cam_pos.shape[-1] != 3:
+            raise ValueError(f"cam_pos must be [B, Q, 3] or [B, Q, M, 3] (view, row, col), "
+                             f"got shape {tuple(cam_pos.shape)}")
+        if layout.cam_shape is None:
+            raise ValueError("cam_pos was given but the layout has no camera part (cam_shape=None)")
+        if cam_pos.dim() == 3:
+            cam_pos = cam_pos.unsqueeze(2)
+        if batch is not None and tuple(cam_pos.shape[:2]) != (batch, queries):
+            raise ValueError(f"cam_pos is for [B, Q] = {list(cam_pos.shape[:2])} but bev_pos is for "
+                             f"[{batch}, {queries}]")
+        if device is not None:
+            check_device("cam_pos", cam_pos, device, "bev_pos")
+        batch, queries = cam_pos.shape[:2]
+        device = cam_pos.device
+        cam_pos = cam_pos.long()
+        _check_cells("cam_pos", cam_pos, cam_pos[..., 0] >= 0, layout.cam_shape, ("view", "row", "col"))
+        # Windows of one query must come out in ascending key order: sort its views.
+        view_sorted, order = cam_pos[..., 0].sort(dim=-1)
+        cam_pos = cam_pos.gather(2, order.unsqueeze(-1).expand_as(cam_pos))
+        dup = (view_sorted[..., 1:] == view_sorted[..., :-1]) & (view_sorted[..., 1:] >= 0)
+        if bool(dup.any()):
+            b, q, _ = (int(j) for j in dup.nonzero()[0])
+            raise ValueError(f"cam_pos[{b}, {q}] names view {int(view_sorted[b, q][1:][dup[b, q]][0])} twice")
+
+    if bev_pos is not None:
+        bev_window = _check_size_tensor("bev_window", bev_window, batch, queries, device)
+    if cam_pos is not None:
+        cam_window = _check_size_tensor("cam_window", cam_window, batch, queries, device)
+
+    rows = batch * queries
+    # One "segment" per (query, window): the BEV window first, then the camera windows in view order.
+    cy, cx, half, grid_h, grid_w, base, src = [], [], [], [], [], [], []
+    if bev_pos is not None:
+        h, w = layout.bev_shape
+        r = _half_sizes(bev_window, rows, device)
+        p = bev_pos.reshape(rows, 1, 2)
+        cy.append(p[..., 0])
+        cx.append(p[..., 1])
+        half.append(torch.where(p[..., 0] >= 0, r.unsqueeze(1), -1))
+        grid_h.append(torch.full((1,), h, device=device))
+        grid_w.append(torch.full((1,), w, device=device))
+        base.append(torch.zeros(rows, 1, dtype=torch.long, device=device))
+        src.append(torch.full((1,), SOURCE_BEV, device=device))
+    if cam_pos is not None:
+        _, hc, wc = layout.cam_shape
+        m = cam_pos.shape[2]
+        r = _half_sizes(cam_window, rows, device)
+        p = cam_pos.reshape(rows, m, 3)
+        cy.append(p[..., 1])
+        cx.append(p[..., 2])
+        half.append(torch.where(p[..., 0] >= 0, r.unsqueeze(1), -1))
+        grid_h.append(torch.full((m,), hc, device=device))
+        grid_w.append(torch.full((m,), wc, device=device))
+        base.append(layout.cam_offset + p[..., 0].clamp(min=0) * (hc * wc))
+        src.append(torch.full((m,), SOURCE_CAM, device=device))
+    cy, cx, half, base = (torch.cat(t, dim=1) for t in (cy, cx, half, base))      # [rows, S]
+    grid_h, grid_w, src = (torch.cat(t) for t in (grid_h, grid_w, src))           # [S]
+    num_seg = cy.shape[1]
+
+    # Clip every window to its grid in 2-D; an absent window (half = -1) gets an empty range.
+    y0 = (cy - half).clamp(min=0)
+    y1 = torch.minimum(cy + half, grid_h - 1)
+    x0 = (cx - half).clamp(min=0)
+    x1 = torch.minimum(cx + half, grid_w - 1)
+    ncols = (x1 - x0 + 1).clamp(min=0)
+    seg_counts = ((y1 - y0 + 1).clamp(min=0) * ncols).masked_fill(half < 0, 0)   # [rows, S]
+
+    indptr = torch.zeros(rows + 1, dtype=torch.long, device=device)
+    torch.cumsum(seg_counts.sum(dim=1), dim=0, out=indptr[1:])
+    nnz = int(indptr[-1])
+
+    # Expand segments to entries: entry t of a segment is cell (y0 + t // ncols, x0 + t % ncols). Per-segment
+    # tables are gathered once per entry; the arithmetic on entries runs in int32 (cells are small).
+    seg_counts = seg_counts.reshape(-1)
+    seg_id = torch.repeat_interleave(torch.arange(seg_counts.numel(), device=device), seg_counts,
+                                     output_size=nnz)
+    i32 = torch.int32
+    seg_start = (torch.cumsum(seg_counts, 0) - seg_counts).to(i32)
+    top_left = (base + y0 * grid_w + x0).reshape(-1)                          # key of the first cell
+    nc = ncols.reshape(-1).to(i32)[seg_id]
+    t = torch.arange(nnz, dtype=i32, device=device) - seg_start[seg_id]
+    ry = torch.div(t, nc, rounding_mode="floor")
+    rx = t - ry * nc
+    width = grid_w.to(i32).expand_as(y0).reshape(-1)
+    key = top_left[seg_id] + ry * width[seg_id]
+    key += rx
+    dy = ((y0 - cy).reshape(-1).to(i32)[seg_id] + ry).to(torch.int16)
+    dx = ((x0 - cx).reshape(-1).to(i32)[seg_id] + rx).to(torch.int16)
+    source = src.to(torch.int8).expand_as(y0).reshape(-1)[seg_id]
+
+    win = WindowIndex(layout, batch, queries, indptr, key, source, dy, dx,
+                      bev_pos=bev_pos, cam_pos=cam_pos,
+                      bev_window=bev_window if bev_pos is not None else 0,
+                      cam_window=cam_window if cam_pos is not None else 0)
+    win._cache["row"] = torch.div(seg_id, num_seg, rounding_mode="floor")
+    return win

@@ -1,0 +1,113 @@
+"""window_bias / SparseBias.to_dense against a brute-force dense bias."""
+import pytest
+import torch
+from brute import dense_bias
+from hypothesis import given
+from hypothesis import strategies as st
+from test_windows import random_positions
+
+import sparse_bias as sb
+
+SMALL = sb.KeyLayout(bev_shape=(12, 10), cam_shape=(3, 6, 8))
+
+
+def weights(shape, gen, per_head=None, dtype=torch.float64):
+    tail = () if per_head is None else (per_head,)
+    return (2 * torch.rand(shape + tail, generator=gen, dtype=dtype) - 1)
+
+
+@given(profile=st.sampled_from(["flat", "gaussian"]), heads=st.sampled_from([None, 1, 3]),
+       mixed=st.booleans(), sigma=st.sampled_from([None, 0.7, (1.5, 2.5)]), adaptive=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_to_dense_matches_brute_force(profile, heads, mixed, sigma, adaptive, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, queries = 2, 4
+    bev_pos, cam_pos = random_positions(SMALL, batch, queries, 2, gen)
+    bev_window = 2 * torch.randint(0, 4, (batch, queries), generator=gen) + 1 if adaptive else 5
+    cam_window = 3
+    win = sb.local_windows(SMALL, bev_pos, cam_pos, bev_window, cam_window)
+    wb = weights((batch, queries), gen, heads)
+    wc = weights((batch, queries), gen, None if mixed else heads)     # shared + per-head mix
+    bias = sb.window_bias(win, wb, wc, scale=1.7, profile=profile, sigma=sigma)
+    expected = dense_bias(SMALL, bev_pos, cam_pos, bev_window, cam_window, wb, wc, scale=1.7,
+                          profile=profile, sigma=sigma)
+    dense = bias.to_dense()
+    assert dense.shape == bias.shape == expected.shape
+    torch.testing.assert_close(dense, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cmt_shape_values_and_memory():
+    layout = sb.KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
+    win = sb.local_windows(layout, torch.tensor([[[90, 90], [0, 0]]]), torch.tensor([[[0, 20, 50], [-1, 0, 0]]]))
+    bias = sb.window_bias(win, torch.tensor([[0.5, 1.0]]), torch.tensor([[2.0, 3.0]]), scale=0.5)
+    dense = bias.to_dense()
+    assert dense.shape == (1, 2, 56400)
+    assert dense[0, 0, :32400].sum() == 0.25 * 225 and dense[0, 0, 32400:].sum() == 1.0 * 225
+    assert dense[0, 1].sum() == 0.5 * 64
+    assert bias.nbytes() == win.nbytes() + 4 * win.nnz
+
+
+def test_gradients_reach_weights_and_learnable_scale():
+    gen = torch.Generator().manual_seed(3)
+    bev_pos, cam_pos = random_positions(SMALL, 1, 5, 2, gen, p_missing=0.0)
+    win = sb.local_windows(SMALL, bev_pos, cam_pos, 3, 3)
+    wb = weights((1, 5), gen, 2).requires_grad_()
+    wc = weights((1, 5), gen, 2).requires_grad_()
+    scale = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+
+    def f(wb, wc, scale):
+        return sb.window_bias(win, wb, wc, scale=scale, profile="gaussian").to_dense()
+
+    assert torch.autograd.gradcheck(f, (wb, wc, scale))
+    f(wb, wc, scale).sum().backward()
+    assert scale.grad is not None and wb.grad.abs().sum() > 0 and wc.grad.abs().sum() > 0
+
+
+def test_single_modality_weight_may_be_none():
+    layout = sb.KeyLayout(bev_shape=(8, 8))
+    win = sb.local_windows(layout, torch.tensor([[[3, 3]]]), None, 3)
+    bias = sb.window_bias(win, torch.ones(1, 1), None)
+    assert bias.values.tolist() == [1.0] * 9
+
+
+def test_float32_weights_give_float32_values():
+    win = sb.local_windows(SMALL, torch.tensor([[[3, 3]]]), torch.tensor([[[0, 2, 2]]]), 3, 3)
+    bias = sb.window_bias(win, torch.ones(1, 1), torch.ones(1, 1, dtype=torch.float16))
+    assert bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(bev_weight=None), ValueError, "bev_weight is required"),
+    (dict(cam_weight=None), ValueError, "cam_weight is required"),
+    (dict(bev_weight=torch.ones(1, 3)), ValueError, r"bev_weight must be \[B, Q\] or \[B, Q, H\] with \[B, Q\] = \[1, 2\]"),
+    (dict(bev_weight=torch.ones(2)), ValueError, "bev_weight must have 2 or 3 dimensions"),
+    (dict(cam_weight=torch.ones(1, 2, dtype=torch.long)), TypeError, "cam_weight must be a floating"),
+    (dict(cam_weight=torch.tensor([[1.0, float("nan")]])), ValueError, "cam_weight contains NaN"),
+    (dict(bev_weight=torch.ones(1, 2, 2), cam_weight=torch.ones(1, 2, 3)), ValueError, "disagree on the number of heads"),
+    (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+    (dict(scale="1"), ValueError, "scale must be"),
+    (dict(scale=torch.ones(2)), ValueError, "scale must be a number or a 0-d tensor"),
+    (dict(profile="cosine"), ValueError, "profile must be one of"),
+    (dict(profile="gaussian", sigma=0.0), ValueError, "sigma must be a positive number"),
+    (dict(profile="gaussian", sigma=(1.0, 2.0, 3.0)), ValueError, r"sigma must be a number or a \(bev, cam\) pair"),
+    (dict(win="windows"), TypeError, "win must be a WindowIndex"),
+])
+def test_bad_input(kwargs, exc, match):
+    win = sb.local_windows(SMALL, torch.tensor([[[3, 3], [4, 4]]]), torch.tensor([[[0, 2, 2], [1, 1, 1]]]), 3, 3)
+    args = dict(win=win, bev_weight=torch.ones(1, 2), cam_weight=torch.ones(1, 2))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        sb.window_bias(**args)
+
+
+def test_sparse_bias_checks_its_values():
+    win = sb.local_windows(SMALL, torch.tensor([[[3, 3]]]), None, 3)
+    with pytest.raises(ValueError, match=r"values must be \[nnz\] or \[nnz, H\] with nnz = 9"):
+        sb.SparseBias(win, torch.ones(8))
+    with pytest.raises(TypeError, match="values must be a floating"):
+        sb.SparseBias(win, torch.ones(9, dtype=torch.long))
+    with pytest.raises(TypeError, match="index must be a WindowIndex"):
+        sb.SparseBias(None, torch.ones(9))
+    bias = sb.SparseBias(win, torch.ones(9, 4))
+    assert bias.num_heads == 4 and bias.shape == (1, 4, 1, SMALL.num_keys)
+    assert bias.to(torch.float16).dtype == torch.float16
