@@ -4,6 +4,8 @@ Each object query attends more strongly to a local window of keys around where i
 lands on the BEV grid and on the camera views. The windows are a sparse index set (:class:`WindowIndex`)
 and the bias a :class:`SparseBias` on it; ``to_dense()`` gives the origin design's dense tensor.
 """
+from .attention import dense_bias_attention, select_backend, sparse_bias_attention
+from .backends import torch_scatter_available
 from .bias import SparseBias, window_bias
 from .layout import KeyLayout
 from .projection import project_points
@@ -18,5 +20,9 @@ __all__ = [
     "project_points",
     "SparseBias",
     "window_bias",
+    "sparse_bias_attention",
+    "dense_bias_attention",
+    "select_backend",
+    "torch_scatter_available",
     "__version__",
 ]

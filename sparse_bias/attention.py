@@ -1,0 +1,433 @@
+"""Exact sparse-bias attention: dense global scores from an unmodified kernel plus a sparse correction.
+
+Per query and head, with scores ``s_j`` over all keys and a bias ``b_j`` on the window ``W``:
+
+* dense pass (no bias): ``o_d = sum_j p_j v_j``, ``p_j = exp(s_j - L)``, ``L = logsumexp(s)``;
+* sparse pass over ``W``: ``a_j = p_j expm1(b_j)``, ``S = sum_W a_j``, ``C = sum_W a_j v_j``;
+* output ``o = (o_d + C) / (1 + S)`` -- exactly ``softmax(s + b) v``.
+
+The backward calls the dense kernel's own backward with ``g / (1 + S)`` and the final output, which is
+exact outside the windows, then adds the window terms (design brief, section 3).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ._checks import check_device, check_finite, check_tensor
+from .backends import BACKENDS, backend_candidates, get_backend
+from .bias import SparseBias
+from .kernels import dense_lse_backward, dense_lse_forward, dropout_keep, dropout_mask
+from .windows import WindowIndex
+
+__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD"]
+
+logger = logging.getLogger("sparse_bias")
+
+BACKEND_NAMES = ("auto", "sparse", "scatter", "torch", "dense")
+
+#: Rows whose normaliser ``1 + S`` falls below this (the bias removes most of the attention mass from a
+#: window holding nearly all of it) are recomputed densely: there ``o_d + C`` and ``1 + S`` cancel and
+#: would amplify rounding errors by ``1 / (1 + S)``. Non-finite normalisers (overflowing biases) too.
+EXACT_ROW_THRESHOLD = 0.05
+
+#: Rows per block of the exact (dense) row path.
+EXACT_ROW_CHUNK = 16
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=(4,), floating=True)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, H, K, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q [B, H, Q, D] and k [B, H, K, D] disagree: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_device("k", k, q.device, "q")
+    check_device("v", v, q.device, "q")
+
+
+def _check_sparse_bias(bias: SparseBias, q, k):
+    idx = bias.index
+    bsz, heads, nq, _ = q.shape
+    if (idx.batch_size, idx.num_queries, idx.layout.num_keys) != (bsz, nq, k.shape[2]):
+        raise ValueError(f"bias is for [B, Q, K] = [{idx.batch_size}, {idx.num_queries}, {idx.layout.num_keys}] "
+                         f"but q, k give [{bsz}, {nq}, {k.shape[2]}]")
+    if bias.num_heads is not None and bias.num_heads != heads:
+        raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
+    check_device("bias", bias.values, q.device, "q")
+    if idx.nnz and (int(idx.key.min()) < 0 or int(idx.key.max()) >= k.shape[2]):
+        raise ValueError(f"bias.index.key holds keys outside [0, {k.shape[2]})")
+    check_finite("bias.values", bias.values.detach())
+
+
+def _check_dense_bias(bias: torch.Tensor, q, k):
+    check_tensor("bias", bias, ndim=(3, 4), floating=True)
+    bsz, heads, nq, _ = q.shape
+    expected = [(bsz, nq, k.shape[2]), (bsz, heads, nq, k.shape[2]), (bsz, 1, nq, k.shape[2])]
+    if tuple(bias.shape) not in expected:
+        raise ValueError(f"a dense bias must be [B, Q, K] = {list(expected[0])} or [B, H, Q, K] = "
+                         f"{list(expected[1])}, got shape {tuple(bias.shape)}")
+    check_device("bias", bias, q.device, "q")
+    check_finite("bias", bias.detach())
+
+
+def _additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
+    """One additive float mask, 4-D and broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None."""
+    bsz, heads, nq, _ = q.shape
+    nk = k.shape[2]
+    cdt = _compute_dtype(q.dtype)
+    mask = None
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=(2,))
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (bsz, nk):
+            raise ValueError(f"key_padding_mask must be [B, K] = [{bsz}, {nk}], got {tuple(key_padding_mask.shape)}")
+        check_device("key_padding_mask", key_padding_mask, q.device, "q")
+        mask = torch.zeros(bsz, 1, 1, nk, dtype=cdt, device=q.device).masked_fill(
+            key_padding_mask.view(bsz, 1, 1, nk), float("-inf"))
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask, ndim=(2, 3, 4))
+        try:
+            ok = torch.broadcast_shapes(attn_mask.shape, (bsz, heads, nq, nk)) == (bsz, heads, nq, nk)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask must broadcast to [B, H, Q, K] = [{bsz}, {heads}, {nq}, {nk}], "
+                             f"got shape {tuple(attn_mask.shape)}")
+        check_device("attn_mask", attn_mask, q.device, "q")
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+        if attn_mask.dtype == torch.bool:      # torch SDPA convention: True = takes part in attention
+            am = torch.zeros(attn_mask.shape, dtype=cdt, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask.is_floating_point():
+            if bool(torch.isnan(attn_mask).any()):
+                raise ValueError("attn_mask contains NaN values")
+            am = attn_mask.detach().to(cdt)
+        else:
+            raise TypeError(f"attn_mask must be bool (True = attend) or floating point, got {attn_mask.dtype}")
+        mask = am if mask is None else mask + am
+    return mask
+
+
+def _entry_mask(mask: torch.Tensor, win: WindowIndex, heads: int) -> torch.Tensor:
+    """``[nnz, H]``: the additive mask at every window entry (no dense expansion)."""
+    b = win.batch if mask.shape[0] > 1 else torch.zeros_like(win.batch)
+    q = win.query if mask.shape[2] > 1 else torch.zeros_like(win.query)
+    k = win.key if mask.shape[3] > 1 else torch.zeros_like(win.key)
+    return mask[b, :, q, k].expand(win.nnz, heads)
+
+
+def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
+    """The backend :func:`sparse_bias_attention` will use, and why.
+
+    Args:
+        q: the query tensor (its device and dtype decide).
+        bias: the bias argument (a dense tensor or None always takes the dense/plain path).
+        backend: the requested backend.
+
+    Returns:
+        ``(name, reason)``.
+
+    Example::
+
+        >>> select_backend(torch.zeros(1, 1, 1, 8))[0] in ("sparse", "scatter", "torch")
+        True
+    """
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if bias is None:
+        return "none", "no bias: plain attention through the dense kernel"
+    if isinstance(bias, torch.Tensor):
+        return "dense", "a dense bias tensor is added to the scores (the origin design's path)"
+    if backend == "dense":
+        return "dense", "requested: the bias is materialised"
+    candidates = backend_candidates(q.device, q.dtype)
+    if backend != "auto":
+        ok, why = BACKENDS[backend].can_run(q.device, q.dtype)
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} cannot run here: {why}")
+        return backend, f"requested: {why}"
+    for name, ok, why in candidates:
+        if ok:
+            skipped = "; ".join(f"{n}: {w}" for n, o, w in candidates if not o)
+            return name, f"auto on {q.device.type}/{q.dtype}: {why}" + (f" (skipped {skipped})" if skipped else "")
+    raise RuntimeError("no sparse backend can run: " + "; ".join(f"{n}: {w}" for n, _, w in candidates))
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact rows: a dense evaluation of the few rows where the correction would cancel
+
+
+def _rows_forward(qr, kb, vb, values, win, mask, scale, dropout_p, seed, b, rows):
+    """Dense biased attention of queries ``rows`` (sorted LongTensor) of batch element ``b``.
+
+    ``qr [H, R, D]`` are their queries, ``kb``, ``vb [H, K, D]`` the keys and values of ``b``. Returns
+    ``([H, R, D]`` in the compute dtype, the window entries of these rows``)``; differentiable.
+    """
+    cdt = _compute_dtype(qr.dtype)
+    heads, nk = qr.shape[0], kb.shape[1]
+    s = torch.matmul(qr.to(cdt), kb.to(cdt).transpose(-1, -2)) * scale                     # [H, R, K]
+    if mask is not None:
+        m = mask[b if mask.shape[0] > 1 else 0]
+        s = s + (m[:, rows] if m.shape[1] > 1 else m)
+    flat_rows = b * win.num_queries + rows
+    entries = torch.isin(win.row, flat_rows).nonzero().flatten()
+    local = torch.searchsorted(flat_rows, win.row[entries])
+    vals = values[entries].to(cdt)
+    vals = vals.t() if vals.dim() == 2 else vals.unsqueeze(0).expand(heads, -1)
+    s = s.index_put((torch.arange(heads, device=qr.device).unsqueeze(1), local.unsqueeze(0),
+                     win.key[entries].unsqueeze(0)), vals, accumulate=True)
+    p = torch.softmax(s, dim=-1)
+    if dropout_p > 0:
+        h = torch.arange(heads, device=qr.device).view(-1, 1, 1)
+        nq = win.num_queries
+        flat = ((b * heads + h) * nq + rows.view(1, -1, 1)) * nk + torch.arange(nk, device=qr.device)
+        p = p * dropout_keep(seed, flat, dropout_p) / (1 - dropout_p)
+    return torch.matmul(p, vb.to(cdt)), entries
+
+
+def _exact_rows(flagged: torch.Tensor):
+    """``(b, rows)`` blocks of the flagged ``[B, Q]`` rows."""
+    for b in range(flagged.shape[0]):
+        rows = flagged[b].nonzero().flatten()
+        for i in range(0, rows.numel(), EXACT_ROW_CHUNK):
+            yield b, rows[i:i + EXACT_ROW_CHUNK]
+
+
+# ---------------------------------------------------------------------------------------------------
+# autograd
+
+
+class _SparseBiasAttention(torch.autograd.Function):
+    """Forward and exact backward of the dense pass plus the sparse window correction."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, values, win, mask, scale, backend, dropout_p, seed):
+        cdt = _compute_dtype(q.dtype)
+        bsz, heads, nq, _ = q.shape
+        o_d, lse, kernel = dense_lse_forward(q, k, v, mask, scale, dropout_p, seed)
+        ctx.kernel, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed = kernel, scale, backend, dropout_p, seed
+        ctx.win, ctx.mask, ctx.shared = win, mask, values is not None and values.dim() == 1
+        if win is None or win.nnz == 0:
+            ctx.sparse = False
+            ctx.save_for_backward(q, k, v, o_d, lse)
+            return o_d
+        ctx.sparse = True
+        s = backend.sddmm(win, q, k, cdt) * scale                                          # [nnz, H]
+        if mask is not None:
+            s = s + _entry_mask(mask, win, heads)
+        p = torch.exp(s - lse.to(cdt).transpose(1, 2).reshape(bsz * nq, heads)[win.row])
+        del s
+        bvals = values.to(cdt)
+        a = p * torch.expm1(bvals.unsqueeze(1) if bvals.dim() == 1 else bvals)
+        keep = _entry_keep(win, heads, k.shape[2], dropout_p, seed, cdt)
+        total = torch.zeros(bsz * nq, heads, dtype=cdt, device=q.device).index_add_(0, win.row, a)
+        corr = backend.spmm(win, a if keep is None else a * keep, v, cdt)                 # [B, H, Q, D]
+        den = (1 + total).view(bsz, nq, heads).transpose(1, 2)                             # [B, H, Q]
+        out = (o_d.to(cdt) + corr) / den.unsqueeze(-1)
+        flagged = ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)  # [B, Q]
+        ctx.any_flagged = bool(flagged.any())
+        if ctx.any_flagged:
+            for b, rows in _exact_rows(flagged):
+                out[b, :, rows] = _rows_forward(q[b, :, rows], k[b], v[b], values.detach(), win, mask, scale,
+                                                dropout_p, seed, b, rows)[0]
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, values, p, den, flagged)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.sparse:
+            q, k, v, out, lse = ctx.saved_tensors
+            dq, dk, dv = dense_lse_backward(ctx.kernel, grad_out, q, k, v, out, lse, ctx.mask, ctx.scale,
+                                            ctx.dropout_p, ctx.seed)
+            return dq, dk, dv, None, None, None, None, None, None, None
+        q, k, v, out, lse, values, p, den, flagged = ctx.saved_tensors
+        win, backend, scale, mask = ctx.win, ctx.backend, ctx.scale, ctx.mask
+        cdt = _compute_dtype(q.dtype)
+        bsz, heads, nq, _ = q.shape
+        gp = grad_out.to(cdt) / den.unsqueeze(-1)                                          # g' = g / (1 + S)
+        if ctx.any_flagged:
+            gp = gp.masked_fill(flagged.view(bsz, 1, nq, 1), 0.0)
+        dq, dk, dv = dense_lse_backward(ctx.kernel, gp.to(q.dtype), q, k, v, out, lse, mask, scale,
+                                        ctx.dropout_p, ctx.seed)
+        dq = dq.to(cdt)
+
+        bvals = values.detach().to(cdt)
+        a = p * torch.expm1(bvals.unsqueeze(1) if bvals.dim() == 1 else bvals)
+        keep = _entry_keep(win, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt)
+        gv = backend.sddmm(win, gp, v, cdt)                                                # <g', v_j>
+        go = (gp * out.to(cdt)).sum(-1).transpose(1, 2).reshape(bsz * nq, heads)[win.row]  # <g', o>
+        diff = (gv if keep is None else gv * keep) - go
+        del gv, go
+        d = a * diff
+        dq += backend.spmm(win, d, k, cdt) * scale
+        backend.spmm_t(win, d * scale, q, dk, cdt)
+        backend.spmm_t(win, a if keep is None else a * keep, gp, dv, cdt)
+        dvalues = None
+        if ctx.needs_input_grad[3]:
+            dvalues = (p + a) * diff                                                       # p e^b (...)
+            dvalues = dvalues.sum(1) if ctx.shared else dvalues
+        del a, d, diff
+
+        if ctx.any_flagged:   # the dense rows, differentiated by autograd
+            dvalues = torch.zeros_like(values, dtype=cdt) if dvalues is None else dvalues
+            for b, rows in _exact_rows(flagged):
+                with torch.enable_grad():
+                    qr, kb, vb, vals = (t.detach().requires_grad_() for t in (q[b, :, rows], k[b], v[b], values))
+                    o_rows, entries = _rows_forward(qr, kb, vb, vals, win, mask, scale, ctx.dropout_p, ctx.seed,
+                                                    b, rows)
+                    gq, gk, gv, gval = torch.autograd.grad(o_rows, (qr, kb, vb, vals), grad_out[b, :, rows].to(cdt))
+                dq[b, :, rows] += gq.to(cdt)
+                dk[b] += gk.to(dk.dtype)
+                dv[b] += gv.to(dv.dtype)
+                dvalues[entries] = gval[entries].to(cdt)
+        dq = dq.to(q.dtype)
+        if dvalues is not None:
+            dvalues = dvalues.to(values.dtype)
+        return dq, dk, dv, dvalues, None, None, None, None, None, None
+
+
+def _entry_keep(win: WindowIndex, heads: int, nk: int, dropout_p: float, seed: int, cdt: torch.dtype):
+    """``[nnz, H]`` dropout multipliers ``keep / (1 - p)`` of the window entries, or None without dropout."""
+    if dropout_p <= 0:
+        return None
+    h = torch.arange(heads, device=win.device).unsqueeze(0)
+    flat = ((win.batch.unsqueeze(1) * heads + h) * win.num_queries + win.query.unsqueeze(1)) * nk + win.key.unsqueeze(1)
+    return dropout_keep(seed, flat, dropout_p).to(cdt) / (1 - dropout_p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public functions
+
+
+def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense_bias: Optional[torch.Tensor] = None,
+                         key_padding_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                         dropout_p: float = 0.0, scale: Optional[float] = None,
+                         dropout_seed: Optional[int] = None) -> torch.Tensor:
+    """The dense reference: ``softmax(q k^T * scale + dense_bias + masks) v``, written out plainly.
+
+    Materialises the ``[B, H, Q, K]`` scores (the origin design's memory cost). Computed in the inputs'
+    dtype, so it is also the "naive implementation at the same precision" for tolerance checks.
+
+    Args:
+        q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]``.
+        dense_bias: ``[B, Q, K]`` (shared by heads) or ``[B, H, Q, K]``, or None.
+        key_padding_mask: bool ``[B, K]``, True = ignore that key.
+        attn_mask: bool (True = attend, the SDPA convention) or additive float, broadcastable to ``[B, H, Q, K]``.
+        dropout_p: attention dropout on the probabilities, with the counter-based mask of
+            :func:`sparse_bias.kernels.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, H, Q, D]``.
+    """
+    _check_qkv(q, k, v)
+    scale = _check_scale(scale, q)
+    _check_dropout(dropout_p)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if dense_bias is not None:
+        _check_dense_bias(dense_bias, q, k)
+        scores = scores + (dense_bias.unsqueeze(1) if dense_bias.dim() == 3 else dense_bias).to(scores.dtype)
+    mask = _additive_mask(q, k, key_padding_mask, attn_mask)
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        seed = _draw_seed() if dropout_seed is None else int(dropout_seed)
+        probs = probs * dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
+    return torch.matmul(probs, v)
+
+
+def _check_scale(scale, q) -> float:
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          bias: Union[SparseBias, torch.Tensor, None] = None, *,
+                          key_padding_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                          dropout_p: float = 0.0, scale: Optional[float] = None, backend: str = "auto",
+                          dropout_seed: Optional[int] = None) -> torch.Tensor:
+    """Attention with a local additive bias, exact in forward and backward.
+
+    Computes ``softmax(q k^T * scale + bias.to_dense() [+ masks]) v`` as dense global scores from an
+    unmodified flash kernel plus an exact sparse correction over the window entries -- without ever
+    materialising ``[B, (H,) Q, K]``.
+
+    Args:
+        q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]`` (float32/float64/bfloat16/float16, one device).
+        bias: a :class:`SparseBias` (values ``[nnz]`` shared by heads or ``[nnz, H]``), a dense tensor
+            ``[B, Q, K]`` / ``[B, H, Q, K]`` (taken through the dense path), or None (plain attention).
+        key_padding_mask: bool ``[B, K]``, True = ignore that key (mmcv / nn.MultiheadAttention convention).
+        attn_mask: dense bool (True = attend, the ``scaled_dot_product_attention`` convention) or additive
+            float mask broadcastable to ``[B, H, Q, K]``; not differentiated.
+        dropout_p: attention dropout on the final (biased) probabilities, as in the dense reference; each
+            (b, h, q, key) is kept or dropped by a counter-based hash of ``dropout_seed`` (drawn from torch's
+            RNG when None), so the dense pass, the correction and the backward agree. The dense pass then
+            runs on the chunked PyTorch kernel. Pass 0 at evaluation (modules do this for you).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"sparse"`` (PyTorch sparse CSR kernels), ``"scatter"`` (torch-scatter segment
+            ops), ``"torch"`` (native gather + index_add) or ``"dense"`` (materialise the bias; the reference).
+            :func:`select_backend` says what ``"auto"`` picks and why.
+
+    Returns:
+        ``[B, H, Q, D]`` in q's dtype. Gradients flow to q, k, v and ``bias.values`` (hence to the weights
+        and scale behind them). The correction is accumulated in float32 (float64 for float64 input).
+
+    Example::
+
+        >>> layout = KeyLayout(bev_shape=(8, 8))
+        >>> win = local_windows(layout, torch.tensor([[[2, 3], [5, 5]]]), None, bev_window=3)
+        >>> bias = window_bias(win, torch.tensor([[1.0, -2.0]]), None)
+        >>> q, k, v = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4)
+        >>> out = sparse_bias_attention(q, k, v, bias)
+        >>> ref = dense_bias_attention(q, k, v, bias.to_dense())
+        >>> torch.allclose(out, ref, atol=1e-5)
+        True
+    """
+    _check_qkv(q, k, v)
+    scale = _check_scale(scale, q)
+    _check_dropout(dropout_p)
+    if bias is not None and not isinstance(bias, (SparseBias, torch.Tensor)):
+        raise TypeError(f"bias must be a SparseBias, a dense tensor or None, got {type(bias).__name__}")
+    if isinstance(bias, SparseBias):
+        _check_sparse_bias(bias, q, k)
+    name, why = select_backend(q, bias, backend)
+    logger.debug("sparse_bias_attention: backend %s (%s)", name, why)
+    seed = 0 if dropout_p == 0 else (_draw_seed() if dropout_seed is None else int(dropout_seed))
+    if name == "dense":
+        dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()
+        return dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed)
+    mask = _additive_mask(q, k, key_padding_mask, attn_mask)
+    if q.shape[2] == 0:
+        return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + 0 * q.sum()
+    if name == "none":
+        return _SparseBiasAttention.apply(q, k, v, None, None, mask, scale, None, dropout_p, seed)
+    return _SparseBiasAttention.apply(q, k, v, bias.values, bias.index, mask, scale, get_backend(name),
+                                      dropout_p, seed)

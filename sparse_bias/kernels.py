@@ -1,0 +1,210 @@
+"""The dense global pass: attention without bias that also returns the log-sum-exp, and its backward.
+
+All use of PyTorch's private attention ops lives here. :func:`dense_lse_forward` returns
+``(out, lse)``; :func:`dense_lse_backward` takes an upstream gradient, *any* output tensor and the
+log-sum-exp and returns ``(dq, dk, dv)`` -- the sparse correction calls it with the final (biased)
+output and ``g / (1 + S)``, which makes it exact for every key outside the windows.
+
+Implementations, in order of preference:
+
+* ``"cpu_flash"``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) -- all float
+  dtypes, additive float mask, no dropout.
+* ``"cuda_efficient"``: ``aten._scaled_dot_product_efficient_attention`` (+ ``_backward``), LSE padded
+  to a multiple of 32 along queries and sliced here; no dropout here.
+* ``"chunked"``: pure PyTorch, in blocks of queries so that memory stays bounded; the only one that
+  supports dropout (with the counter-based mask of :func:`dropout_keep`), and the fallback when a
+  private op is missing or refuses the input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "dropout_keep", "dropout_mask"]
+
+#: Scores per block of the chunked fallback (``heads * queries * keys``).
+CHUNK_SCORES = 1 << 22
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors holding values < 2^32 (products stay below 2^63)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def dropout_keep(seed: int, flat_index: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep-mask of attention dropout as a pure function of ``(seed, flat_index)``.
+
+    ``flat_index`` is the position of a score in the ``[B, H, Q, K]`` score tensor (row-major). The
+    same entry always gets the same decision, so the dense pass, the window correction and the
+    backward all see one consistent mask without storing it. Keep probability ``1 - p``.
+    """
+    x = flat_index.long()
+    h = _hash32((x & _M32) ^ (seed & _M32))
+    h = _hash32(h ^ (x >> 32) ^ ((seed >> 32) & _M32))
+    uniform = (h & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
+    return uniform >= p
+
+
+def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+    """The full keep-mask ``[B, H, Q, K]`` of :func:`dropout_keep` (for references and tests)."""
+    numel = math.prod(shape)
+    return dropout_keep(seed, torch.arange(numel, device=device), p).view(*shape)
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """Which implementation :func:`dense_lse_forward` uses for ``q`` (see the module docstring)."""
+    if dropout_p > 0:
+        return "chunked"
+    if q.device.type == "cpu" and _has_op("_scaled_dot_product_flash_attention_for_cpu"):
+        return "cpu_flash"
+    if q.device.type == "cuda" and _has_op("_scaled_dot_product_efficient_attention"):
+        return "cuda_efficient"
+    return "chunked"
+
+
+def _mask_for(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if mask is None else mask.to(dtype)
+
+
+def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0,
+                      seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """Unbiased attention with its log-sum-exp.
+
+    Args:
+        q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]``.
+        mask: additive float mask broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
+        scale: softmax scale.
+        dropout_p, seed: attention dropout with the mask of :func:`dropout_keep`.
+
+    Returns:
+        ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), kernel name)``.
+    """
+    name = dense_kernel_name(q, dropout_p)
+    if name == "cpu_flash":
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, False, attn_mask=_mask_for(mask, q.dtype), scale=scale)
+            return out, lse, name
+        except RuntimeError:  # pragma: no cover - an input the private op refuses
+            name = "chunked"
+    if name == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only
+        try:
+            bias = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, 0.0, False, scale=scale)
+            return out, lse[..., :q.shape[2]], name
+        except RuntimeError:
+            name = "chunked"
+    out, lse = _chunked_forward(q, k, v, mask, scale, dropout_p, seed)
+    return out, lse, "chunked"
+
+
+def dense_lse_backward(kernel: str, grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float = 0.0,
+                       seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`dense_lse_forward` with the same ``kernel``; ``out`` may be any output tensor
+    (it enters only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype."""
+    if kernel == "cpu_flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_mask_for(mask, q.dtype), scale=scale)
+    if kernel == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only
+        bias = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        pad = (-q.shape[2]) % 32
+        lse_padded = torch.nn.functional.pad(lse, (0, pad)) if pad else lse
+        seed_t = torch.zeros((), dtype=torch.long, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out.contiguous(), q, k, v, bias, out, lse_padded.contiguous(), seed_t, seed_t, 0.0,
+            [True, True, True, False], False, scale=scale)
+        return dq, dk, dv
+    return _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed)
+
+
+def _blocks(q: torch.Tensor, k: torch.Tensor):
+    """(b, h-slice, q-slice) blocks of at most CHUNK_SCORES scores."""
+    bsz, heads, nq, _ = q.shape
+    nk = max(k.shape[2], 1)
+    rows = max(1, CHUNK_SCORES // nk)
+    h_step = max(1, min(heads, rows // max(nq, 1))) if rows >= nq else 1
+    q_step = nq if rows >= nq else rows
+    for b in range(bsz):
+        for h0 in range(0, heads, h_step):
+            for q0 in range(0, nq, max(q_step, 1)):
+                yield b, slice(h0, min(h0 + h_step, heads)), slice(q0, min(q0 + q_step, nq))
+
+
+def _block_mask(mask, b, hs, qs):
+    """The ``[h, q, K]`` block of a 4-D mask broadcastable to ``[B, H, Q, K]`` (size-1 dims kept)."""
+    if mask is None:
+        return None
+    return mask[b if mask.shape[0] > 1 else 0, hs if mask.shape[1] > 1 else slice(0, 1),
+                qs if mask.shape[2] > 1 else slice(0, 1)]
+
+
+def _block_keep(seed, p, shape, b, hs, qs, device):
+    """Keep-mask of the [h, q, K] block, from the flat index in the [B, H, Q, K] tensor."""
+    _, heads, nq, nk = shape
+    h = torch.arange(hs.start, hs.stop, device=device).view(-1, 1, 1)
+    qi = torch.arange(qs.start, qs.stop, device=device).view(1, -1, 1)
+    j = torch.arange(nk, device=device).view(1, 1, -1)
+    return dropout_keep(seed, ((b * heads + h) * nq + qi) * nk + j, p)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunked_forward(q, k, v, mask, scale, dropout_p, seed):
+    cdt = _compute_dtype(q.dtype)
+    bsz, heads, nq, _ = q.shape
+    out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=cdt, device=q.device)
+    shape = (bsz, heads, nq, k.shape[2])
+    for b, hs, qs in _blocks(q, k):
+        s = torch.matmul(q[b, hs, qs].to(cdt), k[b, hs].to(cdt).transpose(-1, -2)) * scale
+        m = _block_mask(mask, b, hs, qs)
+        if m is not None:
+            s = s + m.to(cdt)
+        block_lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - block_lse.unsqueeze(-1))
+        if dropout_p > 0:
+            p = p * _block_keep(seed, dropout_p, shape, b, hs, qs, q.device) / (1 - dropout_p)
+        out[b, hs, qs] = torch.matmul(p, v[b, hs].to(cdt)).to(q.dtype)
+        lse[b, hs, qs] = block_lse
+    return out, lse
+
+
+def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed):
+    cdt = _compute_dtype(q.dtype)
+    bsz, heads, nq, _ = q.shape
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    delta = (grad_out.to(cdt) * out.to(cdt)).sum(-1)                       # D = rowsum(g * out)
+    shape = (bsz, heads, nq, k.shape[2])
+    for b, hs, qs in _blocks(q, k):
+        qb, kb, vb, gb = (t.to(cdt) for t in (q[b, hs, qs], k[b, hs], v[b, hs], grad_out[b, hs, qs]))
+        s = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+        m = _block_mask(mask, b, hs, qs)
+        if m is not None:
+            s = s + m.to(cdt)
+        p = torch.exp(s - lse[b, hs, qs].to(cdt).unsqueeze(-1))
+        dp = torch.matmul(gb, vb.transpose(-1, -2))
+        pv = p
+        if dropout_p > 0:
+            keep = _block_keep(seed, dropout_p, shape, b, hs, qs, q.device) / (1 - dropout_p)
+            dp = dp * keep
+            pv = p * keep
+        ds = p * (dp - delta[b, hs, qs].unsqueeze(-1))
+        dq[b, hs, qs] += torch.matmul(ds, kb) * scale
+        dk[b, hs] += torch.matmul(ds.transpose(-1, -2), qb) * scale
+        dv[b, hs] += torch.matmul(pv.transpose(-1, -2), gb)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
