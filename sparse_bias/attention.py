@@ -123,11 +123,11 @@ def _additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
 
 
 def _entry_mask(mask: torch.Tensor, win: WindowIndex, heads: int) -> torch.Tensor:
-    """``[nnz, H]``: the additive mask at every window entry (no dense expansion)."""
+    """``[H, nnz]``: the additive mask at every window entry (no dense expansion)."""
     b = win.batch if mask.shape[0] > 1 else torch.zeros_like(win.batch)
     q = win.query if mask.shape[2] > 1 else torch.zeros_like(win.query)
     k = win.key if mask.shape[3] > 1 else torch.zeros_like(win.key)
-    return mask[b, :, q, k].expand(win.nnz, heads)
+    return mask[b, :, q, k].t().expand(heads, win.nnz)
 
 
 def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
@@ -226,17 +226,17 @@ class _SparseBiasAttention(torch.autograd.Function):
             ctx.save_for_backward(q, k, v, o_d, lse)
             return o_d
         ctx.sparse = True
-        s = backend.sddmm(win, q, k, cdt) * scale                                          # [nnz, H]
+        s = backend.sddmm(win, q, k, cdt).mul_(scale)                                      # [H, nnz]
         if mask is not None:
-            s = s + _entry_mask(mask, win, heads)
-        p = torch.exp(s - lse.to(cdt).transpose(1, 2).reshape(bsz * nq, heads)[win.row])
-        del s
-        bvals = values.to(cdt)
-        a = p * torch.expm1(bvals.unsqueeze(1) if bvals.dim() == 1 else bvals)
+            s += _entry_mask(mask, win, heads)
+        s -= lse.to(cdt).permute(1, 0, 2).reshape(heads, bsz * nq)[:, win.row]
+        p = s.exp_()                                                                       # p_j = exp(s_j - L)
+        bvals = values.detach().to(cdt)
+        a = p * torch.expm1(bvals if bvals.dim() == 1 else bvals.t())
         keep = _entry_keep(win, heads, k.shape[2], dropout_p, seed, cdt)
-        total = torch.zeros(bsz * nq, heads, dtype=cdt, device=q.device).index_add_(0, win.row, a)
+        total = torch.zeros(heads, bsz * nq, dtype=cdt, device=q.device).index_add_(1, win.row, a)
         corr = backend.spmm(win, a if keep is None else a * keep, v, cdt)                 # [B, H, Q, D]
-        den = (1 + total).view(bsz, nq, heads).transpose(1, 2)                             # [B, H, Q]
+        den = (1 + total).view(heads, bsz, nq).transpose(0, 1)                             # [B, H, Q]
         out = (o_d.to(cdt) + corr) / den.unsqueeze(-1)
         flagged = ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)  # [B, Q]
         ctx.any_flagged = bool(flagged.any())
@@ -267,21 +267,22 @@ class _SparseBiasAttention(torch.autograd.Function):
         dq = dq.to(cdt)
 
         bvals = values.detach().to(cdt)
-        a = p * torch.expm1(bvals.unsqueeze(1) if bvals.dim() == 1 else bvals)
+        a = p * torch.expm1(bvals if bvals.dim() == 1 else bvals.t())
         keep = _entry_keep(win, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt)
-        gv = backend.sddmm(win, gp, v, cdt)                                                # <g', v_j>
-        go = (gp * out.to(cdt)).sum(-1).transpose(1, 2).reshape(bsz * nq, heads)[win.row]  # <g', o>
-        diff = (gv if keep is None else gv * keep) - go
-        del gv, go
+        diff = backend.sddmm(win, gp, v, cdt)                                              # <g', v_j>
+        if keep is not None:
+            diff.mul_(keep)
+        diff.sub_((gp * out.to(cdt)).sum(-1).permute(1, 0, 2).reshape(heads, bsz * nq)[:, win.row])  # - <g', o>
         d = a * diff
         dq += backend.spmm(win, d, k, cdt) * scale
-        backend.spmm_t(win, d * scale, q, dk, cdt)
+        backend.spmm_t(win, d.mul_(scale), q, dk, cdt)
+        del d
         backend.spmm_t(win, a if keep is None else a * keep, gp, dv, cdt)
         dvalues = None
         if ctx.needs_input_grad[3]:
-            dvalues = (p + a) * diff                                                       # p e^b (...)
-            dvalues = dvalues.sum(1) if ctx.shared else dvalues
-        del a, d, diff
+            dvalues = a.add_(p).mul_(diff)                                                 # p e^b (<g',v> - <g',o>)
+            dvalues = dvalues.sum(0) if ctx.shared else dvalues.t()
+        del a, diff
 
         if ctx.any_flagged:   # the dense rows, differentiated by autograd
             dvalues = torch.zeros_like(values, dtype=cdt) if dvalues is None else dvalues
@@ -302,11 +303,11 @@ class _SparseBiasAttention(torch.autograd.Function):
 
 
 def _entry_keep(win: WindowIndex, heads: int, nk: int, dropout_p: float, seed: int, cdt: torch.dtype):
-    """``[nnz, H]`` dropout multipliers ``keep / (1 - p)`` of the window entries, or None without dropout."""
+    """``[H, nnz]`` dropout multipliers ``keep / (1 - p)`` of the window entries, or None without dropout."""
     if dropout_p <= 0:
         return None
-    h = torch.arange(heads, device=win.device).unsqueeze(0)
-    flat = ((win.batch.unsqueeze(1) * heads + h) * win.num_queries + win.query.unsqueeze(1)) * nk + win.key.unsqueeze(1)
+    h = torch.arange(heads, device=win.device).unsqueeze(1)
+    flat = ((win.batch * heads + h) * win.num_queries + win.query) * nk + win.key
     return dropout_keep(seed, flat, dropout_p).to(cdt) / (1 - dropout_p)
 
 

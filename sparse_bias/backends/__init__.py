@@ -4,9 +4,11 @@ Every backend implements three primitives over the ``nnz`` window entries of a :
 (``b``, ``q`` and ``key`` of each entry), all accumulated in the compute dtype (float32, or float64
 for float64 input):
 
-* ``sddmm(x [B, H, Q, D], y [B, H, K, D]) -> [nnz, H]``: ``<x[b, h, q], y[b, h, key]>`` per entry;
-* ``spmm(w [nnz, H], y [B, H, K, D]) -> [B, H, Q, D]``: window sums ``sum_e w[e, h] y[b, h, key_e]``;
-* ``spmm_t(w [nnz, H], x [B, H, Q, D], out [B, H, K, D])``: adds ``w[e, h] x[b, h, q_e]`` into the keys.
+* ``sddmm(x [B, H, Q, D], y [B, H, K, D]) -> [H, nnz]``: ``<x[b, h, q], y[b, h, key]>`` per entry;
+* ``spmm(w [H, nnz], y [B, H, K, D]) -> [B, H, Q, D]``: window sums ``sum_e w[h, e] y[b, h, key_e]``;
+* ``spmm_t(w [H, nnz], x [B, H, Q, D], out [B, H, K, D])``: adds ``w[h, e] x[b, h, q_e]`` into the keys.
+
+Entry tensors are head-major (``[H, nnz]``) so that each head's CSR values are one contiguous row.
 
 ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
 ``segment_csr``; ``"torch"`` is the same with native ``index_add_``; ``"sparse"`` uses PyTorch's

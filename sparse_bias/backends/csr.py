@@ -36,37 +36,37 @@ class SparseCSRBackend:
 
     def sddmm(self, plan, x, y, cdt):
         heads = x.shape[1]
-        out = torch.empty(plan.nnz, heads, dtype=cdt, device=x.device)
+        out = torch.empty(heads, plan.nnz, dtype=cdt, device=x.device)
         for b, (e0, e1, crow, col, _, _, _) in enumerate(plan.csr()):
             if e1 == e0:
                 continue
             pattern = _csr(crow, col, torch.zeros(e1 - e0, dtype=cdt, device=x.device), (x.shape[2], y.shape[2]))
-            cols = [torch.sparse.sampled_addmm(pattern, self._slice(x, b, h, cdt),
-                                               self._slice(y, b, h, cdt).t(), beta=0.0).values()
-                    for h in range(heads)]
-            out[e0:e1] = torch.stack(cols, dim=1)
+            for h in range(heads):
+                res = torch.sparse.sampled_addmm(pattern, self._slice(x, b, h, cdt), self._slice(y, b, h, cdt).t(),
+                                                 beta=0.0)
+                out[h, e0:e1] = res.values()
         return out
 
     def spmm(self, plan, w, y, cdt):
         bsz, heads, nk, d = y.shape
         out = torch.zeros(bsz, heads, plan.num_queries, d, dtype=cdt, device=y.device)
-        wt = w.t()
         for b, (e0, e1, crow, col, _, _, _) in enumerate(plan.csr()):
             if e1 == e0:
                 continue
             for h in range(heads):
-                mat = _csr(crow, col, wt[h, e0:e1].contiguous(), (plan.num_queries, nk))
-                out[b, h] = mat @ self._slice(y, b, h, cdt)
+                out[b, h].addmm_(_csr(crow, col, w[h, e0:e1], (plan.num_queries, nk)), self._slice(y, b, h, cdt))
         return out
 
     def spmm_t(self, plan, w, x, out, cdt):
         heads = x.shape[1]
         nk = out.shape[2]
-        wt = w.t()
         for b, (e0, e1, _, _, tcrow, trow, perm) in enumerate(plan.csr()):
             if e1 == e0:
                 continue
+            wt = w[:, e0:e1][:, perm]                                        # [H, n] in key order
             for h in range(heads):
-                mat = _csr(tcrow, trow, wt[h, e0:e1][perm].contiguous(), (nk, plan.num_queries))
-                res = mat @ self._slice(x, b, h, cdt)
-                out[b, h] += res if res.dtype == out.dtype else res.to(out.dtype)
+                mat = _csr(tcrow, trow, wt[h], (nk, plan.num_queries))
+                if out.dtype == cdt:
+                    out[b, h].addmm_(mat, x[b, h])
+                else:       # low precision: accumulate this head in float32, then add
+                    out[b, h] += (mat @ self._slice(x, b, h, cdt)).to(out.dtype)

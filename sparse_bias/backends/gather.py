@@ -43,10 +43,10 @@ class _GatherBackend:
         raise NotImplementedError
 
     def sddmm(self, plan, x, y, cdt):
-        out = torch.empty(plan.nnz, x.shape[1], dtype=cdt, device=x.device)
+        out = torch.empty(x.shape[1], plan.nnz, dtype=cdt, device=x.device)
         for e0, e1, _, _ in _chunks(plan, CHUNK_ENTRIES):
             b, q, k = plan.batch[e0:e1], plan.query[e0:e1], plan.key[e0:e1]
-            out[e0:e1] = (x[b, :, q].to(cdt) * y[b, :, k].to(cdt)).sum(-1)
+            out[:, e0:e1] = (x[b, :, q].to(cdt) * y[b, :, k].to(cdt)).sum(-1).t()
         return out
 
     def spmm(self, plan, w, y, cdt):
@@ -54,7 +54,7 @@ class _GatherBackend:
         rows = torch.zeros(plan.num_rows, heads, y.shape[-1], dtype=cdt, device=y.device)
         for e0, e1, r0, r1 in _chunks(plan, CHUNK_ENTRIES):
             b, k = plan.batch[e0:e1], plan.key[e0:e1]
-            vals = y[b, :, k].to(cdt) * w[e0:e1].unsqueeze(-1)
+            vals = y[b, :, k].to(cdt) * w[:, e0:e1].t().unsqueeze(-1)
             rows[r0:r1] = self._row_sum(vals, plan.row[e0:e1] - r0, plan.indptr[r0:r1 + 1] - e0, r1 - r0)
         return rows.view(bsz, -1, heads, y.shape[-1]).transpose(1, 2)
 
@@ -64,7 +64,7 @@ class _GatherBackend:
         h = torch.arange(heads, device=x.device).unsqueeze(0)
         for e0, e1, _, _ in _chunks(plan, CHUNK_ENTRIES):
             b, q, k = plan.batch[e0:e1], plan.query[e0:e1], plan.key[e0:e1]
-            vals = x[b, :, q].to(cdt) * w[e0:e1].unsqueeze(-1)
+            vals = x[b, :, q].to(cdt) * w[:, e0:e1].t().unsqueeze(-1)
             acc.index_put_((b.unsqueeze(1), h, k.unsqueeze(1)), vals, accumulate=True)
         if acc is not out:
             out += acc.to(out.dtype)
