@@ -28,10 +28,11 @@ logger = logging.getLogger("sparse_bias")
 
 BACKEND_NAMES = ("auto", "sparse", "scatter", "torch", "dense")
 
-#: Rows whose normaliser ``1 + S`` falls below this (the bias removes most of the attention mass from a
-#: window holding nearly all of it) are recomputed densely: there ``o_d + C`` and ``1 + S`` cancel and
-#: would amplify rounding errors by ``1 / (1 + S)``. Non-finite normalisers (overflowing biases) too.
-EXACT_ROW_THRESHOLD = 0.05
+#: Rows whose normaliser ``1 + S`` falls below this (a negative bias removes more than 3/4 of the attention
+#: mass) are recomputed densely, one small block of rows at a time: there ``o_d + C`` and ``1 + S`` cancel
+#: and would amplify rounding errors by about ``1 / (1 + S)``. Non-finite normalisers (overflowing biases)
+#: too. With AQR weights in [-1, 1] and scale 1 the normaliser stays above e^-1, so this path is rare.
+EXACT_ROW_THRESHOLD = 0.25
 
 #: Rows per block of the exact (dense) row path.
 EXACT_ROW_CHUNK = 16
@@ -223,6 +224,7 @@ class _SparseBiasAttention(torch.autograd.Function):
         ctx.win, ctx.mask, ctx.shared = win, mask, values is not None and values.dim() == 1
         if win is None or win.nnz == 0:
             ctx.sparse = False
+            ctx.values_like = None if values is None else (values.shape, values.dtype)
             ctx.save_for_backward(q, k, v, o_d, lse)
             return o_d
         ctx.sparse = True
@@ -254,7 +256,10 @@ class _SparseBiasAttention(torch.autograd.Function):
             q, k, v, out, lse = ctx.saved_tensors
             dq, dk, dv = dense_lse_backward(ctx.kernel, grad_out, q, k, v, out, lse, ctx.mask, ctx.scale,
                                             ctx.dropout_p, ctx.seed)
-            return dq, dk, dv, None, None, None, None, None, None, None
+            dvalues = None
+            if ctx.values_like is not None and ctx.needs_input_grad[3]:       # empty windows: a zero gradient
+                dvalues = torch.zeros(ctx.values_like[0], dtype=ctx.values_like[1], device=q.device)
+            return dq, dk, dv, dvalues, None, None, None, None, None, None
         q, k, v, out, lse, values, p, den, flagged = ctx.saved_tensors
         win, backend, scale, mask = ctx.win, ctx.backend, ctx.scale, ctx.mask
         cdt = _compute_dtype(q.dtype)

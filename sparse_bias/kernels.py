@@ -200,7 +200,7 @@ def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed)
         dp = torch.matmul(gb, vb.transpose(-1, -2))
         pv = p
         if dropout_p > 0:
-            keep = _block_keep(seed, dropout_p, shape, b, hs, qs, q.device) / (1 - dropout_p)
+            keep = _block_keep(seed, dropout_p, shape, b, hs, qs, q.device).to(cdt) / (1 - dropout_p)
             dp = dp * keep
             pv = p * keep
         ds = p * (dp - delta[b, hs, qs].unsqueeze(-1))

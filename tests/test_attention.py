@@ -1,0 +1,438 @@
+"""sparse_bias_attention against the dense reference: every backend, forward and all gradients."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEVICES
+from hypothesis import given
+from hypothesis import strategies as st
+from test_windows import layouts, random_positions
+
+import sparse_bias as sb
+from sparse_bias import attention as attention_mod
+from sparse_bias import kernels
+from sparse_bias.backends import gather
+
+BACKENDS = ["sparse", "scatter", "torch", "dense"]
+SMALL = sb.KeyLayout(bev_shape=(9, 11), cam_shape=(3, 5, 7))
+
+
+def skip_missing(backend):
+    if backend == "scatter" and not sb.torch_scatter_available():
+        pytest.skip("torch-scatter is not installed")
+
+
+def make_case(layout, batch=2, heads=3, queries=7, dim=8, per_head=False, seed=0, bev_window=5, cam_window=3,
+              dtype=torch.float64, device="cpu", scale_q=1.0, weight_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    bev_pos, cam_pos = random_positions(layout, batch, queries, 2, gen)
+    win = sb.local_windows(layout, bev_pos, cam_pos, bev_window, cam_window).to(device)
+    nk = layout.num_keys
+    q = (torch.randn(batch, heads, queries, dim, generator=gen, dtype=torch.float64) * scale_q).to(device, dtype)
+    k = torch.randn(batch, heads, nk, dim, generator=gen, dtype=torch.float64).to(device, dtype)
+    v = torch.randn(batch, heads, nk, dim, generator=gen, dtype=torch.float64).to(device, dtype)
+    tail = (heads,) if per_head else ()
+    wb = (weight_scale * (2 * torch.rand((batch, queries) + tail, generator=gen, dtype=torch.float64) - 1)).to(device)
+    wc = (weight_scale * (2 * torch.rand((batch, queries) + tail, generator=gen, dtype=torch.float64) - 1)).to(device)
+    return win, q, k, v, wb, wc
+
+
+def forward_and_grads(fn, q, k, v, wb, wc, grad, win, **kwargs):
+    """Output and gradients (q, k, v, both weights) of fn(q, k, v, bias-from-weights)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, wb, wc)]
+    bias = sb.window_bias(win, leaves[3], leaves[4].to(leaves[3].dtype))
+    out = fn(*leaves[:3], bias, **kwargs)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
+
+
+def sparse_fn(backend):
+    def fn(q, k, v, bias, **kwargs):
+        return sb.sparse_bias_attention(q, k, v, bias, backend=backend, **kwargs)
+    return fn
+
+
+def reference(q, k, v, bias, **kwargs):
+    return sb.dense_bias_attention(q, k, v, bias.to_dense(), **kwargs)
+
+
+def assert_all_close(got, want, rtol=1e-10, atol=1e-10):
+    names = ["out", "dq", "dk", "dv", "d_bev_weight", "d_cam_weight"]
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ---- exactness, float64 ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_dense_reference(backend, per_head, device):
+    skip_missing(backend)
+    win, q, k, v, wb, wc = make_case(SMALL, per_head=per_head, device=device)
+    grad = torch.randn_like(q)
+    kpm = torch.zeros(2, SMALL.num_keys, dtype=torch.bool, device=device)
+    kpm[0, -9:] = True
+    kpm[1, :4] = True
+    got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win, key_padding_mask=kpm)
+    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win, key_padding_mask=kpm)
+    assert_all_close(got, want)
+
+
+@given(layout=layouts(), heads=st.integers(1, 3), queries=st.integers(1, 6), per_head=st.booleans(),
+       bev_window=st.sampled_from([1, 3, 5, 7]), cam_window=st.sampled_from([0, 1, 3, 9]), adaptive=st.booleans(),
+       mask_kind=st.sampled_from([None, "padding", "bool", "float", "both"]),
+       backend=st.sampled_from(["sparse", "scatter", "torch"]), seed=st.integers(0, 2**31))
+def test_random_layouts_windows_and_masks(layout, heads, queries, per_head, bev_window, cam_window, adaptive,
+                                          mask_kind, backend, seed):
+    if backend == "scatter" and not sb.torch_scatter_available():
+        backend = "torch"
+    gen = torch.Generator().manual_seed(seed)
+    if adaptive:
+        bev_window = 2 * torch.randint(0, 4, (2, queries), generator=gen) + 1
+        bev_window[0, 0] = 0
+    win, q, k, v, wb, wc = make_case(layout, heads=heads, queries=queries, per_head=per_head, seed=seed,
+                                     bev_window=bev_window, cam_window=cam_window, weight_scale=3.0)
+    nk = layout.num_keys
+    kwargs = {}
+    if mask_kind in ("padding", "both"):
+        kpm = torch.rand(2, nk, generator=gen) < 0.3
+        kpm[:, 0] = False                                     # every query keeps at least one key
+        kwargs["key_padding_mask"] = kpm
+    if mask_kind in ("bool", "both"):
+        am = torch.rand(1, heads, queries, nk, generator=gen) < 0.8
+        am[..., 0] = True
+        kwargs["attn_mask"] = am
+    if mask_kind == "float":
+        kwargs["attn_mask"] = torch.randn(queries, nk, generator=gen, dtype=torch.float64)
+    grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win, **kwargs)
+    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win, **kwargs)
+    assert_all_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("backend", ["sparse", "scatter", "torch"])
+def test_gradcheck(backend, per_head):
+    skip_missing(backend)
+    layout = sb.KeyLayout(bev_shape=(4, 5), cam_shape=(2, 3, 3))
+    win, q, k, v, wb, wc = make_case(layout, batch=2, heads=2, queries=3, dim=4, per_head=per_head, seed=3,
+                                     bev_window=3, cam_window=3)
+    bias = sb.window_bias(win, wb, wc)
+    values = bias.values.detach().clone().requires_grad_()
+    kpm = torch.zeros(2, layout.num_keys, dtype=torch.bool)
+    kpm[1, 2] = True
+
+    def f(q, k, v, values):
+        return sb.sparse_bias_attention(q, k, v, sb.SparseBias(win, values), key_padding_mask=kpm, backend=backend)
+
+    inputs = tuple(t.detach().clone().requires_grad_() for t in (q, k, v)) + (values,)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_weights_and_learnable_scale_get_gradients(backend):
+    skip_missing(backend)
+    win, q, k, v, wb, wc = make_case(SMALL, seed=5)
+    grads = []
+    for fn in (sparse_fn(backend), reference):
+        scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        out = fn(q, k, v, sb.window_bias(win, wb, wc, scale=scale, profile="gaussian"))
+        grads.append(torch.autograd.grad(out.square().sum(), scale)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+# ---- special cases --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "sparse", "torch", "dense"])
+def test_no_windows_equals_plain_attention(backend):
+    layout = sb.KeyLayout(bev_shape=(6, 6))
+    win = sb.local_windows(layout, torch.full((1, 4, 2), -1), None)
+    assert win.nnz == 0
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 36, 8), torch.randn(1, 2, 36, 8)
+    bias = sb.window_bias(win, torch.ones(1, 4), None)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(sb.sparse_bias_attention(q, k, v, bias, backend=backend), expected)
+    torch.testing.assert_close(sb.sparse_bias_attention(q, k, v, None), expected)
+
+
+def test_no_bias_gradients_match_sdpa():
+    q, k, v = (torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kpm = torch.tensor([[False] * 4 + [True], [False] * 5])
+    out = sb.sparse_bias_attention(q, k, v, None, key_padding_mask=kpm)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~kpm[:, None, None, :])
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_zero_queries():
+    layout = sb.KeyLayout(bev_shape=(6, 6))
+    win = sb.local_windows(layout, torch.zeros(2, 0, 2, dtype=torch.long), None)
+    q = torch.randn(2, 2, 0, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 36, 8), torch.randn(2, 2, 36, 8)
+    out = sb.sparse_bias_attention(q, k, v, sb.window_bias(win, torch.ones(2, 0), None))
+    assert out.shape == (2, 2, 0, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_dense_bias_tensor_takes_the_dense_path():
+    win, q, k, v, wb, wc = make_case(SMALL, per_head=True)
+    bias = sb.window_bias(win, wb, wc)
+    dense = bias.to_dense()
+    assert sb.select_backend(q, dense)[0] == "dense"
+    torch.testing.assert_close(sb.sparse_bias_attention(q, k, v, dense), sb.sparse_bias_attention(q, k, v, bias))
+    shared = sb.window_bias(win, wb[..., 0], wc[..., 0])
+    torch.testing.assert_close(sb.sparse_bias_attention(q, k, v, shared.to_dense()),
+                               sb.sparse_bias_attention(q, k, v, shared))
+
+
+@pytest.mark.parametrize("backend", ["sparse", "scatter", "torch"])
+def test_chunked_paths(backend, monkeypatch):
+    """Tiny chunks: gather backends cross many chunk borders, the dense fallback many blocks."""
+    skip_missing(backend)
+    monkeypatch.setattr(gather, "CHUNK_ENTRIES", 7)
+    monkeypatch.setattr(kernels, "CHUNK_SCORES", 50)
+    monkeypatch.setattr(kernels, "dense_kernel_name", lambda q, dropout_p=0.0: "chunked")
+    monkeypatch.setattr(attention_mod, "dense_lse_forward",
+                        lambda *a: kernels.dense_lse_forward(*a))
+    win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=9)
+    grad = torch.randn_like(q)
+    got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win)
+    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win)
+    assert_all_close(got, want)
+
+
+def test_chunked_kernel_matches_cpu_flash():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64) for n in (5, 40, 40))
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.float64)
+    mask[1, ..., 30:] = float("-inf")
+    out, lse, name = kernels.dense_lse_forward(q, k, v, mask, 0.3)
+    assert name == "cpu_flash"
+    out2, lse2 = kernels._chunked_forward(q, k, v, mask, 0.3, 0.0, 0)
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(lse, lse2)
+    g = torch.randn_like(out)
+    for a, b in zip(kernels.dense_lse_backward("cpu_flash", g, q, k, v, out, lse, mask, 0.3),
+                    kernels.dense_lse_backward("chunked", g, q, k, v, out, lse, mask, 0.3)):
+        torch.testing.assert_close(a, b)
+
+
+# ---- the cancellation regime ------------------------------------------------------------------------
+
+def cancellation_case(bias_value):
+    """Each query's own window holds nearly all its attention mass (scores +12 above every other key);
+    a bias of ``bias_value`` on the window removes it, so ``1 + S`` is tiny and ``o_d + C`` cancels."""
+    layout = sb.KeyLayout(bev_shape=(12, 12))
+    gen = torch.Generator().manual_seed(0)
+    bev_pos = torch.tensor([[[3, 3], [6, 6], [9, 2], [0, 11]]])          # windows do not overlap
+    win = sb.local_windows(layout, bev_pos, None, 3)
+    d = 8
+    q = torch.zeros(1, 2, 4, d, dtype=torch.float64)
+    k = 0.3 * torch.randn(1, 2, 144, d, generator=gen, dtype=torch.float64)
+    own = win.to_dense_mask()[0]                                         # [Q, K]
+    for i in range(4):
+        q[:, :, i, i] = 1.0                                              # query i looks along axis i ...
+        k[0, :, own[i], i] += 12.0 * math.sqrt(d)                        # ... where only its window's keys lie
+    v = torch.randn(1, 2, 144, d, generator=gen, dtype=torch.float64)
+    weights = torch.full((1, 4), bias_value, dtype=torch.float64)
+    weights[0, 1] = 0.5                                                  # one ordinary query
+    return win, q, k, v, weights
+
+
+def grads_at(fn, dtype, q, k, v, w, win, grad):
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, w)]
+    bias = sb.window_bias(win, leaves[3], None) if win is not None else None
+    out = fn(*leaves[:3], bias)
+    used = leaves if bias is not None else leaves[:3]
+    return [out.detach().double()] + [g.double() for g in torch.autograd.grad(out, used, grad.to(dtype))]
+
+
+@pytest.mark.parametrize("backend", ["sparse", "torch"])
+@pytest.mark.parametrize("bias_value", [-2.0, -8.0, -14.0, -30.0, -200.0])
+def test_cancellation_regime_float32(backend, bias_value):
+    """fp32 error against float64 stays within a small multiple of the drift of a naive fp32
+    implementation and of the unbiased fp32 flash kernel the correction is built on."""
+    win, q, k, v, w = cancellation_case(bias_value)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = grads_at(reference, torch.float64, q, k, v, w, win, grad)
+    naive = grads_at(reference, torch.float32, q, k, v, w, win, grad)
+    fast = grads_at(sparse_fn(backend), torch.float32, q, k, v, w, win, grad)
+    sdpa = lambda q, k, v, bias: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    floor = [(a - b).abs().max() for a, b in zip(grads_at(sdpa, torch.float32, q, k, v, w, None, grad),
+                                                 grads_at(sdpa, torch.float64, q, k, v, w, None, grad))]
+    for i, (name, e, n, f) in enumerate(zip(["out", "dq", "dk", "dv", "dw"], exact, naive, fast)):
+        drift = max(float((n - e).abs().max()), float(floor[i]) if i < 4 else 0.0)
+        assert float((f - e).abs().max()) <= 4 * drift + 1e-7 * float(e.abs().max()), (name, drift)
+
+
+def test_cancellation_rows_are_recomputed_densely(monkeypatch):
+    calls = []
+    original = attention_mod._rows_forward
+    monkeypatch.setattr(attention_mod, "_rows_forward", lambda *a: calls.append(a[-1].tolist()) or original(*a))
+    win, q, k, v, w = cancellation_case(-14.0)
+    sb.sparse_bias_attention(q.float(), k.float(), v.float(), sb.window_bias(win, w.float(), None))
+    assert calls == [[0, 2, 3]]                            # query 1 has a mild bias and stays on the fast path
+
+
+# ---- precision --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["sparse", "scatter", "torch"])
+def test_low_precision_relative_to_naive_drift(backend, dtype, device):
+    """Error against a float64 reference is at most a small multiple of what a naive implementation at the
+    same precision (the dense reference run in that dtype) drifts by."""
+    skip_missing(backend)
+    layout = sb.KeyLayout(bev_shape=(20, 20), cam_shape=(2, 8, 10))
+    win, q, k, v, wb, wc = make_case(layout, batch=2, heads=4, queries=32, dim=16, per_head=True, seed=11,
+                                     device=device, weight_scale=2.0)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)] + [wb.to(dt).requires_grad_(),
+                                                                 wc.to(dt).requires_grad_()]
+        out = fn(*leaves[:3], sb.window_bias(win, leaves[3], leaves[4]))
+        assert out.dtype == dt
+        return [out.detach().double()] + [g.double() for g in torch.autograd.grad(out, leaves, grad.to(dt))]
+
+    exact = run(reference, torch.float64)
+    naive = run(reference, dtype)
+    fast = run(sparse_fn(backend), dtype)
+    for name, e, n, f in zip(["out", "dq", "dk", "dv", "dwb", "dwc"], exact, naive, fast):
+        naive_err = float((n - e).abs().max())
+        fast_err = float((f - e).abs().max())
+        assert fast_err <= 2 * naive_err + 1e-5 * float(e.abs().max()), (name, fast_err, naive_err)
+
+
+# ---- dropout ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["sparse", "torch", "dense"])
+def test_dropout_matches_reference_with_same_seed(backend):
+    win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=4)
+    grad = torch.randn_like(q)
+    kw = dict(dropout_p=0.3, dropout_seed=1234)
+    got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win, **kw)
+    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win, **kw)
+    assert_all_close(got, want)
+
+
+def test_dropout_is_unbiased_and_seeded():
+    win, q, k, v, wb, wc = make_case(SMALL, seed=6)
+    bias = sb.window_bias(win, wb, wc)
+    exact = sb.sparse_bias_attention(q, k, v, bias)
+    torch.manual_seed(0)
+    draws = torch.stack([sb.sparse_bias_attention(q, k, v, bias, dropout_p=0.2) for _ in range(400)])
+    mean, std = draws.mean(0), draws.std(0)
+    z = (mean - exact).abs() / (std / math.sqrt(400) + 1e-12)
+    assert float(z.max()) < 5.5                                   # no element is off by more than 5.5 sigma
+    assert float(z.mean()) < 1.2                                  # and on average ~0.8 sigma, as for a fair mean
+    one = sb.sparse_bias_attention(q, k, v, bias, dropout_p=0.2, dropout_seed=7)
+    torch.testing.assert_close(one, sb.sparse_bias_attention(q, k, v, bias, dropout_p=0.2, dropout_seed=7))
+    assert not torch.allclose(one, sb.sparse_bias_attention(q, k, v, bias, dropout_p=0.2, dropout_seed=8))
+
+
+def test_dropout_mask_rate():
+    keep = kernels.dropout_mask(3, (2, 4, 50, 100), 0.25)
+    assert abs(float(keep.float().mean()) - 0.75) < 0.01
+
+
+# ---- backends, selection, torch-scatter absence -------------------------------------------------------
+
+def test_select_backend_explains_its_choice(caplog):
+    win, q, k, v, wb, wc = make_case(SMALL)
+    bias = sb.window_bias(win, wb, wc)
+    name, why = sb.select_backend(q, bias)
+    assert name == "sparse" and "auto" in why
+    assert sb.select_backend(q, None)[0] == "none"
+    assert sb.select_backend(q, bias, "torch") == ("torch", "requested: native PyTorch gather and index_add")
+    with caplog.at_level("DEBUG", logger="sparse_bias"):
+        sb.sparse_bias_attention(q, k, v, bias)
+    assert "backend sparse" in caplog.text
+
+
+def test_without_torch_scatter():
+    code = r"""
+import sys; sys.modules['torch_scatter'] = None
+import torch, sparse_bias as sb
+assert not sb.torch_scatter_available()
+layout = sb.KeyLayout(bev_shape=(6, 6))
+win = sb.local_windows(layout, torch.tensor([[[2, 2], [4, 5]]]), None, 3)
+bias = sb.window_bias(win, torch.tensor([[1.0, -1.0]], dtype=torch.float64), None)
+q, k, v = (torch.randn(1, 2, n, 4, dtype=torch.float64) for n in (2, 36, 36))
+ref = sb.dense_bias_attention(q, k, v, bias.to_dense())
+for backend in ("auto", "sparse", "torch"):
+    assert torch.allclose(sb.sparse_bias_attention(q, k, v, bias, backend=backend), ref)
+try:
+    sb.sparse_bias_attention(q, k, v, bias, backend="scatter")
+except RuntimeError as e:
+    assert "torch-scatter is not installed" in str(e), e
+else:
+    raise AssertionError("scatter backend ran without torch-scatter")
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+def bad_case():
+    win, q, k, v, wb, wc = make_case(SMALL, dtype=torch.float32)
+    return win, q, k, v, sb.window_bias(win, wb.float(), wc.float())
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (lambda a: a.update(q=a["q"][:1]), ValueError, r"q \[B, H, Q, D\] and k \[B, H, K, D\] disagree"),
+    (lambda a: a.update(q=a["q"][:, :2]), ValueError, "disagree"),
+    (lambda a: a.update(q=a["q"][..., :4]), ValueError, "disagree"),
+    (lambda a: a.update(v=a["v"][:, :, :-1]), ValueError, "k and v must have the same shape"),
+    (lambda a: a.update(q=a["q"][:, :, :-1]), ValueError, r"bias is for \[B, Q, K\] = \[2, 7, 204\]"),
+    (lambda a: a.update(k=a["k"][:, :, :-1], v=a["v"][:, :, :-1]), ValueError, "bias is for"),
+    (lambda a: a.update(q=a["q"].double()), TypeError, "q, k and v must share a dtype"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must have 4 dimensions"),
+    (lambda a: a.update(k=a["k"].long()), TypeError, "k must be a floating-point tensor"),
+    (lambda a: a.update(bias=sb.SparseBias(a["bias"].index, torch.ones(a["bias"].index.nnz, 5))), ValueError,
+     "per-head values for H = 5 but q has 3 heads"),
+    (lambda a: a.update(bias=sb.SparseBias(a["bias"].index, a["bias"].values.clone().fill_(float("nan")))),
+     ValueError, "bias.values contains NaN"),
+    (lambda a: a.update(bias=torch.zeros(2, 7, 5)), ValueError, "a dense bias must be"),
+    (lambda a: a.update(bias=torch.full((2, 7, 204), float("nan"))), ValueError, "bias contains NaN"),
+    (lambda a: a.update(bias="bias"), TypeError, "bias must be a SparseBias"),
+    (lambda a: a.update(key_padding_mask=torch.zeros(2, 204)), TypeError, "key_padding_mask must be a bool"),
+    (lambda a: a.update(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must be \[B, K\] = \[2, 204\]"),
+    (lambda a: a.update(attn_mask=torch.zeros(3, 3, dtype=torch.bool)), ValueError, "attn_mask must broadcast"),
+    (lambda a: a.update(attn_mask=torch.zeros(7, 204, dtype=torch.long)), TypeError, "attn_mask must be bool"),
+    (lambda a: a.update(attn_mask=torch.full((7, 204), float("nan"))), ValueError, "attn_mask contains NaN"),
+    (lambda a: a.update(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
+    (lambda a: a.update(scale="x"), ValueError, "scale must be a finite float"),
+    (lambda a: a.update(backend="flash"), ValueError, "backend must be one of"),
+])
+def test_bad_input(change, exc, match):
+    win, q, k, v, bias = bad_case()
+    args = dict(q=q, k=k, v=v, bias=bias)
+    change(args)
+    with pytest.raises(exc, match=match):
+        sb.sparse_bias_attention(**args)
+
+
+def test_keys_out_of_range_are_rejected():
+    win, q, k, v, bias = bad_case()
+    bigger = sb.KeyLayout(bev_shape=(9, 11), cam_shape=(3, 5, 7))
+    idx = sb.WindowIndex(bigger, win.batch_size, win.num_queries, win.indptr, win.key.clone(), win.source,
+                         win.dy, win.dx)
+    idx.key[-1] = 10_000
+    with pytest.raises(ValueError, match=r"bias.index.key holds keys outside \[0, 204\)"):
+        sb.sparse_bias_attention(q, k, v, sb.SparseBias(idx, bias.values))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mismatch_is_rejected():
+    win, q, k, v, bias = bad_case()
+    with pytest.raises(ValueError, match="k is on"):
+        sb.sparse_bias_attention(q, k.cuda(), v, bias)

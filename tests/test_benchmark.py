@@ -1,0 +1,11 @@
+"""The benchmark in its quick (dry-run) mode: every variant runs, is checked, and is tabulated."""
+from sparse_bias import benchmark
+
+
+def test_benchmark_quick(capsys):
+    rows = benchmark.main(["--quick"])
+    out = capsys.readouterr().out
+    names = [r["variant"] for r in rows]
+    assert names[0] == "sdpa" and names[-1] == "dense-bias" and "sparse-auto" in names
+    assert all(r["max_rel_error"] < benchmark.CHECK_TOLERANCE for r in rows if r["variant"] != "sdpa")
+    assert "x sdpa" in out and "exactness" in out
