@@ -123,12 +123,13 @@ def _additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
     return mask
 
 
-def _entry_mask(mask: torch.Tensor, win: WindowIndex, heads: int) -> torch.Tensor:
-    """``[H, nnz]``: the additive mask at every window entry (no dense expansion)."""
-    b = win.batch if mask.shape[0] > 1 else torch.zeros_like(win.batch)
-    q = win.query if mask.shape[2] > 1 else torch.zeros_like(win.query)
-    k = win.key if mask.shape[3] > 1 else torch.zeros_like(win.key)
-    return mask[b, :, q, k].t().expand(heads, win.nnz)
+def _entry_mask(mask: torch.Tensor, b: int, hs: slice, local_q: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``[h or 1, n]``: the additive mask at the window entries of batch element ``b`` (no dense expansion)."""
+    m = mask[b if mask.shape[0] > 1 else 0]                                 # [H|1, Q|1, K|1]
+    m = m[hs] if m.shape[0] > 1 else m
+    q = local_q if m.shape[1] > 1 else torch.zeros_like(local_q)
+    k = key if m.shape[2] > 1 else torch.zeros_like(key)
+    return m[:, q, k]
 
 
 def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
@@ -229,18 +230,22 @@ class _SparseBiasAttention(torch.autograd.Function):
             ctx.save_for_backward(q, k, v, o_d, lse)
             return o_d
         ctx.sparse = True
-        s = backend.sddmm(win, q, k, cdt).mul_(scale)                                      # [H, nnz]
-        if mask is not None:
-            s += _entry_mask(mask, win, heads)
-        s -= lse.to(cdt).permute(1, 0, 2).reshape(heads, bsz * nq)[:, win.row]
-        p = s.exp_()                                                                       # p_j = exp(s_j - L)
-        bvals = values.detach().to(cdt)
-        a = p * torch.expm1(bvals if bvals.dim() == 1 else bvals.t())
-        keep = _entry_keep(win, heads, k.shape[2], dropout_p, seed, cdt)
-        total = torch.zeros(heads, bsz * nq, dtype=cdt, device=q.device).index_add_(1, win.row, a)
-        corr = backend.spmm(win, a if keep is None else a * keep, v, cdt)                 # [B, H, Q, D]
-        den = (1 + total).view(heads, bsz, nq).transpose(0, 1)                             # [B, H, Q]
-        out = (o_d.to(cdt) + corr) / den.unsqueeze(-1)
+        p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device)
+        den = torch.ones(bsz, heads, nq, dtype=cdt, device=q.device)
+        out = o_d.to(cdt)
+        for b, hs, e0, e1, local_q, bvals in _blocks(win, values, backend, heads, cdt):
+            s = backend.sddmm(win, b, hs, q, k, cdt).mul_(scale)                           # s_j
+            if mask is not None:
+                s += _entry_mask(mask, b, hs, local_q, win.key[e0:e1])
+            s -= lse[b, hs].to(cdt)[:, local_q]
+            pb = p[hs, e0:e1]
+            torch.exp(s, out=pb)                                                           # p_j = exp(s_j - L)
+            del s
+            a = pb * torch.expm1(bvals)                                                    # a_j
+            den[b, hs].index_add_(1, local_q, a)                                           # 1 + S
+            keep = _entry_keep(win, b, hs, heads, k.shape[2], dropout_p, seed, cdt)
+            out[b, hs] += backend.spmm(win, b, hs, a if keep is None else a * keep, v, cdt)  # o_d + C
+        out /= den.unsqueeze(-1)
         flagged = ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)  # [B, Q]
         ctx.any_flagged = bool(flagged.any())
         if ctx.any_flagged:
@@ -272,26 +277,29 @@ class _SparseBiasAttention(torch.autograd.Function):
                                         ctx.dropout_p, ctx.seed)
         dq = dq.to(cdt)
 
-        bvals = values.detach().to(cdt)
-        a = p * torch.expm1(bvals if bvals.dim() == 1 else bvals.t())
-        keep = _entry_keep(win, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt)
-        diff = backend.sddmm(win, gp, v, cdt)                                              # <g', v_j>
-        if keep is not None:
-            diff.mul_(keep)
-        diff.sub_((gp * out.to(cdt)).sum(-1).permute(1, 0, 2).reshape(heads, bsz * nq)[:, win.row])  # - <g', o>
-        d = a * diff
-        dq += backend.spmm(win, d, k, cdt) * scale
-        backend.spmm_t(win, d.mul_(scale), q, dk, cdt)
-        del d
-        backend.spmm_t(win, a if keep is None else a * keep, gp, dv, cdt)
-        dvalues = None
-        if ctx.needs_input_grad[3]:
-            dvalues = a.add_(p).mul_(diff)                                                 # p e^b (<g',v> - <g',o>)
-            dvalues = dvalues.sum(0) if ctx.shared else dvalues.t()
-        del a, diff
+        dvalues = torch.zeros_like(values, dtype=cdt) if ctx.needs_input_grad[3] else None
+        go = (gp * out.to(cdt)).sum(-1)                                                    # <g', o> [B, H, Q]
+        for b, hs, e0, e1, local_q, bvals in _blocks(win, values.detach(), backend, heads, cdt):
+            pb = p[hs, e0:e1]
+            a = pb * torch.expm1(bvals)
+            keep = _entry_keep(win, b, hs, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt)
+            backend.spmm_t(win, b, hs, a if keep is None else a * keep, gp, dv, cdt)       # dv_j += a_j g'
+            diff = backend.sddmm(win, b, hs, gp, v, cdt)                                   # <g', v_j>
+            if keep is not None:
+                diff.mul_(keep)
+            diff.sub_(go[b, hs][:, local_q])                                               # - <g', o>
+            d = a.mul_(diff)                                                               # d_j = a_j (...)
+            dq[b, hs] += backend.spmm(win, b, hs, d, k, cdt) * scale
+            backend.spmm_t(win, b, hs, d.mul_(scale), q, dk, cdt)
+            if dvalues is not None:
+                db = diff.mul_(pb).add_(d, alpha=1.0 / scale)                              # p_j e^b_j (...)
+                if ctx.shared:
+                    dvalues[e0:e1] += db.sum(0)
+                else:
+                    dvalues[e0:e1, hs] = db.t()
+            del a, d, diff
 
         if ctx.any_flagged:   # the dense rows, differentiated by autograd
-            dvalues = torch.zeros_like(values, dtype=cdt) if dvalues is None else dvalues
             for b, rows in _exact_rows(flagged):
                 with torch.enable_grad():
                     qr, kb, vb, vals = (t.detach().requires_grad_() for t in (q[b, :, rows], k[b], v[b], values))
@@ -301,19 +309,35 @@ class _SparseBiasAttention(torch.autograd.Function):
                 dq[b, :, rows] += gq.to(cdt)
                 dk[b] += gk.to(dk.dtype)
                 dv[b] += gv.to(dv.dtype)
-                dvalues[entries] = gval[entries].to(cdt)
+                if dvalues is not None:
+                    dvalues[entries] = gval[entries].to(cdt)
         dq = dq.to(q.dtype)
         if dvalues is not None:
             dvalues = dvalues.to(values.dtype)
         return dq, dk, dv, dvalues, None, None, None, None, None, None
 
 
-def _entry_keep(win: WindowIndex, heads: int, nk: int, dropout_p: float, seed: int, cdt: torch.dtype):
-    """``[H, nnz]`` dropout multipliers ``keep / (1 - p)`` of the window entries, or None without dropout."""
+def _blocks(win: WindowIndex, values: torch.Tensor, backend, heads: int, cdt: torch.dtype):
+    """``(b, hs, e0, e1, local_q [n], bias values [h or 1, n])`` per batch element and block of heads."""
+    step = backend.head_block or heads
+    for b in range(win.batch_size):
+        e0, e1 = win.batch_range(b)
+        local_q = win.row[e0:e1] - b * win.num_queries
+        vals = values[e0:e1].to(cdt)
+        for h0 in range(0, heads, step):
+            hs = slice(h0, min(h0 + step, heads))
+            yield b, hs, e0, e1, local_q, (vals.unsqueeze(0) if vals.dim() == 1 else vals[:, hs].t())
+
+
+def _entry_keep(win: WindowIndex, b: int, hs: slice, heads: int, nk: int, dropout_p: float, seed: int,
+                cdt: torch.dtype):
+    """``[h, n]`` dropout multipliers ``keep / (1 - p)`` of batch element ``b``'s entries, or None."""
     if dropout_p <= 0:
         return None
-    h = torch.arange(heads, device=win.device).unsqueeze(1)
-    flat = ((win.batch * heads + h) * win.num_queries + win.query) * nk + win.key
+    e0, e1 = win.batch_range(b)
+    h = torch.arange(hs.start, hs.stop, device=win.device).unsqueeze(1)
+    local_q = win.row[e0:e1] - b * win.num_queries
+    flat = ((b * heads + h) * win.num_queries + local_q) * nk + win.key[e0:e1]
     return dropout_keep(seed, flat, dropout_p).to(cdt) / (1 - dropout_p)
 
 

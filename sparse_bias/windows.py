@@ -74,38 +74,27 @@ class WindowIndex:
                 torch.arange(self.num_rows, device=self.device), counts, output_size=self.nnz)
         return self._cache["row"]
 
-    @property
-    def batch(self) -> torch.Tensor:
-        """LongTensor ``[nnz]``: the batch element of every entry (cached)."""
-        if "batch" not in self._cache:
-            self._cache["batch"] = torch.div(self.row, max(self.num_queries, 1), rounding_mode="floor")
-        return self._cache["batch"]
+    def batch_range(self, b: int):
+        """``(e0, e1)``: the entries of batch element ``b``."""
+        nq = self.num_queries
+        return int(self.indptr[b * nq]), int(self.indptr[(b + 1) * nq])
 
-    @property
-    def query(self) -> torch.Tensor:
-        """LongTensor ``[nnz]``: the query (within its batch element) of every entry (cached)."""
-        if "query" not in self._cache:
-            self._cache["query"] = self.row - self.batch * self.num_queries
-        return self._cache["query"]
-
-    def csr(self):
-        """Per batch element ``(e0, e1, crow [Q + 1], col [n], tcrow [K + 1], trow [n], perm [n])``: the CSR
-        structure of its entries ``e0:e1`` (``[Q, K]``) and of the transpose (``[K, Q]``; ``perm`` orders
-        the entries by key, stably). Built once, then cached -- used by the sparse CSR backend."""
-        if "csr" not in self._cache:
-            out = []
+    def csr(self, b: int):
+        """``(crow [Q + 1], col [n], tcrow [K + 1], trow [n], perm [n])`` of batch element ``b``: its CSR
+        structure (``[Q, K]``) and that of the transpose (``[K, Q]``; ``perm`` orders its entries by key,
+        stably). Built once, then cached -- used by the sparse CSR backend."""
+        cache = self._cache.setdefault("csr", {})
+        if b not in cache:
             nq, nk = self.num_queries, self.layout.num_keys
-            for b in range(self.batch_size):
-                e0, e1 = int(self.indptr[b * nq]), int(self.indptr[(b + 1) * nq])
-                crow = self.indptr[b * nq:(b + 1) * nq + 1] - e0
-                col = self.key[e0:e1]
-                perm = torch.sort(col, stable=True).indices
-                tcrow = torch.zeros(nk + 1, dtype=torch.long, device=self.device)
-                torch.cumsum(torch.bincount(col, minlength=nk), 0, out=tcrow[1:])
-                trow = (self.row[e0:e1] - b * nq)[perm]
-                out.append((e0, e1, crow, col, tcrow, trow, perm))
-            self._cache["csr"] = out
-        return self._cache["csr"]
+            e0, e1 = self.batch_range(b)
+            crow = self.indptr[b * nq:(b + 1) * nq + 1] - e0
+            col = self.key[e0:e1]
+            perm = torch.sort(col, stable=True).indices
+            tcrow = torch.zeros(nk + 1, dtype=torch.long, device=self.device)
+            torch.cumsum(torch.bincount(col, minlength=nk), 0, out=tcrow[1:])
+            trow = (self.row[e0:e1] - b * nq)[perm]
+            cache[b] = (crow, col, tcrow, trow, perm)
+        return cache[b]
 
     def counts(self) -> torch.Tensor:
         """LongTensor ``[B, Q]``: window entries per query."""

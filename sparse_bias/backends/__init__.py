@@ -1,14 +1,16 @@
 """Backends evaluating the window terms of the sparse correction.
 
-Every backend implements three primitives over the ``nnz`` window entries of a :class:`WindowIndex`
-(``b``, ``q`` and ``key`` of each entry), all accumulated in the compute dtype (float32, or float64
-for float64 input):
+Every backend implements three primitives over the ``n`` window entries of one batch element ``b``
+of a :class:`WindowIndex` (entries ``win.batch_range(b)``) and a block of heads ``hs`` (a slice of
+``h`` heads), accumulated in the compute dtype (float32, or float64 for float64 input):
 
-* ``sddmm(x [B, H, Q, D], y [B, H, K, D]) -> [H, nnz]``: ``<x[b, h, q], y[b, h, key]>`` per entry;
-* ``spmm(w [H, nnz], y [B, H, K, D]) -> [B, H, Q, D]``: window sums ``sum_e w[h, e] y[b, h, key_e]``;
-* ``spmm_t(w [H, nnz], x [B, H, Q, D], out [B, H, K, D])``: adds ``w[h, e] x[b, h, q_e]`` into the keys.
+* ``sddmm(win, b, hs, x [B, H, Q, D], y [B, H, K, D]) -> [h, n]``: ``<x[b, h, q_e], y[b, h, key_e]>``;
+* ``spmm(win, b, hs, w [h, n], y) -> [h, Q, D]``: window sums ``sum_e w[h, e] y[b, h, key_e]``;
+* ``spmm_t(win, b, hs, w [h, n], x, out [B, H, K, D])``: adds ``w[h, e] x[b, h, q_e]`` into ``out[b, hs]``.
 
-Entry tensors are head-major (``[H, nnz]``) so that each head's CSR values are one contiguous row.
+``head_block`` says how many heads a block holds (None = all): the gather backends gather each window
+row once for all heads; the CSR backend works one head at a time, so the correction's temporaries are
+a few ``[n]`` vectors.
 
 ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
 ``segment_csr``; ``"torch"`` is the same with native ``index_add_``; ``"sparse"`` uses PyTorch's

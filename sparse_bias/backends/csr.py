@@ -8,8 +8,6 @@ import torch
 # The beta notice is printed on the first CSR tensor of the process; the kernels used here are stable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-_CSR_DTYPES = (torch.float32, torch.float64)
-
 
 def _csr(crow, col, values, size):
     return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
@@ -24,6 +22,8 @@ class SparseCSRBackend:
     """
 
     name = "sparse"
+    #: one head per block of the correction: each head's CSR values are one contiguous [n] vector
+    head_block = 1
 
     def can_run(self, device, dtype):
         if device.type not in ("cpu", "cuda"):
@@ -31,42 +31,39 @@ class SparseCSRBackend:
         return True, "torch.sparse CSR kernels (sampled_addmm, CSR @ dense)"
 
     @staticmethod
-    def _slice(t, b, h, cdt):
-        return t[b, h].to(cdt) if t.dtype != cdt else t[b, h]
+    def _heads(t, b, hs, cdt):
+        """The head slices ``t[b, h]`` for h in hs, upcast one at a time when needed."""
+        for h in range(hs.start, hs.stop):
+            yield h - hs.start, (t[b, h].to(cdt) if t.dtype != cdt else t[b, h])
 
-    def sddmm(self, plan, x, y, cdt):
-        heads = x.shape[1]
-        out = torch.empty(heads, plan.nnz, dtype=cdt, device=x.device)
-        for b, (e0, e1, crow, col, _, _, _) in enumerate(plan.csr()):
-            if e1 == e0:
-                continue
-            pattern = _csr(crow, col, torch.zeros(e1 - e0, dtype=cdt, device=x.device), (x.shape[2], y.shape[2]))
-            for h in range(heads):
-                res = torch.sparse.sampled_addmm(pattern, self._slice(x, b, h, cdt), self._slice(y, b, h, cdt).t(),
-                                                 beta=0.0)
-                out[h, e0:e1] = res.values()
+    def sddmm(self, win, b, hs, x, y, cdt):
+        crow, col, _, _, _ = win.csr(b)
+        n = col.numel()
+        out = torch.empty(hs.stop - hs.start, n, dtype=cdt, device=x.device)
+        if n:
+            pattern = _csr(crow, col, torch.zeros(n, dtype=cdt, device=x.device), (x.shape[2], y.shape[2]))
+            for (i, xh), (_, yh) in zip(self._heads(x, b, hs, cdt), self._heads(y, b, hs, cdt)):
+                out[i] = torch.sparse.sampled_addmm(pattern, xh, yh.t(), beta=0.0).values()
         return out
 
-    def spmm(self, plan, w, y, cdt):
-        bsz, heads, nk, d = y.shape
-        out = torch.zeros(bsz, heads, plan.num_queries, d, dtype=cdt, device=y.device)
-        for b, (e0, e1, crow, col, _, _, _) in enumerate(plan.csr()):
-            if e1 == e0:
-                continue
-            for h in range(heads):
-                out[b, h].addmm_(_csr(crow, col, w[h, e0:e1], (plan.num_queries, nk)), self._slice(y, b, h, cdt))
+    def spmm(self, win, b, hs, w, y, cdt):
+        crow, col, _, _, _ = win.csr(b)
+        nk, d = y.shape[2:]
+        out = torch.zeros(hs.stop - hs.start, win.num_queries, d, dtype=cdt, device=y.device)
+        if col.numel():
+            for i, yh in self._heads(y, b, hs, cdt):
+                out[i].addmm_(_csr(crow, col, w[i], (win.num_queries, nk)), yh)
         return out
 
-    def spmm_t(self, plan, w, x, out, cdt):
-        heads = x.shape[1]
+    def spmm_t(self, win, b, hs, w, x, out, cdt):
+        _, col, tcrow, trow, perm = win.csr(b)
+        if not col.numel():
+            return
         nk = out.shape[2]
-        for b, (e0, e1, _, _, tcrow, trow, perm) in enumerate(plan.csr()):
-            if e1 == e0:
-                continue
-            wt = w[:, e0:e1][:, perm]                                        # [H, n] in key order
-            for h in range(heads):
-                mat = _csr(tcrow, trow, wt[h], (nk, plan.num_queries))
-                if out.dtype == cdt:
-                    out[b, h].addmm_(mat, x[b, h])
-                else:       # low precision: accumulate this head in float32, then add
-                    out[b, h] += (mat @ self._slice(x, b, h, cdt)).to(out.dtype)
+        for i, xh in self._heads(x, b, hs, cdt):
+            mat = _csr(tcrow, trow, w[i][perm], (nk, win.num_queries))       # values in key order
+            h = hs.start + i
+            if out.dtype == cdt:
+                out[b, h].addmm_(mat, xh)
+            else:       # low precision: accumulate this head in float32, then add
+                out[b, h] += (mat @ xh).to(out.dtype)

@@ -2,72 +2,82 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Iterator, Tuple
 
 import torch
 
-#: Window entries per chunk: bounds the gathered ``[chunk, H, D]`` buffers.
+#: Window entries per chunk: bounds the gathered ``[H, chunk, D]`` buffers.
 CHUNK_ENTRIES = 1 << 15
 
 
 def torch_scatter_available() -> bool:
     """True when torch-scatter can be imported (a stub ``None`` in sys.modules counts as missing)."""
-    import sys
     if "torch_scatter" in sys.modules:
         return sys.modules["torch_scatter"] is not None
     return importlib.util.find_spec("torch_scatter") is not None
 
 
-def _chunks(plan, chunk_entries: int) -> Iterator[Tuple[int, int, int, int]]:
-    """``(e0, e1, r0, r1)``: entry ranges aligned to CSR row boundaries, about ``chunk_entries`` each."""
-    indptr = plan.indptr
-    nnz, num_rows = int(indptr[-1]), indptr.numel() - 1
-    if nnz == 0:
+def _chunks(win, b: int, chunk_entries: int) -> Iterator[Tuple[int, int, int, int]]:
+    """``(e0, e1, q0, q1)`` for batch element ``b``: entry ranges aligned to query boundaries, about
+    ``chunk_entries`` entries each (a single query with more entries makes a chunk of its own)."""
+    nq = win.num_queries
+    indptr = win.indptr[b * nq:(b + 1) * nq + 1]
+    first, last = int(indptr[0]), int(indptr[-1])
+    if last == first:
         return
-    targets = torch.arange(0, nnz, chunk_entries, device=indptr.device)
-    cuts = torch.searchsorted(indptr, targets, right=True) - 1          # the row holding each target entry
-    bounds = torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), num_rows)]).unique()
-    rows, starts = bounds.tolist(), indptr[bounds].tolist()
-    for i in range(len(rows) - 1):
+    targets = torch.arange(first, last, chunk_entries, device=indptr.device)
+    cuts = torch.searchsorted(indptr, targets, right=True) - 1          # the query holding each target entry
+    bounds = torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), nq)]).unique()
+    queries, starts = bounds.tolist(), indptr[bounds].tolist()
+    for i in range(len(queries) - 1):
         if starts[i + 1] > starts[i]:
-            yield starts[i], starts[i + 1], rows[i], rows[i + 1]
+            yield starts[i], starts[i + 1], queries[i], queries[i + 1]
 
 
 class _GatherBackend:
     name = "gather"
+    #: heads per block of the correction: all at once, so each window row is gathered once for all heads
+    head_block = None
 
     def can_run(self, device, dtype):
         return True, "native PyTorch gather and index_add"
 
-    def _row_sum(self, vals, local_row, local_indptr, num_rows):   # pragma: no cover - abstract
+    def _query_sum(self, vals, local_q, local_indptr, num_queries):   # pragma: no cover - abstract
         raise NotImplementedError
 
-    def sddmm(self, plan, x, y, cdt):
-        out = torch.empty(x.shape[1], plan.nnz, dtype=cdt, device=x.device)
-        for e0, e1, _, _ in _chunks(plan, CHUNK_ENTRIES):
-            b, q, k = plan.batch[e0:e1], plan.query[e0:e1], plan.key[e0:e1]
-            out[:, e0:e1] = (x[b, :, q].to(cdt) * y[b, :, k].to(cdt)).sum(-1).t()
+    def sddmm(self, win, b, hs, x, y, cdt):
+        e_begin, e_end = win.batch_range(b)
+        xb, yb = x[b, hs], y[b, hs]
+        out = torch.empty(xb.shape[0], e_end - e_begin, dtype=cdt, device=x.device)
+        for e0, e1, _, _ in _chunks(win, b, CHUNK_ENTRIES):
+            q, k = win.row[e0:e1] - b * win.num_queries, win.key[e0:e1]
+            out[:, e0 - e_begin:e1 - e_begin] = (xb[:, q].to(cdt) * yb[:, k].to(cdt)).sum(-1)
         return out
 
-    def spmm(self, plan, w, y, cdt):
-        bsz, heads = y.shape[:2]
-        rows = torch.zeros(plan.num_rows, heads, y.shape[-1], dtype=cdt, device=y.device)
-        for e0, e1, r0, r1 in _chunks(plan, CHUNK_ENTRIES):
-            b, k = plan.batch[e0:e1], plan.key[e0:e1]
-            vals = y[b, :, k].to(cdt) * w[:, e0:e1].t().unsqueeze(-1)
-            rows[r0:r1] = self._row_sum(vals, plan.row[e0:e1] - r0, plan.indptr[r0:r1 + 1] - e0, r1 - r0)
-        return rows.view(bsz, -1, heads, y.shape[-1]).transpose(1, 2)
+    def spmm(self, win, b, hs, w, y, cdt):
+        e_begin, _ = win.batch_range(b)
+        yb = y[b, hs]
+        heads, _, d = yb.shape
+        out = torch.zeros(heads, win.num_queries, d, dtype=cdt, device=y.device)
+        for e0, e1, q0, q1 in _chunks(win, b, CHUNK_ENTRIES):
+            vals = yb[:, win.key[e0:e1]].to(cdt) * w[:, e0 - e_begin:e1 - e_begin].unsqueeze(-1)   # [H, n, D]
+            local_q = win.row[e0:e1] - (b * win.num_queries + q0)
+            local_indptr = win.indptr[b * win.num_queries + q0:b * win.num_queries + q1 + 1] - e0
+            out[:, q0:q1] = self._query_sum(vals, local_q, local_indptr, q1 - q0)
+        return out
 
-    def spmm_t(self, plan, w, x, out, cdt):
-        heads = x.shape[1]
-        acc = out if out.dtype == cdt else torch.zeros(out.shape, dtype=cdt, device=out.device)
-        h = torch.arange(heads, device=x.device).unsqueeze(0)
-        for e0, e1, _, _ in _chunks(plan, CHUNK_ENTRIES):
-            b, q, k = plan.batch[e0:e1], plan.query[e0:e1], plan.key[e0:e1]
-            vals = x[b, :, q].to(cdt) * w[:, e0:e1].t().unsqueeze(-1)
-            acc.index_put_((b.unsqueeze(1), h, k.unsqueeze(1)), vals, accumulate=True)
-        if acc is not out:
-            out += acc.to(out.dtype)
+    def spmm_t(self, win, b, hs, w, x, out, cdt):
+        e_begin, _ = win.batch_range(b)
+        xb, ob = x[b, hs], out[b, hs]
+        direct = out.dtype == cdt            # else accumulate in the compute dtype, then add once
+        acc = ob if direct else torch.zeros(ob.shape, dtype=cdt, device=out.device)
+        for e0, e1, _, _ in _chunks(win, b, CHUNK_ENTRIES):
+            q = win.row[e0:e1] - b * win.num_queries
+            vals = xb[:, q].to(cdt) * w[:, e0 - e_begin:e1 - e_begin].unsqueeze(-1)                # [H, n, D]
+            acc.index_add_(1, win.key[e0:e1], vals)
+        if not direct:
+            ob += acc.to(out.dtype)
 
 
 class TorchBackend(_GatherBackend):
@@ -75,9 +85,9 @@ class TorchBackend(_GatherBackend):
 
     name = "torch"
 
-    def _row_sum(self, vals, local_row, local_indptr, num_rows):
-        return torch.zeros((num_rows,) + vals.shape[1:], dtype=vals.dtype, device=vals.device).index_add_(
-            0, local_row, vals)
+    def _query_sum(self, vals, local_q, local_indptr, num_queries):
+        heads, _, d = vals.shape
+        return torch.zeros(heads, num_queries, d, dtype=vals.dtype, device=vals.device).index_add_(1, local_q, vals)
 
 
 class ScatterBackend(_GatherBackend):
@@ -90,6 +100,6 @@ class ScatterBackend(_GatherBackend):
             return False, "torch-scatter is not installed (pip install sparse_bias[scatter])"
         return True, "torch-scatter segment_csr over gathered window rows"
 
-    def _row_sum(self, vals, local_row, local_indptr, num_rows):
+    def _query_sum(self, vals, local_q, local_indptr, num_queries):
         from torch_scatter import segment_csr
-        return segment_csr(vals, local_indptr, reduce="sum")
+        return segment_csr(vals, local_indptr.expand(vals.shape[0], -1), reduce="sum")
