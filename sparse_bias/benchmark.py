@@ -1,11 +1,12 @@
 """Benchmark sparse-bias attention against unbiased SDPA and the dense-bias version.
 
-    python -m sparse_bias.benchmark [--queries 900] [--config fusion] [--repeats 3] [--quick]
+    python -m sparse_bias.benchmark [--queries 900] [--config fusion] [--repeats 5] [--quick]
 
-First one process checks every variant's output and gradients against the dense reference on the same
-inputs; then every variant runs in a fresh process (peak RSS is per process) and times forward + backward (gradients for q, k, v and the AQR
-weights behind the bias). Printed side by side in one run: time and peak memory, and their ratios to
-unbiased SDPA (the floor).
+One process checks every variant's output and gradients (q, k, v and the AQR weights behind the bias)
+against the dense reference on the same inputs. One process then times forward + backward of all
+variants interleaved (per repeat, each variant once, after a warm-up round), so the ratios to unbiased
+SDPA (the floor) are measured side by side. Finally every variant runs one warm-up and one measured step
+in a fresh process of its own for its peak RSS.
 
 Variants: ``sdpa`` (no bias), ``sparse-<backend>`` (``auto`` and each backend), ``dense-bias``
 (``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the origin design).
@@ -87,28 +88,45 @@ def _check_all(args, win, q, k, v, wb, wc, grad) -> Dict:
     return errors
 
 
+def _clear_grads(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def _time_all(args, names, win, q, k, v, wb, wc, grad) -> Dict:
+    """Interleaved timing of every variant in this one process: per repeat, each variant once (after one
+    warm-up round), so that drifts of the machine hit all variants alike."""
+    times = {name: [] for name in names}
+    for i in range(args.repeats + 1):
+        for name in names:
+            start = time.perf_counter()
+            _step(name, win, q, k, v, wb, wc, grad if args.backward else None)
+            elapsed = time.perf_counter() - start
+            _clear_grads((q, k, v, wb, wc))
+            if i:
+                times[name].append(elapsed)
+    ratios = {name: statistics.median(t / b for t, b in zip(times[name], times["sdpa"])) for name in names}
+    return {name: {"time_s": statistics.median(times[name]), "time_ratio": ratios[name]} for name in names}
+
+
 def _worker(args) -> Dict:
     torch.manual_seed(0)
     win, q, k, v, wb, wc = _inputs(args)
-    variant = args.worker
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-    if args.mode == "check":                  # exactness against the dense reference (its own process)
+    if args.mode == "check":                  # exactness against the dense reference
         return _check_all(args, win, q, k, v, wb, wc, grad)
-    rss_setup = _rss_mib()
-    times = []
-    for i in range(args.repeats + 1):
-        start = time.perf_counter()
-        _step(variant, win, q, k, v, wb, wc, grad if args.backward else None)
-        if i:                                   # the first run warms up
-            times.append(time.perf_counter() - start)
-        for t in (q, k, v, wb, wc):
-            t.grad = None
-    chosen = select_backend(q, window_bias(win, wb, wc))[0] if variant == "sparse-auto" else ""
-    return {"variant": variant, "time_s": statistics.median(times), "peak_rss_mib": _peak_rss_mib(),
-            "setup_rss_mib": rss_setup, "chosen": chosen, "nnz": win.nnz}
+    if args.mode == "time":
+        return _time_all(args, args.check_variants.split(","), win, q, k, v, wb, wc, grad)
+    rss_setup = _rss_mib()                    # memory: one warm-up step and one measured step, fresh process
+    for _ in range(2):
+        _step(args.worker, win, q, k, v, wb, wc, grad if args.backward else None)
+        _clear_grads((q, k, v, wb, wc))
+    chosen = select_backend(q, window_bias(win, wb, wc))[0] if args.worker == "sparse-auto" else ""
+    return {"variant": args.worker, "peak_rss_mib": _peak_rss_mib(), "setup_rss_mib": rss_setup,
+            "chosen": chosen, "nnz": win.nnz}
 
 
-def _run_variant(variant: str, args, mode: str) -> Dict:
+def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
     cmd = [sys.executable, "-m", "sparse_bias.benchmark", "--worker", variant, "--mode", mode,
            "--queries", str(args.queries),
            "--config", args.config, "--batch-size", str(args.batch_size), "--heads", str(args.heads),
@@ -116,11 +134,11 @@ def _run_variant(variant: str, args, mode: str) -> Dict:
            "--cam-window", str(args.cam_window), "--repeats", str(args.repeats)]
     if not args.backward:
         cmd.append("--forward-only")
-    if mode == "check":
-        cmd += ["--check-variants", ",".join(v for v in args.variants or variants() if v != "sdpa")]
+    if names:
+        cmd += ["--check-variants", ",".join(names)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"variant {variant} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"benchmark worker ({mode} {variant}) failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -131,14 +149,14 @@ def variants() -> List[str]:
 
 def format_table(rows: List[Dict]) -> str:
     base = next(r for r in rows if r["variant"] == "sdpa")
-    lines = [f"{'variant':16s} {'time [s]':>9s} {'x sdpa':>7s} {'peak RSS [MiB]':>15s} {'x sdpa':>7s} "
+    lines = [f"{'variant':20s} {'time [s]':>9s} {'x sdpa':>7s} {'peak RSS [MiB]':>15s} {'x sdpa':>7s} "
              f"{'extra over inputs [MiB]':>24s} {'max rel err':>12s}"]
     base_extra = base["peak_rss_mib"] - base["setup_rss_mib"]
     for r in rows:
         extra = r["peak_rss_mib"] - r["setup_rss_mib"]
         err = "-" if r["max_rel_error"] is None else f"{r['max_rel_error']:.1e}"
         name = r["variant"] + (f" ({r['chosen']})" if r.get("chosen") else "")
-        lines.append(f"{name:16s} {r['time_s']:9.3f} {r['time_s'] / base['time_s']:7.2f} {r['peak_rss_mib']:15.0f} "
+        lines.append(f"{name:20s} {r['time_s']:9.3f} {r['time_ratio']:7.2f} {r['peak_rss_mib']:15.0f} "
                      f"{r['peak_rss_mib'] / base['peak_rss_mib']:7.2f} {extra:17.0f} ({extra / base_extra:4.2f}x) "
                      f"{err:>12s}")
     return "\n".join(lines)
@@ -153,14 +171,14 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--bev-window", type=int, default=15)
     parser.add_argument("--cam-window", type=int, default=15)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--forward-only", dest="backward", action="store_false")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {variants()}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run, used by the tests)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default="time", choices=["check", "time"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="time", choices=["check", "time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--check-variants", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -171,21 +189,27 @@ def main(argv=None) -> List[Dict]:
     print(f"sparse_bias benchmark: {args.config} layout, B={args.batch_size}, H={args.heads}, D={args.head_dim}, "
           f"Q={args.queries}, windows {args.bev_window}/{args.cam_window}, fp32, "
           f"{'forward + backward' if args.backward else 'forward'}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats} after a warm-up; fresh process each")
+          f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved repeats; peak RSS from a fresh process per variant")
+    names = args.variants or variants()
+    if "sdpa" not in names:
+        names = ["sdpa"] + names
     errors = {}
     if args.check:
-        errors = _run_variant("check", args, "check")
+        errors = _run(args, "check", names=[n for n in names if n != "sdpa"])
         print("  exactness vs the dense reference (max relative error, output and all gradients): "
               + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
         bad = {k: v for k, v in errors.items() if not v < CHECK_TOLERANCE}
         if bad:
             raise RuntimeError(f"variants disagree with the dense reference: {bad}")
+    timing = _run(args, "time", names=names)
+    print("  timed (interleaved, one process): " + ", ".join(f"{k} {v['time_s']:.3f} s" for k, v in timing.items()),
+          flush=True)
     rows = []
-    for variant in args.variants or variants():
-        row = _run_variant(variant, args, "time")
-        row["max_rel_error"] = errors.get(variant)
+    for name in names:
+        row = _run(args, "memory", name)
+        row.update(timing[name], max_rel_error=errors.get(name))
         rows.append(row)
-        print(f"  done {variant}: {row['time_s']:.3f} s", flush=True)
+        print(f"  memory of {name}: peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

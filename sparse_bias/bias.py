@@ -62,14 +62,31 @@ class SparseBias:
         """Bytes of the sparse structure: index tensors plus values."""
         return self.index.nbytes() + self.values.numel() * self.values.element_size()
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The dense bias: ``[B, Q, K]`` (shared values) or ``[B, H, Q, K]`` (per-head), zeros outside the
-        windows. Differentiable in ``values``. Memory: ``B * (H) * Q * K`` elements -- the reference."""
+        windows. Differentiable in ``values``. Memory: ``B * (H) * Q * K`` elements -- the reference.
+
+        Args:
+            queries: optional LongTensor ``[R]`` of distinct query indices: only those rows, giving
+                ``[B, R, K]`` / ``[B, H, R, K]`` (e.g. to check a sample of queries).
+        """
         idx = self.index
         b, q, k = idx.batch_size, idx.num_queries, idx.layout.num_keys
-        flat = idx.row * k + idx.key
-        tail = self.values.shape[1:]
-        dense = self.values.new_zeros((b * q * k,) + tuple(tail)).index_put((flat,), self.values)
+        rows, values = idx.row, self.values
+        if queries is not None:
+            queries = torch.as_tensor(queries, device=idx.device).long()
+            order = torch.argsort(queries)
+            local_q = rows % max(q, 1)
+            pos = torch.searchsorted(queries[order], local_q).clamp(max=max(queries.numel() - 1, 0))
+            keep = (queries[order][pos] == local_q) if queries.numel() else torch.zeros_like(rows, dtype=torch.bool)
+            sel = keep.nonzero().flatten()
+            rows = torch.div(rows[sel], max(q, 1), rounding_mode="floor") * queries.numel() + order[pos[sel]]
+            values, q = values[sel], queries.numel()
+            flat = rows * k + idx.key[sel]
+        else:
+            flat = rows * k + idx.key
+        tail = values.shape[1:]
+        dense = values.new_zeros((b * q * k,) + tuple(tail)).index_put((flat,), values)
         if self.num_heads is None:
             return dense.view(b, q, k)
         return dense.view(b, q, k, self.num_heads).permute(0, 3, 1, 2).contiguous()
