@@ -6,10 +6,13 @@ and the bias a :class:`SparseBias` on it; ``to_dense()`` gives the origin design
 """
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import torch_scatter_available
-from .bias import SparseBias, window_bias
+from .bias import ModalityBias, SparseBias, window_bias
+from .config import build_attention_bias
 from .layout import KeyLayout
 from .projection import project_points
 from .windows import WindowIndex, local_windows
+
+from . import nn  # noqa: E402  (modules; imported last, they use the functional API)
 
 __version__ = "0.1.0"
 
@@ -19,10 +22,13 @@ __all__ = [
     "local_windows",
     "project_points",
     "SparseBias",
+    "ModalityBias",
     "window_bias",
     "sparse_bias_attention",
     "dense_bias_attention",
     "select_backend",
     "torch_scatter_available",
+    "build_attention_bias",
+    "nn",
     "__version__",
 ]

@@ -18,7 +18,7 @@ import torch
 
 from ._checks import check_device, check_finite, check_tensor
 from .backends import BACKENDS, backend_candidates, get_backend
-from .bias import SparseBias
+from .bias import ModalityBias, SparseBias
 from .kernels import dense_lse_backward, dense_lse_forward, dropout_keep, dropout_mask
 from .windows import WindowIndex
 
@@ -70,6 +70,17 @@ def _check_sparse_bias(bias: SparseBias, q, k):
     check_device("bias", bias.values, q.device, "q")
     if idx.nnz and (int(idx.key.min()) < 0 or int(idx.key.max()) >= k.shape[2]):
         raise ValueError(f"bias.index.key holds keys outside [0, {k.shape[2]})")
+    check_finite("bias.values", bias.values.detach())
+
+
+def _check_modality_bias(bias: ModalityBias, q, k):
+    bsz, heads, nq, _ = q.shape
+    if tuple(bias.values.shape[:2]) != (bsz, nq) or bias.layout.num_keys != k.shape[2]:
+        raise ValueError(f"bias is for [B, Q, K] = [{bias.values.shape[0]}, {bias.values.shape[1]}, "
+                         f"{bias.layout.num_keys}] but q, k give [{bsz}, {nq}, {k.shape[2]}]")
+    if bias.num_heads is not None and bias.num_heads != heads:
+        raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
+    check_device("bias", bias.values, q.device, "q")
     check_finite("bias.values", bias.values.detach())
 
 
@@ -155,6 +166,10 @@ def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[s
         return "none", "no bias: plain attention through the dense kernel"
     if isinstance(bias, torch.Tensor):
         return "dense", "a dense bias tensor is added to the scores (the origin design's path)"
+    if isinstance(bias, ModalityBias):
+        if backend == "dense":
+            return "dense", "requested: the bias is materialised"
+        return "modality", "one bias per modality: one dense pass per key range, combined by log-sum-exp"
     if backend == "dense":
         return "dense", "requested: the bias is materialised"
     candidates = backend_candidates(q.device, q.dtype)
@@ -341,6 +356,66 @@ def _entry_keep(win: WindowIndex, b: int, hs: slice, heads: int, nk: int, dropou
     return dropout_keep(seed, flat, dropout_p).to(cdt) / (1 - dropout_p)
 
 
+class _ModalityBiasAttention(torch.autograd.Function):
+    """Exact attention with one bias per (query, modality) over all keys of the modality.
+
+    Per modality ``m`` (a key range): ``(o_m, L_m)`` from the dense kernel on its keys; with
+    ``z_m = L_m + c_m`` and ``w = softmax_m(z)``, ``o = sum_m w_m o_m``. Backward: the kernel's own backward
+    on each range with ``grad_out = w_m g`` and ``out = o`` (exact: ``ds_j = p_j w_m (<g, v_j> - <g, o>)``),
+    and ``dc_m = w_m (<g, o_m> - <g, o>)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, values, ranges, mask, scale, dropout_p, seed):
+        cdt = _compute_dtype(q.dtype)
+        nk = k.shape[2]
+        outs, lses, kernels_used = [], [], []
+        for start, end in ranges:
+            m = None if mask is None else (mask[..., start:end] if mask.shape[-1] > 1 else mask)
+            o_m, lse_m, kern = dense_lse_forward(q, k[:, :, start:end], v[:, :, start:end], m, scale, dropout_p, seed,
+                                                 key_range=(start, nk))
+            outs.append(o_m)
+            lses.append(lse_m.to(cdt))
+            kernels_used.append(kern)
+        c = values.to(cdt)
+        c = c.unsqueeze(1) if c.dim() == 3 else c.permute(0, 3, 1, 2)                       # [B, H|1, Q, M]
+        w = torch.softmax(torch.stack(lses, dim=-1) + c, dim=-1)                            # [B, H, Q, M]
+        w = torch.nan_to_num(w, nan=0.0)                                                    # fully masked rows
+        out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=cdt, device=q.device)
+        for i, o_m in enumerate(outs):
+            out += w[..., i:i + 1] * torch.nan_to_num(o_m.to(cdt))
+        out = out.to(q.dtype)
+        ctx.ranges, ctx.mask, ctx.scale, ctx.dropout_p, ctx.seed = ranges, mask, scale, dropout_p, seed
+        ctx.kernels, ctx.shared = kernels_used, values.dim() == 3
+        ctx.save_for_backward(q, k, v, out, w, *outs, *lses)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, w, *rest = ctx.saved_tensors
+        n = len(ctx.ranges)
+        outs, lses = rest[:n], rest[n:]
+        cdt = _compute_dtype(q.dtype)
+        nk = k.shape[2]
+        g = grad_out.to(cdt)
+        go = (g * out.to(cdt)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dc = []
+        for i, (start, end) in enumerate(ctx.ranges):
+            m = None if ctx.mask is None else (ctx.mask[..., start:end] if ctx.mask.shape[-1] > 1 else ctx.mask)
+            wi = w[..., i]
+            dq_m, dk[:, :, start:end], dv[:, :, start:end] = dense_lse_backward(
+                ctx.kernels[i], (wi.unsqueeze(-1) * g).to(q.dtype), q, k[:, :, start:end], v[:, :, start:end], out,
+                lses[i].to(torch.float64 if q.dtype == torch.float64 else torch.float32), m, ctx.scale,
+                ctx.dropout_p, ctx.seed, key_range=(start, nk))
+            dq += dq_m.to(cdt)
+            dc.append(wi * ((g * torch.nan_to_num(outs[i].to(cdt))).sum(-1) - go))          # [B, H, Q]
+        dc = torch.stack(dc, dim=-1)                                                        # [B, H, Q, M]
+        dvalues = dc.sum(1) if ctx.shared else dc.permute(0, 2, 3, 1)
+        return dq.to(q.dtype), dk, dv, dvalues, None, None, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------------
 # public functions
 
@@ -445,10 +520,13 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_qkv(q, k, v)
     scale = _check_scale(scale, q)
     _check_dropout(dropout_p)
-    if bias is not None and not isinstance(bias, (SparseBias, torch.Tensor)):
-        raise TypeError(f"bias must be a SparseBias, a dense tensor or None, got {type(bias).__name__}")
+    if bias is not None and not isinstance(bias, (SparseBias, ModalityBias, torch.Tensor)):
+        raise TypeError(f"bias must be a SparseBias, a ModalityBias, a dense tensor or None, "
+                        f"got {type(bias).__name__}")
     if isinstance(bias, SparseBias):
         _check_sparse_bias(bias, q, k)
+    if isinstance(bias, ModalityBias):
+        _check_modality_bias(bias, q, k)
     name, why = select_backend(q, bias, backend)
     logger.debug("sparse_bias_attention: backend %s (%s)", name, why)
     seed = 0 if dropout_p == 0 else (_draw_seed() if dropout_seed is None else int(dropout_seed))
@@ -460,5 +538,7 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + 0 * q.sum()
     if name == "none":
         return _SparseBiasAttention.apply(q, k, v, None, None, mask, scale, None, dropout_p, seed)
+    if name == "modality":
+        return _ModalityBiasAttention.apply(q, k, v, bias.values, bias.ranges, mask, scale, dropout_p, seed)
     return _SparseBiasAttention.apply(q, k, v, bias.values, bias.index, mask, scale, get_backend(name),
                                       dropout_p, seed)

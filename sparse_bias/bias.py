@@ -8,7 +8,7 @@ import torch
 from ._checks import check_device, check_finite, check_tensor
 from .windows import WindowIndex
 
-__all__ = ["SparseBias", "window_bias"]
+__all__ = ["SparseBias", "ModalityBias", "window_bias"]
 
 PROFILES = ("flat", "gaussian")
 
@@ -94,6 +94,60 @@ class SparseBias:
     def __repr__(self) -> str:
         heads = "shared" if self.num_heads is None else f"H={self.num_heads}"
         return f"SparseBias(nnz={self.index.nnz}, {heads}, dtype={self.dtype}, dense_shape={list(self.shape)})"
+
+
+class ModalityBias:
+    """One additive bias per query and modality over *all* keys of that modality (global, not local).
+
+    The origin design's ``use_local_bias=False``: every BEV key of query ``(b, q)`` gets
+    ``values[b, q, 0]``, every camera key ``values[b, q, 1]`` (modalities in layout order, only those the
+    layout has). :func:`sparse_bias_attention` computes it exactly from one dense pass per modality and
+    their log-sum-exps -- no ``[B, Q, K]`` tensor, no window index.
+
+    Args:
+        layout: the :class:`KeyLayout`.
+        values: ``[B, Q, M]`` (shared by heads) or ``[B, Q, M, H]`` (per head), ``M`` = modalities in the
+            layout (2 for CMT fusion). Differentiable.
+    """
+
+    def __init__(self, layout, values: torch.Tensor):
+        from .layout import KeyLayout
+        if not isinstance(layout, KeyLayout):
+            raise TypeError(f"layout must be a KeyLayout, got {type(layout).__name__}")
+        check_tensor("values", values, ndim=(3, 4), floating=True)
+        self.ranges = [r for r in ((0, layout.num_bev_keys), (layout.num_bev_keys, layout.num_keys)) if r[1] > r[0]]
+        if values.shape[2] != len(self.ranges):
+            raise ValueError(f"values must be [B, Q, M] or [B, Q, M, H] with M = {len(self.ranges)} modalities, "
+                             f"got shape {tuple(values.shape)}")
+        self.layout, self.values = layout, values
+
+    @property
+    def num_heads(self) -> Optional[int]:
+        return self.values.shape[3] if self.values.dim() == 4 else None
+
+    @property
+    def shape(self) -> torch.Size:
+        b, q = self.values.shape[:2]
+        k = self.layout.num_keys
+        return torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to(self, dtype: torch.dtype) -> "ModalityBias":
+        return ModalityBias(self.layout, self.values.to(dtype))
+
+    def to_dense(self) -> torch.Tensor:
+        """``[B, Q, K]`` or ``[B, H, Q, K]`` (the reference)."""
+        sizes = [e - s for s, e in self.ranges]
+        vals = self.values if self.num_heads is None else self.values.permute(0, 3, 1, 2)   # [B, (H,) Q, M]
+        return torch.repeat_interleave(vals, torch.tensor(sizes, device=vals.device), dim=-1,
+                                       output_size=self.layout.num_keys)
+
+    def __repr__(self) -> str:
+        heads = "shared" if self.num_heads is None else f"H={self.num_heads}"
+        return f"ModalityBias(M={len(self.ranges)}, {heads}, dtype={self.dtype}, dense_shape={list(self.shape)})"
 
 
 def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:

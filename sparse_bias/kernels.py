@@ -77,7 +77,8 @@ def _mask_for(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
 
 
 def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0,
-                      seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, str]:
+                      seed: int = 0, key_range: Optional[Tuple[int, int]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """Unbiased attention with its log-sum-exp.
 
     Args:
@@ -85,6 +86,8 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
         mask: additive float mask broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
         scale: softmax scale.
         dropout_p, seed: attention dropout with the mask of :func:`dropout_keep`.
+        key_range: ``(offset, total)`` when ``k`` holds keys ``offset : offset + K`` of a memory of ``total``
+            keys: the dropout mask is then that of the whole memory.
 
     Returns:
         ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), kernel name)``.
@@ -105,12 +108,13 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
             return out, lse[..., :q.shape[2]], name
         except RuntimeError:
             name = "chunked"
-    out, lse = _chunked_forward(q, k, v, mask, scale, dropout_p, seed)
+    out, lse = _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range)
     return out, lse, "chunked"
 
 
 def dense_lse_backward(kernel: str, grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float = 0.0,
-                       seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       seed: int = 0, key_range: Optional[Tuple[int, int]] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`dense_lse_forward` with the same ``kernel``; ``out`` may be any output tensor
     (it enters only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype."""
     if kernel == "cpu_flash":
@@ -125,7 +129,7 @@ def dense_lse_backward(kernel: str, grad_out, q, k, v, out, lse, mask, scale: fl
             grad_out.contiguous(), q, k, v, bias, out, lse_padded.contiguous(), seed_t, seed_t, 0.0,
             [True, True, True, False], False, scale=scale)
         return dq, dk, dv
-    return _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed)
+    return _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed, key_range)
 
 
 def _blocks(q: torch.Tensor, k: torch.Tensor):
@@ -149,20 +153,21 @@ def _block_mask(mask, b, hs, qs):
                 qs if mask.shape[2] > 1 else slice(0, 1)]
 
 
-def _block_keep(seed, p, shape, b, hs, qs, device):
-    """Keep-mask of the [h, q, K] block, from the flat index in the [B, H, Q, K] tensor."""
+def _block_keep(seed, p, shape, b, hs, qs, device, key_range=None):
+    """Keep-mask of the [h, q, K] block, from the flat index in the [B, H, Q, total keys] tensor."""
     _, heads, nq, nk = shape
+    offset, total = key_range or (0, nk)
     h = torch.arange(hs.start, hs.stop, device=device).view(-1, 1, 1)
     qi = torch.arange(qs.start, qs.stop, device=device).view(1, -1, 1)
-    j = torch.arange(nk, device=device).view(1, 1, -1)
-    return dropout_keep(seed, ((b * heads + h) * nq + qi) * nk + j, p)
+    j = torch.arange(offset, offset + nk, device=device).view(1, 1, -1)
+    return dropout_keep(seed, ((b * heads + h) * nq + qi) * total + j, p)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunked_forward(q, k, v, mask, scale, dropout_p, seed):
+def _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range=None):
     cdt = _compute_dtype(q.dtype)
     bsz, heads, nq, _ = q.shape
     out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
@@ -176,13 +181,13 @@ def _chunked_forward(q, k, v, mask, scale, dropout_p, seed):
         block_lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - block_lse.unsqueeze(-1))
         if dropout_p > 0:
-            p = p * _block_keep(seed, dropout_p, shape, b, hs, qs, q.device) / (1 - dropout_p)
+            p = p * _block_keep(seed, dropout_p, shape, b, hs, qs, q.device, key_range) / (1 - dropout_p)
         out[b, hs, qs] = torch.matmul(p, v[b, hs].to(cdt)).to(q.dtype)
         lse[b, hs, qs] = block_lse
     return out, lse
 
 
-def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed):
+def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed, key_range=None):
     cdt = _compute_dtype(q.dtype)
     bsz, heads, nq, _ = q.shape
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
@@ -200,7 +205,7 @@ def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed)
         dp = torch.matmul(gb, vb.transpose(-1, -2))
         pv = p
         if dropout_p > 0:
-            keep = _block_keep(seed, dropout_p, shape, b, hs, qs, q.device).to(cdt) / (1 - dropout_p)
+            keep = _block_keep(seed, dropout_p, shape, b, hs, qs, q.device, key_range).to(cdt) / (1 - dropout_p)
             dp = dp * keep
             pv = p * keep
         ds = p * (dp - delta[b, hs, qs].unsqueeze(-1))

@@ -1,0 +1,168 @@
+"""Multi-head attention with a sparse local bias, with mmcv 1.x ``MultiheadAttention`` calling conventions."""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..attention import dense_bias_attention, sparse_bias_attention
+from ..bias import SparseBias
+
+__all__ = ["SparseBiasMultiheadAttention"]
+
+logger = logging.getLogger("sparse_bias")
+
+
+class SparseBiasMultiheadAttention(nn.Module):
+    """Drop-in for mmcv's ``MultiheadAttention`` that also takes an ``attention_bias``.
+
+    Parameters live in ``self.attn``, an ``nn.MultiheadAttention`` used only as a parameter container, so
+    state dicts of mmcv's ``MultiheadAttention`` (``attn.in_proj_weight``, ``attn.out_proj.weight``, ...)
+    load unchanged. The attention itself runs through :func:`sparse_bias.sparse_bias_attention`.
+
+    Args:
+        embed_dims: ``C``.
+        num_heads: ``H`` (``C`` must be divisible by it).
+        attn_drop: dropout on the attention probabilities (training only).
+        proj_drop: dropout after the output projection.
+        dropout_layer: mmcv-style config of the dropout on the residual branch: ``dict(type="Dropout",
+            drop_prob=p)`` or ``dict(type="DropPath", drop_prob=p)`` (None = identity).
+        batch_first: ``[B, N, C]`` tensors instead of mmcv's default ``[N, B, C]``.
+        backend: backend of :func:`sparse_bias_attention`.
+        dropout: the legacy keyword of mmcv (deprecated there): used as both ``attn_drop`` and the
+            ``dropout_layer`` drop probability, with a warning, as mmcv does.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 dropout_layer: Optional[dict] = None, batch_first: bool = False, backend: str = "auto",
+                 init_cfg=None, **kwargs):
+        super().__init__()
+        if "dropout" in kwargs:
+            warnings.warn("The arguments `dropout` in MultiheadAttention has been deprecated, now you can "
+                          "separately set `attn_drop`(float), proj_drop(float), and `dropout_layer`(dict) ",
+                          DeprecationWarning)
+            attn_drop = kwargs["dropout"]
+            dropout_layer = dict(dropout_layer or dict(type="Dropout", drop_prob=0.0), drop_prob=kwargs.pop("dropout"))
+        if kwargs:
+            raise TypeError(f"SparseBiasMultiheadAttention got unexpected keyword arguments {sorted(kwargs)}")
+        if embed_dims % num_heads:
+            raise ValueError(f"embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})")
+        self.embed_dims, self.num_heads, self.batch_first, self.backend = embed_dims, num_heads, batch_first, backend
+        self.attn_drop = float(attn_drop)
+        self.attn = nn.MultiheadAttention(embed_dims, num_heads, dropout=attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dropout_layer = _build_dropout(dropout_layer)
+
+    def forward(self, query, key=None, value=None, identity=None, query_pos=None, key_pos=None, attn_mask=None,
+                key_padding_mask=None, attention_bias=None, **kwargs):
+        """mmcv's ``MultiheadAttention.forward`` plus ``attention_bias``.
+
+        Args:
+            query: ``[Q, B, C]`` (``[B, Q, C]`` with ``batch_first``).
+            key, value: ``[K, B, C]``; ``key`` defaults to ``query``, ``value`` to ``key``.
+            identity: residual added to the output (default ``query``, before ``query_pos``).
+            query_pos, key_pos: positional encodings added to query and key (not value); ``key_pos``
+                falls back to ``query_pos`` when their shapes match (mmcv's rule).
+            attn_mask: ``nn.MultiheadAttention`` convention: bool ``[Q, K]`` or ``[B * H, Q, K]`` with
+                True = *not* allowed, or an additive float mask of those shapes.
+            key_padding_mask: bool ``[B, K]``, True = ignore.
+            attention_bias: a :class:`SparseBias` / :class:`ModalityBias`, a dense ``[B, Q, K]`` or
+                ``[B, H, Q, K]`` tensor, or None.
+
+        Returns:
+            ``[Q, B, C]`` (``[B, Q, C]`` with ``batch_first``): ``identity + dropout(proj(attention))``.
+        """
+        if key is None:
+            key = query
+        if value is None:
+            value = key
+        if identity is None:
+            identity = query
+        if key_pos is None and query_pos is not None:
+            if query_pos.shape == key.shape:
+                key_pos = query_pos
+            else:
+                warnings.warn(f"position encoding of key is missing in {self.__class__.__name__}.")
+        if query_pos is not None:
+            query = query + query_pos
+        if key_pos is not None:
+            key = key + key_pos
+        layout = "b n (h d)" if self.batch_first else "n b (h d)"
+        heads = self.num_heads
+        w, bias = self.attn.in_proj_weight, self.attn.in_proj_bias
+        c = self.embed_dims
+        q = nn.functional.linear(query, w[:c], None if bias is None else bias[:c])
+        k = nn.functional.linear(key, w[c:2 * c], None if bias is None else bias[c:2 * c])
+        v = nn.functional.linear(value, w[2 * c:], None if bias is None else bias[2 * c:])
+        q, k, v = (rearrange(t, f"{layout} -> b h n d", h=heads) for t in (q, k, v))
+        mask = _convert_attn_mask(attn_mask, q.shape[0], heads, q.shape[2], k.shape[2])
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = sparse_bias_attention(q, k, v, attention_bias, key_padding_mask=key_padding_mask, attn_mask=mask,
+                                    dropout_p=dropout_p, backend=self.backend)
+        if isinstance(attention_bias, SparseBias) and getattr(attention_bias, "debug", False):
+            _debug_check(q, k, v, attention_bias, key_padding_mask, mask, out)
+        out = self.attn.out_proj(rearrange(out, f"b h n d -> {layout}"))
+        return identity + self.dropout_layer(self.proj_drop(out))
+
+
+def _convert_attn_mask(attn_mask, batch, heads, nq, nk):
+    """nn.MultiheadAttention mask (bool True = blocked, or float; ``[Q, K]`` or ``[B*H, Q, K]``) to the
+    SDPA convention used by :func:`sparse_bias_attention` (bool True = attend)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 3:
+        if attn_mask.shape[0] != batch * heads:
+            raise ValueError(f"attn_mask must be [Q, K] or [B * H, Q, K] = [{batch * heads}, {nq}, {nk}], "
+                             f"got shape {tuple(attn_mask.shape)}")
+        attn_mask = attn_mask.view(batch, heads, nq, nk)
+    return ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
+
+
+def _build_dropout(cfg):
+    if not cfg:
+        return nn.Identity()
+    cfg = dict(cfg)
+    kind, p = cfg.pop("type", "Dropout"), float(cfg.pop("drop_prob", 0.0))
+    if kind == "Dropout":
+        return nn.Dropout(p) if p > 0 else nn.Identity()
+    if kind == "DropPath":
+        return DropPath(p) if p > 0 else nn.Identity()
+    raise ValueError(f"dropout_layer type must be 'Dropout' or 'DropPath', got {kind!r}")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on the residual branch (mmcv's ``DropPath``), batch dimension found by position."""
+
+    def __init__(self, drop_prob: float = 0.1):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0:
+            return x
+        keep = 1 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return x * x.new_empty(shape).bernoulli_(keep) / keep
+
+
+def _debug_check(q, k, v, bias, key_padding_mask, mask, out, samples: int = 8):
+    """Debug mode: the result on a sample of queries against the dense reference, and bias statistics."""
+    with torch.no_grad():
+        nq = q.shape[2]
+        rows = torch.linspace(0, nq - 1, min(samples, nq), device=q.device).long().unique()
+        sub_mask = None
+        if mask is not None:
+            m = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+            sub_mask = m[:, :, rows] if m.shape[2] > 1 else m
+        ref = dense_bias_attention(q[:, :, rows], k, v, bias.to_dense(rows), key_padding_mask, sub_mask)
+        err = float((out[:, :, rows].float() - ref.float()).abs().max()) if rows.numel() else 0.0
+        vals = bias.values.detach().float()
+        stats = (float(vals.min()), float(vals.mean()), float(vals.max())) if vals.numel() else (0.0, 0.0, 0.0)
+        logger.info("sparse_bias debug: max |sparse - dense| = %.3e on %d sampled queries; bias nnz = %d "
+                    "(%.1f keys per query), values min %.4f mean %.4f max %.4f", err, rows.numel(),
+                    bias.index.nnz, bias.index.nnz / max(bias.index.num_rows, 1), *stats)
+    return err

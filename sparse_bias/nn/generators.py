@@ -1,0 +1,176 @@
+"""Modules producing the bias: the AQR weight head and the attention-bias generator of the origin design."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..bias import ModalityBias, SparseBias, window_bias
+from ..layout import KeyLayout
+from ..windows import local_windows
+
+__all__ = ["AttentionBiasGenerator", "AQRWeightGenerator"]
+
+CMT_BEV_SHAPE = (180, 180)
+CMT_PERS_SHAPE = (6, 40, 100)
+
+
+class AQRWeightGenerator(nn.Module):
+    """Per-query, per-modality weights ("AQR" weights) from the query features.
+
+    A two-layer MLP maps each query feature to a LiDAR and a camera weight (one per head with
+    ``num_heads``), squashed by a sigmoid (range [0, 1]) or tanh ([-1, 1]). The last layer starts with
+    small weights and a bias that puts every initial weight at ``init_weight``.
+
+    Args:
+        embed_dims: ``C``.
+        hidden_dims: width of the hidden layer (default ``C // 2``).
+        num_heads: None for weights shared by heads, else ``H`` per-head weights.
+        activation: ``"sigmoid"`` or ``"tanh"``.
+        init_weight: the initial weight (inside the activation's range).
+        batch_first: input ``[B, Q, C]`` instead of ``[Q, B, C]``.
+
+    Shapes: ``forward(query [Q, B, C]) -> (lidar_weights, camera_weights)``, each ``[B, Q]`` or
+    ``[B, Q, H]``.
+    """
+
+    def __init__(self, embed_dims: int = 256, hidden_dims: Optional[int] = None, num_heads: Optional[int] = None,
+                 activation: str = "sigmoid", init_weight: float = 0.5, batch_first: bool = False):
+        super().__init__()
+        if activation not in ("sigmoid", "tanh"):
+            raise ValueError(f"activation must be 'sigmoid' or 'tanh', got {activation!r}")
+        lo, hi = (0.0, 1.0) if activation == "sigmoid" else (-1.0, 1.0)
+        if not lo < init_weight < hi:
+            raise ValueError(f"init_weight must lie inside ({lo}, {hi}) for {activation}, got {init_weight}")
+        self.num_heads, self.activation, self.batch_first = num_heads, activation, batch_first
+        hidden = hidden_dims or max(embed_dims // 2, 1)
+        self.mlp = nn.Sequential(nn.Linear(embed_dims, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, 2 * (num_heads or 1)))
+        last = self.mlp[-1]
+        nn.init.normal_(last.weight, std=0.01)
+        start = math.log(init_weight / (1 - init_weight)) if activation == "sigmoid" else math.atanh(init_weight)
+        nn.init.constant_(last.bias, start)
+
+    def forward(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if query.dim() != 3:
+            raise ValueError(f"query must be [Q, B, C] (or [B, Q, C] with batch_first), got {tuple(query.shape)}")
+        x = query if self.batch_first else query.transpose(0, 1)                      # [B, Q, C]
+        out = self.mlp(x)
+        out = torch.sigmoid(out) if self.activation == "sigmoid" else torch.tanh(out)
+        if self.num_heads is None:
+            return out[..., 0], out[..., 1]
+        out = rearrange(out, "b q (m h) -> m b q h", m=2)
+        return out[0], out[1]
+
+
+class AttentionBiasGenerator(nn.Module):
+    """The origin design's ``AttentionBiasGenerator``, producing a :class:`SparseBias` instead of a dense tensor.
+
+    ``forward(lidar_weights, camera_weights, bev_pos, cam_pos)`` spreads each query's weights over its
+    local windows: ``bias = weight * scale`` (``"flat"``) or ``* exp(-(dy^2 + dx^2) / (2 sigma^2))``
+    (``"gaussian"``).
+
+    Args:
+        layout: the :class:`KeyLayout` (default: built from ``bev_feature_shape`` / ``pers_feature_shape``).
+        window_size: odd int for both modalities, or a ``(bev, cam)`` pair; ``forward(window_size=...)``
+            takes per-query LongTensors ``[B, Q]`` (or a pair of them) instead.
+        bias_scale: the scale; with ``learnable_scale`` a parameter clamped to ``scale_range``.
+        profile, sigma: see :func:`sparse_bias.window_bias`.
+        warmup_steps: ramp the scale linearly from 0 over this many training forwards (0 = off), the
+            origin design's mitigation for early training instability. The step count is a buffer.
+        dense: return the dense ``[B, Q, K]`` (``[B, H, Q, K]`` for per-head weights) tensor, reproducing the
+            origin design exactly.
+        fp16: keep bias values in float16.
+        use_local_bias: False = one bias per modality over all its keys (a :class:`ModalityBias`).
+        debug: mark the bias so that :class:`SparseBiasMultiheadAttention` checks its result against the dense
+            reference on a sample of queries and logs the error and bias statistics.
+        bev_feature_shape, pers_feature_shape: the origin design's way to give the layout.
+
+    Shapes: weights ``[B, Q]`` or ``[B, Q, H]``; ``bev_pos`` ``[B, Q, 2]`` cells or ``[B, Q]`` flat BEV indices
+    (the origin's ``pts_bev_indices``, negative = none); ``cam_pos`` ``[B, Q, 3]`` or ``[B, Q, M, 3]``.
+    """
+
+    def __init__(self, layout: Optional[KeyLayout] = None, window_size: Union[int, Sequence[int]] = 15,
+                 bias_scale: float = 1.0, learnable_scale: bool = False, scale_range: Tuple[float, float] = (0.0, 10.0),
+                 profile: str = "flat", sigma=None, warmup_steps: int = 0, dense: bool = False, fp16: bool = False,
+                 use_local_bias: bool = True, debug: bool = False, bev_feature_shape=None, pers_feature_shape=None):
+        super().__init__()
+        if layout is None:
+            layout = KeyLayout(bev_shape=tuple(bev_feature_shape or CMT_BEV_SHAPE),
+                               cam_shape=tuple(pers_feature_shape or CMT_PERS_SHAPE))
+        if not isinstance(layout, KeyLayout):
+            raise TypeError(f"layout must be a KeyLayout or None, got {type(layout).__name__}")
+        self.layout = layout
+        self.window_size = _window_pair(window_size)
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        lo, hi = (float(x) for x in scale_range)
+        if not lo <= bias_scale <= hi:
+            raise ValueError(f"bias_scale {bias_scale} is outside scale_range {scale_range}")
+        self.scale_range = (lo, hi)
+        scale = torch.tensor(float(bias_scale), dtype=torch.float64)     # cast to the weights' dtype when used
+        if learnable_scale:
+            self.bias_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("bias_scale", scale)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.profile, self.sigma, self.warmup_steps = profile, sigma, warmup_steps
+        self.dense, self.fp16, self.use_local_bias, self.debug = dense, fp16, use_local_bias, debug
+
+    def scale(self) -> torch.Tensor:
+        """The effective scale: clamped to ``scale_range``, times the warm-up ramp."""
+        s = self.bias_scale.clamp(*self.scale_range)
+        if self.warmup_steps:
+            s = s * min(1.0, float(self.step) / self.warmup_steps)
+        return s
+
+    def forward(self, lidar_weights: Optional[torch.Tensor], camera_weights: Optional[torch.Tensor],
+                bev_pos: Optional[torch.Tensor] = None, cam_pos: Optional[torch.Tensor] = None,
+                window_size=None) -> Union[SparseBias, ModalityBias, torch.Tensor]:
+        if self.training and self.warmup_steps:
+            self.step += 1
+        ref = lidar_weights if lidar_weights is not None else camera_weights
+        scale = self.scale().to(ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+        if not self.use_local_bias:
+            parts = [w for w, present in ((lidar_weights, self.layout.num_bev_keys), (camera_weights,
+                                                                                      self.layout.num_cam_keys))
+                     if present]
+            if any(w is None for w in parts):
+                raise ValueError("lidar_weights and camera_weights are required for the modalities of the layout")
+            values = torch.stack(parts, dim=2) * scale                                      # [B, Q, M(, H)]
+            bias = ModalityBias(self.layout, values.half() if self.fp16 else values)
+            return bias.to_dense() if self.dense else bias
+        if bev_pos is not None and bev_pos.dim() == 2 and self.layout.bev_shape is not None:
+            width = self.layout.bev_shape[1]                                              # flat indices -> cells
+            bev_pos = torch.stack([torch.div(bev_pos, width, rounding_mode="floor"), bev_pos % width], dim=-1)
+            bev_pos = bev_pos.masked_fill(bev_pos[..., :1] < 0, -1)
+        bev_window, cam_window = self.window_size if window_size is None else _window_pair(window_size)
+        win = local_windows(self.layout, bev_pos if self.layout.bev_shape else None,
+                            cam_pos if self.layout.cam_shape else None, bev_window=bev_window, cam_window=cam_window)
+        bias = window_bias(win, lidar_weights if win.bev_pos is not None else None,
+                           camera_weights if win.cam_pos is not None else None, scale=scale,
+                           profile=self.profile, sigma=self.sigma)
+        if self.fp16:
+            bias = bias.to(torch.float16)
+        if self.dense:
+            return bias.to_dense()
+        bias.debug = self.debug
+        return bias
+
+    def extra_repr(self) -> str:
+        return (f"layout={self.layout}, window_size={self.window_size}, profile={self.profile!r}, "
+                f"warmup_steps={self.warmup_steps}, dense={self.dense}, fp16={self.fp16}, "
+                f"use_local_bias={self.use_local_bias}")
+
+
+def _window_pair(window_size):
+    if isinstance(window_size, (tuple, list)):
+        if len(window_size) != 2:
+            raise ValueError(f"window_size must be an int or a (bev, cam) pair, got {window_size!r}")
+        return tuple(window_size)
+    if isinstance(window_size, torch.Tensor) or isinstance(window_size, int):
+        return (window_size, window_size)
+    raise TypeError(f"window_size must be an int, a (bev, cam) pair or a LongTensor [B, Q], got {window_size!r}")

@@ -1,0 +1,176 @@
+"""CMT / PETR decoder modules (mmcv 1.x calling conventions, no mmcv dependency)."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .attention import SparseBiasMultiheadAttention
+
+__all__ = ["FFN", "PETRTransformerDecoderLayer", "PETRTransformerDecoder", "CmtTransformer"]
+
+DEFAULT_ORDER = ("self_attn", "norm", "cross_attn", "norm", "ffn", "norm")
+
+
+class FFN(nn.Module):
+    """mmcv's FFN: ``identity + (Linear -> ReLU -> Dropout -> Linear -> Dropout)(x)``; shapes ``[..., C]``."""
+
+    def __init__(self, embed_dims: int = 256, feedforward_channels: int = 1024, ffn_drop: float = 0.0):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True),
+                                    nn.Dropout(ffn_drop), nn.Linear(feedforward_channels, embed_dims),
+                                    nn.Dropout(ffn_drop))
+
+    def forward(self, x, identity=None):
+        return (x if identity is None else identity) + self.layers(x)
+
+
+class PETRTransformerDecoderLayer(nn.Module):
+    """PETR / CMT decoder layer: ``operation_order`` over self-attention, cross-attention, FFN and norms.
+
+    The ``attention_bias`` reaches only the cross-attention. Tensors are sequence-first ``[N, B, C]``
+    unless ``batch_first``.
+
+    Args:
+        embed_dims, num_heads, feedforward_channels: ``C``, ``H`` and the FFN width.
+        dropout: attention dropout, residual dropout of the attentions, and FFN dropout (PETR's single
+            ``dropout=0.1`` setting).
+        operation_order: mmcv's tuple of ``"self_attn"``, ``"cross_attn"``, ``"norm"``, ``"ffn"``; a
+            leading ``"norm"`` makes it pre-norm.
+        backend: backend of :func:`sparse_bias.sparse_bias_attention`.
+    """
+
+    def __init__(self, embed_dims: int = 256, num_heads: int = 8, feedforward_channels: int = 1024,
+                 dropout: float = 0.1, operation_order: Sequence[str] = DEFAULT_ORDER, batch_first: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        bad = set(operation_order) - {"self_attn", "cross_attn", "norm", "ffn"}
+        if bad:
+            raise ValueError(f"operation_order holds unknown operations {sorted(bad)}")
+        self.operation_order, self.batch_first = tuple(operation_order), batch_first
+        self.pre_norm = self.operation_order[0] == "norm"
+        n_attn = sum(op in ("self_attn", "cross_attn") for op in operation_order)
+        self.attentions = nn.ModuleList(
+            SparseBiasMultiheadAttention(embed_dims, num_heads, attn_drop=dropout,
+                                         dropout_layer=dict(type="Dropout", drop_prob=dropout),
+                                         batch_first=batch_first, backend=backend) for _ in range(n_attn))
+        self.ffns = nn.ModuleList(FFN(embed_dims, feedforward_channels, dropout)
+                                  for _ in range(self.operation_order.count("ffn")))
+        self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(self.operation_order.count("norm")))
+
+    def forward(self, query, key=None, value=None, query_pos=None, key_pos=None, attn_masks=None,
+                query_key_padding_mask=None, key_padding_mask=None, attention_bias=None, **kwargs):
+        """Shapes: query ``[Q, B, C]``, key/value ``[K, B, C]`` (batch-first when asked); ``attn_masks`` a list
+        with one mask per attention (or one tensor for all); returns ``[Q, B, C]``."""
+        n_attn = len(self.attentions)
+        if attn_masks is None or isinstance(attn_masks, torch.Tensor):
+            attn_masks = [copy.copy(attn_masks) for _ in range(n_attn)]
+        elif len(attn_masks) != n_attn:
+            raise ValueError(f"attn_masks must hold {n_attn} masks (one per attention), got {len(attn_masks)}")
+        norm_i = attn_i = ffn_i = 0
+        identity = query
+        for op in self.operation_order:
+            if op == "self_attn":
+                query = self.attentions[attn_i](query, query, query, identity if self.pre_norm else None,
+                                                query_pos=query_pos, key_pos=query_pos, attn_mask=attn_masks[attn_i],
+                                                key_padding_mask=query_key_padding_mask)
+                attn_i += 1
+                identity = query
+            elif op == "norm":
+                query = self.norms[norm_i](query)
+                norm_i += 1
+            elif op == "cross_attn":
+                query = self.attentions[attn_i](query, key, value, identity if self.pre_norm else None,
+                                                query_pos=query_pos, key_pos=key_pos, attn_mask=attn_masks[attn_i],
+                                                key_padding_mask=key_padding_mask, attention_bias=attention_bias)
+                attn_i += 1
+                identity = query
+            else:
+                query = self.ffns[ffn_i](query, identity if self.pre_norm else None)
+                ffn_i += 1
+        return query
+
+
+class PETRTransformerDecoder(nn.Module):
+    """A stack of :class:`PETRTransformerDecoderLayer` with an optional post-norm.
+
+    Args:
+        num_layers: number of layers.
+        return_intermediate: return every layer's (post-normed) output stacked ``[L, Q, B, C]``; otherwise
+            the last one as ``[1, Q, B, C]``.
+        post_norm: apply a final LayerNorm.
+        **layer_kwargs: passed to every :class:`PETRTransformerDecoderLayer`.
+    """
+
+    def __init__(self, num_layers: int = 6, return_intermediate: bool = True, post_norm: bool = True,
+                 **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(PETRTransformerDecoderLayer(**layer_kwargs) for _ in range(num_layers))
+        embed_dims = self.layers[0].norms[0].normalized_shape[0] if num_layers else layer_kwargs.get("embed_dims", 256)
+        self.post_norm = nn.LayerNorm(embed_dims) if post_norm else None
+        self.return_intermediate = return_intermediate
+
+    def forward(self, query, *args, **kwargs):
+        outputs = []
+        for layer in self.layers:
+            query = layer(query, *args, **kwargs)
+            if self.return_intermediate:
+                outputs.append(self.post_norm(query) if self.post_norm is not None else query)
+        if not self.return_intermediate:
+            outputs.append(self.post_norm(query) if self.post_norm is not None else query)
+        return torch.stack(outputs)
+
+
+class CmtTransformer(nn.Module):
+    """CMT's transformer: BEV and camera features flattened into one memory, then the PETR decoder.
+
+    Memory key order: BEV ``h * W + w`` first, then camera ``v * Hc * Wc + h * Wc + w`` -- the
+    :class:`sparse_bias.KeyLayout` order, so a bias from :class:`AttentionBiasGenerator` lines up.
+
+    ``forward(x, x_img, query_embed, bev_pos_embed, rv_pos_embed, attn_masks=None, attention_bias=None)``:
+
+    - ``x`` ``[B, C, H, W]`` BEV features; ``x_img`` ``[B * V, C, Hc, Wc]`` camera features (either may be
+      None for a single-modality model);
+    - ``query_embed`` ``[B, Q, C]``; ``bev_pos_embed`` ``[H * W, C]`` (or ``[B, H * W, C]``);
+      ``rv_pos_embed`` ``[B * V, Hc, Wc, C]``;
+    - ``attn_masks``: the self-attention mask (e.g. the denoising mask), ``[Q, Q]`` bool, True = blocked;
+    - ``attention_bias``: for the cross-attention only.
+
+    Returns ``(out_dec [num_layers, B, Q, C], memory [B, K, C])``.
+    """
+
+    def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_layers: int = 6,
+                 feedforward_channels: int = 1024, dropout: float = 0.1, backend: str = "auto",
+                 return_intermediate: bool = True):
+        super().__init__()
+        self.embed_dims = embed_dims
+        self.decoder = PETRTransformerDecoder(num_layers, return_intermediate=return_intermediate, embed_dims=embed_dims,
+                                              num_heads=num_heads, feedforward_channels=feedforward_channels,
+                                              dropout=dropout, backend=backend)
+        self.init_weights()
+
+    def init_weights(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x, x_img, query_embed, bev_pos_embed, rv_pos_embed, attn_masks=None, attention_bias=None,
+                reg_branch=None):
+        bsz = query_embed.shape[0]
+        memory, pos = [], []
+        if x is not None:
+            memory.append(rearrange(x, "b c h w -> (h w) b c"))
+            bev = bev_pos_embed if bev_pos_embed.dim() == 3 else bev_pos_embed.unsqueeze(0).expand(bsz, -1, -1)
+            pos.append(rearrange(bev, "b n c -> n b c"))
+        if x_img is not None:
+            memory.append(rearrange(x_img, "(b v) c h w -> (v h w) b c", b=bsz))
+            pos.append(rearrange(rv_pos_embed, "(b v) h w c -> (v h w) b c", b=bsz))
+        memory, pos = torch.cat(memory, dim=0), torch.cat(pos, dim=0)                     # [K, B, C]
+        query_pos = query_embed.transpose(0, 1)                                           # [Q, B, C]
+        target = torch.zeros_like(query_pos)
+        out_dec = self.decoder(target, memory, memory, query_pos=query_pos, key_pos=pos,
+                               attn_masks=[attn_masks, None], attention_bias=attention_bias)
+        return out_dec.transpose(1, 2), memory.transpose(0, 1)
