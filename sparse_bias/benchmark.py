@@ -14,6 +14,7 @@ Variants: ``sdpa`` (no bias), ``sparse-<backend>`` (``auto`` and each backend), 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -28,7 +29,7 @@ import torch
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import torch_scatter_available
 from .bias import window_bias
-from .synthetic import synthetic_scene
+from .synthetic import CMT_CONFIGS, synthetic_scene
 from .windows import local_windows
 
 BACKENDS = ("auto", "sparse", "scatter", "torch")
@@ -162,7 +163,7 @@ def format_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> List[Dict]:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="fusion", choices=["fusion", "small"])
     parser.add_argument("--queries", type=int, default=900)
@@ -174,42 +175,161 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--forward-only", dest="backward", action="store_false")
     parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument("--check-queries", type=int, default=None,
+                        help="check exactness with this many queries (same layout and windows); default all")
     parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {variants()}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run, used by the tests)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep queries, window size and layout; writes CSV, JSON and PNG plots to --out")
+    parser.add_argument("--out", default="bench_out", help="output folder of --sweep")
+    parser.add_argument("--max-dense-gib", type=float, default=16.0,
+                        help="skip dense-bias where its score-sized buffers would exceed this (GiB)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="time", choices=["check", "time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--check-variants", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.config, args.queries, args.batch_size, args.heads, args.repeats = "small", 32, 1, 2, 1
-    if args.worker:
-        print(json.dumps(_worker(args)))
-        return []
-    print(f"sparse_bias benchmark: {args.config} layout, B={args.batch_size}, H={args.heads}, D={args.head_dim}, "
-          f"Q={args.queries}, windows {args.bev_window}/{args.cam_window}, fp32, "
-          f"{'forward + backward' if args.backward else 'forward'}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved repeats; peak RSS from a fresh process per variant")
-    names = args.variants or variants()
+    return parser
+
+
+def _dense_gib(args) -> float:
+    """Rough size of the dense-bias version's three score-sized fp32 buffers (for skipping, not reporting)."""
+    keys = CMT_CONFIGS[args.config].layout.num_keys
+    return 3 * args.batch_size * args.heads * args.queries * keys * 4 / 2**30
+
+
+def compare(args, log=print) -> List[Dict]:
+    """One configuration: exactness check, interleaved timing, fresh-process peak memory of every variant."""
+    names = list(args.variants or variants())
     if "sdpa" not in names:
         names = ["sdpa"] + names
+    if "dense-bias" in names and _dense_gib(args) > args.max_dense_gib:
+        names.remove("dense-bias")
+        log(f"  dense-bias skipped: its score-sized buffers need about {_dense_gib(args):.0f} GiB")
     errors = {}
     if args.check:
-        errors = _run(args, "check", names=[n for n in names if n != "sdpa"])
-        print("  exactness vs the dense reference (max relative error, output and all gradients): "
-              + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+        check_args = copy.copy(args)
+        if args.check_queries:
+            check_args.queries = min(args.queries, args.check_queries)
+        errors = _run(check_args, "check", names=[n for n in names if n != "sdpa"])
+        log(f"  exactness vs the dense reference at Q={check_args.queries} (max relative error, output and all "
+            "gradients): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
         bad = {k: v for k, v in errors.items() if not v < CHECK_TOLERANCE}
         if bad:
             raise RuntimeError(f"variants disagree with the dense reference: {bad}")
     timing = _run(args, "time", names=names)
-    print("  timed (interleaved, one process): " + ", ".join(f"{k} {v['time_s']:.3f} s" for k, v in timing.items()),
-          flush=True)
+    log("  timed (interleaved, one process): " + ", ".join(f"{k} {v['time_s']:.3f} s" for k, v in timing.items()))
     rows = []
     for name in names:
         row = _run(args, "memory", name)
         row.update(timing[name], max_rel_error=errors.get(name))
         rows.append(row)
-        print(f"  memory of {name}: peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+        log(f"  memory of {name}: peak RSS {row['peak_rss_mib']:.0f} MiB")
+    return rows
+
+
+#: The sweep: (swept parameter, values, argument name); the others stay at the CMT fusion defaults.
+SWEEP = [("queries", [300, 900, 1800], "queries"), ("window", [5, 15, 25], "window"),
+         ("layout", ["small", "fusion"], "config")]
+
+
+def sweep(args) -> List[Dict]:
+    """Run :func:`compare` over :data:`SWEEP`, forward and forward + backward; write CSV, JSON and plots."""
+    from tqdm import tqdm
+
+    points = []
+    for param, values, _ in SWEEP:
+        for value in values:
+            point = {"queries": args.queries, "window": args.bev_window, "layout": args.config}
+            point[param] = value
+            points.append((param, point))
+    unique = {tuple(sorted(p.items())): p for _, p in points}
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    bar = tqdm(total=2 * len(unique), desc="benchmark sweep", unit="run")
+    for key, point in unique.items():
+        for backward in (False, True):
+            run_args = copy.copy(args)
+            run_args.queries, run_args.bev_window, run_args.cam_window = point["queries"], point["window"], point["window"]
+            run_args.config, run_args.backward = point["layout"], backward
+            bar.set_postfix_str(f"{point} {'fwd+bwd' if backward else 'fwd'}")
+            for row in compare(run_args, log=bar.write):
+                row.update(point, pass_="forward+backward" if backward else "forward")
+                results.setdefault(key, []).append(row)
+            bar.update()
+    bar.close()
+    rows = []
+    for param, point in points:
+        for row in results[tuple(sorted(point.items()))]:
+            rows.append(dict(row, swept=param))
+    _write_sweep(args.out, rows)
+    return rows
+
+
+def _write_sweep(out: str, rows: List[Dict]) -> None:
+    import csv
+
+    fields = ["swept", "layout", "queries", "window", "pass_", "variant", "chosen", "time_s", "time_ratio",
+              "peak_rss_mib", "setup_rss_mib", "max_rel_error", "nnz"]
+    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    for param, _, _ in SWEEP:
+        sel = [r for r in rows if r["swept"] == param]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+        for color, variant in enumerate(dict.fromkeys(r["variant"] for r in sel)):
+            for pass_, style in (("forward+backward", "-o"), ("forward", "--x")):
+                pts = [r for r in sel if r["variant"] == variant and r["pass_"] == pass_]
+                if not pts:
+                    continue
+                xs = [str(r[param]) for r in pts]
+                label = f"{variant} ({'fwd+bwd' if pass_ == 'forward+backward' else 'fwd'})"
+                axes[0, 0].plot(xs, [r["time_s"] for r in pts], style, color=f"C{color}", label=label)
+                axes[0, 1].plot(xs, [r["time_ratio"] for r in pts], style, color=f"C{color}", label=label)
+                base = {r[param]: r["peak_rss_mib"] for r in sel if r["variant"] == "sdpa" and r["pass_"] == pass_}
+                axes[1, 0].plot(xs, [r["peak_rss_mib"] for r in pts], style, color=f"C{color}", label=label)
+                axes[1, 1].plot(xs, [r["peak_rss_mib"] / base[r[param]] for r in pts], style, color=f"C{color}", label=label)
+        for ax, title in zip(axes.flat, ["time [s]", "time / unbiased SDPA", "peak RSS [MiB]",
+                                         "peak RSS / unbiased SDPA"]):
+            ax.set_title(title)
+            ax.set_xlabel(param)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0, 1].legend(fontsize=7)
+        fig.suptitle(f"sparse_bias benchmark: sweep over {param}")
+        fig.savefig(os.path.join(out, f"sweep_{param}.png"), dpi=90)
+        plt.close(fig)
+
+
+def main(argv=None) -> List[Dict]:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.config, args.queries, args.batch_size, args.heads, args.repeats = "small", 32, 1, 2, 1
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return []
+    if args.sweep:
+        if args.quick:
+            global SWEEP
+            SWEEP = [("queries", [16, 32], "queries"), ("window", [5], "window"), ("layout", ["small"], "config")]
+            args.bev_window = args.cam_window = 5
+        rows = sweep(args)
+        print(f"sweep: {len(rows)} rows; CSV, JSON and plots in {args.out}")
+        return rows
+    print(f"sparse_bias benchmark: {args.config} layout, B={args.batch_size}, H={args.heads}, D={args.head_dim}, "
+          f"Q={args.queries}, windows {args.bev_window}/{args.cam_window}, fp32, "
+          f"{'forward + backward' if args.backward else 'forward'}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved repeats; peak RSS from a fresh "
+          "process per variant")
+    rows = compare(args, log=lambda m: print(m, flush=True))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -105,6 +105,11 @@ def _attention(args):
           f"{sparse['time_ratio']:.2f}x the time and {sparse['peak_rss_mib'] / base['peak_rss_mib']:.2f}x "
           f"the peak memory of unbiased SDPA; the dense-bias version takes "
           f"{dense['time_ratio']:.2f}x and {dense['peak_rss_mib'] / base['peak_rss_mib']:.2f}x.")
+    try:
+        from .plotting import plot_comparison
+        print(f"plot        : {plot_comparison(rows, os.path.join(args.out, 'attention_comparison.png'))}")
+    except ImportError:  # pragma: no cover - matplotlib is a dev extra
+        pass
     return rows
 
 

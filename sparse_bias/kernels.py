@@ -85,7 +85,8 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]``.
         mask: additive float mask broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
         scale: softmax scale.
-        dropout_p, seed: attention dropout with the mask of :func:`dropout_keep`.
+        dropout_p: attention dropout probability, with the mask of :func:`dropout_keep`.
+        seed: the dropout seed.
         key_range: ``(offset, total)`` when ``k`` holds keys ``offset : offset + K`` of a memory of ``total``
             keys: the dropout mask is then that of the whole memory.
 

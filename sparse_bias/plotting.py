@@ -7,7 +7,7 @@ import torch
 
 from .bias import SparseBias
 
-__all__ = ["query_bias_maps", "plot_query_bias"]
+__all__ = ["query_bias_maps", "plot_query_bias", "plot_comparison"]
 
 
 def query_bias_maps(bias: SparseBias, batch: int, queries: Sequence[int], head: Optional[int] = None):
@@ -68,6 +68,30 @@ def plot_query_bias(bias: SparseBias, path: str, batch: int = 0, queries: Sequen
     if image is not None:
         fig.colorbar(image, ax=fig.axes, shrink=0.6, label="bias")
     fig.suptitle(title or f"bias of queries {list(queries)} (batch {batch})")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(rows, path: str, title: str = "sparse bias vs the dense-bias version") -> str:
+    """Save a PNG of benchmark rows (from :mod:`sparse_bias.benchmark`): time and peak memory of each variant
+    relative to unbiased SDPA (the first row)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in rows]
+    colors = [f"C{i}" for i in range(len(rows))]
+    base = rows[0]["peak_rss_mib"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, values, label in ((axes[0], [r["time_ratio"] for r in rows], "time / unbiased SDPA"),
+                              (axes[1], [r["peak_rss_mib"] / base for r in rows], "peak RSS / unbiased SDPA")):
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, fmt="%.2fx")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle(title)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -183,8 +183,9 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
         cam_pos: LongTensor ``[B, Q, 3]`` of camera cells ``(view, row, col)``, or ``[B, Q, M, 3]`` for up
             to ``M`` views per query (a point seen by two overlapping cameras gets a window in each);
             ``view < 0`` = no window. A query may not name the same view twice.
-        bev_window, cam_window: odd window size (0 = none), or a LongTensor ``[B, Q]`` of per-query sizes
+        bev_window: odd window size (0 = none), or a LongTensor ``[B, Q]`` of per-query sizes
             (adaptive windows; 0 = no window for that query).
+        cam_window: the same for the camera windows.
 
     Returns:
         :class:`WindowIndex` with ``indptr [B * Q + 1]`` and ``key``, ``source``, ``dy``, ``dx [nnz]``.

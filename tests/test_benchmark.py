@@ -9,3 +9,11 @@ def test_benchmark_quick(capsys):
     assert names[0] == "sdpa" and names[-1] == "dense-bias" and "sparse-auto" in names
     assert all(r["max_rel_error"] < benchmark.CHECK_TOLERANCE for r in rows if r["variant"] != "sdpa")
     assert "x sdpa" in out and "exactness" in out
+
+
+def test_sweep_quick(tmp_path):
+    rows = benchmark.main(["--quick", "--sweep", "--out", str(tmp_path), "--variants", "sdpa", "sparse-auto"])
+    assert {r["swept"] for r in rows} == {"queries", "window", "layout"}
+    assert {r["pass_"] for r in rows} == {"forward", "forward+backward"}
+    for name in ("sweep.csv", "sweep.json", "sweep_queries.png", "sweep_window.png", "sweep_layout.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -33,8 +33,8 @@ class SparseBiasMultiheadAttention(nn.Module):
             drop_prob=p)`` or ``dict(type="DropPath", drop_prob=p)`` (None = identity).
         batch_first: ``[B, N, C]`` tensors instead of mmcv's default ``[N, B, C]``.
         backend: backend of :func:`sparse_bias_attention`.
-        dropout: the legacy keyword of mmcv (deprecated there): used as both ``attn_drop`` and the
-            ``dropout_layer`` drop probability, with a warning, as mmcv does.
+        **kwargs: only ``dropout``, mmcv's legacy keyword (deprecated there): used as both ``attn_drop`` and
+            the ``dropout_layer`` drop probability, with a warning, as mmcv does.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
@@ -63,10 +63,12 @@ class SparseBiasMultiheadAttention(nn.Module):
 
         Args:
             query: ``[Q, B, C]`` (``[B, Q, C]`` with ``batch_first``).
-            key, value: ``[K, B, C]``; ``key`` defaults to ``query``, ``value`` to ``key``.
+            key: ``[K, B, C]``, defaults to ``query``.
+            value: ``[K, B, C]``, defaults to ``key``.
             identity: residual added to the output (default ``query``, before ``query_pos``).
-            query_pos, key_pos: positional encodings added to query and key (not value); ``key_pos``
-                falls back to ``query_pos`` when their shapes match (mmcv's rule).
+            query_pos: positional encoding added to the query.
+            key_pos: positional encoding added to the key (not the value); falls back to ``query_pos``
+                when their shapes match (mmcv's rule).
             attn_mask: ``nn.MultiheadAttention`` convention: bool ``[Q, K]`` or ``[B * H, Q, K]`` with
                 True = *not* allowed, or an additive float mask of those shapes.
             key_padding_mask: bool ``[B, K]``, True = ignore.

@@ -78,7 +78,8 @@ class AttentionBiasGenerator(nn.Module):
         window_size: odd int for both modalities, or a ``(bev, cam)`` pair; ``forward(window_size=...)``
             takes per-query LongTensors ``[B, Q]`` (or a pair of them) instead.
         bias_scale: the scale; with ``learnable_scale`` a parameter clamped to ``scale_range``.
-        profile, sigma: see :func:`sparse_bias.window_bias`.
+        profile: ``"flat"`` or ``"gaussian"`` (see :func:`sparse_bias.window_bias`).
+        sigma: Gaussian width (see :func:`sparse_bias.window_bias`).
         warmup_steps: ramp the scale linearly from 0 over this many training forwards (0 = off), the
             origin design's mitigation for early training instability. The step count is a buffer.
         dense: return the dense ``[B, Q, K]`` (``[B, H, Q, K]`` for per-head weights) tensor, reproducing the
@@ -87,7 +88,8 @@ class AttentionBiasGenerator(nn.Module):
         use_local_bias: False = one bias per modality over all its keys (a :class:`ModalityBias`).
         debug: mark the bias so that :class:`SparseBiasMultiheadAttention` checks its result against the dense
             reference on a sample of queries and logs the error and bias statistics.
-        bev_feature_shape, pers_feature_shape: the origin design's way to give the layout.
+        bev_feature_shape: the origin design's way to give the layout: ``(H, W)``.
+        pers_feature_shape: and ``(V, Hc, Wc)``.
 
     Shapes: weights ``[B, Q]`` or ``[B, Q, H]``; ``bev_pos`` ``[B, Q, 2]`` cells or ``[B, Q]`` flat BEV indices
     (the origin's ``pts_bev_indices``, negative = none); ``cam_pos`` ``[B, Q, 3]`` or ``[B, Q, M, 3]``.

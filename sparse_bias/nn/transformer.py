@@ -35,7 +35,9 @@ class PETRTransformerDecoderLayer(nn.Module):
     unless ``batch_first``.
 
     Args:
-        embed_dims, num_heads, feedforward_channels: ``C``, ``H`` and the FFN width.
+        embed_dims: ``C``.
+        num_heads: ``H``.
+        feedforward_channels: the FFN width.
         dropout: attention dropout, residual dropout of the attentions, and FFN dropout (PETR's single
             ``dropout=0.1`` setting).
         operation_order: mmcv's tuple of ``"self_attn"``, ``"cross_attn"``, ``"norm"``, ``"ffn"``; a
