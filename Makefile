@@ -29,7 +29,7 @@ $(VENV)/.scatter: $(VENV)/.torch
 	touch $@
 
 $(VENV)/.package: $(VENV)/.scatter setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,triton]"
 	touch $@
 
 install: $(VENV)/.package

@@ -19,6 +19,7 @@ import torch
 from ._checks import check_device, check_finite, check_tensor
 from .backends import BACKENDS, backend_candidates, get_backend
 from .bias import ModalityBias, SparseBias
+from .kernels import compute_dtype as _compute_dtype
 from .kernels import dense_lse_backward, dense_lse_forward, dropout_keep, dropout_mask
 from .windows import WindowIndex
 
@@ -26,7 +27,7 @@ __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "E
 
 logger = logging.getLogger("sparse_bias")
 
-BACKEND_NAMES = ("auto", "sparse", "scatter", "torch", "dense")
+BACKEND_NAMES = ("auto", "sparse", "scatter", "torch", "triton", "dense")
 
 #: Rows whose normaliser ``1 + S`` falls below this (a negative bias removes more than 3/4 of the attention
 #: mass) are recomputed densely, one small block of rows at a time: there ``o_d + C`` and ``1 + S`` cancel
@@ -36,10 +37,6 @@ EXACT_ROW_THRESHOLD = 0.25
 
 #: Rows per block of the exact (dense) row path.
 EXACT_ROW_CHUNK = 16
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,17 +246,10 @@ class _SparseBiasAttention(torch.autograd.Function):
         den = torch.ones(bsz, heads, nq, dtype=cdt, device=q.device)
         out = o_d.to(cdt)
         for b, hs, e0, e1, local_q, bvals in _blocks(win, values, backend, heads, cdt):
-            s = backend.sddmm(win, b, hs, q, k, cdt).mul_(scale)                           # s_j
-            if mask is not None:
-                s += _entry_mask(mask, b, hs, local_q, win.key[e0:e1])
-            s -= lse[b, hs].to(cdt)[:, local_q]
-            pb = p[hs, e0:e1]
-            torch.exp(s, out=pb)                                                           # p_j = exp(s_j - L)
-            del s
-            a = pb * torch.expm1(bvals)                                                    # a_j
-            den[b, hs].index_add_(1, local_q, a)                                           # 1 + S
+            emask = None if mask is None else _entry_mask(mask, b, hs, local_q, win.key[e0:e1])
             keep = _entry_keep(win, b, hs, heads, k.shape[2], dropout_p, seed, cdt)
-            out[b, hs] += backend.spmm(win, b, hs, a if keep is None else a * keep, v, cdt)  # o_d + C
+            backend.forward_block(win, b, hs, q, k, v, lse[b, hs].to(cdt), bvals, emask, keep, scale, p[hs, e0:e1],
+                                  den[b, hs], out[b, hs], cdt)
         out /= den.unsqueeze(-1)
         flagged = ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)  # [B, Q]
         ctx.any_flagged = bool(flagged.any())
@@ -291,28 +281,20 @@ class _SparseBiasAttention(torch.autograd.Function):
         dq, dk, dv = dense_lse_backward(ctx.kernel, gp.to(q.dtype), q, k, v, out, lse, mask, scale,
                                         ctx.dropout_p, ctx.seed)
         dq = dq.to(cdt)
+        if backend.needs_contiguous:             # kernels that address the gradient buffers directly
+            dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
 
         dvalues = torch.zeros_like(values, dtype=cdt) if ctx.needs_input_grad[3] else None
         go = (gp * out.to(cdt)).sum(-1)                                                    # <g', o> [B, H, Q]
         for b, hs, e0, e1, local_q, bvals in _blocks(win, values.detach(), backend, heads, cdt):
-            pb = p[hs, e0:e1]
-            a = pb * torch.expm1(bvals)
             keep = _entry_keep(win, b, hs, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt)
-            backend.spmm_t(win, b, hs, a if keep is None else a * keep, gp, dv, cdt)       # dv_j += a_j g'
-            diff = backend.sddmm(win, b, hs, gp, v, cdt)                                   # <g', v_j>
-            if keep is not None:
-                diff.mul_(keep)
-            diff.sub_(go[b, hs][:, local_q])                                               # - <g', o>
-            d = a.mul_(diff)                                                               # d_j = a_j (...)
-            dq[b, hs] += backend.spmm(win, b, hs, d, k, cdt) * scale
-            backend.spmm_t(win, b, hs, d.mul_(scale), q, dk, cdt)
+            db = backend.backward_block(win, b, hs, q, k, v, gp, go[b, hs], p[hs, e0:e1], bvals, keep, scale,
+                                        dq[b, hs], dk, dv, cdt)
             if dvalues is not None:
-                db = diff.mul_(pb).add_(d, alpha=1.0 / scale)                              # p_j e^b_j (...)
                 if ctx.shared:
                     dvalues[e0:e1] += db.sum(0)
                 else:
                     dvalues[e0:e1, hs] = db.t()
-            del a, d, diff
 
         if ctx.any_flagged:   # the dense rows, differentiated by autograd
             for b, rows in _exact_rows(flagged):
@@ -407,7 +389,7 @@ class _ModalityBiasAttention(torch.autograd.Function):
             wi = w[..., i]
             dq_m, dk[:, :, start:end], dv[:, :, start:end] = dense_lse_backward(
                 ctx.kernels[i], (wi.unsqueeze(-1) * g).to(q.dtype), q, k[:, :, start:end], v[:, :, start:end], out,
-                lses[i].to(torch.float64 if q.dtype == torch.float64 else torch.float32), m, ctx.scale,
+                lses[i], m, ctx.scale,
                 ctx.dropout_p, ctx.seed, key_range=(start, nk))
             dq += dq_m.to(cdt)
             dc.append(wi * ((g * torch.nan_to_num(outs[i].to(cdt))).sum(-1) - go))          # [B, H, Q]

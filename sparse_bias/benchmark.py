@@ -265,6 +265,26 @@ def sweep(args) -> List[Dict]:
     return rows
 
 
+def sweep_markdown(rows: List[Dict]) -> str:
+    """A Markdown table per swept parameter: time and peak RSS of each variant and their ratios to SDPA."""
+    lines = []
+    for param, _, _ in SWEEP:
+        sel = [r for r in rows if r["swept"] == param]
+        if not sel:
+            continue
+        lines += [f"### Sweep over {param}", "",
+                  f"| {param} | pass | variant | time [s] | x sdpa | peak RSS [MiB] | x sdpa | max rel err |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = {(r[param], r["pass_"]): r["peak_rss_mib"] for r in sel if r["variant"] == "sdpa"}
+        for r in sel:
+            err = "-" if r.get("max_rel_error") is None else f"{r['max_rel_error']:.1e}"
+            name = r["variant"] + (f" ({r['chosen']})" if r.get("chosen") else "")
+            lines.append(f"| {r[param]} | {r['pass_']} | {name} | {r['time_s']:.3f} | {r['time_ratio']:.2f} | "
+                         f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base[(r[param], r['pass_'])]:.2f} | {err} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _write_sweep(out: str, rows: List[Dict]) -> None:
     import csv
 
@@ -276,6 +296,8 @@ def _write_sweep(out: str, rows: List[Dict]) -> None:
         writer.writerows(rows)
     with open(os.path.join(out, "sweep.json"), "w") as f:
         json.dump(rows, f, indent=2)
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write(sweep_markdown(rows))
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -9,8 +9,11 @@ Implementations, in order of preference:
 
 * ``"cpu_flash"``: ``aten._scaled_dot_product_flash_attention_for_cpu`` (+ ``_backward``) -- all float
   dtypes, additive float mask, no dropout.
-* ``"cuda_efficient"``: ``aten._scaled_dot_product_efficient_attention`` (+ ``_backward``), LSE padded
-  to a multiple of 32 along queries and sliced here; no dropout here.
+* ``"cuda_flash"``: ``aten._scaled_dot_product_flash_attention`` (+ ``_backward``) for float16 / bfloat16
+  without a mask; the head dim is zero-padded to a multiple of 8.
+* ``"cuda_efficient"``: ``aten._scaled_dot_product_efficient_attention`` (+ ``_backward``) otherwise (float32,
+  or with a mask); its LSE (padded to a multiple of 32 along queries in some releases) is sliced here.
+  Each CUDA kernel is compared once with the chunked kernel on a tiny problem before its first use.
 * ``"chunked"``: pure PyTorch, in blocks of queries so that memory stays bounded; the only one that
   supports dropout (with the counter-based mask of :func:`dropout_keep`), and the fallback when a
   private op is missing or refuses the input.
@@ -18,11 +21,14 @@ Implementations, in order of preference:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "dropout_keep", "dropout_mask"]
+__all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "dropout_keep", "dropout_mask",
+           "KernelState", "compute_dtype"]
 
 #: Scores per block of the chunked fallback (``heads * queries * keys``).
 CHUNK_SCORES = 1 << 22
@@ -61,28 +67,108 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
-def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0) -> str:
+@dataclass
+class KernelState:
+    """What :func:`dense_lse_backward` needs besides the tensors: the kernel's name and its extra outputs."""
+
+    name: str
+    aux: tuple = ()
+
+
+#: (kernel, device, dtype, head dim) -> whether a one-off comparison with the chunked kernel passed
+_VERIFIED: Dict[tuple, bool] = {}
+
+
+def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0, masked: bool = False) -> str:
     """Which implementation :func:`dense_lse_forward` uses for ``q`` (see the module docstring)."""
     if dropout_p > 0:
         return "chunked"
     if q.device.type == "cpu" and _has_op("_scaled_dot_product_flash_attention_for_cpu"):
         return "cpu_flash"
-    if q.device.type == "cuda" and _has_op("_scaled_dot_product_efficient_attention"):
-        return "cuda_efficient"
+    if q.device.type == "cuda":
+        candidates = []
+        if q.dtype in (torch.float16, torch.bfloat16) and not masked:
+            candidates.append("cuda_flash")
+        candidates.append("cuda_efficient")
+        for name in candidates:
+            if _has_op(_CUDA_OPS[name]) and _verified(name, q):
+                return name
     return "chunked"
+
+
+_CUDA_OPS = {"cuda_flash": "_scaled_dot_product_flash_attention",
+             "cuda_efficient": "_scaled_dot_product_efficient_attention"}
+
+
+def _verified(name: str, q: torch.Tensor) -> bool:  # pragma: no cover - exercised on GPU machines only
+    """Run a private CUDA kernel once per (device, dtype, head dim) on a tiny problem and compare its output,
+    log-sum-exp and gradients with the chunked kernel, so that a PyTorch release that changes a private
+    op's conventions falls back to the slow-but-right path instead of giving wrong results."""
+    key = (name, str(q.device), q.dtype, q.shape[-1])
+    if key not in _VERIFIED:
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        shape = (1, 2, 37, q.shape[-1])
+        tq, tk, tv = (torch.randn(shape, generator=gen, device=q.device).to(q.dtype) for _ in range(3))
+        g = torch.randn(shape, generator=gen, device=q.device).to(q.dtype)
+        tol = 1e-3 if q.dtype == torch.float32 else 3e-2
+        try:
+            out, lse, state = _run_forward(name, tq, tk, tv, None, 0.3)
+            ref_out, ref_lse = _chunked_forward(tq, tk, tv, None, 0.3, 0.0, 0)
+            grads = dense_lse_backward(state, g, tq, tk, tv, out, lse, None, 0.3)
+            ref = _chunked_backward(g, tq, tk, tv, out, lse.float(), None, 0.3, 0.0, 0)
+            ok = bool(torch.allclose(out.float(), ref_out.float(), atol=tol, rtol=tol)
+                      and torch.allclose(lse.float(), ref_lse.float(), atol=tol, rtol=tol)
+                      and all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(grads, ref)))
+        except RuntimeError:
+            ok = False
+        if not ok:
+            warnings.warn(f"sparse_bias: the CUDA kernel {name} disagrees with the reference for {key[2:]}; "
+                          "using the chunked PyTorch kernel instead")
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]
 
 
 def _mask_for(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return None if mask is None else mask.to(dtype)
 
 
+def _aligned_bias(mask, q, k):  # pragma: no cover - exercised on GPU machines only
+    """The efficient kernel's attn_bias: last dim padded to a multiple of 16 in memory, broadcast by strides."""
+    if mask is None:
+        return None
+    nk = k.shape[2]
+    pad = (-nk) % 16
+    base = torch.zeros(mask.shape[:-1] + (nk + pad,), dtype=q.dtype, device=q.device)
+    base[..., :nk] = mask.to(q.dtype)
+    return base[..., :nk].expand(q.shape[0], q.shape[1], q.shape[2], nk)
+
+
+def _pad_dim(t, pad):
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
+def _run_forward(name, q, k, v, mask, scale):  # pragma: no cover - exercised on GPU machines only
+    nq, d = q.shape[2], q.shape[3]
+    if name == "cuda_flash":
+        pad = (-d) % 8                                       # the flash kernel needs a head dim multiple of 8
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            _pad_dim(q, pad), _pad_dim(k, pad), _pad_dim(v, pad), 0.0, False, False, scale=scale)
+        out, lse, cum_q, cum_k, max_q, max_k, rng_state, unused = res[:8]
+        return out[..., :d], lse, KernelState(name, (pad, cum_q, cum_k, max_q, max_k, rng_state, unused))
+    out, lse, seed_t, offset_t = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, _aligned_bias(mask, q, k), True, 0.0, False, scale=scale)
+    return out, lse[..., :nq], KernelState(name, (lse, seed_t, offset_t))
+
+
 def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0,
                       seed: int = 0, key_range: Optional[Tuple[int, int]] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor, str]:
+                      ) -> Tuple[torch.Tensor, torch.Tensor, KernelState]:
     """Unbiased attention with its log-sum-exp.
 
     Args:
-        q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]``.
+        q: ``[B, H, Q, D]``.
+        k: ``[B, H, K, D]``.
+        v: ``[B, H, K, D]``.
         mask: additive float mask broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
         scale: softmax scale.
         dropout_p: attention dropout probability, with the mask of :func:`dropout_keep`.
@@ -91,43 +177,48 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
             keys: the dropout mask is then that of the whole memory.
 
     Returns:
-        ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), kernel name)``.
+        ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), state)``; pass
+        ``state`` to :func:`dense_lse_backward`.
     """
-    name = dense_kernel_name(q, dropout_p)
+    name = dense_kernel_name(q, dropout_p, masked=mask is not None)
     if name == "cpu_flash":
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, False, attn_mask=_mask_for(mask, q.dtype), scale=scale)
-            return out, lse, name
+            return out, lse, KernelState(name)
         except RuntimeError:  # pragma: no cover - an input the private op refuses
-            name = "chunked"
-    if name == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only
+            pass
+    elif name != "chunked":  # pragma: no cover - exercised on GPU machines only
         try:
-            bias = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, bias, True, 0.0, False, scale=scale)
-            return out, lse[..., :q.shape[2]], name
+            return _run_forward(name, q, k, v, mask, scale)
         except RuntimeError:
-            name = "chunked"
+            pass
     out, lse = _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range)
-    return out, lse, "chunked"
+    return out, lse, KernelState("chunked")
 
 
-def dense_lse_backward(kernel: str, grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float = 0.0,
+def dense_lse_backward(state: KernelState, grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float = 0.0,
                        seed: int = 0, key_range: Optional[Tuple[int, int]] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of :func:`dense_lse_forward` with the same ``kernel``; ``out`` may be any output tensor
-    (it enters only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype."""
-    if kernel == "cpu_flash":
+    """Backward of :func:`dense_lse_forward` with its ``state``; ``out`` may be any output tensor (it enters
+    only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype."""
+    name = state.name
+    if name == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_mask_for(mask, q.dtype), scale=scale)
-    if kernel == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only
-        bias = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        pad = (-q.shape[2]) % 32
-        lse_padded = torch.nn.functional.pad(lse, (0, pad)) if pad else lse
-        seed_t = torch.zeros((), dtype=torch.long, device=q.device)
+    if name == "cuda_flash":  # pragma: no cover - exercised on GPU machines only
+        pad, cum_q, cum_k, max_q, max_k, rng_state, unused = state.aux
+        d = q.shape[-1]
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            _pad_dim(grad_out.contiguous(), pad), _pad_dim(q, pad), _pad_dim(k, pad), _pad_dim(v, pad),
+            _pad_dim(out.contiguous(), pad), lse, cum_q, cum_k, max_q, max_k, 0.0, False, rng_state, unused,
+            scale=scale)
+        return tuple(g[..., :d] for g in grads)
+    if name == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only
+        raw_lse, seed_t, offset_t = state.aux
+        bias = _aligned_bias(mask, q, k)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            grad_out.contiguous(), q, k, v, bias, out, lse_padded.contiguous(), seed_t, seed_t, 0.0,
+            grad_out.contiguous(), q, k, v, bias, out.contiguous(), raw_lse, seed_t, offset_t, 0.0,
             [True, True, True, False], False, scale=scale)
         return dq, dk, dv
     return _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed, key_range)
@@ -164,12 +255,13 @@ def _block_keep(seed, p, shape, b, hs, qs, device, key_range=None):
     return dropout_keep(seed, ((b * heads + h) * nq + qi) * total + j, p)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range=None):
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     bsz, heads, nq, _ = q.shape
     out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=cdt, device=q.device)
@@ -189,7 +281,7 @@ def _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range=None):
 
 
 def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed, key_range=None):
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     bsz, heads, nq, _ = q.shape
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)

@@ -195,7 +195,7 @@ def test_chunked_paths(backend, monkeypatch):
     skip_missing(backend)
     monkeypatch.setattr(gather, "CHUNK_ENTRIES", 7)
     monkeypatch.setattr(kernels, "CHUNK_SCORES", 50)
-    monkeypatch.setattr(kernels, "dense_kernel_name", lambda q, dropout_p=0.0: "chunked")
+    monkeypatch.setattr(kernels, "dense_kernel_name", lambda q, dropout_p=0.0, masked=False: "chunked")
     monkeypatch.setattr(attention_mod, "dense_lse_forward",
                         lambda *a: kernels.dense_lse_forward(*a))
     win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=9)
@@ -210,14 +210,14 @@ def test_chunked_kernel_matches_cpu_flash():
     q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64) for n in (5, 40, 40))
     mask = torch.zeros(2, 1, 1, 40, dtype=torch.float64)
     mask[1, ..., 30:] = float("-inf")
-    out, lse, name = kernels.dense_lse_forward(q, k, v, mask, 0.3)
-    assert name == "cpu_flash"
+    out, lse, state = kernels.dense_lse_forward(q, k, v, mask, 0.3)
+    assert state.name == "cpu_flash"
     out2, lse2 = kernels._chunked_forward(q, k, v, mask, 0.3, 0.0, 0)
     torch.testing.assert_close(out, out2)
     torch.testing.assert_close(lse, lse2)
     g = torch.randn_like(out)
-    for a, b in zip(kernels.dense_lse_backward("cpu_flash", g, q, k, v, out, lse, mask, 0.3),
-                    kernels.dense_lse_backward("chunked", g, q, k, v, out, lse, mask, 0.3)):
+    for a, b in zip(kernels.dense_lse_backward(state, g, q, k, v, out, lse, mask, 0.3),
+                    kernels.dense_lse_backward(kernels.KernelState("chunked"), g, q, k, v, out, lse, mask, 0.3)):
         torch.testing.assert_close(a, b)
 
 

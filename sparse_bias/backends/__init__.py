@@ -12,7 +12,8 @@ of a :class:`WindowIndex` (entries ``win.batch_range(b)``) and a block of heads 
 row once for all heads; the CSR backend works one head at a time, so the correction's temporaries are
 a few ``[n]`` vectors.
 
-``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
+``"triton"`` overrides the block methods of :class:`~sparse_bias.backends.base.Backend` with fused kernels
+(see :mod:`sparse_bias.backends.triton_backend`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
 ``segment_csr``; ``"torch"`` is the same with native ``index_add_``; ``"sparse"`` uses PyTorch's
 sparse CSR kernels (``sampled_addmm`` and CSR @ dense, with the transposed structure built once per
 index). ``"dense"`` (materialise the bias) is handled by :mod:`sparse_bias.attention`.
@@ -25,6 +26,7 @@ import torch
 
 from .csr import SparseCSRBackend
 from .gather import ScatterBackend, TorchBackend, torch_scatter_available
+from .triton_backend import TritonBackend
 
 __all__ = ["BACKENDS", "get_backend", "backend_candidates", "torch_scatter_available"]
 
@@ -32,10 +34,11 @@ BACKENDS: Dict[str, object] = {
     "sparse": SparseCSRBackend(),
     "scatter": ScatterBackend(),
     "torch": TorchBackend(),
+    "triton": TritonBackend(),
 }
 
 #: ``"auto"`` tries these in order and takes the first that can run (see :func:`backend_candidates`).
-AUTO_ORDER = {"cpu": ("sparse", "scatter", "torch"), "cuda": ("scatter", "torch", "sparse")}
+AUTO_ORDER = {"cpu": ("sparse", "scatter", "torch"), "cuda": ("triton", "scatter", "torch", "sparse")}
 
 
 def get_backend(name: str):

@@ -5,6 +5,8 @@ import warnings
 
 import torch
 
+from .base import Backend
+
 # The beta notice is printed on the first CSR tensor of the process; the kernels used here are stable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -13,7 +15,7 @@ def _csr(crow, col, values, size):
     return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-class SparseCSRBackend:
+class SparseCSRBackend(Backend):
     """Per batch element and head: one ``sampled_addmm`` or one CSR @ dense product.
 
     The CSR structure of each batch element (and its transpose, for the key-side sums) is built once

@@ -7,6 +7,8 @@ from typing import Iterator, Tuple
 
 import torch
 
+from .base import Backend
+
 #: Window entries per chunk: bounds the gathered ``[H, chunk, D]`` buffers.
 CHUNK_ENTRIES = 1 << 15
 
@@ -35,7 +37,7 @@ def _chunks(win, b: int, chunk_entries: int) -> Iterator[Tuple[int, int, int, in
             yield starts[i], starts[i + 1], queries[i], queries[i + 1]
 
 
-class _GatherBackend:
+class _GatherBackend(Backend):
     name = "gather"
     #: heads per block of the correction: all at once, so each window row is gathered once for all heads
     head_block = None

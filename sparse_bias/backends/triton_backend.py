@@ -1,0 +1,167 @@
+"""Fused Triton kernels for the window correction (the ``"triton"`` backend).
+
+One program per (query, head) walks the query's window entries in blocks, reading each window key's
+``k`` / ``v`` row straight from the ``[B, H, K, D]`` tensors through the CSR key indices -- no gathered
+copies. Forward: ``p_j``, ``S`` and ``C`` in one pass. Backward: ``<g', v_j>``, the ``dq`` correction and
+the bias gradient in one pass, with the ``dk`` / ``dv`` corrections as atomic adds into the key rows.
+
+Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), which is
+how the test suite checks it without a GPU. Float32 inputs (the atomic adds accumulate in the gradient
+tensors, so they need float32).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .base import Backend
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+if TRITON_AVAILABLE:  # pragma: no branch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, LSE, INDPTR, KEY, BV, EM, KP, P, DEN, OUT,
+                    row0, e_begin, nq, nk, h0, heads, scale,
+                    lse_s, bv_s, em_s, kp_s, p_s, den_s, out_s,
+                    D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_EM: tl.constexpr,
+                    HAS_KP: tl.constexpr):
+        r = tl.program_id(0)                       # query within the batch element
+        i = tl.program_id(1)                       # head within the block
+        b = row0 // nq
+        kv_base = ((b * heads + h0 + i) * nk).to(tl.int64)
+        start = tl.load(INDPTR + row0 + r)
+        end = tl.load(INDPTR + row0 + r + 1)
+        d = tl.arange(0, DP)
+        dm = d < D
+        qrow = tl.load(Q + ((b * heads + h0 + i) * nq + r) * D + d, mask=dm, other=0.0)
+        lse = tl.load(LSE + i * lse_s + r)
+        s_tot = tl.zeros([BLOCK], dtype=tl.float32)
+        c_acc = tl.zeros([DP], dtype=tl.float32)
+        for e0 in range(start, end, BLOCK):
+            e = e0 + tl.arange(0, BLOCK)
+            m = e < end
+            local = e - e_begin
+            key = tl.load(KEY + e, mask=m, other=0)
+            rows = (kv_base + key)[:, None] * D + d[None, :]
+            mm = m[:, None] & dm[None, :]
+            s = tl.sum(tl.load(K + rows, mask=mm, other=0.0) * qrow[None, :], axis=1) * scale
+            if HAS_EM:
+                s += tl.load(EM + i * em_s + local, mask=m, other=0.0)
+            p = tl.where(m, tl.exp(s - lse), 0.0)
+            tl.store(P + i * p_s + local, p, mask=m)
+            a = p * (tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0)) - 1.0)
+            s_tot += a
+            if HAS_KP:
+                a = a * tl.load(KP + i * kp_s + local, mask=m, other=0.0)
+            c_acc += tl.sum(a[:, None] * tl.load(V + rows, mask=mm, other=0.0), axis=0)
+        tl.store(DEN + i * den_s + r, tl.load(DEN + i * den_s + r) + tl.sum(s_tot, axis=0))
+        optr = OUT + i * out_s + r * D + d
+        tl.store(optr, tl.load(optr, mask=dm, other=0.0) + c_acc, mask=dm)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, GP, GO, INDPTR, KEY, P, BV, KP, DQ, DK, DV, DB,
+                    row0, e_begin, nq, nk, h0, heads, scale,
+                    go_s, p_s, bv_s, kp_s, dq_s, db_s,
+                    D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_KP: tl.constexpr):
+        r = tl.program_id(0)
+        i = tl.program_id(1)
+        b = row0 // nq
+        qk = (b * heads + h0 + i) * nq + r
+        kv_base = ((b * heads + h0 + i) * nk).to(tl.int64)
+        start = tl.load(INDPTR + row0 + r)
+        end = tl.load(INDPTR + row0 + r + 1)
+        d = tl.arange(0, DP)
+        dm = d < D
+        qrow = tl.load(Q + qk * D + d, mask=dm, other=0.0)
+        grow = tl.load(GP + qk * D + d, mask=dm, other=0.0)
+        go = tl.load(GO + i * go_s + r)
+        dq_acc = tl.zeros([DP], dtype=tl.float32)
+        for e0 in range(start, end, BLOCK):
+            e = e0 + tl.arange(0, BLOCK)
+            m = e < end
+            local = e - e_begin
+            key = tl.load(KEY + e, mask=m, other=0)
+            rows = (kv_base + key)[:, None] * D + d[None, :]
+            mm = m[:, None] & dm[None, :]
+            p = tl.load(P + i * p_s + local, mask=m, other=0.0)
+            a = p * (tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0)) - 1.0)
+            gv = tl.sum(tl.load(V + rows, mask=mm, other=0.0) * grow[None, :], axis=1)          # <g', v_j>
+            ak = a
+            if HAS_KP:
+                keep = tl.load(KP + i * kp_s + local, mask=m, other=0.0)
+                gv = gv * keep
+                ak = a * keep
+            diff = gv - go
+            dd = a * diff
+            krows = tl.load(K + rows, mask=mm, other=0.0)
+            dq_acc += tl.sum(dd[:, None] * krows, axis=0) * scale
+            tl.atomic_add(DK + rows, (dd * scale)[:, None] * qrow[None, :], mask=mm)
+            tl.atomic_add(DV + rows, ak[:, None] * grow[None, :], mask=mm)
+            tl.store(DB + i * db_s + local, (p + a) * diff, mask=m)
+        dptr = DQ + i * dq_s + r * D + d
+        tl.store(dptr, tl.load(dptr, mask=dm, other=0.0) + dq_acc, mask=dm)
+
+
+def _rows(t):
+    """A 2-D ``[h or 1, n]`` operand: its stride between heads (0 when shared) and a unit last stride."""
+    if t is None:
+        return None, 0
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t, (t.stride(0) if t.shape[0] > 1 else 0)
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels (CUDA, or the Triton interpreter on CPU tensors)."""
+
+    name = "triton"
+    head_block = None
+    needs_contiguous = True
+    block = 32
+
+    def can_run(self, device, dtype):
+        if not TRITON_AVAILABLE:
+            return False, "triton is not installed (pip install sparse_bias[triton])"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "Triton runs on CUDA (or on CPU tensors under TRITON_INTERPRET=1)"
+        if dtype != torch.float32:
+            return False, f"the fused kernels take float32 inputs, got {dtype}"
+        return True, "fused Triton kernels reading window rows straight from k / v"
+
+    def _common(self, win, b, hs, q, k):
+        e_begin, e_end = win.batch_range(b)
+        dim = q.shape[-1]
+        return e_begin, e_end, dict(row0=b * win.num_queries, e_begin=e_begin, nq=win.num_queries, nk=k.shape[2],
+                                    h0=hs.start, heads=q.shape[1], D=dim, DP=triton.next_power_of_2(dim),
+                                    BLOCK=self.block)
+
+    def forward_block(self, win, b, hs, q, k, v, lse, bvals, emask, keep, scale, p_out, den, out, cdt):
+        e_begin, e_end, common = self._common(win, b, hs, q, k)
+        if e_end == e_begin:
+            return
+        (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(bvals), _rows(emask), _rows(keep)
+        q, k, v, lse = (t.contiguous() for t in (q, k, v, lse))
+        grid = (win.num_queries, hs.stop - hs.start)
+        _fwd_kernel[grid](q, k, v, lse, win.indptr, win.key, bv, em if em is not None else bv,
+                          kp if kp is not None else bv, p_out, den, out, scale=scale, lse_s=lse.stride(0),
+                          bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=p_out.stride(0), den_s=den.stride(0),
+                          out_s=out.stride(0), HAS_EM=em is not None, HAS_KP=kp is not None, **common)
+
+    def backward_block(self, win, b, hs, q, k, v, gp, go, p, bvals, keep, scale, dq, dk, dv, cdt):
+        e_begin, e_end, common = self._common(win, b, hs, q, k)
+        db = torch.zeros(hs.stop - hs.start, e_end - e_begin, dtype=cdt, device=q.device)
+        if e_end == e_begin:
+            return db
+        (bv, bv_s), (kp, kp_s) = _rows(bvals), _rows(keep)
+        q, k, v, gp = (t.contiguous() for t in (q, k, v, gp))
+        if not (dk.is_contiguous() and dv.is_contiguous() and dq.stride(-1) == 1):
+            raise RuntimeError("the triton backend needs contiguous gradient buffers")
+        grid = (win.num_queries, hs.stop - hs.start)
+        _bwd_kernel[grid](q, k, v, gp, go, win.indptr, win.key, p, bv, kp if kp is not None else bv, dq, dk, dv, db,
+                          scale=scale, go_s=go.stride(0), p_s=p.stride(0), bv_s=bv_s, kp_s=kp_s, dq_s=dq.stride(0),
+                          db_s=db.stride(0), HAS_KP=kp is not None, **common)
+        return db
