@@ -1,6 +1,5 @@
 """The nn modules: mmcv calling conventions, sparse == dense bias through every module, config entry point."""
 import logging
-import warnings
 
 import pytest
 import torch

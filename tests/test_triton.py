@@ -42,7 +42,7 @@ def case(per_head, masks, seed=0, dim=16):
     return win, q, k, v, wb.float(), wc.float(), kwargs
 
 
-@pytest.mark.skipif(not ACTIVE, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(not ACTIVE, reason="runs in the interpreter subprocess of test_kernels_under_the_interpreter (or on CUDA)")
 @pytest.mark.parametrize("dim", [16, 12])
 @pytest.mark.parametrize("masks", [False, True])
 @pytest.mark.parametrize("per_head", [False, True])
@@ -59,7 +59,7 @@ def test_triton_matches_dense_reference(per_head, masks, dim):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.skipif(not ACTIVE, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(not ACTIVE, reason="runs in the interpreter subprocess of test_kernels_under_the_interpreter (or on CUDA)")
 def test_triton_dropout_matches_reference():
     win, q, k, v, wb, wc, _ = case(True, False, seed=3)
     bias = sb.window_bias(win, wb, wc)

@@ -20,7 +20,14 @@ from .base import Backend
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
-if TRITON_AVAILABLE:  # pragma: no branch
+_KERNELS = {}
+
+
+def _kernels():
+    """Compile-on-first-use: Triton is imported only when the triton backend runs (it is a heavy import)."""
+    global triton, tl          # module globals: the jitted functions resolve ``tl`` through their globals
+    if _KERNELS:
+        return _KERNELS
     import triton
     import triton.language as tl
 
@@ -106,6 +113,9 @@ if TRITON_AVAILABLE:  # pragma: no branch
         dptr = DQ + i * dq_s + r * D + d
         tl.store(dptr, tl.load(dptr, mask=dm, other=0.0) + dq_acc, mask=dm)
 
+    _KERNELS.update(fwd=_fwd_kernel, bwd=_bwd_kernel, next_power_of_2=triton.next_power_of_2)
+    return _KERNELS
+
 
 def _rows(t):
     """A 2-D ``[h or 1, n]`` operand: its stride between heads (0 when shared) and a unit last stride."""
@@ -136,7 +146,7 @@ class TritonBackend(Backend):
         e_begin, e_end = win.batch_range(b)
         dim = q.shape[-1]
         return e_begin, e_end, dict(row0=b * win.num_queries, e_begin=e_begin, nq=win.num_queries, nk=k.shape[2],
-                                    h0=hs.start, heads=q.shape[1], D=dim, DP=triton.next_power_of_2(dim),
+                                    h0=hs.start, heads=q.shape[1], D=dim, DP=_kernels()["next_power_of_2"](dim),
                                     BLOCK=self.block)
 
     def forward_block(self, win, b, hs, q, k, v, lse, bvals, emask, keep, scale, p_out, den, out, cdt):
@@ -146,7 +156,7 @@ class TritonBackend(Backend):
         (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(bvals), _rows(emask), _rows(keep)
         q, k, v, lse = (t.contiguous() for t in (q, k, v, lse))
         grid = (win.num_queries, hs.stop - hs.start)
-        _fwd_kernel[grid](q, k, v, lse, win.indptr, win.key, bv, em if em is not None else bv,
+        _kernels()["fwd"][grid](q, k, v, lse, win.indptr, win.key, bv, em if em is not None else bv,
                           kp if kp is not None else bv, p_out, den, out, scale=scale, lse_s=lse.stride(0),
                           bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=p_out.stride(0), den_s=den.stride(0),
                           out_s=out.stride(0), HAS_EM=em is not None, HAS_KP=kp is not None, **common)
@@ -161,7 +171,7 @@ class TritonBackend(Backend):
         if not (dk.is_contiguous() and dv.is_contiguous() and dq.stride(-1) == 1):
             raise RuntimeError("the triton backend needs contiguous gradient buffers")
         grid = (win.num_queries, hs.stop - hs.start)
-        _bwd_kernel[grid](q, k, v, gp, go, win.indptr, win.key, p, bv, kp if kp is not None else bv, dq, dk, dv, db,
+        _kernels()["bwd"][grid](q, k, v, gp, go, win.indptr, win.key, p, bv, kp if kp is not None else bv, dq, dk, dv, db,
                           scale=scale, go_s=go.stride(0), p_s=p.stride(0), bv_s=bv_s, kp_s=kp_s, dq_s=dq.stride(0),
                           db_s=db.stride(0), HAS_KP=kp is not None, **common)
         return db

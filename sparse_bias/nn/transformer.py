@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from einops import rearrange
