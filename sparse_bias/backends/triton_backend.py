@@ -25,11 +25,19 @@ _KERNELS = {}
 
 def _kernels():
     """Compile-on-first-use: Triton is imported only when the triton backend runs (it is a heavy import)."""
-    global triton, tl          # module globals: the jitted functions resolve ``tl`` through their globals
+    global triton, tl, _entries  # module globals: jitted functions resolve names through their globals
     if _KERNELS:
         return _KERNELS
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _entries(KEY, e0, end, e_begin, kv_base, d, dm, D: tl.constexpr, BLOCK: tl.constexpr):
+        """A block of window entries: validity, index into the batch element's entries, k/v row offsets."""
+        e = e0 + tl.arange(0, BLOCK)
+        m = e < end
+        key = tl.load(KEY + e, mask=m, other=0)
+        return m, e - e_begin, (kv_base + key)[:, None] * D + d[None, :], m[:, None] & dm[None, :]
 
     @triton.jit
     def _fwd_kernel(Q, K, V, LSE, INDPTR, KEY, BV, EM, KP, P, DEN, OUT,
@@ -50,12 +58,7 @@ def _kernels():
         s_tot = tl.zeros([BLOCK], dtype=tl.float32)
         c_acc = tl.zeros([DP], dtype=tl.float32)
         for e0 in range(start, end, BLOCK):
-            e = e0 + tl.arange(0, BLOCK)
-            m = e < end
-            local = e - e_begin
-            key = tl.load(KEY + e, mask=m, other=0)
-            rows = (kv_base + key)[:, None] * D + d[None, :]
-            mm = m[:, None] & dm[None, :]
+            m, local, rows, mm = _entries(KEY, e0, end, e_begin, kv_base, d, dm, D, BLOCK)
             s = tl.sum(tl.load(K + rows, mask=mm, other=0.0) * qrow[None, :], axis=1) * scale
             if HAS_EM:
                 s += tl.load(EM + i * em_s + local, mask=m, other=0.0)
@@ -89,12 +92,7 @@ def _kernels():
         go = tl.load(GO + i * go_s + r)
         dq_acc = tl.zeros([DP], dtype=tl.float32)
         for e0 in range(start, end, BLOCK):
-            e = e0 + tl.arange(0, BLOCK)
-            m = e < end
-            local = e - e_begin
-            key = tl.load(KEY + e, mask=m, other=0)
-            rows = (kv_base + key)[:, None] * D + d[None, :]
-            mm = m[:, None] & dm[None, :]
+            m, local, rows, mm = _entries(KEY, e0, end, e_begin, kv_base, d, dm, D, BLOCK)
             p = tl.load(P + i * p_s + local, mask=m, other=0.0)
             a = p * (tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0)) - 1.0)
             gv = tl.sum(tl.load(V + rows, mask=mm, other=0.0) * grow[None, :], axis=1)          # <g', v_j>
