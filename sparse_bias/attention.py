@@ -20,7 +20,7 @@ from ._checks import check_device, check_finite, check_tensor
 from .backends import BACKENDS, backend_candidates, get_backend
 from .bias import ModalityBias, SparseBias
 from .kernels import compute_dtype as _compute_dtype
-from .kernels import dense_lse_backward, dense_lse_forward, dropout_keep, dropout_mask
+from .kernels import dense_lse_backward, dense_lse_forward, dropout_mask, dropout_scale
 from .windows import WindowIndex
 
 __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD"]
@@ -207,10 +207,9 @@ def _rows_forward(qr, kb, vb, values, win, mask, scale, dropout_p, seed, b, rows
                      win.key[entries].unsqueeze(0)), vals, accumulate=True)
     p = torch.softmax(s, dim=-1)
     if dropout_p > 0:
-        h = torch.arange(heads, device=qr.device).view(-1, 1, 1)
-        nq = win.num_queries
-        flat = ((b * heads + h) * nq + rows.view(1, -1, 1)) * nk + torch.arange(nk, device=qr.device)
-        p = p * dropout_keep(seed, flat, dropout_p) / (1 - dropout_p)
+        p = p * dropout_scale(seed, dropout_p, b, torch.arange(heads, device=qr.device).view(-1, 1, 1),
+                              rows.view(1, -1, 1), torch.arange(nk, device=qr.device), heads, win.num_queries, nk,
+                              cdt)
     return torch.matmul(p, vb.to(cdt)), entries
 
 
@@ -247,7 +246,7 @@ class _SparseBiasAttention(torch.autograd.Function):
         out = o_d.to(cdt)
         for b, hs, e0, e1, local_q, bvals in _blocks(win, values, backend, heads, cdt):
             emask = None if mask is None else _entry_mask(mask, b, hs, local_q, win.key[e0:e1])
-            keep = _entry_keep(win, b, hs, heads, k.shape[2], dropout_p, seed, cdt)
+            keep = _entry_keep(win, b, hs, heads, k.shape[2], dropout_p, seed, cdt, e0, e1, local_q)
             backend.forward_block(win, b, hs, q, k, v, lse[b, hs].to(cdt), bvals, emask, keep, scale, p[hs, e0:e1],
                                   den[b, hs], out[b, hs], cdt)
         out /= den.unsqueeze(-1)
@@ -287,7 +286,7 @@ class _SparseBiasAttention(torch.autograd.Function):
         dvalues = torch.zeros_like(values, dtype=cdt) if ctx.needs_input_grad[3] else None
         go = (gp * out.to(cdt)).sum(-1)                                                    # <g', o> [B, H, Q]
         for b, hs, e0, e1, local_q, bvals in _blocks(win, values.detach(), backend, heads, cdt):
-            keep = _entry_keep(win, b, hs, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt)
+            keep = _entry_keep(win, b, hs, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt, e0, e1, local_q)
             db = backend.backward_block(win, b, hs, q, k, v, gp, go[b, hs], p[hs, e0:e1], bvals, keep, scale,
                                         dq[b, hs], dk, dv, cdt)
             if dvalues is not None:
@@ -327,15 +326,12 @@ def _blocks(win: WindowIndex, values: torch.Tensor, backend, heads: int, cdt: to
 
 
 def _entry_keep(win: WindowIndex, b: int, hs: slice, heads: int, nk: int, dropout_p: float, seed: int,
-                cdt: torch.dtype):
-    """``[h, n]`` dropout multipliers ``keep / (1 - p)`` of batch element ``b``'s entries, or None."""
+                cdt: torch.dtype, e0: int, e1: int, local_q: torch.Tensor):
+    """``[h, n]`` dropout multipliers ``keep / (1 - p)`` of batch element ``b``'s entries ``e0:e1``, or None."""
     if dropout_p <= 0:
         return None
-    e0, e1 = win.batch_range(b)
     h = torch.arange(hs.start, hs.stop, device=win.device).unsqueeze(1)
-    local_q = win.row[e0:e1] - b * win.num_queries
-    flat = ((b * heads + h) * win.num_queries + local_q) * nk + win.key[e0:e1]
-    return dropout_keep(seed, flat, dropout_p).to(cdt) / (1 - dropout_p)
+    return dropout_scale(seed, dropout_p, b, h, local_q, win.key[e0:e1], heads, win.num_queries, nk, cdt)
 
 
 class _ModalityBiasAttention(torch.autograd.Function):

@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 __all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "dropout_keep", "dropout_mask",
+           "dropout_scale",
            "KernelState", "compute_dtype"]
 
 #: Scores per block of the chunked fallback (``heads * queries * keys``).
@@ -55,6 +56,17 @@ def dropout_keep(seed: int, flat_index: torch.Tensor, p: float) -> torch.Tensor:
     h = _hash32(h ^ (x >> 32) ^ ((seed >> 32) & _M32))
     uniform = (h & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
     return uniform >= p
+
+
+def dropout_scale(seed: int, p: float, b, h, q, key, heads: int, num_queries: int, num_keys: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Dropout multipliers ``keep / (1 - p)`` of the scores ``(b, h, q, key)`` of a ``[B, H, Q, K]`` score tensor.
+
+    ``b``, ``h``, ``q``, ``key`` are ints or broadcastable LongTensors; the result has their broadcast shape.
+    The one place that maps a score to its flat index for :func:`dropout_keep`.
+    """
+    flat = ((b * heads + h) * num_queries + q) * num_keys + key
+    return dropout_keep(seed, flat, p).to(dtype) / (1 - p)
 
 
 def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
@@ -245,14 +257,13 @@ def _block_mask(mask, b, hs, qs):
                 qs if mask.shape[2] > 1 else slice(0, 1)]
 
 
-def _block_keep(seed, p, shape, b, hs, qs, device, key_range=None):
-    """Keep-mask of the [h, q, K] block, from the flat index in the [B, H, Q, total keys] tensor."""
+def _block_scale(seed, p, shape, b, hs, qs, device, dtype, key_range=None):
+    """Dropout multipliers of the ``[h, q, K]`` block of batch element ``b``."""
     _, heads, nq, nk = shape
     offset, total = key_range or (0, nk)
-    h = torch.arange(hs.start, hs.stop, device=device).view(-1, 1, 1)
-    qi = torch.arange(qs.start, qs.stop, device=device).view(1, -1, 1)
-    j = torch.arange(offset, offset + nk, device=device).view(1, 1, -1)
-    return dropout_keep(seed, ((b * heads + h) * nq + qi) * total + j, p)
+    return dropout_scale(seed, p, b, torch.arange(hs.start, hs.stop, device=device).view(-1, 1, 1),
+                         torch.arange(qs.start, qs.stop, device=device).view(1, -1, 1),
+                         torch.arange(offset, offset + nk, device=device), heads, nq, total, dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -274,7 +285,7 @@ def _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range=None):
         block_lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - block_lse.unsqueeze(-1))
         if dropout_p > 0:
-            p = p * _block_keep(seed, dropout_p, shape, b, hs, qs, q.device, key_range) / (1 - dropout_p)
+            p = p * _block_scale(seed, dropout_p, shape, b, hs, qs, q.device, cdt, key_range)
         out[b, hs, qs] = torch.matmul(p, v[b, hs].to(cdt)).to(q.dtype)
         lse[b, hs, qs] = block_lse
     return out, lse
@@ -298,7 +309,7 @@ def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed,
         dp = torch.matmul(gb, vb.transpose(-1, -2))
         pv = p
         if dropout_p > 0:
-            keep = _block_keep(seed, dropout_p, shape, b, hs, qs, q.device, key_range).to(cdt) / (1 - dropout_p)
+            keep = _block_scale(seed, dropout_p, shape, b, hs, qs, q.device, cdt, key_range)
             dp = dp * keep
             pv = p * keep
         ds = p * (dp - delta[b, hs, qs].unsqueeze(-1))

@@ -173,6 +173,6 @@ def _window_pair(window_size):
         if len(window_size) != 2:
             raise ValueError(f"window_size must be an int or a (bev, cam) pair, got {window_size!r}")
         return tuple(window_size)
-    if isinstance(window_size, torch.Tensor) or isinstance(window_size, int):
+    if isinstance(window_size, (torch.Tensor, int)):
         return (window_size, window_size)
     raise TypeError(f"window_size must be an int, a (bev, cam) pair or a LongTensor [B, Q], got {window_size!r}")
