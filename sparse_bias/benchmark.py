@@ -227,17 +227,19 @@ def compare(args, log=print) -> List[Dict]:
     return rows
 
 
-#: The sweep: (swept parameter, values, argument name); the others stay at the CMT fusion defaults.
-SWEEP = [("queries", [300, 900, 1800], "queries"), ("window", [5, 15, 25], "window"),
-         ("layout", ["small", "fusion"], "config")]
+#: The sweep: (swept parameter, values); the other parameters stay at the CMT fusion defaults.
+SWEEP = [("queries", [300, 900, 1800]), ("window", [5, 15, 25]), ("layout", ["small", "fusion"])]
+#: The same, tiny, for ``--quick`` (a dry run).
+QUICK_SWEEP = [("queries", [16, 32]), ("window", [5]), ("layout", ["small"])]
 
 
-def sweep(args) -> List[Dict]:
-    """Run :func:`compare` over :data:`SWEEP`, forward and forward + backward; write CSV, JSON and plots."""
+def sweep(args, spec=SWEEP) -> List[Dict]:
+    """Run :func:`compare` over ``spec`` (``[(parameter, values)]``), forward and forward + backward; write CSV,
+    JSON, a Markdown table and plots to ``args.out``."""
     from tqdm import tqdm
 
     points = []
-    for param, values, _ in SWEEP:
+    for param, values in spec:
         for value in values:
             point = {"queries": args.queries, "window": args.bev_window, "layout": args.config}
             point[param] = value
@@ -268,10 +270,8 @@ def sweep(args) -> List[Dict]:
 def sweep_markdown(rows: List[Dict]) -> str:
     """A Markdown table per swept parameter: time and peak RSS of each variant and their ratios to SDPA."""
     lines = []
-    for param, _, _ in SWEEP:
+    for param in dict.fromkeys(r["swept"] for r in rows):
         sel = [r for r in rows if r["swept"] == param]
-        if not sel:
-            continue
         lines += [f"### Sweep over {param}", "",
                   f"| {param} | pass | variant | time [s] | x sdpa | peak RSS [MiB] | x sdpa | max rel err |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -304,7 +304,7 @@ def _write_sweep(out: str, rows: List[Dict]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return
-    for param, _, _ in SWEEP:
+    for param in dict.fromkeys(r["swept"] for r in rows):
         sel = [r for r in rows if r["swept"] == param]
         fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
         for color, variant in enumerate(dict.fromkeys(r["variant"] for r in sel)):
@@ -340,10 +340,8 @@ def main(argv=None) -> List[Dict]:
         return []
     if args.sweep:
         if args.quick:
-            global SWEEP
-            SWEEP = [("queries", [16, 32], "queries"), ("window", [5], "window"), ("layout", ["small"], "config")]
             args.bev_window = args.cam_window = 5
-        rows = sweep(args)
+        rows = sweep(args, QUICK_SWEEP if args.quick else SWEEP)
         print(f"sweep: {len(rows)} rows; CSV, JSON and plots in {args.out}")
         return rows
     print(f"sparse_bias benchmark: {args.config} layout, B={args.batch_size}, H={args.heads}, D={args.head_dim}, "
