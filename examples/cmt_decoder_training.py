@@ -7,7 +7,7 @@
 # %% [markdown]
 # # Plugging sparse bias into a CMT-style decoder
 #
-# The origin design's `attention_bias_config` builds an `AttentionBiasGenerator`; an `AQRWeightGenerator`
+# The origin design's `attention_bias_config` builds an `AttentionBiasGenerator`; an `MLPWeightGenerator`
 # turns query features into per-query LiDAR / camera weights; the bias reaches the cross-attention of a
 # `CmtTransformer`. We train it briefly on a synthetic task where every query must read the memory
 # features at the cells its reference point projects to, and compare with the same model without bias.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import sparse_bias as sb
-from sparse_bias.nn import AQRWeightGenerator, CmtTransformer
+from sparse_bias.nn import CmtTransformer, MLPWeightGenerator
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")
@@ -61,7 +61,7 @@ class TinyCmt(nn.Module):
         self.bev_pos = nn.Parameter(torch.randn(256, C) * 0.1)              # learned key positions
         self.rv_pos = nn.Parameter(torch.randn(2, 6, 8, C) * 0.1)
         self.transformer = CmtTransformer(C, HEADS, num_layers=2, feedforward_channels=64, dropout=0.0)
-        self.aqr = AQRWeightGenerator(C, batch_first=True)
+        self.aqr = MLPWeightGenerator(C, batch_first=True)
         self.bias_generator = sb.build_attention_bias(config) if use_bias else None
         self.head = nn.Linear(C, C)
 

@@ -10,6 +10,7 @@ from .bias import ModalityBias, SparseBias, window_bias
 from .config import build_attention_bias
 from .layout import KeyLayout
 from .projection import project_points
+from .window_attention import select_window_backend, window_attention
 from .windows import WindowIndex, local_windows
 
 from . import nn  # noqa: E402  (modules; imported last, they use the functional API)
@@ -27,6 +28,8 @@ __all__ = [
     "sparse_bias_attention",
     "dense_bias_attention",
     "select_backend",
+    "window_attention",
+    "select_window_backend",
     "torch_scatter_available",
     "build_attention_bias",
     "nn",

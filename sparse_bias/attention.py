@@ -16,11 +16,13 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import check_device, check_finite, check_tensor
 from .backends import BACKENDS, backend_candidates, get_backend
 from .bias import ModalityBias, SparseBias
 from .kernels import compute_dtype as _compute_dtype
 from .kernels import dense_lse_backward, dense_lse_forward, dropout_mask, dropout_scale
+from ._blocks import entry_blocks, entry_keep
+from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
+                          check_scale, check_sparse_bias, draw_seed, entry_mask)
 from .windows import WindowIndex
 
 __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD"]
@@ -37,107 +39,6 @@ EXACT_ROW_THRESHOLD = 0.25
 
 #: Rows per block of the exact (dense) row path.
 EXACT_ROW_CHUNK = 16
-
-
-# ---------------------------------------------------------------------------------------------------
-# validation
-
-
-def _check_qkv(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=(4,), floating=True)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, H, K, D], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q [B, H, Q, D] and k [B, H, K, D] disagree: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_device("k", k, q.device, "q")
-    check_device("v", v, q.device, "q")
-
-
-def _check_sparse_bias(bias: SparseBias, q, k):
-    idx = bias.index
-    bsz, heads, nq, _ = q.shape
-    if (idx.batch_size, idx.num_queries, idx.layout.num_keys) != (bsz, nq, k.shape[2]):
-        raise ValueError(f"bias is for [B, Q, K] = [{idx.batch_size}, {idx.num_queries}, {idx.layout.num_keys}] "
-                         f"but q, k give [{bsz}, {nq}, {k.shape[2]}]")
-    if bias.num_heads is not None and bias.num_heads != heads:
-        raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
-    check_device("bias", bias.values, q.device, "q")
-    if idx.nnz and (int(idx.key.min()) < 0 or int(idx.key.max()) >= k.shape[2]):
-        raise ValueError(f"bias.index.key holds keys outside [0, {k.shape[2]})")
-    check_finite("bias.values", bias.values.detach())
-
-
-def _check_modality_bias(bias: ModalityBias, q, k):
-    bsz, heads, nq, _ = q.shape
-    if tuple(bias.values.shape[:2]) != (bsz, nq) or bias.layout.num_keys != k.shape[2]:
-        raise ValueError(f"bias is for [B, Q, K] = [{bias.values.shape[0]}, {bias.values.shape[1]}, "
-                         f"{bias.layout.num_keys}] but q, k give [{bsz}, {nq}, {k.shape[2]}]")
-    if bias.num_heads is not None and bias.num_heads != heads:
-        raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
-    check_device("bias", bias.values, q.device, "q")
-    check_finite("bias.values", bias.values.detach())
-
-
-def _check_dense_bias(bias: torch.Tensor, q, k):
-    check_tensor("bias", bias, ndim=(3, 4), floating=True)
-    bsz, heads, nq, _ = q.shape
-    expected = [(bsz, nq, k.shape[2]), (bsz, heads, nq, k.shape[2]), (bsz, 1, nq, k.shape[2])]
-    if tuple(bias.shape) not in expected:
-        raise ValueError(f"a dense bias must be [B, Q, K] = {list(expected[0])} or [B, H, Q, K] = "
-                         f"{list(expected[1])}, got shape {tuple(bias.shape)}")
-    check_device("bias", bias, q.device, "q")
-    check_finite("bias", bias.detach())
-
-
-def _additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
-    """One additive float mask, 4-D and broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None."""
-    bsz, heads, nq, _ = q.shape
-    nk = k.shape[2]
-    cdt = _compute_dtype(q.dtype)
-    mask = None
-    if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, ndim=(2,))
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (bsz, nk):
-            raise ValueError(f"key_padding_mask must be [B, K] = [{bsz}, {nk}], got {tuple(key_padding_mask.shape)}")
-        check_device("key_padding_mask", key_padding_mask, q.device, "q")
-        mask = torch.zeros(bsz, 1, 1, nk, dtype=cdt, device=q.device).masked_fill(
-            key_padding_mask.view(bsz, 1, 1, nk), float("-inf"))
-    if attn_mask is not None:
-        check_tensor("attn_mask", attn_mask, ndim=(2, 3, 4))
-        try:
-            ok = torch.broadcast_shapes(attn_mask.shape, (bsz, heads, nq, nk)) == (bsz, heads, nq, nk)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"attn_mask must broadcast to [B, H, Q, K] = [{bsz}, {heads}, {nq}, {nk}], "
-                             f"got shape {tuple(attn_mask.shape)}")
-        check_device("attn_mask", attn_mask, q.device, "q")
-        while attn_mask.dim() < 4:
-            attn_mask = attn_mask.unsqueeze(0)
-        if attn_mask.dtype == torch.bool:      # torch SDPA convention: True = takes part in attention
-            am = torch.zeros(attn_mask.shape, dtype=cdt, device=q.device).masked_fill(~attn_mask, float("-inf"))
-        elif attn_mask.is_floating_point():
-            if bool(torch.isnan(attn_mask).any()):
-                raise ValueError("attn_mask contains NaN values")
-            am = attn_mask.detach().to(cdt)
-        else:
-            raise TypeError(f"attn_mask must be bool (True = attend) or floating point, got {attn_mask.dtype}")
-        mask = am if mask is None else mask + am
-    return mask
-
-
-def _entry_mask(mask: torch.Tensor, b: int, hs: slice, local_q: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``[h or 1, n]``: the additive mask at the window entries of batch element ``b`` (no dense expansion)."""
-    m = mask[b if mask.shape[0] > 1 else 0]                                 # [H|1, Q|1, K|1]
-    m = m[hs] if m.shape[0] > 1 else m
-    q = local_q if m.shape[1] > 1 else torch.zeros_like(local_q)
-    k = key if m.shape[2] > 1 else torch.zeros_like(key)
-    return m[:, q, k]
 
 
 def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
@@ -244,9 +145,9 @@ class _SparseBiasAttention(torch.autograd.Function):
         p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device)
         den = torch.ones(bsz, heads, nq, dtype=cdt, device=q.device)
         out = o_d.to(cdt)
-        for b, hs, e0, e1, local_q, bvals in _blocks(win, values, backend, heads, cdt):
-            emask = None if mask is None else _entry_mask(mask, b, hs, local_q, win.key[e0:e1])
-            keep = _entry_keep(win, b, hs, heads, k.shape[2], dropout_p, seed, cdt, e0, e1, local_q)
+        for b, hs, e0, e1, local_q, bvals in entry_blocks(win, values, backend, heads, cdt):
+            emask = None if mask is None else entry_mask(mask, b, hs, local_q, win.key[e0:e1])
+            keep = entry_keep(win, b, hs, heads, k.shape[2], dropout_p, seed, cdt, e0, e1, local_q)
             backend.forward_block(win, b, hs, q, k, v, lse[b, hs].to(cdt), bvals, emask, keep, scale, p[hs, e0:e1],
                                   den[b, hs], out[b, hs], cdt)
         out /= den.unsqueeze(-1)
@@ -285,8 +186,8 @@ class _SparseBiasAttention(torch.autograd.Function):
 
         dvalues = torch.zeros_like(values, dtype=cdt) if ctx.needs_input_grad[3] else None
         go = (gp * out.to(cdt)).sum(-1)                                                    # <g', o> [B, H, Q]
-        for b, hs, e0, e1, local_q, bvals in _blocks(win, values.detach(), backend, heads, cdt):
-            keep = _entry_keep(win, b, hs, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt, e0, e1, local_q)
+        for b, hs, e0, e1, local_q, bvals in entry_blocks(win, values.detach(), backend, heads, cdt):
+            keep = entry_keep(win, b, hs, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt, e0, e1, local_q)
             db = backend.backward_block(win, b, hs, q, k, v, gp, go[b, hs], p[hs, e0:e1], bvals, keep, scale,
                                         dq[b, hs], dk, dv, cdt)
             if dvalues is not None:
@@ -311,27 +212,6 @@ class _SparseBiasAttention(torch.autograd.Function):
         if dvalues is not None:
             dvalues = dvalues.to(values.dtype)
         return dq, dk, dv, dvalues, None, None, None, None, None, None
-
-
-def _blocks(win: WindowIndex, values: torch.Tensor, backend, heads: int, cdt: torch.dtype):
-    """``(b, hs, e0, e1, local_q [n], bias values [h or 1, n])`` per batch element and block of heads."""
-    step = backend.head_block or heads
-    for b in range(win.batch_size):
-        e0, e1 = win.batch_range(b)
-        local_q = win.row[e0:e1] - b * win.num_queries
-        vals = values[e0:e1].to(cdt)
-        for h0 in range(0, heads, step):
-            hs = slice(h0, min(h0 + step, heads))
-            yield b, hs, e0, e1, local_q, (vals.unsqueeze(0) if vals.dim() == 1 else vals[:, hs].t())
-
-
-def _entry_keep(win: WindowIndex, b: int, hs: slice, heads: int, nk: int, dropout_p: float, seed: int,
-                cdt: torch.dtype, e0: int, e1: int, local_q: torch.Tensor):
-    """``[h, n]`` dropout multipliers ``keep / (1 - p)`` of batch element ``b``'s entries ``e0:e1``, or None."""
-    if dropout_p <= 0:
-        return None
-    h = torch.arange(hs.start, hs.stop, device=win.device).unsqueeze(1)
-    return dropout_scale(seed, dropout_p, b, h, local_q, win.key[e0:e1], heads, win.num_queries, nk, cdt)
 
 
 class _ModalityBiasAttention(torch.autograd.Function):
@@ -419,38 +299,21 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
     Returns:
         ``[B, H, Q, D]``.
     """
-    _check_qkv(q, k, v)
-    scale = _check_scale(scale, q)
-    _check_dropout(dropout_p)
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q)
+    check_dropout(dropout_p)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if dense_bias is not None:
-        _check_dense_bias(dense_bias, q, k)
+        check_dense_bias(dense_bias, q, k)
         scores = scores + (dense_bias.unsqueeze(1) if dense_bias.dim() == 3 else dense_bias).to(scores.dtype)
-    mask = _additive_mask(q, k, key_padding_mask, attn_mask)
+    mask = additive_mask(q, k, key_padding_mask, attn_mask)
     if mask is not None:
         scores = scores + mask.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
-        seed = _draw_seed() if dropout_seed is None else int(dropout_seed)
+        seed = draw_seed() if dropout_seed is None else int(dropout_seed)
         probs = probs * dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
     return torch.matmul(probs, v)
-
-
-def _check_scale(scale, q) -> float:
-    if scale is None:
-        return q.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    return float(scale)
-
-
-def _check_dropout(dropout_p):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-
-
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -495,23 +358,23 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         >>> torch.allclose(out, ref, atol=1e-5)
         True
     """
-    _check_qkv(q, k, v)
-    scale = _check_scale(scale, q)
-    _check_dropout(dropout_p)
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q)
+    check_dropout(dropout_p)
     if bias is not None and not isinstance(bias, (SparseBias, ModalityBias, torch.Tensor)):
         raise TypeError(f"bias must be a SparseBias, a ModalityBias, a dense tensor or None, "
                         f"got {type(bias).__name__}")
     if isinstance(bias, SparseBias):
-        _check_sparse_bias(bias, q, k)
+        check_sparse_bias(bias, q, k)
     if isinstance(bias, ModalityBias):
-        _check_modality_bias(bias, q, k)
+        check_modality_bias(bias, q, k)
     name, why = select_backend(q, bias, backend)
     logger.debug("sparse_bias_attention: backend %s (%s)", name, why)
-    seed = 0 if dropout_p == 0 else (_draw_seed() if dropout_seed is None else int(dropout_seed))
+    seed = 0 if dropout_p == 0 else (draw_seed() if dropout_seed is None else int(dropout_seed))
     if name == "dense":
         dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()
         return dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed)
-    mask = _additive_mask(q, k, key_padding_mask, attn_mask)
+    mask = additive_mask(q, k, key_padding_mask, attn_mask)
     if q.shape[2] == 0:
         return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + 0 * q.sum()
     if name == "none":

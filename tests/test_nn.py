@@ -6,7 +6,7 @@ import torch
 from test_windows import random_positions
 
 import sparse_bias as sb
-from sparse_bias.nn import (AQRWeightGenerator, AttentionBiasGenerator, CmtTransformer, PETRTransformerDecoder,
+from sparse_bias.nn import (MLPWeightGenerator, AttentionBiasGenerator, CmtTransformer, PETRTransformerDecoder,
                             PETRTransformerDecoderLayer, SparseBiasMultiheadAttention)
 
 LAYOUT = sb.KeyLayout(bev_shape=(6, 7), cam_shape=(2, 3, 4))        # 42 + 24 = 66 keys
@@ -183,15 +183,15 @@ def test_generator_fp16_and_global_mode():
 @pytest.mark.parametrize("num_heads", [None, 4])
 def test_aqr_weight_generator(activation, init, num_heads):
     torch.manual_seed(0)
-    aqr = AQRWeightGenerator(C, num_heads=num_heads, activation=activation, init_weight=init)
+    aqr = MLPWeightGenerator(C, num_heads=num_heads, activation=activation, init_weight=init)
     lw, cw = aqr(torch.randn(7, 3, C))
     shape = (3, 7) if num_heads is None else (3, 7, num_heads)
     assert lw.shape == cw.shape == shape
     assert float((lw.detach() - init).abs().max()) < 0.05 and float((cw.detach() - init).abs().max()) < 0.05
-    lw_bf, _ = AQRWeightGenerator(C, batch_first=True)(torch.randn(3, 7, C))
+    lw_bf, _ = MLPWeightGenerator(C, batch_first=True)(torch.randn(3, 7, C))
     assert lw_bf.shape == (3, 7)
     with pytest.raises(ValueError, match="init_weight"):
-        AQRWeightGenerator(C, activation="tanh", init_weight=1.5)
+        MLPWeightGenerator(C, activation="tanh", init_weight=1.5)
 
 
 # ---- ModalityBias (use_local_bias=False) ---------------------------------------------------------------

@@ -1,7 +1,39 @@
-"""The window correction of one (batch element, head block), written once on top of three primitives."""
+"""The window terms of one (batch element, head block), written once on top of the backend primitives.
+
+Two uses: the sparse *correction* of :func:`sparse_bias.sparse_bias_attention` (``forward_block`` /
+``backward_block``) and the local-mask softmax of :func:`sparse_bias.window_attention`
+(``window_forward_block`` / ``window_backward_block``).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+
+
+@dataclass
+class WindowBlock:
+    """The window entries of batch element ``b`` for the heads ``hs`` (``h`` heads, ``n`` entries).
+
+    Attributes:
+        b: batch element.
+        hs: slice of heads.
+        e0, e1: the entries ``e0:e1`` of the :class:`~sparse_bias.WindowIndex` (all of ``b``'s).
+        local_q: LongTensor ``[n]``, the query of each entry (``0 <= q < Q``).
+        bvals: bias values ``[h or 1, n]`` in the compute dtype, or None.
+        emask: additive mask at the entries ``[h or 1, n]`` (``-inf`` = masked key), or None.
+        keep: dropout multipliers ``keep / (1 - p)`` ``[h, n]``, or None.
+    """
+
+    b: int
+    hs: slice
+    e0: int
+    e1: int
+    local_q: torch.Tensor
+    bvals: Optional[torch.Tensor] = None
+    emask: Optional[torch.Tensor] = None
+    keep: Optional[torch.Tensor] = None
 
 
 class Backend:
@@ -16,6 +48,59 @@ class Backend:
 
     def can_run(self, device, dtype):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # Segment reductions over each query's entries (CSR rows). Measured on [1, 211k] entries, 900 rows (CPU):
+    # max -- scatter_reduce 0.16 ms, torch-scatter segment_csr 0.21 ms, torch.segment_reduce 0.53 ms;
+    # sum -- torch.segment_reduce 0.12 ms, index_add_ 0.53 ms, segment_csr 0.57 ms. The scatter backend
+    # overrides both with segment_csr.
+
+    def segment_max(self, win, blk: WindowBlock, vals):
+        """``[h, Q]``: the maximum of ``vals [h, n]`` over each query's entries (``-inf`` for none)."""
+        out = torch.full((vals.shape[0], win.num_queries), float("-inf"), dtype=vals.dtype, device=vals.device)
+        return out.scatter_reduce_(1, blk.local_q.expand_as(vals), vals, reduce="amax", include_self=True)
+
+    def segment_sum(self, win, blk: WindowBlock, vals):
+        """``[h, Q]``: the sum of ``vals [h, n]`` over each query's entries (0 for none)."""
+        nq = win.num_queries
+        offsets = win.indptr[blk.b * nq:(blk.b + 1) * nq + 1] - blk.e0
+        return torch.segment_reduce(vals, "sum", offsets=offsets.expand(vals.shape[0], -1), axis=1)
+
+    # window attention: softmax over each query's entries only
+
+    def window_forward_block(self, win, blk: WindowBlock, q, k, v, scale, p_out, out, cdt):
+        """Local-mask attention of one block: ``p = softmax`` over each query's entries of
+        ``scale <q, k_j> + bias_j + mask_j``, written into ``p_out [h, n]``; ``sum_j p_j keep_j v_j`` into
+        ``out [h, Q, D]``. A query without an unmasked entry gets ``p = 0`` (a zero output)."""
+        s = self.sddmm(win, blk.b, blk.hs, q, k, cdt).mul_(scale)
+        if blk.bvals is not None:
+            s += blk.bvals
+        if blk.emask is not None:
+            s += blk.emask
+        m = self.segment_max(win, blk, s)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                        # empty / masked rows
+        s -= m[:, blk.local_q]
+        e = s.exp_()
+        den = self.segment_sum(win, blk, e)
+        inv = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+        torch.mul(e, inv[:, blk.local_q], out=p_out)
+        out += self.spmm(win, blk.b, blk.hs, p_out if blk.keep is None else p_out * blk.keep, v, cdt)
+
+    def window_backward_block(self, win, blk: WindowBlock, q, k, v, g, go, p, scale, dq, dk, dv, cdt):
+        """Backward of :meth:`window_forward_block`: ``g [B, H, Q, D]``, ``go = <g, o>`` ``[h, Q]``, ``p [h, n]``.
+
+        With ``ds_j = p_j (keep_j <g, v_j> - <g, o>)``: adds ``scale sum_j ds_j k_j`` into ``dq [h, Q, D]``,
+        ``scale ds_j q`` and ``p_j keep_j g`` into ``dk``, ``dv [B, H, K, D]``; returns ``ds [h, n]`` (the
+        gradient of the bias values).
+        """
+        self.spmm_t(win, blk.b, blk.hs, p if blk.keep is None else p * blk.keep, g, dv, cdt)
+        diff = self.sddmm(win, blk.b, blk.hs, g, v, cdt)                                 # <g, v_j>
+        if blk.keep is not None:
+            diff.mul_(blk.keep)
+        diff.sub_(go[:, blk.local_q])
+        ds = diff.mul_(p)
+        dq += self.spmm(win, blk.b, blk.hs, ds, k, cdt) * scale
+        self.spmm_t(win, blk.b, blk.hs, ds * scale, q, dk, cdt)
+        return ds
 
     def forward_block(self, win, b, hs, q, k, v, lse, bvals, emask, keep, scale, p_out, den, out, cdt):
         """Window terms of batch element ``b``, heads ``hs``.

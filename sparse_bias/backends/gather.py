@@ -105,3 +105,16 @@ class ScatterBackend(_GatherBackend):
     def _query_sum(self, vals, local_q, local_indptr, num_queries):
         from torch_scatter import segment_csr
         return segment_csr(vals, local_indptr.expand(vals.shape[0], -1), reduce="sum")
+
+    def _segment(self, win, blk, vals, reduce):
+        from torch_scatter import segment_csr
+        nq = win.num_queries
+        indptr = win.indptr[blk.b * nq:(blk.b + 1) * nq + 1] - blk.e0
+        return segment_csr(vals, indptr.expand(vals.shape[0], -1), reduce=reduce)
+
+    def segment_max(self, win, blk, vals):
+        out = self._segment(win, blk, vals, "max")
+        return out.masked_fill_(win.counts()[blk.b] == 0, float("-inf"))     # segment_csr gives 0 for none
+
+    def segment_sum(self, win, blk, vals):
+        return self._segment(win, blk, vals, "sum")

@@ -3,7 +3,8 @@
 They own parameters and call the functional op :func:`sparse_bias.sparse_bias_attention`.
 """
 from .attention import SparseBiasMultiheadAttention
-from .generators import AQRWeightGenerator, AttentionBiasGenerator
+from .aqr import AQROutput, AQRWeightGenerator, Projection
+from .generators import AttentionBiasGenerator, MLPWeightGenerator
 from .registry import register_modules
 from .transformer import FFN, CmtTransformer, PETRTransformerDecoder, PETRTransformerDecoderLayer
 
@@ -11,6 +12,9 @@ __all__ = [
     "SparseBiasMultiheadAttention",
     "AttentionBiasGenerator",
     "AQRWeightGenerator",
+    "AQROutput",
+    "Projection",
+    "MLPWeightGenerator",
     "FFN",
     "PETRTransformerDecoderLayer",
     "PETRTransformerDecoder",

@@ -11,6 +11,8 @@ from torch import nn
 
 from ..attention import dense_bias_attention, sparse_bias_attention
 from ..bias import SparseBias
+from ..window_attention import window_attention
+from ..windows import WindowIndex
 
 __all__ = ["SparseBiasMultiheadAttention"]
 
@@ -58,7 +60,7 @@ class SparseBiasMultiheadAttention(nn.Module):
         self.dropout_layer = _build_dropout(dropout_layer)
 
     def forward(self, query, key=None, value=None, identity=None, query_pos=None, key_pos=None, attn_mask=None,
-                key_padding_mask=None, attention_bias=None, **kwargs):
+                key_padding_mask=None, attention_bias=None, local_window=None, **kwargs):
         """mmcv's ``MultiheadAttention.forward`` plus ``attention_bias``.
 
         Args:
@@ -71,9 +73,14 @@ class SparseBiasMultiheadAttention(nn.Module):
                 when their shapes match (mmcv's rule).
             attn_mask: ``nn.MultiheadAttention`` convention: bool ``[Q, K]`` or ``[B * H, Q, K]`` with
                 True = *not* allowed, or an additive float mask of those shapes.
+                A :class:`WindowIndex` here is taken as ``local_window`` (so ``attn_masks=[win]`` of a PETR
+                decoder layer turns a LAM layer's dense mask into window attention).
             key_padding_mask: bool ``[B, K]``, True = ignore.
             attention_bias: a :class:`SparseBias` / :class:`ModalityBias`, a dense ``[B, Q, K]`` or
-                ``[B, H, Q, K]`` tensor, or None.
+                ``[B, H, Q, K]`` tensor, or None. With ``local_window``: a :class:`SparseBias` on that index, or None.
+            local_window: a :class:`WindowIndex` for ``[B, Q]`` queries over the ``K`` keys: a local attention
+                mask. Each query attends only to its window keys (:func:`sparse_bias.window_attention`, exact, no
+                dense mask); a query without window keys gets a zero attention output.
 
         Returns:
             ``[Q, B, C]`` (``[B, Q, C]`` with ``batch_first``): ``identity + dropout(proj(attention))``.
@@ -101,12 +108,26 @@ class SparseBiasMultiheadAttention(nn.Module):
         k = nn.functional.linear(key, w[c:2 * c], None if bias is None else bias[c:2 * c])
         v = nn.functional.linear(value, w[2 * c:], None if bias is None else bias[2 * c:])
         q, k, v = (rearrange(t, f"{layout} -> b h n d", h=heads) for t in (q, k, v))
-        mask = _convert_attn_mask(attn_mask, q.shape[0], heads, q.shape[2], k.shape[2])
         dropout_p = self.attn_drop if self.training else 0.0
-        out = sparse_bias_attention(q, k, v, attention_bias, key_padding_mask=key_padding_mask, attn_mask=mask,
-                                    dropout_p=dropout_p, backend=self.backend)
-        if isinstance(attention_bias, SparseBias) and getattr(attention_bias, "debug", False):
-            _debug_check(q, k, v, attention_bias, key_padding_mask, mask, out)
+        if isinstance(attn_mask, WindowIndex):
+            if local_window is not None and local_window is not attn_mask:
+                raise ValueError("attn_mask is a WindowIndex and local_window is another one; pass one local mask")
+            local_window, attn_mask = attn_mask, None
+        if local_window is not None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask and local_window were both given: the local window is the attention "
+                                 "mask (pass one of them)")
+            if attention_bias is not None and not isinstance(attention_bias, SparseBias):
+                raise TypeError(f"with local_window, attention_bias must be a SparseBias on that window index or "
+                                f"None, got {type(attention_bias).__name__}")
+            out = window_attention(q, k, v, local_window, bias=attention_bias, key_padding_mask=key_padding_mask,
+                                   dropout_p=dropout_p, backend=self.backend)
+        else:
+            mask = _convert_attn_mask(attn_mask, q.shape[0], heads, q.shape[2], k.shape[2])
+            out = sparse_bias_attention(q, k, v, attention_bias, key_padding_mask=key_padding_mask, attn_mask=mask,
+                                        dropout_p=dropout_p, backend=self.backend)
+            if isinstance(attention_bias, SparseBias) and getattr(attention_bias, "debug", False):
+                _debug_check(q, k, v, attention_bias, key_padding_mask, mask, out)
         out = self.attn.out_proj(rearrange(out, f"b h n d -> {layout}"))
         return identity + self.dropout_layer(self.proj_drop(out))
 

@@ -1,4 +1,8 @@
-"""Modules producing the bias: the AQR weight head and the attention-bias generator of the origin design."""
+"""Modules producing the bias: the attention-bias generator of the origin design and a light MLP weight head.
+
+The AQR weight generator of the MoME / CMTTEST pipelines (a LAM decoder layer over the memory) is
+:class:`sparse_bias.nn.AQRWeightGenerator` in :mod:`sparse_bias.nn.aqr`.
+"""
 from __future__ import annotations
 
 import math
@@ -12,16 +16,17 @@ from ..bias import ModalityBias, SparseBias, window_bias
 from ..layout import KeyLayout
 from ..windows import local_windows
 
-__all__ = ["AttentionBiasGenerator", "AQRWeightGenerator"]
+__all__ = ["AttentionBiasGenerator", "MLPWeightGenerator"]
 
 CMT_BEV_SHAPE = (180, 180)
 CMT_PERS_SHAPE = (6, 40, 100)
 
 
-class AQRWeightGenerator(nn.Module):
-    """Per-query, per-modality weights ("AQR" weights) from the query features.
+class MLPWeightGenerator(nn.Module):
+    """Per-query, per-modality weights from the query features alone (a light stand-in for AQR).
 
-    A two-layer MLP maps each query feature to a LiDAR and a camera weight (one per head with
+    It never looks at the memory: the AQR of the MoME / CMTTEST pipelines is
+    :class:`sparse_bias.nn.AQRWeightGenerator`. A two-layer MLP maps each query feature to a LiDAR and a camera weight (one per head with
     ``num_heads``), squashed by a sigmoid (range [0, 1]) or tanh ([-1, 1]). The last layer starts with
     small weights and a bias that puts every initial weight at ``init_weight``.
 

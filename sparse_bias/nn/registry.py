@@ -25,8 +25,8 @@ _TARGETS = {
 
 def register_modules() -> Dict[str, List[str]]:
     """Register the modules in every importable registry; returns ``{registry: [names]}`` for what was done."""
-    from . import attention, generators, transformer
-    classes = {name: getattr(mod, name) for mod in (attention, generators, transformer) for name in mod.__all__}
+    from . import aqr, attention, generators, transformer
+    classes = {name: getattr(mod, name) for mod in (aqr, attention, generators, transformer) for name in mod.__all__}
     done = {}
     for (module, attr), names in _TARGETS.items():
         try:

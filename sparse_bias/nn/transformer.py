@@ -1,13 +1,13 @@
 """CMT / PETR decoder modules (mmcv 1.x calling conventions, no mmcv dependency)."""
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from ..windows import WindowIndex
 from .attention import SparseBiasMultiheadAttention
 
 __all__ = ["FFN", "PETRTransformerDecoderLayer", "PETRTransformerDecoder", "CmtTransformer"]
@@ -16,13 +16,17 @@ DEFAULT_ORDER = ("self_attn", "norm", "cross_attn", "norm", "ffn", "norm")
 
 
 class FFN(nn.Module):
-    """mmcv's FFN: ``identity + (Linear -> ReLU -> Dropout -> Linear -> Dropout)(x)``; shapes ``[..., C]``."""
+    """mmcv's FFN: ``identity + (Linear -> ReLU -> Dropout -> Linear -> Dropout)(x)``; shapes ``[..., C]``.
+
+    Laid out as mmcv lays it out (``layers.0.0`` the first Linear, ``layers.1`` the second), so mmcv
+    checkpoints load unchanged.
+    """
 
     def __init__(self, embed_dims: int = 256, feedforward_channels: int = 1024, ffn_drop: float = 0.0):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True),
-                                    nn.Dropout(ffn_drop), nn.Linear(feedforward_channels, embed_dims),
-                                    nn.Dropout(ffn_drop))
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True), nn.Dropout(ffn_drop)),
+            nn.Linear(feedforward_channels, embed_dims), nn.Dropout(ffn_drop))
 
     def forward(self, x, identity=None):
         return (x if identity is None else identity) + self.layers(x)
@@ -38,8 +42,9 @@ class PETRTransformerDecoderLayer(nn.Module):
         embed_dims: ``C``.
         num_heads: ``H``.
         feedforward_channels: the FFN width.
-        dropout: attention dropout, residual dropout of the attentions, and FFN dropout (PETR's single
-            ``dropout=0.1`` setting).
+        dropout: attention dropout and residual dropout of the attentions (mmcv's ``dropout=0.1``).
+        ffn_drop: FFN dropout. PETR's decoder layer passes ``ffn_dropout=0.0`` to mmcv, which overrides the
+            config's ``ffn_drop``: CMT trains with 0, the default here.
         operation_order: mmcv's tuple of ``"self_attn"``, ``"cross_attn"``, ``"norm"``, ``"ffn"``; a
             leading ``"norm"`` makes it pre-norm.
         backend: backend of :func:`sparse_bias.sparse_bias_attention`.
@@ -47,7 +52,7 @@ class PETRTransformerDecoderLayer(nn.Module):
 
     def __init__(self, embed_dims: int = 256, num_heads: int = 8, feedforward_channels: int = 1024,
                  dropout: float = 0.1, operation_order: Sequence[str] = DEFAULT_ORDER, batch_first: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", ffn_drop: float = 0.0):
         super().__init__()
         bad = set(operation_order) - {"self_attn", "cross_attn", "norm", "ffn"}
         if bad:
@@ -59,17 +64,22 @@ class PETRTransformerDecoderLayer(nn.Module):
             SparseBiasMultiheadAttention(embed_dims, num_heads, attn_drop=dropout,
                                          dropout_layer=dict(type="Dropout", drop_prob=dropout),
                                          batch_first=batch_first, backend=backend) for _ in range(n_attn))
-        self.ffns = nn.ModuleList(FFN(embed_dims, feedforward_channels, dropout)
+        self.ffns = nn.ModuleList(FFN(embed_dims, feedforward_channels, ffn_drop)
                                   for _ in range(self.operation_order.count("ffn")))
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(self.operation_order.count("norm")))
 
     def forward(self, query, key=None, value=None, query_pos=None, key_pos=None, attn_masks=None,
-                query_key_padding_mask=None, key_padding_mask=None, attention_bias=None, **kwargs):
+                query_key_padding_mask=None, key_padding_mask=None, attention_bias=None, local_window=None,
+                **kwargs):
         """Shapes: query ``[Q, B, C]``, key/value ``[K, B, C]`` (batch-first when asked); ``attn_masks`` a list
-        with one mask per attention (or one tensor for all); returns ``[Q, B, C]``."""
+        with one mask per attention (or one for all); returns ``[Q, B, C]``.
+
+        ``local_window`` (a :class:`~sparse_bias.WindowIndex`) makes the cross-attention a local-mask (LAM)
+        window attention; a ``WindowIndex`` in ``attn_masks`` at the cross-attention's place does the same.
+        """
         n_attn = len(self.attentions)
-        if attn_masks is None or isinstance(attn_masks, torch.Tensor):
-            attn_masks = [copy.copy(attn_masks) for _ in range(n_attn)]
+        if attn_masks is None or isinstance(attn_masks, (torch.Tensor, WindowIndex)):
+            attn_masks = [attn_masks] * n_attn
         elif len(attn_masks) != n_attn:
             raise ValueError(f"attn_masks must hold {n_attn} masks (one per attention), got {len(attn_masks)}")
         norm_i = attn_i = ffn_i = 0
@@ -87,7 +97,8 @@ class PETRTransformerDecoderLayer(nn.Module):
             elif op == "cross_attn":
                 query = self.attentions[attn_i](query, key, value, identity if self.pre_norm else None,
                                                 query_pos=query_pos, key_pos=key_pos, attn_mask=attn_masks[attn_i],
-                                                key_padding_mask=key_padding_mask, attention_bias=attention_bias)
+                                                key_padding_mask=key_padding_mask, attention_bias=attention_bias,
+                                                local_window=local_window)
                 attn_i += 1
                 identity = query
             else:

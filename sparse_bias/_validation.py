@@ -1,0 +1,128 @@
+"""Input validation shared by the attention entry points (:mod:`sparse_bias.attention`,
+:mod:`sparse_bias.window_attention`): every error names the argument and the bad value."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import check_device, check_finite, check_tensor
+from .bias import ModalityBias, SparseBias
+from .kernels import compute_dtype as _compute_dtype
+
+
+def check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=(4,), floating=True)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, H, K, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q [B, H, Q, D] and k [B, H, K, D] disagree: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_device("k", k, q.device, "q")
+    check_device("v", v, q.device, "q")
+
+
+def check_sparse_bias(bias: SparseBias, q, k):
+    idx = bias.index
+    bsz, heads, nq, _ = q.shape
+    if (idx.batch_size, idx.num_queries, idx.layout.num_keys) != (bsz, nq, k.shape[2]):
+        raise ValueError(f"bias is for [B, Q, K] = [{idx.batch_size}, {idx.num_queries}, {idx.layout.num_keys}] "
+                         f"but q, k give [{bsz}, {nq}, {k.shape[2]}]")
+    if bias.num_heads is not None and bias.num_heads != heads:
+        raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
+    check_device("bias", bias.values, q.device, "q")
+    if idx.nnz and (int(idx.key.min()) < 0 or int(idx.key.max()) >= k.shape[2]):
+        raise ValueError(f"bias.index.key holds keys outside [0, {k.shape[2]})")
+    check_finite("bias.values", bias.values.detach())
+
+
+def check_modality_bias(bias: ModalityBias, q, k):
+    bsz, heads, nq, _ = q.shape
+    if tuple(bias.values.shape[:2]) != (bsz, nq) or bias.layout.num_keys != k.shape[2]:
+        raise ValueError(f"bias is for [B, Q, K] = [{bias.values.shape[0]}, {bias.values.shape[1]}, "
+                         f"{bias.layout.num_keys}] but q, k give [{bsz}, {nq}, {k.shape[2]}]")
+    if bias.num_heads is not None and bias.num_heads != heads:
+        raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
+    check_device("bias", bias.values, q.device, "q")
+    check_finite("bias.values", bias.values.detach())
+
+
+def check_dense_bias(bias: torch.Tensor, q, k):
+    check_tensor("bias", bias, ndim=(3, 4), floating=True)
+    bsz, heads, nq, _ = q.shape
+    expected = [(bsz, nq, k.shape[2]), (bsz, heads, nq, k.shape[2]), (bsz, 1, nq, k.shape[2])]
+    if tuple(bias.shape) not in expected:
+        raise ValueError(f"a dense bias must be [B, Q, K] = {list(expected[0])} or [B, H, Q, K] = "
+                         f"{list(expected[1])}, got shape {tuple(bias.shape)}")
+    check_device("bias", bias, q.device, "q")
+    check_finite("bias", bias.detach())
+
+
+def additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
+    """One additive float mask, 4-D and broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None."""
+    bsz, heads, nq, _ = q.shape
+    nk = k.shape[2]
+    cdt = _compute_dtype(q.dtype)
+    mask = None
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=(2,))
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (bsz, nk):
+            raise ValueError(f"key_padding_mask must be [B, K] = [{bsz}, {nk}], got {tuple(key_padding_mask.shape)}")
+        check_device("key_padding_mask", key_padding_mask, q.device, "q")
+        mask = torch.zeros(bsz, 1, 1, nk, dtype=cdt, device=q.device).masked_fill(
+            key_padding_mask.view(bsz, 1, 1, nk), float("-inf"))
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask, ndim=(2, 3, 4))
+        try:
+            ok = torch.broadcast_shapes(attn_mask.shape, (bsz, heads, nq, nk)) == (bsz, heads, nq, nk)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask must broadcast to [B, H, Q, K] = [{bsz}, {heads}, {nq}, {nk}], "
+                             f"got shape {tuple(attn_mask.shape)}")
+        check_device("attn_mask", attn_mask, q.device, "q")
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+        if attn_mask.dtype == torch.bool:      # torch SDPA convention: True = takes part in attention
+            am = torch.zeros(attn_mask.shape, dtype=cdt, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask.is_floating_point():
+            if bool(torch.isnan(attn_mask).any()):
+                raise ValueError("attn_mask contains NaN values")
+            am = attn_mask.detach().to(cdt)
+        else:
+            raise TypeError(f"attn_mask must be bool (True = attend) or floating point, got {attn_mask.dtype}")
+        mask = am if mask is None else mask + am
+    return mask
+
+
+def entry_mask(mask: torch.Tensor, b: int, hs: slice, local_q: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``[h or 1, n]``: the additive mask at the window entries of batch element ``b`` (no dense expansion)."""
+    m = mask[b if mask.shape[0] > 1 else 0]                                 # [H|1, Q|1, K|1]
+    m = m[hs] if m.shape[0] > 1 else m
+    q = local_q if m.shape[1] > 1 else torch.zeros_like(local_q)
+    k = key if m.shape[2] > 1 else torch.zeros_like(key)
+    return m[:, q, k]
+
+
+
+def check_scale(scale, q) -> float:
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def check_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+

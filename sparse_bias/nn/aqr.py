@@ -1,0 +1,206 @@
+"""AQR: per-query LiDAR / camera weights from a one-layer PETR decoder with a local attention mask (LAM).
+
+The weight generator of MoME's ``AQR_with_LAM`` and of CMTTEST's ``AQRWeightGenerator``: zero queries
+with the query embeddings as positions cross-attend to the whole memory, restricted to each query's camera
+window and BEV window, then ``tanh(Linear(C, 2))`` gives a LiDAR and a camera weight in ``[-1, 1]``. Here
+the mask is a :class:`~sparse_bias.WindowIndex` and the cross-attention is
+:func:`sparse_bias.window_attention` -- exact, O(nnz * D), no ``[B * heads, Q, K]`` bool tensor.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .._checks import check_tensor
+from ..layout import KeyLayout
+from ..projection import project_points
+from ..windows import WindowIndex, local_windows
+from .transformer import PETRTransformerDecoder
+
+__all__ = ["AQRWeightGenerator", "AQROutput", "Projection"]
+
+CMT_PC_RANGE = (-54.0, -54.0, -5.0, 54.0, 54.0, 3.0)
+LAM_ORDER = ("cross_attn", "norm", "ffn", "norm")
+TYPE_EMBED_MODES = ("keys", "queries", "unused")
+UNSEEN_MODES = ("corner", "none")
+
+
+class Projection(NamedTuple):
+    """Where the reference points landed, computed once and shared by the AQR and the bias generator.
+
+    Attributes:
+        bev_pos: LongTensor ``[B, Q, 2]`` BEV cells ``(row, col)`` (``-1`` = none).
+        cam_pos: LongTensor ``[B, Q, M, 3]`` camera cells ``(view, row, col)`` (``view -1`` = none).
+        local_window: the AQR's local attention mask (:class:`~sparse_bias.WindowIndex`).
+    """
+
+    bev_pos: Optional[torch.Tensor]
+    cam_pos: Optional[torch.Tensor]
+    local_window: WindowIndex
+
+
+class AQROutput(NamedTuple):
+    """``(lidar_weights [B, Q], camera_weights [B, Q], projection)``, each weight in ``[-1, 1]``."""
+
+    lidar_weights: torch.Tensor
+    camera_weights: torch.Tensor
+    projection: Projection
+
+
+class AQRWeightGenerator(nn.Module):
+    """AQR weights from a one-layer PETR decoder whose cross-attention is window attention (the LAM).
+
+    Parameter names follow CMTTEST's ``AQRWeightGenerator`` (``encoder.layers.0.attentions.0.attn.*``,
+    ``encoder.layers.0.norms.{0,1}.*``, ``encoder.layers.0.ffns.0.layers.{0.0,1}.*``, ``encoder.post_norm.*``,
+    ``weight_predictor.*``, ``bev_type_embed``, ``rv_type_embed``), so its checkpoints load.
+
+    Args:
+        embed_dims: ``C``.
+        num_heads: heads of the LAM cross-attention (4 in MoME / CMTTEST).
+        feedforward_channels: FFN width.
+        dropout: attention dropout and residual dropout of the cross-attention (mmcv ``dropout=0.1``).
+        ffn_drop: FFN dropout (0 in PETR layers, which override the config's value).
+        window_sizes: ``[camera, bev]`` window sizes (MoME's order), odd ints; default ``[15, 5]``.
+        use_type_embed: create ``bev_type_embed`` / ``rv_type_embed`` (``[C]`` each).
+        type_embed: where they go: ``"keys"`` (added to the memory positions of the BEV / camera keys),
+            ``"queries"`` (both added to the query embedding, as MoME does) or ``"unused"`` (created but not
+            used, as CMTTEST's code does -- choose it to reproduce a CMTTEST checkpoint).
+        pc_range: ``[x_min, y_min, z_min, x_max, y_max, z_max]`` the reference points are normalised over.
+        layout: the :class:`~sparse_bias.KeyLayout` of the memory (default from the two feature shapes).
+        bev_feature_shape, pers_feature_shape: ``(H, W)`` and ``(V, Hc, Wc)`` (CMT's ``(180, 180)`` /
+            ``(6, 40, 100)``) when no layout is given.
+        unseen_camera: a point no camera sees: ``"corner"`` = a camera window at view 0, cell (0, 0), as MoME's
+            and CMTTEST's projection does (``pts_pers`` set to 0), or ``"none"`` = no camera window.
+        init_bias: initial bias of ``weight_predictor`` (1.5: weights start at tanh(1.5) = 0.905).
+        batch_first: ``[B, N, C]`` tensors instead of ``[N, B, C]``.
+        backend: backend of :func:`sparse_bias.window_attention`.
+
+    Shapes (``forward``): ``query_embed [Q, B, C]``, ``memory`` and ``pos_embed [K, B, C]`` (batch-first:
+    ``[B, Q, C]``, ``[B, K, C]``), ``ref_points [B, Q, 3]`` normalised to [0, 1] over ``pc_range``,
+    ``lidar2img [B, V, 4, 4]``, ``img_shape = (height, width)`` of the padded image.
+    """
+
+    def __init__(self, embed_dims: int = 256, num_heads: int = 4, feedforward_channels: int = 1024,
+                 dropout: float = 0.1, ffn_drop: float = 0.0, window_sizes: Sequence[int] = (15, 5),
+                 use_type_embed: bool = True, type_embed: str = "keys", pc_range: Sequence[float] = CMT_PC_RANGE,
+                 layout: Optional[KeyLayout] = None, bev_feature_shape=(180, 180), pers_feature_shape=(6, 40, 100),
+                 unseen_camera: str = "corner", init_bias: float = 1.5, batch_first: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if layout is None:
+            layout = KeyLayout(bev_shape=tuple(bev_feature_shape), cam_shape=tuple(pers_feature_shape))
+        if not isinstance(layout, KeyLayout):
+            raise TypeError(f"layout must be a KeyLayout or None, got {type(layout).__name__}")
+        if not isinstance(window_sizes, (tuple, list)) or len(window_sizes) != 2:
+            raise ValueError(f"window_sizes must be [camera, bev] window sizes, got {window_sizes!r}")
+        for name, size in zip(("window_sizes[0] (camera)", "window_sizes[1] (bev)"), window_sizes):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+                raise ValueError(f"{name} must be an odd positive int, got {size!r}")
+        if type_embed not in TYPE_EMBED_MODES:
+            raise ValueError(f"type_embed must be one of {TYPE_EMBED_MODES}, got {type_embed!r}")
+        if unseen_camera not in UNSEEN_MODES:
+            raise ValueError(f"unseen_camera must be one of {UNSEEN_MODES}, got {unseen_camera!r}")
+        self.layout, self.embed_dims, self.num_heads = layout, embed_dims, num_heads
+        self.window_sizes = tuple(window_sizes)
+        self.pc_range = tuple(float(x) for x in pc_range)
+        self.use_type_embed, self.type_embed, self.unseen_camera = use_type_embed, type_embed, unseen_camera
+        self.batch_first = batch_first
+        self.encoder = PETRTransformerDecoder(num_layers=1, return_intermediate=True, post_norm=True,
+                                              embed_dims=embed_dims, num_heads=num_heads,
+                                              feedforward_channels=feedforward_channels, dropout=dropout,
+                                              ffn_drop=ffn_drop, operation_order=LAM_ORDER, backend=backend)
+        self.weight_predictor = nn.Linear(embed_dims, 2)
+        if use_type_embed:
+            self.bev_type_embed = nn.Parameter(torch.randn(embed_dims))
+            self.rv_type_embed = nn.Parameter(torch.randn(embed_dims))
+        self.init_bias = init_bias
+        self.init_weights()
+
+    def init_weights(self):
+        """Xavier-uniform for every matrix, ``weight_predictor.bias = init_bias`` (as CMTTEST)."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.constant_(self.weight_predictor.bias, self.init_bias)
+
+    def project(self, ref_points: torch.Tensor, lidar2img: Optional[torch.Tensor] = None,
+                img_shape: Optional[Sequence[int]] = None) -> tuple:
+        """``(bev_pos [B, Q, 2], cam_pos [B, Q, 1, 3])``: the BEV cell and the first camera view that sees each
+        point (MoME's projection); unseen points per ``unseen_camera``."""
+        bev_pos, cam_pos = project_points(ref_points, self.pc_range, self.layout, lidar2img, img_shape, max_views=1)
+        if cam_pos is not None and self.unseen_camera == "corner":
+            cam_pos = cam_pos.masked_fill(cam_pos[..., :1] < 0, 0)
+        return bev_pos, cam_pos
+
+    def local_window(self, bev_pos: Optional[torch.Tensor], cam_pos: Optional[torch.Tensor]) -> WindowIndex:
+        """The LAM as a :class:`~sparse_bias.WindowIndex`: camera window ``window_sizes[0]``, BEV ``window_sizes[1]``."""
+        cam_window, bev_window = self.window_sizes
+        return local_windows(self.layout, bev_pos if self.layout.bev_shape else None,
+                             cam_pos if self.layout.cam_shape else None, bev_window=bev_window, cam_window=cam_window)
+
+    def forward(self, query_embed: torch.Tensor, memory: torch.Tensor, pos_embed: torch.Tensor,
+                ref_points: Optional[torch.Tensor] = None, lidar2img: Optional[torch.Tensor] = None,
+                img_shape: Optional[Sequence[int]] = None, *, bev_pos: Optional[torch.Tensor] = None,
+                cam_pos: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                dense_mask: bool = False) -> AQROutput:
+        """LiDAR and camera weights of every query.
+
+        Args:
+            query_embed: ``[Q, B, C]`` query positional embeddings (the decoder's queries start at zero).
+            memory: ``[K, B, C]`` memory, keys in layout order (BEV, then cameras).
+            pos_embed: ``[K, B, C]`` memory positions.
+            ref_points: ``[B, Q, 3]`` normalised reference points (not needed when ``bev_pos``/``cam_pos`` are given).
+            lidar2img: ``[B, V, 4, 4]``; img_shape: padded ``(height, width)``.
+            bev_pos, cam_pos: a projection computed elsewhere (``[B, Q, 2]``, ``[B, Q, (M,) 3]``) instead.
+            key_padding_mask: bool ``[B, K]``, True = ignore.
+            dense_mask: run the cross-attention with the dense bool LAM ``[B * heads, Q, K]`` (MoME's current
+                practice; memory ``O(B * heads * Q * K)``) instead of window attention -- for comparisons.
+
+        Returns:
+            :class:`AQROutput` ``(lidar_weights [B, Q], camera_weights [B, Q], projection)``.
+        """
+        query_embed, memory, pos_embed = (t if not self.batch_first else t.transpose(0, 1)
+                                          for t in (query_embed, memory, pos_embed))
+        for name, t in (("query_embed", query_embed), ("memory", memory), ("pos_embed", pos_embed)):
+            check_tensor(name, t, ndim=(3,), floating=True)
+        layout_name = "[B, N, C]" if self.batch_first else "[N, B, C]"
+        nk, bsz, c = memory.shape
+        if c != self.embed_dims or pos_embed.shape != memory.shape:
+            raise ValueError(f"memory and pos_embed must both be {layout_name} with C = {self.embed_dims} "
+                             f"(batch_first={self.batch_first}), got {tuple(memory.shape)} and {tuple(pos_embed.shape)}")
+        if nk != self.layout.num_keys:
+            raise ValueError(f"memory has {nk} keys but the layout has {self.layout.num_keys} ({self.layout!r})")
+        if query_embed.shape[1:] != (bsz, c):
+            raise ValueError(f"query_embed must be {layout_name} = [Q, {bsz}, {c}] (batch_first={self.batch_first}), "
+                             f"got {tuple(query_embed.shape)}")
+        if bev_pos is None and cam_pos is None:
+            if ref_points is None:
+                raise ValueError("AQRWeightGenerator needs ref_points (with lidar2img, img_shape) or bev_pos/cam_pos")
+            bev_pos, cam_pos = self.project(ref_points, lidar2img, img_shape)
+        win = self.local_window(bev_pos, cam_pos)
+        if win.batch_size != bsz or win.num_queries != query_embed.shape[0]:
+            raise ValueError(f"the projection is for [B, Q] = [{win.batch_size}, {win.num_queries}] but query_embed "
+                             f"gives [{bsz}, {query_embed.shape[0]}]")
+
+        if self.use_type_embed and self.type_embed == "keys":
+            nb = self.layout.num_bev_keys
+            type_pos = torch.cat([self.bev_type_embed.expand(nb, c), self.rv_type_embed.expand(nk - nb, c)])
+            pos_embed = pos_embed + type_pos.unsqueeze(1)
+        elif self.use_type_embed and self.type_embed == "queries":
+            query_embed = query_embed + self.bev_type_embed + self.rv_type_embed
+        if dense_mask:
+            blocked = ~win.to_dense_mask()                                                  # [B, Q, K], True = blocked
+            mask = blocked.unsqueeze(1).expand(-1, self.num_heads, -1, -1).reshape(-1, *blocked.shape[1:])
+        else:
+            mask = win
+        target = torch.zeros_like(query_embed)
+        out = self.encoder(target, memory, memory, query_pos=query_embed, key_pos=pos_embed, attn_masks=[mask],
+                           key_padding_mask=key_padding_mask)[-1]                            # [Q, B, C]
+        weights = torch.tanh(self.weight_predictor(out.transpose(0, 1)))                    # [B, Q, 2]
+        return AQROutput(weights[..., 0], weights[..., 1], Projection(bev_pos, cam_pos, win))
+
+    def extra_repr(self) -> str:
+        return (f"window_sizes={list(self.window_sizes)} (camera, bev), type_embed={self.type_embed!r}, "
+                f"unseen_camera={self.unseen_camera!r}, layout={self.layout}")

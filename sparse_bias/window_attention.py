@@ -1,0 +1,217 @@
+"""Window attention: exact attention restricted to each query's window keys (a local attention mask).
+
+``window_attention(q, k, v, win)`` equals ``softmax(q k^T * scale + bias + M) v`` where ``M`` is 0 for the
+keys in a query's windows and ``-inf`` elsewhere -- ``scaled_dot_product_attention`` with MoME's dense
+local attention mask (LAM) -- in O(nnz * D) time and memory: scores are computed only at the window entries
+(SDDMM), the softmax runs over each query's CSR segment (segment max and sum) and the values are summed by a
+sparse-dense product. No ``[B, (H,) Q, K]`` tensor exists at any point.
+
+Backward, with ``p`` the window probabilities (times the dropout multipliers ``keep`` where dropped),
+``ds_j = p_j (keep_j <g, v_j> - <g, o>)``: ``dq = scale sum_j ds_j k_j``, ``dk_j += scale ds_j q``,
+``dv_j += p_j keep_j g`` and ``d bias_j = ds_j``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+
+from ._blocks import entry_blocks, entry_keep
+from ._validation import additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias, draw_seed, entry_mask
+from .backends import BACKENDS, backend_candidates, get_backend
+from .backends.base import WindowBlock
+from .bias import SparseBias
+from .kernels import compute_dtype, dropout_mask
+from .windows import WindowIndex
+
+__all__ = ["window_attention", "select_window_backend"]
+
+logger = logging.getLogger("sparse_bias")
+
+#: Backends :func:`window_attention` accepts.
+WINDOW_BACKENDS = ("auto", "sparse", "scatter", "torch", "dense")
+
+
+def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, str]:
+    """The backend :func:`window_attention` will use for ``q``, and why: ``(name, reason)``.
+
+    ``"auto"`` takes the first backend of :data:`sparse_bias.backends.AUTO_ORDER` that can run on q's device
+    and dtype and has segment kernels (the fused ``"triton"`` backend has none for window attention yet).
+    """
+    if backend not in WINDOW_BACKENDS:
+        raise ValueError(f"backend must be one of {WINDOW_BACKENDS}, got {backend!r}")
+    if backend == "dense":
+        return "dense", "requested: the dense mask is materialised (the reference)"
+    if backend != "auto":
+        ok, why = BACKENDS[backend].can_run(q.device, q.dtype)
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} cannot run here: {why}")
+        return backend, f"requested: {why}"
+    candidates = [c for c in backend_candidates(q.device, q.dtype) if c[0] in WINDOW_BACKENDS]
+    for name, ok, why in candidates:
+        if ok:
+            return name, f"auto on {q.device.type}/{q.dtype}: {why}"
+    raise RuntimeError("no window backend can run: " + "; ".join(f"{n}: {w}" for n, _, w in candidates))
+
+
+def _check_window(win, q, k):
+    if not isinstance(win, WindowIndex):
+        raise TypeError(f"win must be a WindowIndex (the local attention mask), got {type(win).__name__}")
+    bsz, _, nq, _ = q.shape
+    if (win.batch_size, win.num_queries) != (bsz, nq):
+        raise ValueError(f"win is for [B, Q] = [{win.batch_size}, {win.num_queries}] but q [B, H, Q, D] gives "
+                         f"[{bsz}, {nq}]")
+    if win.layout.num_keys != k.shape[2]:
+        raise ValueError(f"win indexes a layout of {win.layout.num_keys} keys ({win.layout!r}) but k [B, H, K, D] "
+                         f"has K = {k.shape[2]}")
+    if win.device != q.device:
+        raise ValueError(f"win is on {win.device} but q is on {q.device}")
+
+
+def _check_bias_index(bias, win):
+    if not isinstance(bias, SparseBias):
+        raise TypeError(f"bias must be a SparseBias on the window index or None, got {type(bias).__name__}")
+    idx = bias.index
+    if idx is win:
+        return
+    same = (idx.nnz == win.nnz and idx.num_rows == win.num_rows and torch.equal(idx.indptr, win.indptr)
+            and torch.equal(idx.key, win.key))
+    if not same:
+        raise ValueError(f"bias is defined on another window index ({idx!r}) than win ({win!r}); build both "
+                         "from the same WindowIndex")
+
+
+def _key_padding_entries(key_padding_mask, q, k):
+    """The ``[B, 1, 1, K]`` additive mask of a bool ``key_padding_mask`` (validated), or None."""
+    return additive_mask(q, k, key_padding_mask, None)
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Forward and exact backward of attention restricted to the window entries."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, values, win, mask, scale, backend, dropout_p, seed):
+        cdt = compute_dtype(q.dtype)
+        bsz, heads, nq, _ = q.shape
+        nk = k.shape[2]
+        p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device)
+        out = torch.zeros(bsz, heads, nq, v.shape[-1], dtype=cdt, device=q.device)
+        for blk in _window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
+            backend.window_forward_block(win, blk, q, k, v, scale, p[blk.hs, blk.e0:blk.e1], out[blk.b, blk.hs], cdt)
+        out = out.to(q.dtype)
+        ctx.win, ctx.mask, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed = win, mask, scale, backend, dropout_p, seed
+        ctx.values_meta = None if values is None else (values.dim() == 1, values.dtype)
+        ctx.save_for_backward(q, k, v, out, p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, p = ctx.saved_tensors
+        win, backend, scale = ctx.win, ctx.backend, ctx.scale
+        cdt = compute_dtype(q.dtype)
+        heads, nk = q.shape[1], k.shape[2]
+        g = grad_out.to(cdt)
+        go = (g * out.to(cdt)).sum(-1)                                                   # <g, o> [B, H, Q]
+        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+        dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        want_values = ctx.values_meta is not None and ctx.needs_input_grad[3]
+        ds_all = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if want_values else None
+        for blk in _window_blocks(win, None, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
+            ds = backend.window_backward_block(win, blk, q, k, v, g, go[blk.b, blk.hs], p[blk.hs, blk.e0:blk.e1],
+                                               scale, dq[blk.b, blk.hs], dk, dv, cdt)
+            if ds_all is not None:
+                ds_all[blk.hs, blk.e0:blk.e1] = ds
+        dvalues = None
+        if ds_all is not None:
+            shared, vdtype = ctx.values_meta
+            dvalues = (ds_all.sum(0) if shared else ds_all.t()).to(vdtype)
+        return dq.to(q.dtype), dk, dv, dvalues, None, None, None, None, None, None
+
+
+def _window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
+    """:class:`WindowBlock` pieces (bias values, key-padding mask and dropout at the entries filled in)."""
+    for b, hs, e0, e1, local_q, bvals in entry_blocks(win, values, backend, heads, cdt):
+        emask = None if mask is None else entry_mask(mask, b, hs, local_q, win.key[e0:e1])
+        keep = entry_keep(win, b, hs, heads, nk, dropout_p, seed, cdt, e0, e1, local_q)
+        yield WindowBlock(b, hs, e0, e1, local_q, bvals, emask, keep)
+
+
+def _dense_window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, seed):
+    """The reference: the dense ``[B, Q, K]`` mask and bias materialised; fully masked rows give zeros."""
+    allowed = win.to_dense_mask().unsqueeze(1)                                           # [B, 1, Q, K]
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask.view(q.shape[0], 1, 1, -1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        dense = bias.to_dense()
+        scores = scores + (dense.unsqueeze(1) if dense.dim() == 3 else dense).to(scores.dtype)
+    valid = allowed.any(-1, keepdim=True)                                                # [B, 1, Q, 1]
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~valid, 0.0)
+    probs = torch.softmax(scores, dim=-1) * valid
+    if dropout_p > 0:
+        probs = probs * dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
+    return torch.matmul(probs, v)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: WindowIndex, *,
+                     bias: Optional[SparseBias] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                     dropout_p: float = 0.0, scale: Optional[float] = None, backend: str = "auto",
+                     dropout_seed: Optional[int] = None) -> torch.Tensor:
+    """Attention over each query's window keys only: the local attention mask (LAM), exact, in O(nnz * D).
+
+    Equals ``softmax(q k^T * scale + bias.to_dense() + M) v`` with ``M = 0`` inside the windows of ``win`` and
+    ``-inf`` outside -- i.e. ``scaled_dot_product_attention`` with the dense bool mask ``win.to_dense_mask()``
+    -- in forward and backward (q, k, v and ``bias.values``), without any ``[B, (H,) Q, K]`` tensor.
+
+    A query whose window is empty, or whose window keys are all padded, gets a **zero output and zero
+    gradients** (SDPA with a fully masked row gives NaN).
+
+    Args:
+        q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]`` (float32/float64/bfloat16/float16, one device).
+        win: the :class:`WindowIndex` (``B``, ``Q`` and the layout's ``K`` must match q and k). A
+            ``WindowIndex`` built with ``bev_window=5, cam_window=15`` from MoME-style projections is MoME's LAM.
+        bias: optional :class:`SparseBias` on the same index (values ``[nnz]`` or ``[nnz, H]``): a local bias
+            inside the local mask.
+        key_padding_mask: bool ``[B, K]``, True = ignore that key.
+        dropout_p: attention dropout on the window probabilities, with the counter-based mask of
+            :func:`sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
+            ``dropout_seed``; drawn from torch's RNG when None). Pass 0 at evaluation.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"sparse"`` (PyTorch CSR kernels: ``sampled_addmm``, CSR @ dense), ``"scatter"``
+            (gathered rows reduced with torch-scatter ``segment_csr``), ``"torch"`` (gathers, ``index_add_``,
+            ``scatter_reduce``) or ``"dense"`` (the materialised mask; the reference).
+            :func:`select_window_backend` says what ``"auto"`` picks and why.
+
+    Returns:
+        ``[B, H, Q, D]`` in q's dtype; softmax statistics are kept in float32 (float64 for float64 input).
+
+    Example:
+        >>> import torch, sparse_bias as sb
+        >>> layout = sb.KeyLayout(bev_shape=(8, 8))
+        >>> win = sb.local_windows(layout, torch.tensor([[[2, 3], [5, 5]]]), None, bev_window=3)
+        >>> q, k, v = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4)
+        >>> out = sb.window_attention(q, k, v, win)
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=win.to_dense_mask()[:, None])
+        >>> torch.allclose(out, ref, atol=1e-5)
+        True
+    """
+    check_qkv(q, k, v)
+    _check_window(win, q, k)
+    scale = check_scale(scale, q)
+    check_dropout(dropout_p)
+    if bias is not None:
+        _check_bias_index(bias, win)
+        check_sparse_bias(bias, q, k)
+    mask = _key_padding_entries(key_padding_mask, q, k)
+    name, why = select_window_backend(q, backend)
+    logger.debug("window_attention: backend %s (%s)", name, why)
+    seed = 0 if dropout_p == 0 else (draw_seed() if dropout_seed is None else int(dropout_seed))
+    if name == "dense":
+        return _dense_window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, seed)
+    if win.nnz == 0:        # every window empty: zeros, with zero gradients reaching the inputs
+        zero = 0 * q.sum() + 0 * k.sum() + 0 * v.sum() + (0 if bias is None else 0 * bias.values.sum())
+        return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + zero
+    values = None if bias is None else bias.values
+    return _WindowAttention.apply(q, k, v, values, win, mask, scale, get_backend(name), dropout_p, seed)
