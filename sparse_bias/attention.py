@@ -23,7 +23,6 @@ from .kernels import dense_lse_backward, dense_lse_forward, dropout_mask, dropou
 from ._blocks import entry_blocks, entry_keep
 from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
                           check_scale, check_sparse_bias, draw_seed, entry_mask)
-from .windows import WindowIndex
 
 __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD"]
 

@@ -8,7 +8,8 @@ import torch
 from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
-from test_windows import layouts, random_positions
+from helpers import (SMALL, assert_all_close, forward_and_grads, layouts, make_case, reference,
+                     skip_missing, sparse_fn)
 
 import sparse_bias as sb
 from sparse_bias import attention as attention_mod
@@ -16,51 +17,6 @@ from sparse_bias import kernels
 from sparse_bias.backends import gather
 
 BACKENDS = ["sparse", "scatter", "torch", "dense"]
-SMALL = sb.KeyLayout(bev_shape=(9, 11), cam_shape=(3, 5, 7))
-
-
-def skip_missing(backend):
-    if backend == "scatter" and not sb.torch_scatter_available():
-        pytest.skip("torch-scatter is not installed")
-
-
-def make_case(layout, batch=2, heads=3, queries=7, dim=8, per_head=False, seed=0, bev_window=5, cam_window=3,
-              dtype=torch.float64, device="cpu", scale_q=1.0, weight_scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    bev_pos, cam_pos = random_positions(layout, batch, queries, 2, gen)
-    win = sb.local_windows(layout, bev_pos, cam_pos, bev_window, cam_window).to(device)
-    nk = layout.num_keys
-    q = (torch.randn(batch, heads, queries, dim, generator=gen, dtype=torch.float64) * scale_q).to(device, dtype)
-    k = torch.randn(batch, heads, nk, dim, generator=gen, dtype=torch.float64).to(device, dtype)
-    v = torch.randn(batch, heads, nk, dim, generator=gen, dtype=torch.float64).to(device, dtype)
-    tail = (heads,) if per_head else ()
-    wb = (weight_scale * (2 * torch.rand((batch, queries) + tail, generator=gen, dtype=torch.float64) - 1)).to(device)
-    wc = (weight_scale * (2 * torch.rand((batch, queries) + tail, generator=gen, dtype=torch.float64) - 1)).to(device)
-    return win, q, k, v, wb, wc
-
-
-def forward_and_grads(fn, q, k, v, wb, wc, grad, win, **kwargs):
-    """Output and gradients (q, k, v, both weights) of fn(q, k, v, bias-from-weights)."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, wb, wc)]
-    bias = sb.window_bias(win, leaves[3], leaves[4].to(leaves[3].dtype))
-    out = fn(*leaves[:3], bias, **kwargs)
-    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad))
-
-
-def sparse_fn(backend):
-    def fn(q, k, v, bias, **kwargs):
-        return sb.sparse_bias_attention(q, k, v, bias, backend=backend, **kwargs)
-    return fn
-
-
-def reference(q, k, v, bias, **kwargs):
-    return sb.dense_bias_attention(q, k, v, bias.to_dense(), **kwargs)
-
-
-def assert_all_close(got, want, rtol=1e-10, atol=1e-10):
-    names = ["out", "dq", "dk", "dv", "d_bev_weight", "d_cam_weight"]
-    for name, a, b in zip(names, got, want):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 # ---- exactness, float64 ---------------------------------------------------------------------------

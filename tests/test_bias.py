@@ -4,7 +4,7 @@ import torch
 from brute import dense_bias
 from hypothesis import given
 from hypothesis import strategies as st
-from test_windows import random_positions
+from helpers import random_positions
 
 import sparse_bias as sb
 

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 import torch
-from test_windows import random_positions
+from helpers import random_positions
 
 import sparse_bias as sb
 from sparse_bias.nn import (MLPWeightGenerator, AttentionBiasGenerator, CmtTransformer, PETRTransformerDecoder,

@@ -5,7 +5,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_windows import random_positions
+from helpers import random_positions
 
 import sparse_bias as sb
 from sparse_bias.nn import AttentionBiasGenerator, PETRTransformerDecoderLayer

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from brute import window_entries
+from helpers import layouts, odd_or_zero, random_positions
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,35 +27,6 @@ def check_against_brute(layout, bev_pos, cam_pos, bev_window, cam_window):
             assert all(k1 < k2 for (k1, *_), (k2, *_) in zip(got, got[1:]))
     assert torch.equal(win.row, torch.repeat_interleave(torch.arange(batch * queries), win.counts().flatten()))
     return win
-
-
-def random_positions(layout, batch, queries, slots, gen, p_missing=0.2):
-    bev_pos = cam_pos = None
-    if layout.bev_shape is not None:
-        h, w = layout.bev_shape
-        bev_pos = torch.stack([torch.randint(0, h, (batch, queries), generator=gen),
-                               torch.randint(0, w, (batch, queries), generator=gen)], dim=-1)
-        bev_pos[torch.rand(batch, queries, generator=gen) < p_missing] = -1
-    if layout.cam_shape is not None:
-        v, hc, wc = layout.cam_shape
-        slots = min(slots, v)
-        views = torch.rand(batch, queries, v, generator=gen).argsort(-1)[..., :slots]   # distinct views
-        cam_pos = torch.stack([views, torch.randint(0, hc, (batch, queries, slots), generator=gen),
-                               torch.randint(0, wc, (batch, queries, slots), generator=gen)], dim=-1)
-        cam_pos[torch.rand(batch, queries, slots, generator=gen) < p_missing] = -1
-    return bev_pos, cam_pos
-
-
-odd_or_zero = st.sampled_from([0, 1, 3, 5, 7, 9])
-
-
-@st.composite
-def layouts(draw):
-    bev = draw(st.one_of(st.none(), st.tuples(st.integers(1, 12), st.integers(1, 12))))
-    cam = draw(st.one_of(st.none(), st.tuples(st.integers(1, 4), st.integers(1, 8), st.integers(1, 10))))
-    if bev is None and cam is None:
-        bev = (draw(st.integers(1, 12)), draw(st.integers(1, 12)))
-    return sb.KeyLayout(bev_shape=bev, cam_shape=cam)
 
 
 @given(layout=layouts(), batch=st.integers(1, 2), queries=st.integers(0, 6), slots=st.integers(1, 3),

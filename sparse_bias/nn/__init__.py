@@ -5,6 +5,7 @@ They own parameters and call the functional op :func:`sparse_bias.sparse_bias_at
 from .attention import SparseBiasMultiheadAttention
 from .aqr import AQROutput, AQRWeightGenerator, Projection
 from .generators import AttentionBiasGenerator, MLPWeightGenerator
+from .head import AQRAttentionBias
 from .registry import register_modules
 from .transformer import FFN, CmtTransformer, PETRTransformerDecoder, PETRTransformerDecoderLayer
 
@@ -15,6 +16,7 @@ __all__ = [
     "AQROutput",
     "Projection",
     "MLPWeightGenerator",
+    "AQRAttentionBias",
     "FFN",
     "PETRTransformerDecoderLayer",
     "PETRTransformerDecoder",

@@ -32,7 +32,7 @@ class Projection(NamedTuple):
 
     Attributes:
         bev_pos: LongTensor ``[B, Q, 2]`` BEV cells ``(row, col)`` (``-1`` = none).
-        cam_pos: LongTensor ``[B, Q, M, 3]`` camera cells ``(view, row, col)`` (``view -1`` = none).
+        cam_pos: LongTensor ``[B, Q, M, 3]`` camera cells ``(view, row, col)`` (``view -1`` = unseen), or None.
         local_window: the AQR's local attention mask (:class:`~sparse_bias.WindowIndex`).
     """
 
@@ -69,10 +69,13 @@ class AQRWeightGenerator(nn.Module):
             used, as CMTTEST's code does -- choose it to reproduce a CMTTEST checkpoint).
         pc_range: ``[x_min, y_min, z_min, x_max, y_max, z_max]`` the reference points are normalised over.
         layout: the :class:`~sparse_bias.KeyLayout` of the memory (default from the two feature shapes).
-        bev_feature_shape, pers_feature_shape: ``(H, W)`` and ``(V, Hc, Wc)`` (CMT's ``(180, 180)`` /
-            ``(6, 40, 100)``) when no layout is given.
+        bev_feature_shape: ``(H, W)`` of the BEV grid when no layout is given (CMT's ``(180, 180)``).
+        pers_feature_shape: ``(V, Hc, Wc)`` of the camera features when no layout is given (``(6, 40, 100)``).
         unseen_camera: a point no camera sees: ``"corner"`` = a camera window at view 0, cell (0, 0), as MoME's
-            and CMTTEST's projection does (``pts_pers`` set to 0), or ``"none"`` = no camera window.
+            and CMTTEST's projection does (``pts_pers`` set to 0), or ``"none"`` = no camera window. Only the
+            LAM is affected: the returned projection keeps ``-1`` for unseen points.
+        max_views: camera views kept per point by :meth:`project` (the LAM uses the first; a bias generator
+            fed the returned projection may use all of them).
         init_bias: initial bias of ``weight_predictor`` (1.5: weights start at tanh(1.5) = 0.905).
         batch_first: ``[B, N, C]`` tensors instead of ``[N, B, C]``.
         backend: backend of :func:`sparse_bias.window_attention`.
@@ -86,7 +89,7 @@ class AQRWeightGenerator(nn.Module):
                  dropout: float = 0.1, ffn_drop: float = 0.0, window_sizes: Sequence[int] = (15, 5),
                  use_type_embed: bool = True, type_embed: str = "keys", pc_range: Sequence[float] = CMT_PC_RANGE,
                  layout: Optional[KeyLayout] = None, bev_feature_shape=(180, 180), pers_feature_shape=(6, 40, 100),
-                 unseen_camera: str = "corner", init_bias: float = 1.5, batch_first: bool = False,
+                 unseen_camera: str = "corner", max_views: int = 1, init_bias: float = 1.5, batch_first: bool = False,
                  backend: str = "auto"):
         super().__init__()
         if layout is None:
@@ -106,7 +109,7 @@ class AQRWeightGenerator(nn.Module):
         self.window_sizes = tuple(window_sizes)
         self.pc_range = tuple(float(x) for x in pc_range)
         self.use_type_embed, self.type_embed, self.unseen_camera = use_type_embed, type_embed, unseen_camera
-        self.batch_first = batch_first
+        self.batch_first, self.max_views = batch_first, max_views
         self.encoder = PETRTransformerDecoder(num_layers=1, return_intermediate=True, post_norm=True,
                                               embed_dims=embed_dims, num_heads=num_heads,
                                               feedforward_channels=feedforward_channels, dropout=dropout,
@@ -127,16 +130,18 @@ class AQRWeightGenerator(nn.Module):
 
     def project(self, ref_points: torch.Tensor, lidar2img: Optional[torch.Tensor] = None,
                 img_shape: Optional[Sequence[int]] = None) -> tuple:
-        """``(bev_pos [B, Q, 2], cam_pos [B, Q, 1, 3])``: the BEV cell and the first camera view that sees each
-        point (MoME's projection); unseen points per ``unseen_camera``."""
-        bev_pos, cam_pos = project_points(ref_points, self.pc_range, self.layout, lidar2img, img_shape, max_views=1)
-        if cam_pos is not None and self.unseen_camera == "corner":
-            cam_pos = cam_pos.masked_fill(cam_pos[..., :1] < 0, 0)
-        return bev_pos, cam_pos
+        """``(bev_pos [B, Q, 2], cam_pos [B, Q, M, 3])`` of :func:`sparse_bias.project_points` with
+        ``M = max_views`` (the first views that see each point; ``-1`` = unseen)."""
+        return project_points(ref_points, self.pc_range, self.layout, lidar2img, img_shape, max_views=self.max_views)
 
     def local_window(self, bev_pos: Optional[torch.Tensor], cam_pos: Optional[torch.Tensor]) -> WindowIndex:
-        """The LAM as a :class:`~sparse_bias.WindowIndex`: camera window ``window_sizes[0]``, BEV ``window_sizes[1]``."""
+        """The LAM as a :class:`~sparse_bias.WindowIndex`: camera window ``window_sizes[0]`` in the first view
+        that sees the point (MoME keeps one view; unseen points per ``unseen_camera``), BEV ``window_sizes[1]``."""
         cam_window, bev_window = self.window_sizes
+        if cam_pos is not None:
+            cam_pos = cam_pos[:, :, :1] if cam_pos.dim() == 4 else cam_pos.unsqueeze(2)
+            if self.unseen_camera == "corner":
+                cam_pos = cam_pos.masked_fill(cam_pos[..., :1] < 0, 0)
         return local_windows(self.layout, bev_pos if self.layout.bev_shape else None,
                              cam_pos if self.layout.cam_shape else None, bev_window=bev_window, cam_window=cam_window)
 
@@ -152,8 +157,10 @@ class AQRWeightGenerator(nn.Module):
             memory: ``[K, B, C]`` memory, keys in layout order (BEV, then cameras).
             pos_embed: ``[K, B, C]`` memory positions.
             ref_points: ``[B, Q, 3]`` normalised reference points (not needed when ``bev_pos``/``cam_pos`` are given).
-            lidar2img: ``[B, V, 4, 4]``; img_shape: padded ``(height, width)``.
-            bev_pos, cam_pos: a projection computed elsewhere (``[B, Q, 2]``, ``[B, Q, (M,) 3]``) instead.
+            lidar2img: ``[B, V, 4, 4]`` lidar-to-image matrices.
+            img_shape: padded image ``(height, width)``.
+            bev_pos: a projection computed elsewhere instead: BEV cells ``[B, Q, 2]``.
+            cam_pos: and camera cells ``[B, Q, 3]`` or ``[B, Q, M, 3]``.
             key_padding_mask: bool ``[B, K]``, True = ignore.
             dense_mask: run the cross-attention with the dense bool LAM ``[B * heads, Q, K]`` (MoME's current
                 practice; memory ``O(B * heads * Q * K)``) instead of window attention -- for comparisons.

@@ -170,18 +170,24 @@ class CmtTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, x, x_img, query_embed, bev_pos_embed, rv_pos_embed, attn_masks=None, attention_bias=None,
-                reg_branch=None):
-        bsz = query_embed.shape[0]
+    @staticmethod
+    def flatten_memory(x, x_img, bev_pos_embed, rv_pos_embed, batch_size: int):
+        """``(memory [K, B, C], pos [K, B, C])``: BEV cells then camera cells, in :class:`~sparse_bias.KeyLayout`
+        order, from ``x [B, C, H, W]``, ``x_img [B * V, C, Hc, Wc]`` (either may be None),
+        ``bev_pos_embed [H * W, C]`` or ``[B, H * W, C]`` and ``rv_pos_embed [B * V, Hc, Wc, C]``."""
         memory, pos = [], []
         if x is not None:
             memory.append(rearrange(x, "b c h w -> (h w) b c"))
-            bev = bev_pos_embed if bev_pos_embed.dim() == 3 else bev_pos_embed.unsqueeze(0).expand(bsz, -1, -1)
+            bev = bev_pos_embed if bev_pos_embed.dim() == 3 else bev_pos_embed.unsqueeze(0).expand(batch_size, -1, -1)
             pos.append(rearrange(bev, "b n c -> n b c"))
         if x_img is not None:
-            memory.append(rearrange(x_img, "(b v) c h w -> (v h w) b c", b=bsz))
-            pos.append(rearrange(rv_pos_embed, "(b v) h w c -> (v h w) b c", b=bsz))
-        memory, pos = torch.cat(memory, dim=0), torch.cat(pos, dim=0)                     # [K, B, C]
+            memory.append(rearrange(x_img, "(b v) c h w -> (v h w) b c", b=batch_size))
+            pos.append(rearrange(rv_pos_embed, "(b v) h w c -> (v h w) b c", b=batch_size))
+        return torch.cat(memory, dim=0), torch.cat(pos, dim=0)
+
+    def forward(self, x, x_img, query_embed, bev_pos_embed, rv_pos_embed, attn_masks=None, attention_bias=None,
+                reg_branch=None):
+        memory, pos = self.flatten_memory(x, x_img, bev_pos_embed, rv_pos_embed, query_embed.shape[0])  # [K, B, C]
         query_pos = query_embed.transpose(0, 1)                                           # [Q, B, C]
         target = torch.zeros_like(query_pos)
         out_dec = self.decoder(target, memory, memory, query_pos=query_pos, key_pos=pos,
