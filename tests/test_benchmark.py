@@ -17,3 +17,13 @@ def test_sweep_quick(tmp_path):
     assert {r["pass_"] for r in rows} == {"forward", "forward+backward"}
     for name in ("sweep.csv", "sweep.json", "sweep_queries.png", "sweep_window.png", "sweep_layout.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_aqr_benchmark_quick(capsys, tmp_path):
+    from sparse_bias import aqr_benchmark
+    result = aqr_benchmark.main(["--quick", "--json", str(tmp_path / "aqr.json")])
+    out = capsys.readouterr().out
+    assert [r["variant"] for r in result["rows"]] == list(aqr_benchmark.VARIANTS)
+    assert result["check"]["max_rel_error"] < aqr_benchmark.CHECK_TOLERANCE
+    assert "x lam-mask" in out and "window_attention alone" in out
+    assert (tmp_path / "aqr.json").stat().st_size > 0

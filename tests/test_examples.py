@@ -24,10 +24,12 @@ def test_example_runs(path, tmp_path):
     run_example(path, tmp_path)
 
 
-def test_training_example_learns_with_bias_and_beats_the_control(tmp_path):
-    out = run_example(EXAMPLES[[p.stem for p in EXAMPLES].index("cmt_decoder_training")], tmp_path)
+@pytest.mark.parametrize("stem, name", [("cmt_decoder_training", "sparse bias"),
+                                        ("cmt_aqr_training", "AQR + sparse bias")])
+def test_training_example_learns_with_bias_and_beats_the_control(stem, name, tmp_path):
+    out = run_example(EXAMPLES[[p.stem for p in EXAMPLES].index(stem)], tmp_path)
     losses = {m.group(1).strip(): (float(m.group(2)), float(m.group(3)))
               for m in re.finditer(r"^(.+?) loss: first ([\d.]+), final \(mean of last 20 steps\) ([\d.]+)", out, re.M)}
-    first, final = losses["sparse bias"]
+    first, final = losses[name]
     assert final < 0.7 * first
     assert final < losses["no bias (control)"][1]
