@@ -6,9 +6,11 @@ At MoME's AQR shape (B=2, Q=900, C=256, 4 heads, CMT fusion memory of 56,400 key
 BEV 5, fp32, forward + backward of the whole one-layer LAM decoder, all parameter and input gradients):
 
 * ``lam-mask``: the current practice -- ``torch.nn.MultiheadAttention`` with the bool mask
-  ``[B * heads, Q, K]`` built inside the step from the windows (as MoME / CMTTEST build it);
+  ``[B * heads, Q, K]`` built inside the step from the windows (as MoME / CMTTEST build it), called with
+  ``need_weights=False`` so that it runs on PyTorch's fused SDPA (mmcv's wrapper leaves the default
+  ``need_weights=True``, which also materialises the averaged weights: slower still);
 * ``window``: :class:`sparse_bias.nn.AQRWeightGenerator` (window attention, no dense mask);
-* ``no-mask``: ``torch.nn.MultiheadAttention`` over all keys, no mask;
+* ``no-mask``: ``torch.nn.MultiheadAttention`` over all keys, no mask (``need_weights=False``);
 * ``floor``: the attention replaced by a free op -- what no attention can remove (the K/V projections of
   the memory, norms, FFN, the weight head).
 
@@ -68,7 +70,8 @@ def _torch_mha(mask_mode: str):
             kv = F.linear(k, w[c:2 * c], bias[c:2 * c]).mean() + F.linear(value, w[2 * c:], bias[2 * c:]).mean()
             return identity + self.attn.out_proj(qp + kv)
         mask = attn_mask if mask_mode == "dense" else None
-        return identity + self.attn(q, k, value, attn_mask=mask, key_padding_mask=key_padding_mask)[0]
+        return identity + self.attn(q, k, value, attn_mask=mask, key_padding_mask=key_padding_mask,
+                                    need_weights=False)[0]
     return forward
 
 

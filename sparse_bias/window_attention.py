@@ -114,8 +114,7 @@ class _WindowAttention(torch.autograd.Function):
         g = grad_out.to(cdt)
         go = (g * out.to(cdt)).sum(-1)                                                   # <g, o> [B, H, Q]
         dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-        dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)      # k's strides: no copy in the projection's backward
         want_values = ctx.values_meta is not None and ctx.needs_input_grad[3]
         ds_all = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if want_values else None
         for blk in _window_blocks(win, None, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
@@ -155,8 +154,8 @@ def _dense_window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, sca
     return torch.matmul(probs, v)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: WindowIndex, *,
-                     bias: Optional[SparseBias] = None, key_padding_mask: Optional[torch.Tensor] = None,
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: WindowIndex,
+                     bias: Optional[SparseBias] = None, *, key_padding_mask: Optional[torch.Tensor] = None,
                      dropout_p: float = 0.0, scale: Optional[float] = None, backend: str = "auto",
                      dropout_seed: Optional[int] = None) -> torch.Tensor:
     """Attention over each query's window keys only: the local attention mask (LAM), exact, in O(nnz * D).
