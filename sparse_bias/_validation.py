@@ -60,21 +60,42 @@ def check_dense_bias(bias: torch.Tensor, q, k):
     check_finite("bias", bias.detach())
 
 
+def normalize_key_padding_mask(key_padding_mask, batch: int, num_keys: int, device) -> Optional[torch.Tensor]:
+    """A key padding mask as ``torch.nn.MultiheadAttention`` takes it, made canonical: bool ``[B, K]`` (True =
+    ignore) as is, uint8 (nonzero = ignore) as bool, an additive float mask as is -- or None when it masks
+    nothing (an all-zero float mask, as CMT passes ``memory.new_zeros(bs, K)``, costs nothing extra)."""
+    if key_padding_mask is None:
+        return None
+    check_tensor("key_padding_mask", key_padding_mask, ndim=(2,))
+    if tuple(key_padding_mask.shape) != (batch, num_keys):
+        raise ValueError(f"key_padding_mask must be [B, K] = [{batch}, {num_keys}], "
+                         f"got {tuple(key_padding_mask.shape)}")
+    check_device("key_padding_mask", key_padding_mask, device, "q")
+    if key_padding_mask.dtype == torch.uint8:
+        key_padding_mask = key_padding_mask.bool()
+    if key_padding_mask.is_floating_point():
+        if bool(torch.isnan(key_padding_mask).any()):
+            raise ValueError("key_padding_mask contains NaN values")
+        return key_padding_mask if bool(key_padding_mask.any()) else None
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be bool (True = ignore), uint8 (nonzero = ignore) or an additive "
+                        f"float mask, got {key_padding_mask.dtype}")
+    return key_padding_mask
+
+
 def additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
     """One additive float mask, 4-D and broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None."""
     bsz, heads, nq, _ = q.shape
     nk = k.shape[2]
     cdt = _compute_dtype(q.dtype)
     mask = None
+    key_padding_mask = normalize_key_padding_mask(key_padding_mask, bsz, nk, q.device)
     if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, ndim=(2,))
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (bsz, nk):
-            raise ValueError(f"key_padding_mask must be [B, K] = [{bsz}, {nk}], got {tuple(key_padding_mask.shape)}")
-        check_device("key_padding_mask", key_padding_mask, q.device, "q")
-        mask = torch.zeros(bsz, 1, 1, nk, dtype=cdt, device=q.device).masked_fill(
-            key_padding_mask.view(bsz, 1, 1, nk), float("-inf"))
+        if key_padding_mask.dtype == torch.bool:
+            mask = torch.zeros(bsz, 1, 1, nk, dtype=cdt, device=q.device).masked_fill(
+                key_padding_mask.view(bsz, 1, 1, nk), float("-inf"))
+        else:
+            mask = key_padding_mask.detach().to(cdt).view(bsz, 1, 1, nk)
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, ndim=(2, 3, 4))
         try:

@@ -330,7 +330,8 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]`` (float32/float64/bfloat16/float16, one device).
         bias: a :class:`SparseBias` (values ``[nnz]`` shared by heads or ``[nnz, H]``), a dense tensor
             ``[B, Q, K]`` / ``[B, H, Q, K]`` (taken through the dense path), or None (plain attention).
-        key_padding_mask: bool ``[B, K]``, True = ignore that key (mmcv / nn.MultiheadAttention convention).
+        key_padding_mask: ``[B, K]``: bool (True = ignore that key, the mmcv / nn.MultiheadAttention
+            convention), uint8 (nonzero = ignore) or an additive float mask (all zeros = no mask, no cost).
         attn_mask: dense bool (True = attend, the ``scaled_dot_product_attention`` convention) or additive
             float mask broadcastable to ``[B, H, Q, K]``; not differentiated.
         dropout_p: attention dropout on the final (biased) probabilities, as in the dense reference; each

@@ -82,11 +82,6 @@ def _check_bias_index(bias, win):
                          "from the same WindowIndex")
 
 
-def _key_padding_entries(key_padding_mask, q, k):
-    """The ``[B, 1, 1, K]`` additive mask of a bool ``key_padding_mask`` (validated), or None."""
-    return additive_mask(q, k, key_padding_mask, None)
-
-
 class _WindowAttention(torch.autograd.Function):
     """Forward and exact backward of attention restricted to the window entries."""
 
@@ -137,18 +132,17 @@ def _window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
         yield WindowBlock(b, hs, e0, e1, local_q, bvals, emask, keep)
 
 
-def _dense_window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, seed):
+def _dense_window_attention(q, k, v, win, bias, mask, dropout_p, scale, seed):
     """The reference: the dense ``[B, Q, K]`` mask and bias materialised; fully masked rows give zeros."""
-    allowed = win.to_dense_mask().unsqueeze(1)                                           # [B, 1, Q, K]
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask.view(q.shape[0], 1, 1, -1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if bias is not None:
         dense = bias.to_dense()
         scores = scores + (dense.unsqueeze(1) if dense.dim() == 3 else dense).to(scores.dtype)
-    valid = allowed.any(-1, keepdim=True)                                                # [B, 1, Q, 1]
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~valid, 0.0)
-    probs = torch.softmax(scores, dim=-1) * valid
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    scores = scores.masked_fill(~win.to_dense_mask().unsqueeze(1), float("-inf"))
+    valid = torch.isfinite(scores).any(-1, keepdim=True)                                 # [B, H, Q, 1]
+    probs = torch.softmax(scores.masked_fill(~valid, 0.0), dim=-1) * valid
     if dropout_p > 0:
         probs = probs * dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
     return torch.matmul(probs, v)
@@ -173,7 +167,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
             ``WindowIndex`` built with ``bev_window=5, cam_window=15`` from MoME-style projections is MoME's LAM.
         bias: optional :class:`SparseBias` on the same index (values ``[nnz]`` or ``[nnz, H]``): a local bias
             inside the local mask.
-        key_padding_mask: bool ``[B, K]``, True = ignore that key.
+        key_padding_mask: ``[B, K]``: bool (True = ignore that key), uint8 (nonzero = ignore) or an additive
+            float mask (``torch.nn.MultiheadAttention``'s conventions).
         dropout_p: attention dropout on the window probabilities, with the counter-based mask of
             :func:`sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
             ``dropout_seed``; drawn from torch's RNG when None). Pass 0 at evaluation.
@@ -203,12 +198,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
     if bias is not None:
         _check_bias_index(bias, win)
         check_sparse_bias(bias, q, k)
-    mask = _key_padding_entries(key_padding_mask, q, k)
+    mask = additive_mask(q, k, key_padding_mask, None)                         # [B, 1, 1, K] or None
     name, why = select_window_backend(q, backend)
     logger.debug("window_attention: backend %s (%s)", name, why)
     seed = 0 if dropout_p == 0 else (draw_seed() if dropout_seed is None else int(dropout_seed))
     if name == "dense":
-        return _dense_window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, seed)
+        return _dense_window_attention(q, k, v, win, bias, mask, dropout_p, scale, seed)
     if win.nnz == 0:        # every window empty: zeros, with zero gradients reaching the inputs
         zero = 0 * q.sum() + 0 * k.sum() + 0 * v.sum() + (0 if bias is None else 0 * bias.values.sum())
         return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + zero

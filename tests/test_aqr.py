@@ -87,8 +87,9 @@ def test_mha_local_window_equals_the_dense_mask(batch_first, with_bias):
     args = (t(query), t(key), t(key))
     kwargs = dict(query_pos=t(qpos), key_pos=t(kpos), key_padding_mask=kpm)
     out = mha(*args, local_window=win, attention_bias=bias, **kwargs)
-    # the dense version: the bool LAM plus the dense bias [B, Q, K]
-    ref = mha(*args, attn_mask=dense_lam(win, H), attention_bias=bias.to_dense() if with_bias else None, **kwargs)
+    # the dense version: the bool LAM plus the dense bias in the module's layout
+    dense = None if bias is None else (bias.to_dense() if batch_first else bias.to_dense().transpose(0, 1))
+    ref = mha(*args, attn_mask=dense_lam(win, H), attention_bias=dense, **kwargs)
     close(out, ref)
     params = [values] + list(mha.parameters()) if with_bias else list(mha.parameters())
     g_out = torch.autograd.grad(out.square().sum(), params)

@@ -359,7 +359,7 @@ def bad_case():
     (lambda a: a.update(bias=torch.zeros(2, 7, 5)), ValueError, "a dense bias must be"),
     (lambda a: a.update(bias=torch.full((2, 7, 204), float("nan"))), ValueError, "bias contains NaN"),
     (lambda a: a.update(bias="bias"), TypeError, "bias must be a SparseBias"),
-    (lambda a: a.update(key_padding_mask=torch.zeros(2, 204)), TypeError, "key_padding_mask must be a bool"),
+    (lambda a: a.update(key_padding_mask=torch.zeros(2, 204, dtype=torch.int32)), TypeError, "key_padding_mask must be bool"),
     (lambda a: a.update(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError,
      r"key_padding_mask must be \[B, K\] = \[2, 204\]"),
     (lambda a: a.update(attn_mask=torch.zeros(3, 3, dtype=torch.bool)), ValueError, "attn_mask must broadcast"),

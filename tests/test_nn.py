@@ -92,7 +92,10 @@ def test_mha_sparse_and_dense_bias_agree(per_head, batch_first):
     for dense in (False, True):
         lwr, cwr = lw.clone().requires_grad_(), cw.clone().requires_grad_()
         bias = sb.window_bias(win, lwr, cwr)
-        out = mha(q, k, k, attention_bias=bias.to_dense() if dense else bias)
+        dense_bias = bias.to_dense()                    # [B, Q, K] / [B, H, Q, K]; the module's layout for 3-D
+        if dense_bias.dim() == 3 and not batch_first:
+            dense_bias = dense_bias.transpose(0, 1)
+        out = mha(q, k, k, attention_bias=dense_bias if dense else bias)
         results.append([out] + list(grads(out, [q, k, lwr, cwr] + list(mha.parameters()))))
     for a, b in zip(*results):
         close(a, b)
@@ -310,7 +313,7 @@ def test_config_global_bias_matches_dense_reference():
     x, kv = torch.randn(5, 2, C, dtype=torch.float64), torch.randn(66, 2, C, dtype=torch.float64)
     bias = gen(lw, cw, bev_pos, cam_pos)
     assert isinstance(bias, sb.ModalityBias)
-    close(mha(x, kv, kv, attention_bias=bias), mha(x, kv, kv, attention_bias=bias.to_dense()))
+    close(mha(x, kv, kv, attention_bias=bias), mha(x, kv, kv, attention_bias=bias.to_dense().transpose(0, 1)))
 
 
 def test_registered_in_mmengine():

@@ -86,7 +86,7 @@ def test_bfloat16_autocast_matches_eager():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = run(layer, query, memory, pos, bias)
         # the same layer with the dense reference attention under autocast: the naive same-precision yardstick
-        dense = sb.SparseBias(bias.index, bias.values).to_dense()
+        dense = sb.SparseBias(bias.index, bias.values).to_dense().transpose(0, 1)     # the layer's [Q, B, K] layout
         with torch.autocast("cpu", dtype=torch.bfloat16):
             naive = run(layer, query, memory, pos, dense)
     assert out.dtype == torch.float32                       # LayerNorm runs in fp32 under autocast

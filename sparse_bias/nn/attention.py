@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .._validation import normalize_key_padding_mask
 from ..attention import dense_bias_attention, sparse_bias_attention
 from ..bias import SparseBias
 from ..window_attention import window_attention
@@ -71,13 +72,16 @@ class SparseBiasMultiheadAttention(nn.Module):
             query_pos: positional encoding added to the query.
             key_pos: positional encoding added to the key (not the value); falls back to ``query_pos``
                 when their shapes match (mmcv's rule).
-            attn_mask: ``nn.MultiheadAttention`` convention: bool ``[Q, K]`` or ``[B * H, Q, K]`` with
-                True = *not* allowed, or an additive float mask of those shapes.
+            attn_mask: ``nn.MultiheadAttention`` convention: ``[Q, K]`` or ``[B * H, Q, K]``, bool (True = *not*
+                allowed), uint8 (nonzero = not allowed) or an additive float mask.
                 A :class:`WindowIndex` here is taken as ``local_window`` (so ``attn_masks=[win]`` of a PETR
                 decoder layer turns a LAM layer's dense mask into window attention).
-            key_padding_mask: bool ``[B, K]``, True = ignore.
-            attention_bias: a :class:`SparseBias` / :class:`ModalityBias`, a dense ``[B, Q, K]`` or
-                ``[B, H, Q, K]`` tensor, or None. With ``local_window``: a :class:`SparseBias` on that index, or None.
+            key_padding_mask: ``[B, K]`` as ``nn.MultiheadAttention`` takes it: bool (True = ignore), uint8
+                (nonzero = ignore) or an additive float mask. CMT's all-zero float mask costs nothing.
+            attention_bias: a :class:`SparseBias` / :class:`ModalityBias` (layout-free), a dense tensor in the
+                module's sequence layout -- ``[Q, B, K]`` (as the origin design and CMTTEST hand it over) or
+                ``[B, Q, K]`` with ``batch_first`` -- or ``[B, H, Q, K]`` per head, or None. With
+                ``local_window``: a :class:`SparseBias` on that index, or None.
             local_window: a :class:`WindowIndex` for ``[B, Q]`` queries over the ``K`` keys: a local attention
                 mask. Each query attends only to its window keys (:func:`sparse_bias.window_attention`, exact, no
                 dense mask); a query without window keys gets a zero attention output.
@@ -108,6 +112,7 @@ class SparseBiasMultiheadAttention(nn.Module):
         k = nn.functional.linear(key, w[c:2 * c], None if bias is None else bias[c:2 * c])
         v = nn.functional.linear(value, w[2 * c:], None if bias is None else bias[2 * c:])
         q, k, v = (rearrange(t, f"{layout} -> b h n d", h=heads) for t in (q, k, v))
+        key_padding_mask = normalize_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
         dropout_p = self.attn_drop if self.training else 0.0
         if isinstance(attn_mask, WindowIndex):
             if local_window is not None and local_window is not attn_mask:
@@ -123,6 +128,8 @@ class SparseBiasMultiheadAttention(nn.Module):
             out = window_attention(q, k, v, local_window, bias=attention_bias, key_padding_mask=key_padding_mask,
                                    dropout_p=dropout_p, backend=self.backend)
         else:
+            if isinstance(attention_bias, torch.Tensor):
+                attention_bias = self._dense_bias(attention_bias, q.shape[0], heads, q.shape[2], k.shape[2])
             mask = _convert_attn_mask(attn_mask, q.shape[0], heads, q.shape[2], k.shape[2])
             out = sparse_bias_attention(q, k, v, attention_bias, key_padding_mask=key_padding_mask, attn_mask=mask,
                                         dropout_p=dropout_p, backend=self.backend)
@@ -131,17 +138,38 @@ class SparseBiasMultiheadAttention(nn.Module):
         out = self.attn.out_proj(rearrange(out, f"b h n d -> {layout}"))
         return identity + self.dropout_layer(self.proj_drop(out))
 
+    def _dense_bias(self, bias, batch, heads, nq, nk):
+        """A dense bias in the module's layout (``[Q, B, K]``, or ``[B, Q, K]`` with batch_first; ``[B, H, Q, K]``
+        either way) as ``[B, Q, K]`` / ``[B, H, Q, K]``."""
+        want = (batch, nq, nk) if self.batch_first else (nq, batch, nk)
+        other = (nq, batch, nk) if self.batch_first else (batch, nq, nk)
+        if bias.dim() == 4 and tuple(bias.shape) in ((batch, heads, nq, nk), (batch, 1, nq, nk)):
+            return bias
+        if bias.dim() == 3 and tuple(bias.shape) == want:
+            return bias if self.batch_first else bias.transpose(0, 1)
+        layout = "[B, Q, K]" if self.batch_first else "[Q, B, K]"
+        hint = ""
+        if bias.dim() == 3 and tuple(bias.shape) == other:
+            hint = (f"; it fits {'[Q, B, K]' if self.batch_first else '[B, Q, K]'}: pass attention_bias.transpose(0, 1)"
+                    f" (batch_first={self.batch_first})")
+        raise ValueError(f"a dense attention_bias must be {layout} = {list(want)} (batch_first={self.batch_first}) "
+                         f"or [B, H, Q, K] = {[batch, heads, nq, nk]}, got {tuple(bias.shape)}{hint}")
+
 
 def _convert_attn_mask(attn_mask, batch, heads, nq, nk):
-    """nn.MultiheadAttention mask (bool True = blocked, or float; ``[Q, K]`` or ``[B*H, Q, K]``) to the
-    SDPA convention used by :func:`sparse_bias_attention` (bool True = attend)."""
+    """nn.MultiheadAttention mask (bool True = blocked, uint8 nonzero = blocked, or float; ``[Q, K]`` or
+    ``[B*H, Q, K]``) to the SDPA convention used by :func:`sparse_bias_attention` (bool True = attend)."""
     if attn_mask is None:
         return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor, a WindowIndex or None, got {type(attn_mask).__name__}")
+    if tuple(attn_mask.shape) not in ((nq, nk), (batch * heads, nq, nk)):
+        raise ValueError(f"attn_mask must be [Q, K] = [{nq}, {nk}] or [B * H, Q, K] = [{batch * heads}, {nq}, {nk}] "
+                         f"(nn.MultiheadAttention's layout), got shape {tuple(attn_mask.shape)}")
     if attn_mask.dim() == 3:
-        if attn_mask.shape[0] != batch * heads:
-            raise ValueError(f"attn_mask must be [Q, K] or [B * H, Q, K] = [{batch * heads}, {nq}, {nk}], "
-                             f"got shape {tuple(attn_mask.shape)}")
         attn_mask = attn_mask.view(batch, heads, nq, nk)
+    if attn_mask.dtype == torch.uint8:
+        attn_mask = attn_mask.bool()
     return ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
 
 

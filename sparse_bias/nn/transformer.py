@@ -127,6 +127,12 @@ class PETRTransformerDecoder(nn.Module):
         self.return_intermediate = return_intermediate
 
     def forward(self, query, *args, **kwargs):
+        """Shapes as :class:`PETRTransformerDecoderLayer`, except a dense ``attention_bias``: ``[B, Q, K]`` here
+        (the origin design's decoder level), handed to the layers in their sequence layout (``[Q, B, K]``
+        unless ``batch_first``), as CMTTEST's decoder does."""
+        bias = kwargs.get("attention_bias")
+        if isinstance(bias, torch.Tensor) and bias.dim() == 3 and self.layers and not self.layers[0].batch_first:
+            kwargs["attention_bias"] = bias.transpose(0, 1)
         outputs = []
         for layer in self.layers:
             query = layer(query, *args, **kwargs)
