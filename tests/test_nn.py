@@ -314,14 +314,3 @@ def test_config_global_bias_matches_dense_reference():
     bias = gen(lw, cw, bev_pos, cam_pos)
     assert isinstance(bias, sb.ModalityBias)
     close(mha(x, kv, kv, attention_bias=bias), mha(x, kv, kv, attention_bias=bias.to_dense().transpose(0, 1)))
-
-
-def test_registered_in_mmengine():
-    mmengine = pytest.importorskip("mmengine", reason="mmengine is not installed")
-    from mmengine.registry import MODELS
-    done = sb.nn.register_modules()
-    assert "mmengine.registry.MODELS" in done
-    mha = MODELS.build(dict(type="SparseBiasMultiheadAttention", embed_dims=C, num_heads=H))
-    assert isinstance(mha, SparseBiasMultiheadAttention)
-    assert isinstance(MODELS.build(dict(type="CmtTransformer", embed_dims=C, num_heads=H, num_layers=1)), CmtTransformer)
-    del mmengine

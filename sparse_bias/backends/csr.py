@@ -7,12 +7,12 @@ import torch
 
 from .base import Backend
 
-# The beta notice is printed on the first CSR tensor of the process; the kernels used here are stable.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
-
 def _csr(crow, col, values, size):
-    return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    # PyTorch prints a beta notice on the first CSR tensor of a process; the kernels used here are stable.
+    # Silenced here only, never process-wide (importing the library changes no warning filter).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 class SparseCSRBackend(Backend):

@@ -17,6 +17,7 @@ from .._checks import check_tensor
 from ..layout import KeyLayout
 from ..projection import project_points
 from ..windows import WindowIndex, local_windows
+from . import mmcv_cfg
 from .transformer import PETRTransformerDecoder
 
 __all__ = ["AQRWeightGenerator", "AQROutput", "Projection"]
@@ -66,7 +67,8 @@ class AQRWeightGenerator(nn.Module):
         use_type_embed: create ``bev_type_embed`` / ``rv_type_embed`` (``[C]`` each).
         type_embed: where they go: ``"keys"`` (added to the memory positions of the BEV / camera keys),
             ``"queries"`` (both added to the query embedding, as MoME does) or ``"unused"`` (created but not
-            used, as CMTTEST's code does -- choose it to reproduce a CMTTEST checkpoint).
+            used, as CMTTEST's code does). Default: ``"unused"`` when built from CMTTEST's config (an
+            ``encoder_config`` is given), so its checkpoints reproduce its outputs; ``"keys"`` otherwise.
         pc_range: ``[x_min, y_min, z_min, x_max, y_max, z_max]`` the reference points are normalised over.
         layout: the :class:`~sparse_bias.KeyLayout` of the memory (default from the two feature shapes).
         bev_feature_shape: ``(H, W)`` of the BEV grid when no layout is given (CMT's ``(180, 180)``).
@@ -79,6 +81,11 @@ class AQRWeightGenerator(nn.Module):
         init_bias: initial bias of ``weight_predictor`` (1.5: weights start at tanh(1.5) = 0.905).
         batch_first: ``[B, N, C]`` tensors instead of ``[N, B, C]``.
         backend: backend of :func:`sparse_bias.window_attention`.
+        encoder_config: CMTTEST's / MoME's encoder config (``dict(type="PETRTransformerDecoder", num_layers=1,
+            transformerlayers=dict(type="PETRTransformerDecoderLayer", attn_cfgs=[dict(type="MultiheadAttention",
+            embed_dims=256, num_heads=4, dropout=0.1)], ...))``); replaces ``num_heads``, ``feedforward_channels``,
+            ``dropout`` and ``ffn_drop``.
+        init_cfg: accepted for mmcv compatibility, unused.
 
     Shapes (``forward``): ``query_embed [Q, B, C]``, ``memory`` and ``pos_embed [K, B, C]`` (batch-first:
     ``[B, Q, C]``, ``[B, K, C]``), ``ref_points [B, Q, 3]`` normalised to [0, 1] over ``pc_range``,
@@ -87,10 +94,11 @@ class AQRWeightGenerator(nn.Module):
 
     def __init__(self, embed_dims: int = 256, num_heads: int = 4, feedforward_channels: int = 1024,
                  dropout: float = 0.1, ffn_drop: float = 0.0, window_sizes: Sequence[int] = (15, 5),
-                 use_type_embed: bool = True, type_embed: str = "keys", pc_range: Sequence[float] = CMT_PC_RANGE,
+                 use_type_embed: bool = True, type_embed: Optional[str] = None,
+                 pc_range: Sequence[float] = CMT_PC_RANGE,
                  layout: Optional[KeyLayout] = None, bev_feature_shape=(180, 180), pers_feature_shape=(6, 40, 100),
                  unseen_camera: str = "corner", max_views: int = 1, init_bias: float = 1.5, batch_first: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", encoder_config: Optional[dict] = None, init_cfg=None):
         super().__init__()
         if layout is None:
             layout = KeyLayout(bev_shape=tuple(bev_feature_shape), cam_shape=tuple(pers_feature_shape))
@@ -101,6 +109,8 @@ class AQRWeightGenerator(nn.Module):
         for name, size in zip(("window_sizes[0] (camera)", "window_sizes[1] (bev)"), window_sizes):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
                 raise ValueError(f"{name} must be an odd positive int, got {size!r}")
+        if type_embed is None:
+            type_embed = "unused" if encoder_config is not None else "keys"
         if type_embed not in TYPE_EMBED_MODES:
             raise ValueError(f"type_embed must be one of {TYPE_EMBED_MODES}, got {type_embed!r}")
         if unseen_camera not in UNSEEN_MODES:
@@ -110,10 +120,20 @@ class AQRWeightGenerator(nn.Module):
         self.pc_range = tuple(float(x) for x in pc_range)
         self.use_type_embed, self.type_embed, self.unseen_camera = use_type_embed, type_embed, unseen_camera
         self.batch_first, self.max_views = batch_first, max_views
-        self.encoder = PETRTransformerDecoder(num_layers=1, return_intermediate=True, post_norm=True,
-                                              embed_dims=embed_dims, num_heads=num_heads,
-                                              feedforward_channels=feedforward_channels, dropout=dropout,
-                                              ffn_drop=ffn_drop, operation_order=LAM_ORDER, backend=backend)
+        if encoder_config is not None:
+            self.encoder = mmcv_cfg.decoder_from_cfg(encoder_config, backend)
+            if self.encoder.layers[0].operation_order[0] != "cross_attn" or len(self.encoder.layers[0].attentions) != 1:
+                raise ValueError(f"encoder_config must describe LAM layers with one cross-attention "
+                                 f"(operation_order {LAM_ORDER}), got {self.encoder.layers[0].operation_order}")
+            self.num_heads = self.encoder.layers[0].attentions[0].num_heads
+            if self.encoder.layers[0].embed_dims != embed_dims:
+                raise ValueError(f"encoder_config has embed_dims {self.encoder.layers[0].embed_dims} but "
+                                 f"embed_dims is {embed_dims}")
+        else:
+            self.encoder = PETRTransformerDecoder(num_layers=1, return_intermediate=True, post_norm=True,
+                                                  embed_dims=embed_dims, num_heads=num_heads,
+                                                  feedforward_channels=feedforward_channels, dropout=dropout,
+                                                  ffn_drop=ffn_drop, operation_order=LAM_ORDER, backend=backend)
         self.weight_predictor = nn.Linear(embed_dims, 2)
         if use_type_embed:
             self.bev_type_embed = nn.Parameter(torch.randn(embed_dims))

@@ -53,6 +53,14 @@ class AQRAttentionBias(nn.Module):
         if generator is None:
             raise ValueError("attention_bias_config is disabled (enable=False): there is no bias to build")
         aqr_config = dict(aqr_config or {})
+        kind = aqr_config.pop("type", "AQRWeightGenerator")
+        if kind != "AQRWeightGenerator":
+            raise ValueError(f"aqr_config type must be 'AQRWeightGenerator', got {kind!r}")
+        for name, attr in (("bev_feature_shape", "bev_shape"), ("pers_feature_shape", "cam_shape")):
+            shape = aqr_config.pop(name, None)                      # the layout comes from the bias config
+            if shape is not None and tuple(shape) != getattr(generator.layout, attr):
+                raise ValueError(f"aqr_config {name}={tuple(shape)} disagrees with attention_bias_config's layout "
+                                 f"{generator.layout!r}")
         if "layout" in aqr_config:
             raise ValueError("aqr_config must not set layout: it comes from attention_bias_config's feature shapes")
         aqr_config.setdefault("pc_range", pc_range)

@@ -1,40 +1,110 @@
-"""Registration in mmcv 1.x / mmdet 2.x and mmengine registries, where those are importable.
+"""Registration in mmcv 1.x / mmdet 2.x and mmengine registries -- only when asked.
 
-With mmcv 1.x a config can then say ``dict(type="SparseBiasMultiheadAttention", ...)`` in ``attn_cfgs``;
-with mmengine the modules are in ``mmengine.registry.MODELS``. Nothing happens when neither is installed.
+``import sparse_bias`` touches no registry. Two explicit routes (design brief, section 4):
+
+* ``custom_imports=dict(imports=["sparse_bias.mmcv"])`` in a config (or :func:`register_modules` with no
+  arguments) registers this library's own, collision-free names (``SparseBiasMultiheadAttention``,
+  ``SparseBiasPETRTransformerDecoderLayer``, ...), never replacing anything;
+* ``register_modules(dense_names=True)`` also registers the dense versions' names (``CmtTransformer``,
+  ``PETRTransformerDecoderLayer``, ``PETRTransformerDecoder``, ``PETRMultiheadAttention``,
+  ``PETRMultiheadFlashAttention``, ``AttentionBiasGenerator``, ``AQRWeightGenerator``), so that an unchanged
+  CMT / CMTTEST config builds this library's classes -- for users who drop the dense modules from their
+  plugin. A name already taken by another class is an error naming both classes, unless ``force=True``
+  (then a warning names what was replaced).
 """
 from __future__ import annotations
 
 import importlib
 import logging
-from typing import Dict, List
+import warnings
+from typing import Dict, List, Optional
 
 logger = logging.getLogger("sparse_bias")
 
-# registry (module path, attribute) -> names of sparse_bias.nn classes registered there
-_TARGETS = {
-    ("mmcv.cnn.bricks.registry", "ATTENTION"): ["SparseBiasMultiheadAttention"],
-    ("mmcv.cnn.bricks.registry", "TRANSFORMER_LAYER"): ["PETRTransformerDecoderLayer"],
-    ("mmcv.cnn.bricks.registry", "TRANSFORMER_LAYER_SEQUENCE"): ["PETRTransformerDecoder"],
-    ("mmdet.models.utils.builder", "TRANSFORMER"): ["CmtTransformer"],
-    ("mmengine.registry", "MODELS"): ["SparseBiasMultiheadAttention", "PETRTransformerDecoderLayer",
-                                      "PETRTransformerDecoder", "CmtTransformer", "AttentionBiasGenerator",
-                                      "AQRWeightGenerator"],
+#: (registry module, attribute) -> the kinds of module it holds.
+_REGISTRIES = {
+    ("mmcv.cnn.bricks.registry", "ATTENTION"): "attention",
+    ("mmcv.cnn.bricks.registry", "TRANSFORMER_LAYER"): "layer",
+    ("mmcv.cnn.bricks.registry", "TRANSFORMER_LAYER_SEQUENCE"): "sequence",
+    ("mmdet.models.utils.builder", "TRANSFORMER"): "transformer",
+    ("mmengine.registry", "MODELS"): "all",
 }
 
+#: kind -> [(own name, dense versions' names, class name in sparse_bias.nn)]
+_NAMES = {
+    "attention": [("SparseBiasMultiheadAttention", ("PETRMultiheadAttention", "PETRMultiheadFlashAttention"),
+                   "SparseBiasMultiheadAttention")],
+    "layer": [("SparseBiasPETRTransformerDecoderLayer", ("PETRTransformerDecoderLayer",),
+               "PETRTransformerDecoderLayer")],
+    "sequence": [("SparseBiasPETRTransformerDecoder", ("PETRTransformerDecoder",), "PETRTransformerDecoder")],
+    "transformer": [("SparseBiasCmtTransformer", ("CmtTransformer",), "CmtTransformer"),
+                    ("SparseBiasAttentionBiasGenerator", ("AttentionBiasGenerator",), "AttentionBiasGenerator"),
+                    ("SparseBiasAQRWeightGenerator", ("AQRWeightGenerator",), "AQRWeightGenerator")],
+}
+_NAMES["all"] = [entry for kind in ("attention", "layer", "sequence", "transformer") for entry in _NAMES[kind]]
 
-def register_modules() -> Dict[str, List[str]]:
-    """Register the modules in every importable registry; returns ``{registry: [names]}`` for what was done."""
-    from . import aqr, attention, generators, transformer
-    classes = {name: getattr(mod, name) for mod in (aqr, attention, generators, transformer) for name in mod.__all__}
-    done = {}
-    for (module, attr), names in _TARGETS.items():
+
+def _registered(registry, name: str):
+    table = getattr(registry, "module_dict", None)
+    if table is None:
+        table = getattr(registry, "_module_dict", {})
+    return table.get(name)
+
+
+def _importable_registries() -> Dict[str, object]:
+    found = {}
+    for (module, attr), kind in _REGISTRIES.items():
         try:
-            registry = getattr(importlib.import_module(module), attr)
+            found[f"{module}.{attr}"] = (getattr(importlib.import_module(module), attr), kind)
         except Exception:          # not installed, or an incompatible version
             continue
-        for name in names:
-            registry.register_module(name=name, module=classes[name], force=True)
-        done[f"{module}.{attr}"] = names
-        logger.debug("sparse_bias: registered %s in %s.%s", names, module, attr)
+    return found
+
+
+def register_modules(dense_names: bool = False, force: bool = False,
+                     registries: Optional[Dict[str, tuple]] = None) -> Dict[str, List[str]]:
+    """Register this library's modules in every importable mmcv 1.x / mmdet 2.x / mmengine registry.
+
+    Args:
+        dense_names: also register under the dense versions' names (``CmtTransformer``,
+            ``PETRTransformerDecoderLayer``, ``PETRTransformerDecoder``, ``PETRMultiheadAttention``,
+            ``PETRMultiheadFlashAttention``, ``AttentionBiasGenerator``, ``AQRWeightGenerator``).
+        force: replace a name another class holds (with a warning naming both); otherwise that is an error.
+        registries: ``{label: (registry, kind)}`` to use instead of the importable ones (``kind`` one of
+            ``"attention"``, ``"layer"``, ``"sequence"``, ``"transformer"``, ``"all"``); for tests.
+
+    Returns:
+        ``{registry: [names registered]}``.
+
+    Raises:
+        ValueError: a name is taken by another class and ``force`` is False (nothing is registered then).
+    """
+    from . import aqr, attention, generators, transformer
+    classes = {name: getattr(mod, name) for mod in (aqr, attention, generators, transformer) for name in mod.__all__}
+    targets = _importable_registries() if registries is None else registries
+    plan = []
+    for label, (registry, kind) in targets.items():
+        for own, dense, cls_name in _NAMES[kind]:
+            for name in (own,) + (dense if dense_names else ()):
+                plan.append((label, registry, name, classes[cls_name]))
+    conflicts = [(label, name, _registered(registry, name), cls) for label, registry, name, cls in plan
+                 if _registered(registry, name) not in (None, cls)]
+    if conflicts and not force:
+        raise ValueError("registry names already taken by other classes: " + "; ".join(
+            f"{label}[{name!r}] is {_qualname(old)}, not {_qualname(cls)}" for label, name, old, cls in conflicts)
+            + " -- pass force=True to replace them")
+    for label, name, old, cls in conflicts:
+        warnings.warn(f"sparse_bias.nn.register_modules: {label}[{name!r}]: replacing {_qualname(old)} with "
+                      f"{_qualname(cls)}", UserWarning, stacklevel=2)
+    done: Dict[str, List[str]] = {}
+    for label, registry, name, cls in plan:
+        if _registered(registry, name) is not cls:
+            registry.register_module(name=name, module=cls, force=True)
+        done.setdefault(label, []).append(name)
+    for label, names in done.items():
+        logger.debug("sparse_bias: registered %s in %s", names, label)
     return done
+
+
+def _qualname(cls) -> str:
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"

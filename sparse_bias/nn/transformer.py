@@ -1,13 +1,15 @@
 """CMT / PETR decoder modules (mmcv 1.x calling conventions, no mmcv dependency)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..windows import WindowIndex
+from . import mmcv_cfg
 from .attention import SparseBiasMultiheadAttention
 
 __all__ = ["FFN", "PETRTransformerDecoderLayer", "PETRTransformerDecoder", "CmtTransformer"]
@@ -48,24 +50,59 @@ class PETRTransformerDecoderLayer(nn.Module):
         operation_order: mmcv's tuple of ``"self_attn"``, ``"cross_attn"``, ``"norm"``, ``"ffn"``; a
             leading ``"norm"`` makes it pre-norm.
         backend: backend of :func:`sparse_bias.sparse_bias_attention`.
+        attn_cfgs: mmcv's attention configs (one dict for all, or one per attention); types
+            ``MultiheadAttention``, ``PETRMultiheadAttention``, ``PETRMultiheadFlashAttention`` all become
+            :class:`SparseBiasMultiheadAttention`. Given, they define ``embed_dims`` and the heads.
+        ffn_cfgs: mmcv's FFN config (``type="FFN"``, ReLU, two layers).
+        ffn_dropout: PETR's layer argument: overrides ``ffn_cfgs["ffn_drop"]`` (PETR passes 0.0).
+        ffn_num_fcs: PETR's layer argument (2).
+        with_cp: gradient checkpointing of the layer in training (PETR's default when built from a config).
+        norm_cfg: ``dict(type="LN")`` (the only norm supported).
+        act_cfg: ``dict(type="ReLU", inplace=True)`` (the only activation supported).
+        init_cfg: accepted for mmcv compatibility, unused.
+
+    Built from an unchanged CMT config (``attn_cfgs``, ``ffn_cfgs``, ``feedforward_channels``,
+    ``operation_order``, ``with_cp``), it has the dense version's structure and state-dict names
+    (``attentions.{i}.attn.*``, ``ffns.0.layers.{0.0,1}.*``, ``norms.{i}.*``).
     """
 
     def __init__(self, embed_dims: int = 256, num_heads: int = 8, feedforward_channels: int = 1024,
                  dropout: float = 0.1, operation_order: Sequence[str] = DEFAULT_ORDER, batch_first: bool = False,
-                 backend: str = "auto", ffn_drop: float = 0.0):
+                 backend: str = "auto", ffn_drop: float = 0.0, *, attn_cfgs: Union[dict, List[dict], None] = None,
+                 ffn_cfgs: Optional[dict] = None, ffn_dropout: Optional[float] = None,
+                 ffn_num_fcs: Optional[int] = None, with_cp: Optional[bool] = None, norm_cfg: Optional[dict] = None,
+                 act_cfg: Optional[dict] = None, init_cfg=None):
         super().__init__()
+        if operation_order is None:
+            raise ValueError("operation_order is required")
         bad = set(operation_order) - {"self_attn", "cross_attn", "norm", "ffn"}
         if bad:
             raise ValueError(f"operation_order holds unknown operations {sorted(bad)}")
+        mmcv_cfg.check_norm_cfg(norm_cfg, "norm_cfg")
+        if act_cfg is not None and act_cfg.get("type") != "ReLU":
+            raise ValueError(f"act_cfg {act_cfg!r} is not supported (ReLU only)")
         self.operation_order, self.batch_first = tuple(operation_order), batch_first
         self.pre_norm = self.operation_order[0] == "norm"
+        self.with_cp = bool(attn_cfgs is not None if with_cp is None else with_cp)
         n_attn = sum(op in ("self_attn", "cross_attn") for op in operation_order)
-        self.attentions = nn.ModuleList(
-            SparseBiasMultiheadAttention(embed_dims, num_heads, attn_drop=dropout,
-                                         dropout_layer=dict(type="Dropout", drop_prob=dropout),
-                                         batch_first=batch_first, backend=backend) for _ in range(n_attn))
-        self.ffns = nn.ModuleList(FFN(embed_dims, feedforward_channels, ffn_drop)
-                                  for _ in range(self.operation_order.count("ffn")))
+        if attn_cfgs is not None:                                   # built from an mmcv config
+            self.attentions = nn.ModuleList(mmcv_cfg.attention_from_cfg(c, batch_first, backend)
+                                            for c in mmcv_cfg.attention_cfgs(attn_cfgs, n_attn))
+            embed_dims = self.attentions[0].embed_dims if n_attn else embed_dims
+            ffn_dropout = 0.0 if ffn_dropout is None else ffn_dropout   # PETR's layer default
+            self.ffns = nn.ModuleList(
+                mmcv_cfg.ffn_from_cfg(ffn_cfgs, embed_dims, feedforward_channels, ffn_dropout, ffn_num_fcs)
+                for _ in range(self.operation_order.count("ffn")))
+        else:
+            self.attentions = nn.ModuleList(
+                SparseBiasMultiheadAttention(embed_dims, num_heads, attn_drop=dropout,
+                                             dropout_layer=dict(type="Dropout", drop_prob=dropout),
+                                             batch_first=batch_first, backend=backend) for _ in range(n_attn))
+            self.ffns = nn.ModuleList(
+                mmcv_cfg.ffn_from_cfg(ffn_cfgs, embed_dims, feedforward_channels,
+                                      ffn_drop if ffn_dropout is None else ffn_dropout, ffn_num_fcs)
+                for _ in range(self.operation_order.count("ffn")))
+        self.embed_dims = embed_dims
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(self.operation_order.count("norm")))
 
     def forward(self, query, key=None, value=None, query_pos=None, key_pos=None, attn_masks=None,
@@ -76,7 +113,17 @@ class PETRTransformerDecoderLayer(nn.Module):
 
         ``local_window`` (a :class:`~sparse_bias.WindowIndex`) makes the cross-attention a local-mask (LAM)
         window attention; a ``WindowIndex`` in ``attn_masks`` at the cross-attention's place does the same.
+        A dense ``attention_bias`` is in the attention's layout (``[Q, B, K]`` unless ``batch_first``).
         """
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, query, key, value, query_pos, key_pos, attn_masks,
+                              query_key_padding_mask, key_padding_mask, attention_bias, local_window,
+                              use_reentrant=False)
+        return self._forward(query, key, value, query_pos, key_pos, attn_masks, query_key_padding_mask,
+                             key_padding_mask, attention_bias, local_window)
+
+    def _forward(self, query, key, value, query_pos, key_pos, attn_masks, query_key_padding_mask, key_padding_mask,
+                 attention_bias, local_window):
         n_attn = len(self.attentions)
         if attn_masks is None or isinstance(attn_masks, (torch.Tensor, WindowIndex)):
             attn_masks = [attn_masks] * n_attn
@@ -115,14 +162,31 @@ class PETRTransformerDecoder(nn.Module):
         return_intermediate: return every layer's (post-normed) output stacked ``[L, Q, B, C]``; otherwise
             the last one as ``[1, Q, B, C]``.
         post_norm: apply a final LayerNorm.
+        transformerlayers: mmcv's layer config (one dict copied ``num_layers`` times, or one per layer), as
+            CMT's config gives it; replaces ``layer_kwargs``.
+        post_norm_cfg: PETR's ``dict(type="LN")`` or None (overrides ``post_norm`` when given).
+        init_cfg: accepted for mmcv compatibility, unused.
         **layer_kwargs: passed to every :class:`PETRTransformerDecoderLayer`.
     """
 
-    def __init__(self, num_layers: int = 6, return_intermediate: bool = True, post_norm: bool = True,
+    _UNSET = object()
+
+    def __init__(self, num_layers: Optional[int] = 6, return_intermediate: bool = True, post_norm: bool = True, *,
+                 transformerlayers: Union[dict, List[dict], None] = None, post_norm_cfg=_UNSET, init_cfg=None,
                  **layer_kwargs):
         super().__init__()
-        self.layers = nn.ModuleList(PETRTransformerDecoderLayer(**layer_kwargs) for _ in range(num_layers))
-        embed_dims = self.layers[0].norms[0].normalized_shape[0] if num_layers else layer_kwargs.get("embed_dims", 256)
+        if transformerlayers is not None:
+            backend = layer_kwargs.pop("backend", "auto")
+            if layer_kwargs:
+                raise TypeError(f"PETRTransformerDecoder got unexpected keyword arguments {sorted(layer_kwargs)}")
+            cfgs = mmcv_cfg.layer_cfgs(transformerlayers, num_layers)
+            self.layers = nn.ModuleList(PETRTransformerDecoderLayer(**dict(dict(backend=backend), **c)) for c in cfgs)
+        else:
+            self.layers = nn.ModuleList(PETRTransformerDecoderLayer(**layer_kwargs) for _ in range(num_layers))
+        if post_norm_cfg is not PETRTransformerDecoder._UNSET:
+            mmcv_cfg.check_norm_cfg(post_norm_cfg, "post_norm_cfg")
+            post_norm = post_norm_cfg is not None
+        embed_dims = self.layers[0].embed_dims if len(self.layers) else layer_kwargs.get("embed_dims", 256)
         self.post_norm = nn.LayerNorm(embed_dims) if post_norm else None
         self.return_intermediate = return_intermediate
 
@@ -146,6 +210,9 @@ class PETRTransformerDecoder(nn.Module):
 class CmtTransformer(nn.Module):
     """CMT's transformer: BEV and camera features flattened into one memory, then the PETR decoder.
 
+    Built from arguments, or from CMT's config: ``CmtTransformer(decoder=dict(type="PETRTransformerDecoder",
+    transformerlayers=dict(type="PETRTransformerDecoderLayer", attn_cfgs=[...], ...), ...))``.
+
     Memory key order: BEV ``h * W + w`` first, then camera ``v * Hc * Wc + h * Wc + w`` -- the
     :class:`sparse_bias.KeyLayout` order, so a bias from :class:`AttentionBiasGenerator` lines up.
 
@@ -163,12 +230,20 @@ class CmtTransformer(nn.Module):
 
     def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_layers: int = 6,
                  feedforward_channels: int = 1024, dropout: float = 0.1, backend: str = "auto",
-                 return_intermediate: bool = True):
+                 return_intermediate: bool = True, *, decoder: Optional[dict] = None, encoder: Optional[dict] = None,
+                 init_cfg=None, cross: bool = False):
         super().__init__()
+        if encoder is not None or cross:
+            raise ValueError("CmtTransformer has no encoder (encoder=None, cross=False, as CMT's configs set them)")
+        if decoder is not None:                 # CMT's config: decoder=dict(type="PETRTransformerDecoder", ...)
+            self.decoder = mmcv_cfg.decoder_from_cfg(decoder, backend)
+            embed_dims = self.decoder.layers[0].embed_dims
+        else:
+            self.decoder = PETRTransformerDecoder(num_layers, return_intermediate=return_intermediate,
+                                                  embed_dims=embed_dims, num_heads=num_heads,
+                                                  feedforward_channels=feedforward_channels, dropout=dropout,
+                                                  backend=backend)
         self.embed_dims = embed_dims
-        self.decoder = PETRTransformerDecoder(num_layers, return_intermediate=return_intermediate, embed_dims=embed_dims,
-                                              num_heads=num_heads, feedforward_channels=feedforward_channels,
-                                              dropout=dropout, backend=backend)
         self.init_weights()
 
     def init_weights(self):
