@@ -6,6 +6,7 @@ The AQR weight generator of the MoME / CMTTEST pipelines (a LAM decoder layer ov
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -139,8 +140,10 @@ class AttentionBiasGenerator(nn.Module):
         hi = hi if max_scale is None else float(max_scale)
         if not lo <= hi:
             raise ValueError(f"min_scale must be <= max_scale, got [{lo}, {hi}]")
-        if learnable_scale and not lo <= bias_scale <= hi:
-            raise ValueError(f"bias_scale {bias_scale} is outside the learnable range [{lo}, {hi}]")
+        if learnable_scale and not lo <= bias_scale <= hi:     # CMTTEST accepts it; the clamp then pins the scale
+            warnings.warn(f"bias_scale {bias_scale} is outside the learnable range [{lo}, {hi}]: the clamped scale is "
+                          f"{min(max(bias_scale, lo), hi)} and receives no gradient until the parameter re-enters "
+                          "the range", UserWarning, stacklevel=2)
         if bias_clamp is not None and not float(bias_clamp) > 0:
             raise ValueError(f"bias_clamp must be a positive float or None, got {bias_clamp!r}")
         self.scale_range, self.learnable_scale = (lo, hi), learnable_scale
