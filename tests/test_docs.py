@@ -1,5 +1,6 @@
 """The documentation builds in MkDocs strict mode (API pages generated from the docstrings)."""
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -14,3 +15,30 @@ def test_mkdocs_strict_build(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def _sections(path):
+    """``{heading: source of its python blocks}`` for the ``## `` sections of a Markdown page."""
+    text = path.read_text()
+    out = {}
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        title = section.splitlines()[0].strip()
+        out[title] = "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
+    return out
+
+
+RECIPES = {title: code for title, code in _sections(ROOT / "docs" / "migration.md").items()
+           if title.startswith("Recipe")}
+
+
+@pytest.mark.parametrize("title", sorted(RECIPES))
+def test_migration_recipe_runs_and_ends_with_the_dense_versions_outputs(title):
+    pytest.importorskip("mmengine", reason="the recipes build from configs through mmengine's registry")
+    res = subprocess.run([sys.executable, "-c", RECIPES[title]], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "same outputs as the dense version" in res.stdout
+
+
+def test_migration_has_both_recipes():
+    assert {"Recipe: from CMT with a dense bias", "Recipe: from CMTTEST"} <= set(RECIPES)
