@@ -258,3 +258,19 @@ def test_head_projects_once_and_feeds_the_transformer():
     assert head.aqr.weight_predictor.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="disabled"):
         AQRAttentionBias(dict(enable=False))
+
+
+def test_aqr_takes_cmttests_img_metas():
+    torch.manual_seed(0)
+    layout = sb.KeyLayout(bev_shape=(12, 12), cam_shape=(6, 4, 10))
+    aqr = AQRWeightGenerator(C, layout=layout).eval()
+    lidar2img = synthetic_cameras(2, img_shape=(64, 160))
+    img_metas = [dict(lidar2img=[m.numpy() for m in lidar2img[b]], img_shape=[(64, 160, 3)] * 6) for b in range(2)]
+    query, memory, pos = torch.randn(7, 2, C), torch.randn(layout.num_keys, 2, C), torch.randn(layout.num_keys, 2, C)
+    ref = torch.rand(2, 7, 3)
+    want = aqr(query, memory, pos, ref, lidar2img, (64, 160))
+    got = aqr(query, memory, pos, ref, img_metas)
+    close(got.lidar_weights, want.lidar_weights, 0)
+    assert torch.equal(got.projection.cam_pos, want.projection.cam_pos)
+    with pytest.raises(TypeError, match="img_metas"):
+        aqr(query, memory, pos, ref, [dict(lidar2img=None)])

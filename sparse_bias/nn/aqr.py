@@ -177,7 +177,9 @@ class AQRWeightGenerator(nn.Module):
             memory: ``[K, B, C]`` memory, keys in layout order (BEV, then cameras).
             pos_embed: ``[K, B, C]`` memory positions.
             ref_points: ``[B, Q, 3]`` normalised reference points (not needed when ``bev_pos``/``cam_pos`` are given).
-            lidar2img: ``[B, V, 4, 4]`` lidar-to-image matrices.
+            lidar2img: ``[B, V, 4, 4]`` lidar-to-image matrices -- or CMTTEST's ``img_metas`` (a list of one dict
+                per sample with ``"lidar2img"`` (V matrices) and ``"img_shape"`` (per view ``(H, W, ...)``)), in
+                which case ``img_shape`` is taken from it.
             img_shape: padded image ``(height, width)``.
             bev_pos: a projection computed elsewhere instead: BEV cells ``[B, Q, 2]``.
             cam_pos: and camera cells ``[B, Q, 3]`` or ``[B, Q, M, 3]``.
@@ -202,6 +204,8 @@ class AQRWeightGenerator(nn.Module):
         if query_embed.shape[1:] != (bsz, c):
             raise ValueError(f"query_embed must be {layout_name} = [Q, {bsz}, {c}] (batch_first={self.batch_first}), "
                              f"got {tuple(query_embed.shape)}")
+        if isinstance(lidar2img, (list, tuple)):
+            lidar2img, img_shape = _from_img_metas(lidar2img, memory.device)
         if bev_pos is None and cam_pos is None:
             if ref_points is None:
                 raise ValueError("AQRWeightGenerator needs ref_points (with lidar2img, img_shape) or bev_pos/cam_pos")
@@ -231,3 +235,15 @@ class AQRWeightGenerator(nn.Module):
     def extra_repr(self) -> str:
         return (f"window_sizes={list(self.window_sizes)} (camera, bev), type_embed={self.type_embed!r}, "
                 f"unseen_camera={self.unseen_camera!r}, layout={self.layout}")
+
+
+def _from_img_metas(img_metas, device):
+    """``(lidar2img [B, V, 4, 4], (H, W))`` from mmdet3d's ``img_metas`` (CMTTEST's AQR call)."""
+    if not img_metas or not all(isinstance(m, dict) and "lidar2img" in m and "img_shape" in m for m in img_metas):
+        raise TypeError("lidar2img must be a [B, V, 4, 4] tensor or img_metas: a list of dicts with 'lidar2img' and "
+                        "'img_shape'")
+    mats = torch.stack([torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in meta["lidar2img"]])
+                        for meta in img_metas]).to(device)
+    shape = img_metas[0]["img_shape"]
+    shape = shape[0] if isinstance(shape[0], (tuple, list)) else shape       # per-view shapes: the first view's
+    return mats, (int(shape[0]), int(shape[1]))
