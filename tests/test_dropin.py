@@ -137,7 +137,7 @@ def test_cmttest_generator_checkpoint_loads_strictly(learnable):
     gen = sb.build_attention_bias(dict(CMTTEST_CONFIG, learnable_scale=learnable, fp16=False))
     result = gen.load_state_dict(ckpt, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert float(gen.bias_scale) == 3.25 and int(gen.step) == 0
+    assert float(gen.bias_scale.detach()) == 3.25 and int(gen.step) == 0
     pts_bev, pts_pers, lw, cw = positions()
     want = cmttest_dense_bias(lw, cw, pts_bev, pts_pers, torch.tensor(3.25), learnable, 0.5, 5.0, w)
     torch.testing.assert_close(gen(lw, cw, pts_bev, pts_pers).to_dense(), want, rtol=0, atol=0)

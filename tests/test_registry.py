@@ -142,6 +142,7 @@ def test_unchanged_cmttest_aqr_config_builds_the_aqr_with_its_state_dict_names()
     assert ffn.layers[0][2].p == 0.0                # PETR's layer overrides ffn_drop with ffn_dropout=0.0
 
 
+@pytest.mark.filterwarnings("ignore:The arguments `dropout` in MultiheadAttention has been deprecated")
 def test_generators_and_layers_build_by_dense_names():
     regs = fresh()
     register_modules(dense_names=True, registries=regs)
