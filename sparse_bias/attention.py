@@ -20,9 +20,9 @@ from .backends import BACKENDS, backend_candidates, get_backend
 from .bias import ModalityBias, SparseBias
 from .kernels import compute_dtype as _compute_dtype
 from .kernels import dense_lse_backward, dense_lse_forward, dropout_mask, dropout_scale
-from ._blocks import entry_blocks, entry_keep
+from ._blocks import window_blocks
 from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
-                          check_scale, check_sparse_bias, draw_seed, entry_mask)
+                          check_scale, check_sparse_bias, draw_seed)
 
 __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD"]
 
@@ -141,14 +141,13 @@ class _SparseBiasAttention(torch.autograd.Function):
             ctx.save_for_backward(q, k, v, o_d, lse)
             return o_d
         ctx.sparse = True
-        p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device)
+        p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if backend.saves_p else None
         den = torch.ones(bsz, heads, nq, dtype=cdt, device=q.device)
         out = o_d.to(cdt)
-        for b, hs, e0, e1, local_q, bvals in entry_blocks(win, values, backend, heads, cdt):
-            emask = None if mask is None else entry_mask(mask, b, hs, local_q, win.key[e0:e1])
-            keep = entry_keep(win, b, hs, heads, k.shape[2], dropout_p, seed, cdt, e0, e1, local_q)
-            backend.forward_block(win, b, hs, q, k, v, lse[b, hs].to(cdt), bvals, emask, keep, scale, p[hs, e0:e1],
-                                  den[b, hs], out[b, hs], cdt)
+        for blk in window_blocks(win, values, backend, heads, k.shape[2], mask, dropout_p, seed, cdt):
+            backend.forward_block(win, blk, q, k, v, lse[blk.b, blk.hs].to(cdt), scale,
+                                  None if p is None else p[blk.hs, blk.e0:blk.e1], den[blk.b, blk.hs],
+                                  out[blk.b, blk.hs], cdt)
         out /= den.unsqueeze(-1)
         flagged = ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)  # [B, Q]
         ctx.any_flagged = bool(flagged.any())
@@ -185,10 +184,11 @@ class _SparseBiasAttention(torch.autograd.Function):
 
         dvalues = torch.zeros_like(values, dtype=cdt) if ctx.needs_input_grad[3] else None
         go = (gp * out.to(cdt)).sum(-1)                                                    # <g', o> [B, H, Q]
-        for b, hs, e0, e1, local_q, bvals in entry_blocks(win, values.detach(), backend, heads, cdt):
-            keep = entry_keep(win, b, hs, heads, k.shape[2], ctx.dropout_p, ctx.seed, cdt, e0, e1, local_q)
-            db = backend.backward_block(win, b, hs, q, k, v, gp, go[b, hs], p[hs, e0:e1], bvals, keep, scale,
-                                        dq[b, hs], dk, dv, cdt)
+        for blk in window_blocks(win, values.detach(), backend, heads, k.shape[2], mask, ctx.dropout_p, ctx.seed,
+                                 cdt):
+            hs, e0, e1 = blk.hs, blk.e0, blk.e1
+            db = backend.backward_block(win, blk, q, k, v, gp, go[blk.b, hs], None if p is None else p[hs, e0:e1],
+                                        lse[blk.b, hs].to(cdt), scale, dq[blk.b, hs], dk, dv, cdt)
             if dvalues is not None:
                 if ctx.shared:
                     dvalues[e0:e1] += db.sum(0)

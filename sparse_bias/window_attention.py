@@ -17,10 +17,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._blocks import entry_blocks, entry_keep
-from ._validation import additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias, draw_seed, entry_mask
+from ._blocks import window_blocks
+from ._validation import additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias, draw_seed
 from .backends import BACKENDS, backend_candidates, get_backend
-from .backends.base import WindowBlock
 from .bias import SparseBias
 from .kernels import compute_dtype, dropout_mask
 from .windows import WindowIndex
@@ -92,7 +91,7 @@ class _WindowAttention(torch.autograd.Function):
         nk = k.shape[2]
         p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device)
         out = torch.zeros(bsz, heads, nq, v.shape[-1], dtype=cdt, device=q.device)
-        for blk in _window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
+        for blk in window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
             backend.window_forward_block(win, blk, q, k, v, scale, p[blk.hs, blk.e0:blk.e1], out[blk.b, blk.hs], cdt)
         out = out.to(q.dtype)
         ctx.win, ctx.mask, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed = win, mask, scale, backend, dropout_p, seed
@@ -112,7 +111,7 @@ class _WindowAttention(torch.autograd.Function):
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)      # k's strides: no copy in the projection's backward
         want_values = ctx.values_meta is not None and ctx.needs_input_grad[3]
         ds_all = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if want_values else None
-        for blk in _window_blocks(win, None, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
+        for blk in window_blocks(win, None, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
             ds = backend.window_backward_block(win, blk, q, k, v, g, go[blk.b, blk.hs], p[blk.hs, blk.e0:blk.e1],
                                                scale, dq[blk.b, blk.hs], dk, dv, cdt)
             if ds_all is not None:
@@ -122,14 +121,6 @@ class _WindowAttention(torch.autograd.Function):
             shared, vdtype = ctx.values_meta
             dvalues = (ds_all.sum(0) if shared else ds_all.t()).to(vdtype)
         return dq.to(q.dtype), dk, dv, dvalues, None, None, None, None, None, None
-
-
-def _window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
-    """:class:`WindowBlock` pieces (bias values, key-padding mask and dropout at the entries filled in)."""
-    for b, hs, e0, e1, local_q, bvals in entry_blocks(win, values, backend, heads, cdt):
-        emask = None if mask is None else entry_mask(mask, b, hs, local_q, win.key[e0:e1])
-        keep = entry_keep(win, b, hs, heads, nk, dropout_p, seed, cdt, e0, e1, local_q)
-        yield WindowBlock(b, hs, e0, e1, local_q, bvals, emask, keep)
 
 
 def _dense_window_attention(q, k, v, win, bias, mask, dropout_p, scale, seed):

@@ -7,6 +7,7 @@ Two uses: the sparse *correction* of :func:`sparse_bias.sparse_bias_attention` (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -22,8 +23,14 @@ class WindowBlock:
         e0, e1: the entries ``e0:e1`` of the :class:`~sparse_bias.WindowIndex` (all of ``b``'s).
         local_q: LongTensor ``[n]``, the query of each entry (``0 <= q < Q``).
         bvals: bias values ``[h or 1, n]`` in the compute dtype, or None.
-        emask: additive mask at the entries ``[h or 1, n]`` (``-inf`` = masked key), or None.
-        keep: dropout multipliers ``keep / (1 - p)`` ``[h, n]``, or None.
+        mask: the additive mask, 4-D broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
+        dropout_p, seed: attention dropout and the seed of its counter-hash keep decisions.
+        num_heads, num_queries, num_keys: ``H``, ``Q``, ``K`` (dropout decisions index the ``[B, H, Q, K]`` scores).
+        key: LongTensor ``[n]``, the key of each entry.
+        cdt: the compute dtype.
+
+    ``emask`` and ``keep`` (the mask and the dropout multipliers at the entries, ``[h or 1, n]``) are computed
+    on first use: fused backends read ``mask`` and ``seed`` directly and never materialise them.
     """
 
     b: int
@@ -32,8 +39,30 @@ class WindowBlock:
     e1: int
     local_q: torch.Tensor
     bvals: Optional[torch.Tensor] = None
-    emask: Optional[torch.Tensor] = None
-    keep: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    num_heads: int = 1
+    num_queries: int = 0
+    num_keys: int = 0
+    key: Optional[torch.Tensor] = None
+    cdt: torch.dtype = torch.float32
+
+    @cached_property
+    def emask(self) -> Optional[torch.Tensor]:
+        """``[h or 1, n]``: the additive mask at the entries, or None."""
+        from .._validation import entry_mask
+        return None if self.mask is None else entry_mask(self.mask, self.b, self.hs, self.local_q, self.key)
+
+    @cached_property
+    def keep(self) -> Optional[torch.Tensor]:
+        """``[h, n]``: dropout multipliers ``keep / (1 - p)`` at the entries, or None without dropout."""
+        if self.dropout_p <= 0:
+            return None
+        from ..kernels import dropout_scale
+        h = torch.arange(self.hs.start, self.hs.stop, device=self.local_q.device).unsqueeze(1)
+        return dropout_scale(self.seed, self.dropout_p, self.b, h, self.local_q, self.key, self.num_heads,
+                             self.num_queries, self.num_keys, self.cdt)
 
 
 class Backend:
@@ -45,6 +74,8 @@ class Backend:
     head_block = None
     #: whether the backward needs contiguous dq / dk / dv buffers
     needs_contiguous = False
+    #: whether the forward writes ``p`` for the backward (fused backends recompute it instead)
+    saves_p = True
 
     def can_run(self, device, dtype):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -102,39 +133,36 @@ class Backend:
         self.spmm_t(win, blk.b, blk.hs, ds * scale, q, dk, cdt)
         return ds
 
-    def forward_block(self, win, b, hs, q, k, v, lse, bvals, emask, keep, scale, p_out, den, out, cdt):
-        """Window terms of batch element ``b``, heads ``hs``.
+    def forward_block(self, win, blk: WindowBlock, q, k, v, lse, scale, p_out, den, out, cdt):
+        """Window terms of the correction for one block.
 
-        Writes ``p_j = exp(s_j - L)`` into ``p_out [h, n]``, adds ``S`` into ``den [h, Q]`` and ``C`` into
-        ``out [h, Q, D]``. ``lse [h, Q]``, ``bvals [h or 1, n]``, ``emask`` (additive mask at the entries) and
-        ``keep`` (dropout multipliers) ``[h or 1, n]`` or None.
+        Writes ``p_j = exp(s_j - L)`` into ``p_out [h, n]`` (backends with ``saves_p``; others get None), adds
+        ``S`` into ``den [h, Q]`` and ``C`` into ``out [h, Q, D]``; ``lse [h, Q]``.
         """
-        e0, e1 = win.batch_range(b)
-        local_q = win.row[e0:e1] - b * win.num_queries
-        s = self.sddmm(win, b, hs, q, k, cdt).mul_(scale)                                  # s_j
-        if emask is not None:
-            s += emask
-        s -= lse[:, local_q]
+        s = self.sddmm(win, blk.b, blk.hs, q, k, cdt).mul_(scale)                          # s_j
+        if blk.emask is not None:
+            s += blk.emask
+        s -= lse[:, blk.local_q]
         torch.exp(s, out=p_out)                                                            # p_j
         del s
-        a = p_out * torch.expm1(bvals)                                                     # a_j
-        den.index_add_(1, local_q, a)                                                      # S
-        out += self.spmm(win, b, hs, a if keep is None else a * keep, v, cdt)             # C
+        a = p_out * torch.expm1(blk.bvals)                                                 # a_j
+        den.index_add_(1, blk.local_q, a)                                                  # S
+        out += self.spmm(win, blk.b, blk.hs, a if blk.keep is None else a * blk.keep, v, cdt)   # C
 
-    def backward_block(self, win, b, hs, q, k, v, gp, go, p, bvals, keep, scale, dq, dk, dv, cdt):
-        """Window terms of the backward for batch element ``b``, heads ``hs``.
+    def backward_block(self, win, blk: WindowBlock, q, k, v, gp, go, p, lse, scale, dq, dk, dv, cdt):
+        """Window terms of the backward for one block.
 
-        ``gp`` is ``g / (1 + S)`` ``[B, H, Q, D]``, ``go = <g', o>`` ``[h, Q]``, ``p [h, n]``. Adds into
-        ``dq [h, Q, D]`` (a slice) and ``dk``, ``dv`` ``[B, H, K, D]``; returns the bias gradient ``[h, n]``.
+        ``gp`` is ``g / (1 + S)`` ``[B, H, Q, D]``, ``go = <g', o>`` ``[h, Q]``, ``p [h, n]`` (from the forward;
+        None for backends without ``saves_p``), ``lse [h, Q]``. Adds into ``dq [h, Q, D]`` (a slice) and ``dk``,
+        ``dv`` ``[B, H, K, D]``; returns the bias gradient ``[h, n]``.
         """
-        e0, e1 = win.batch_range(b)
-        local_q = win.row[e0:e1] - b * win.num_queries
-        a = p * torch.expm1(bvals)
-        self.spmm_t(win, b, hs, a if keep is None else a * keep, gp, dv, cdt)             # dv_j += a_j g'
+        b, hs = blk.b, blk.hs
+        a = p * torch.expm1(blk.bvals)
+        self.spmm_t(win, b, hs, a if blk.keep is None else a * blk.keep, gp, dv, cdt)    # dv_j += a_j g'
         diff = self.sddmm(win, b, hs, gp, v, cdt)                                          # <g', v_j>
-        if keep is not None:
-            diff.mul_(keep)
-        diff.sub_(go[:, local_q])                                                          # - <g', o>
+        if blk.keep is not None:
+            diff.mul_(blk.keep)
+        diff.sub_(go[:, blk.local_q])                                                      # - <g', o>
         d = a.mul_(diff)                                                                   # d_j = a_j (...)
         dq += self.spmm(win, b, hs, d, k, cdt) * scale
         self.spmm_t(win, b, hs, d.mul_(scale), q, dk, cdt)

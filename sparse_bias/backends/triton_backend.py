@@ -147,11 +147,12 @@ class TritonBackend(Backend):
                                     h0=hs.start, heads=q.shape[1], D=dim, DP=_kernels()["next_power_of_2"](dim),
                                     BLOCK=self.block)
 
-    def forward_block(self, win, b, hs, q, k, v, lse, bvals, emask, keep, scale, p_out, den, out, cdt):
+    def forward_block(self, win, blk, q, k, v, lse, scale, p_out, den, out, cdt):
+        b, hs = blk.b, blk.hs
         e_begin, e_end, common = self._common(win, b, hs, q, k)
         if e_end == e_begin:
             return
-        (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(bvals), _rows(emask), _rows(keep)
+        (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.emask), _rows(blk.keep)
         q, k, v, lse = (t.contiguous() for t in (q, k, v, lse))
         grid = (win.num_queries, hs.stop - hs.start)
         _kernels()["fwd"][grid](q, k, v, lse, win.indptr, win.key, bv, em if em is not None else bv,
@@ -159,12 +160,13 @@ class TritonBackend(Backend):
                           bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=p_out.stride(0), den_s=den.stride(0),
                           out_s=out.stride(0), HAS_EM=em is not None, HAS_KP=kp is not None, **common)
 
-    def backward_block(self, win, b, hs, q, k, v, gp, go, p, bvals, keep, scale, dq, dk, dv, cdt):
+    def backward_block(self, win, blk, q, k, v, gp, go, p, lse, scale, dq, dk, dv, cdt):
+        b, hs = blk.b, blk.hs
         e_begin, e_end, common = self._common(win, b, hs, q, k)
         db = torch.zeros(hs.stop - hs.start, e_end - e_begin, dtype=cdt, device=q.device)
         if e_end == e_begin:
             return db
-        (bv, bv_s), (kp, kp_s) = _rows(bvals), _rows(keep)
+        (bv, bv_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.keep)
         q, k, v, gp = (t.contiguous() for t in (q, k, v, gp))
         if not (dk.is_contiguous() and dv.is_contiguous() and dq.stride(-1) == 1):
             raise RuntimeError("the triton backend needs contiguous gradient buffers")
