@@ -28,7 +28,7 @@ __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "E
 
 logger = logging.getLogger("sparse_bias")
 
-BACKEND_NAMES = ("auto", "sparse", "scatter", "torch", "triton", "dense")
+BACKEND_NAMES = ("auto", "fused", "sparse", "scatter", "torch", "triton", "dense")
 
 #: Rows whose normaliser ``1 + S`` falls below this (a negative bias removes more than 3/4 of the attention
 #: mass) are recomputed densely, one small block of rows at a time: there ``o_d + C`` and ``1 + S`` cancel

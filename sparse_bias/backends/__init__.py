@@ -12,7 +12,7 @@ of a :class:`WindowIndex` (entries ``win.batch_range(b)``) and a block of heads 
 row once for all heads; the CSR backend works one head at a time, so the correction's temporaries are
 a few ``[n]`` vectors.
 
-``"triton"`` overrides the block methods of :class:`~sparse_bias.backends.base.Backend` with fused kernels
+``"fused"`` (CPU) and ``"triton"`` (CUDA) override the block methods of :class:`~sparse_bias.backends.base.Backend` with fused kernels
 (see :mod:`sparse_bias.backends.triton_backend`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
 ``segment_csr``; ``"torch"`` is the same with native ``index_add_``; ``"sparse"`` uses PyTorch's
 sparse CSR kernels (``sampled_addmm`` and CSR @ dense, with the transposed structure built once per
@@ -25,12 +25,14 @@ from typing import Dict, List, Tuple
 import torch
 
 from .csr import SparseCSRBackend
+from .fused import FusedCPUBackend, extension_available
 from .gather import ScatterBackend, TorchBackend, torch_scatter_available
 from .triton_backend import TritonBackend
 
-__all__ = ["BACKENDS", "get_backend", "backend_candidates", "torch_scatter_available"]
+__all__ = ["BACKENDS", "get_backend", "backend_candidates", "torch_scatter_available", "extension_available"]
 
 BACKENDS: Dict[str, object] = {
+    "fused": FusedCPUBackend(),
     "sparse": SparseCSRBackend(),
     "scatter": ScatterBackend(),
     "torch": TorchBackend(),
@@ -38,7 +40,7 @@ BACKENDS: Dict[str, object] = {
 }
 
 #: ``"auto"`` tries these in order and takes the first that can run (see :func:`backend_candidates`).
-AUTO_ORDER = {"cpu": ("sparse", "scatter", "torch"), "cuda": ("triton", "scatter", "torch", "sparse")}
+AUTO_ORDER = {"cpu": ("fused", "sparse", "scatter", "torch"), "cuda": ("triton", "scatter", "torch", "sparse")}
 
 
 def get_backend(name: str):

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -87,139 +88,182 @@ struct Common {
   uint64_t seed;
 };
 
-template <typename T, typename acc_t>
+// Scores s_e = scale <q, k_e> + mask_e and p_e = exp(s_e - L) of one (row, head) into buf[0 .. e1 - e0).
+template <int DC, typename T, typename acc_t>
+inline void row_probs(const acc_t* qv, const Rows<T>& K, const Mask<acc_t>& M, const int64_t* col_p, int64_t e0,
+                      int64_t e1, const Common& c, int64_t h, int64_t r, acc_t L, acc_t* buf) {
+  const int64_t d = DC > 0 ? DC : c.d;
+  const acc_t scale = static_cast<acc_t>(c.scale);
+  for (int64_t e = e0; e < e1; ++e) {
+    const int64_t key = col_p[e];
+    buf[e - e0] = dot(qv, K.at(c.b, h, key), d) * scale + M(c.b, h, r, key) - L;
+  }
+  const int64_t n = e1 - e0;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) buf[i] = std::exp(buf[i]);
+}
+
+// keep_e / (1 - p) of one (row, head) into keep[0 .. e1 - e0); false when there is no dropout.
+template <typename acc_t>
+inline void row_keep(const int64_t* col_p, int64_t e0, int64_t e1, const Common& c, int64_t h, int64_t r,
+                     acc_t* keep) {
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(1 - c.dropout_p);
+  const uint64_t base = ((static_cast<uint64_t>(c.b) * c.total_heads + h) * c.nq + r) * c.nk;
+  for (int64_t e = e0; e < e1; ++e) keep[e - e0] = keep_entry(c.seed, base + col_p[e], c.dropout_p) ? inv : acc_t(0);
+}
+
+template <int DC, typename T, typename acc_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                  const at::Tensor& crow, const at::Tensor& col, const at::Tensor& bvals,
+                  const at::Tensor& crow, const at::Tensor& col, const at::Tensor& ebias,
                   const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& den, at::Tensor& out) {
+  const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
   const int64_t* crow_p = crow.data_ptr<int64_t>();
   const int64_t* col_p = col.data_ptr<int64_t>();
-  const acc_t* bv = bvals.data_ptr<acc_t>();
-  const int64_t hb = bvals.size(1);
+  const acc_t* eb = ebias.data_ptr<acc_t>();    // expm1(bias) [n, 1 or heads]
+  const int64_t hb = ebias.size(1);
   const acc_t* lse_p = lse.data_ptr<acc_t>();   // [heads, Q] contiguous
   acc_t* den_p = den.data_ptr<acc_t>();         // [heads, Q] contiguous
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D] contiguous
-  const acc_t scale = static_cast<acc_t>(c.scale);
   const bool drop = c.dropout_p > 0;
-  const acc_t inv_keep = drop ? acc_t(1) / static_cast<acc_t>(1 - c.dropout_p) : acc_t(1);
-  at::parallel_for(0, c.nq, 8, [&](int64_t r0, int64_t r1) {
+  int64_t max_row = 0;
+  for (int64_t r = 0; r < c.nq; ++r) max_row = std::max(max_row, crow_p[r + 1] - crow_p[r]);
+  // head-major: one head's keys and values (K x D each) stay in cache while its queries are processed
+  at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1];
-      if (e0 == e1) continue;
-      for (int64_t hi = 0; hi < c.heads; ++hi) {
+    std::vector<acc_t> buf(static_cast<size_t>(max_row));
+    std::vector<acc_t> keep(drop ? static_cast<size_t>(max_row) : 0);
+    for (int64_t idx = i0; idx < i1; ++idx) {
+      const int64_t hi = idx / c.nq, r = idx % c.nq;
+      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
+      if (n == 0) continue;
+      {
         const int64_t h = c.h0 + hi;
-        load(qv, Q.at(c.b, h, r), c.d);
-        for (int64_t i = 0; i < c.d; ++i) acc[i] = 0;
-        const acc_t L = lse_p[hi * c.nq + r];
+        load(qv, Q.at(c.b, h, r), d);
+        row_probs<DC>(qv, K, M, col_p, e0, e1, c, h, r, lse_p[hi * c.nq + r], buf.data());   // p_e
+        const acc_t* ebr = eb + e0 * hb + (hb > 1 ? hi : 0);
         acc_t S = 0;
-        for (int64_t e = e0; e < e1; ++e) {
-          const int64_t key = col_p[e];
-          const acc_t s = dot(qv, K.at(c.b, h, key), c.d) * scale + M(c.b, h, r, key);
-          const acc_t p = std::exp(s - L);
-          acc_t a = p * std::expm1(bv[e * hb + (hb > 1 ? h : 0)]);
-          S += a;
-          if (drop) {
-            const uint64_t flat = ((static_cast<uint64_t>(c.b) * c.total_heads + h) * c.nq + r) * c.nk + key;
-            a = keep_entry(c.seed, flat, c.dropout_p) ? a * inv_keep : acc_t(0);
-          }
-          if (a != 0) axpy(acc, a, V.at(c.b, h, key), c.d);
+#pragma omp simd reduction(+ : S)
+        for (int64_t i = 0; i < n; ++i) {
+          buf[i] *= ebr[i * hb];                                                        // a_e
+          S += buf[i];
         }
+        if (drop) {
+          row_keep(col_p, e0, e1, c, h, r, keep.data());
+          for (int64_t i = 0; i < n; ++i) buf[i] *= keep[i];
+        }
+        for (int64_t i = 0; i < d; ++i) acc[i] = 0;
+        for (int64_t i = 0; i < n; ++i)
+          if (buf[i] != 0) axpy(acc, buf[i], V.at(c.b, h, col_p[e0 + i]), d);           // C
         den_p[hi * c.nq + r] += S;
-        acc_t* o = out_p + (hi * c.nq + r) * c.d;
-        for (int64_t i = 0; i < c.d; ++i) o[i] += acc[i];
+        acc_t* o = out_p + (hi * c.nq + r) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += acc[i];
       }
     }
   });
 }
 
-template <typename T, typename acc_t>
+template <int DC, typename T, typename acc_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                    const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
-                   const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& perm, const at::Tensor& bvals,
-                   const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& dq, at::Tensor& dk,
-                   at::Tensor& dv, at::Tensor& dbias) {
+                   const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias,
+                   const at::Tensor& ebias_t, const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
+  const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
   const int64_t* crow_p = crow.data_ptr<int64_t>();
   const int64_t* col_p = col.data_ptr<int64_t>();
-  const acc_t* bv = bvals.data_ptr<acc_t>();
-  const int64_t hb = bvals.size(1);
-  const acc_t* lse_p = lse.data_ptr<acc_t>();   // [heads, Q]
-  const acc_t* gp_p = gp.data_ptr<acc_t>();     // [heads, Q, D] contiguous: g' = g / (1 + S)
-  const acc_t* go_p = go.data_ptr<acc_t>();     // [heads, Q]: <g', o>
-  acc_t* dq_p = dq.data_ptr<acc_t>();           // [heads, Q, D] contiguous
-  acc_t* db_p = dbias.data_ptr<acc_t>();        // [n, heads]
-  const int64_t n = col.numel();
+  const acc_t* eb = ebias.data_ptr<acc_t>();     // expm1(bias) [n, 1 or heads], entry order
+  const acc_t* ebt = ebias_t.data_ptr<acc_t>();  // the same in the transposed (key-sorted) order
+  const int64_t hb = ebias.size(1);
+  const acc_t* lse_p = lse.data_ptr<acc_t>();    // [heads, Q]
+  const acc_t* gp_p = gp.data_ptr<acc_t>();      // [heads, Q, D] contiguous: g' = g / (1 + S)
+  const acc_t* go_p = go.data_ptr<acc_t>();      // [heads, Q]: <g', o>
+  acc_t* dq_p = dq.data_ptr<acc_t>();            // [heads, Q, D] contiguous
+  acc_t* db_p = dbias.data_ptr<acc_t>();         // [heads, n]
+  const int64_t n_all = col.numel();
   const acc_t scale = static_cast<acc_t>(c.scale);
   const bool drop = c.dropout_p > 0;
-  const acc_t inv_keep = drop ? acc_t(1) / static_cast<acc_t>(1 - c.dropout_p) : acc_t(1);
-  // per (entry, head): a * keep (for dv) and scale * d (for dk)
-  std::vector<acc_t> ak(static_cast<size_t>(n * c.heads)), dd(static_cast<size_t>(n * c.heads));
+  int64_t max_row = 0;
+  for (int64_t r = 0; r < c.nq; ++r) max_row = std::max(max_row, crow_p[r + 1] - crow_p[r]);
+  const int64_t* tcrow_p = tcrow.data_ptr<int64_t>();
+  const int64_t* trow_p = trow.data_ptr<int64_t>();
+  int64_t max_col = 0;
+  for (int64_t key = 0; key < c.nk; ++key) max_col = std::max(max_col, tcrow_p[key + 1] - tcrow_p[key]);
 
-  at::parallel_for(0, c.nq, 8, [&](int64_t r0, int64_t r1) {
+  // Per query (head-major): d_j = a_j (keep_j <g', v_j> - <g', o>), dq += scale sum_j d_j k_j, the bias gradient.
+  at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], gv[kMaxHeadDim], acc[kMaxHeadDim];
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1];
-      if (e0 == e1) continue;
-      for (int64_t hi = 0; hi < c.heads; ++hi) {
-        const int64_t h = c.h0 + hi;
-        load(qv, Q.at(c.b, h, r), c.d);
-        const acc_t* g = gp_p + (hi * c.nq + r) * c.d;
-        for (int64_t i = 0; i < c.d; ++i) { gv[i] = g[i]; acc[i] = 0; }
-        const acc_t L = lse_p[hi * c.nq + r], go_r = go_p[hi * c.nq + r];
-        for (int64_t e = e0; e < e1; ++e) {
-          const int64_t key = col_p[e];
-          const acc_t s = dot(qv, K.at(c.b, h, key), c.d) * scale + M(c.b, h, r, key);
-          const acc_t p = std::exp(s - L);
-          const acc_t a = p * std::expm1(bv[e * hb + (hb > 1 ? h : 0)]);
-          acc_t keep = 1;
-          if (drop) {
-            const uint64_t flat = ((static_cast<uint64_t>(c.b) * c.total_heads + h) * c.nq + r) * c.nk + key;
-            keep = keep_entry(c.seed, flat, c.dropout_p) ? inv_keep : acc_t(0);
-          }
-          const acc_t diff = (keep != 0 ? dot(gv, V.at(c.b, h, key), c.d) * keep : acc_t(0)) - go_r;
-          const acc_t dj = a * diff;
-          if (dj != 0) axpy(acc, dj, K.at(c.b, h, key), c.d);
-          db_p[e * c.heads + hi] = p * diff + dj;               // p e^b (keep <g', v_j> - <g', o>)
-          ak[e * c.heads + hi] = a * keep;
-          dd[e * c.heads + hi] = dj * scale;
-        }
-        acc_t* dqr = dq_p + (hi * c.nq + r) * c.d;
-        for (int64_t i = 0; i < c.d; ++i) dqr[i] += scale * acc[i];
+    std::vector<acc_t> p(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
+    for (int64_t idx = i0; idx < i1; ++idx) {
+      const int64_t hi = idx / c.nq, r = idx % c.nq, h = c.h0 + hi;
+      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
+      if (n == 0) continue;
+      load(qv, Q.at(c.b, h, r), d);
+      const acc_t* g = gp_p + (hi * c.nq + r) * d;
+      for (int64_t i = 0; i < d; ++i) { gv[i] = g[i]; acc[i] = 0; }
+      row_probs<DC>(qv, K, M, col_p, e0, e1, c, h, r, lse_p[hi * c.nq + r], p.data());        // p_e
+      if (drop) row_keep(col_p, e0, e1, c, h, r, keep.data());
+      const acc_t go_r = go_p[hi * c.nq + r];
+      const acc_t* ebr = eb + e0 * hb + (hb > 1 ? hi : 0);
+      acc_t* dbr = db_p + hi * n_all + e0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t key = col_p[e0 + i];
+        const acc_t kp = drop ? keep[i] : acc_t(1);
+        const acc_t diff = (kp != 0 ? dot(gv, V.at(c.b, h, key), d) * kp : acc_t(0)) - go_r;
+        const acc_t dj = p[i] * ebr[i * hb] * diff;
+        dbr[i] = p[i] * diff + dj;                                  // p e^b (keep <g', v_j> - <g', o>)
+        if (dj != 0) axpy(acc, dj, K.at(c.b, h, key), d);
       }
+      acc_t* dqr = dq_p + (hi * c.nq + r) * d;
+      for (int64_t i = 0; i < d; ++i) dqr[i] += scale * acc[i];
     }
   });
 
-  // dk_j += scale d_j q, dv_j += a_j keep_j g' -- per key, its entries in a fixed (stable key-sorted) order
-  const int64_t* tcrow_p = tcrow.data_ptr<int64_t>();
-  const int64_t* trow_p = trow.data_ptr<int64_t>();
-  const int64_t* perm_p = perm.data_ptr<int64_t>();
+  // Per key (head-major, the transposed structure): dk_j += scale sum d_j q, dv_j += sum a_j keep_j g'. The
+  // entry terms are recomputed from the key's own k / v rows and the (cache-resident) query rows, in a fixed order.
   T* dk_p = dk.data_ptr<T>();
   T* dv_p = dv.data_ptr<T>();
   const int64_t kb = dk.stride(0), kh = dk.stride(1), kn = dk.stride(2);
   const int64_t vb = dv.stride(0), vh = dv.stride(1), vn = dv.stride(2);
-  at::parallel_for(0, c.nk, 64, [&](int64_t k0, int64_t k1) {
-    acc_t acck[kMaxHeadDim], accv[kMaxHeadDim];
-    for (int64_t key = k0; key < k1; ++key) {
-      const int64_t t0 = tcrow_p[key], t1 = tcrow_p[key + 1];
-      if (t0 == t1) continue;
-      for (int64_t hi = 0; hi < c.heads; ++hi) {
-        const int64_t h = c.h0 + hi;
-        for (int64_t i = 0; i < c.d; ++i) { acck[i] = 0; accv[i] = 0; }
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t e = perm_p[t], r = trow_p[t];
-          const acc_t wk = dd[e * c.heads + hi], wv = ak[e * c.heads + hi];
-          if (wk != 0) axpy(acck, wk, Q.at(c.b, h, r), c.d);
-          if (wv != 0) axpy(accv, wv, gp_p + (hi * c.nq + r) * c.d, c.d);
+  at::parallel_for(0, c.heads * c.nk, 256, [&](int64_t i0, int64_t i1) {
+    acc_t kv[kMaxHeadDim], vv[kMaxHeadDim], acck[kMaxHeadDim], accv[kMaxHeadDim];
+    std::vector<acc_t> s(static_cast<size_t>(max_col));
+    for (int64_t idx = i0; idx < i1; ++idx) {
+      const int64_t hi = idx / c.nk, key = idx % c.nk, h = c.h0 + hi;
+      const int64_t t0 = tcrow_p[key], t1 = tcrow_p[key + 1], n = t1 - t0;
+      if (n == 0) continue;
+      load(kv, K.at(c.b, h, key), d);
+      load(vv, V.at(c.b, h, key), d);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = trow_p[t0 + i];
+        s[i] = dot(kv, Q.at(c.b, h, r), d) * scale + M(c.b, h, r, key) - lse_p[hi * c.nq + r];
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) s[i] = std::exp(s[i]);                                // p
+      for (int64_t i = 0; i < d; ++i) { acck[i] = 0; accv[i] = 0; }
+      const acc_t* ebk = ebt + t0 * hb + (hb > 1 ? hi : 0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = trow_p[t0 + i];
+        acc_t kp = 1;
+        if (drop) {
+          const uint64_t flat = ((static_cast<uint64_t>(c.b) * c.total_heads + h) * c.nq + r) * c.nk + key;
+          kp = keep_entry(c.seed, flat, c.dropout_p) ? acc_t(1) / static_cast<acc_t>(1 - c.dropout_p) : acc_t(0);
         }
-        T* dkr = dk_p + c.b * kb + h * kh + key * kn;
-        T* dvr = dv_p + c.b * vb + h * vh + key * vn;
-        for (int64_t i = 0; i < c.d; ++i) {
-          dkr[i] = static_cast<T>(static_cast<acc_t>(dkr[i]) + acck[i]);
-          dvr[i] = static_cast<T>(static_cast<acc_t>(dvr[i]) + accv[i]);
-        }
+        const acc_t a = s[i] * ebk[i * hb];
+        if (a == 0) continue;
+        const acc_t* g = gp_p + (hi * c.nq + r) * d;
+        const acc_t diff = (kp != 0 ? dot(vv, g, d) * kp : acc_t(0)) - go_p[hi * c.nq + r];
+        axpy(acck, a * diff * scale, Q.at(c.b, h, r), d);
+        if (kp != 0) axpy(accv, a * kp, g, d);
+      }
+      T* dkr = dk_p + c.b * kb + h * kh + key * kn;
+      T* dvr = dv_p + c.b * vb + h * vh + key * vn;
+      for (int64_t i = 0; i < d; ++i) {
+        dkr[i] = static_cast<T>(static_cast<acc_t>(dkr[i]) + acck[i]);
+        dvr[i] = static_cast<T>(static_cast<acc_t>(dvr[i]) + accv[i]);
       }
     }
   });
@@ -243,24 +287,30 @@ Common make_common(const at::Tensor& q, const at::Tensor& k, int64_t b, int64_t 
 }  // namespace
 
 // Adds S into den [heads, Q] and C into out [heads, Q, D] for batch element b, heads h0 .. h0 + heads.
+// ebias = expm1(bias values) [n, 1 or heads] in the compute dtype.
 void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                    const at::Tensor& crow, const at::Tensor& col, const at::Tensor& bvals,
+                    const at::Tensor& crow, const at::Tensor& col, const at::Tensor& ebias,
                     const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
                     double dropout_p, int64_t seed, at::Tensor den, at::Tensor out) {
   const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
   check_rows(v, "v");
-  TORCH_CHECK(den.is_contiguous() && out.is_contiguous() && lse.is_contiguous() && bvals.is_contiguous(),
-              "den, out, lse and bvals must be contiguous");
+  TORCH_CHECK(den.is_contiguous() && out.is_contiguous() && lse.is_contiguous() && ebias.is_contiguous(),
+              "den, out, lse and ebias must be contiguous");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_impl<scalar_t, acc_t>(q, k, v, lse, crow, col, bvals, mask, c, den, out);
+    switch (c.d) {  // the common head dims get fully unrolled row operations
+      case 32: forward_impl<32, scalar_t, acc_t>(q, k, v, lse, crow, col, ebias, mask, c, den, out); break;
+      case 64: forward_impl<64, scalar_t, acc_t>(q, k, v, lse, crow, col, ebias, mask, c, den, out); break;
+      default: forward_impl<0, scalar_t, acc_t>(q, k, v, lse, crow, col, ebias, mask, c, den, out);
+    }
   });
 }
 
-// Adds the window terms of the backward into dq [heads, Q, D] and dk, dv [B, H, K, D]; writes dbias [n, heads].
+// Adds the window terms of the backward into dq [heads, Q, D] and dk, dv [B, H, K, D]; writes dbias [heads, n].
+// ebias_t = ebias in the transposed (key-sorted) entry order.
 void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                      const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
-                     const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& perm, const at::Tensor& bvals,
+                     const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias, const at::Tensor& ebias_t,
                      const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
                      double dropout_p, int64_t seed, at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dbias) {
   const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
@@ -268,12 +318,18 @@ void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_rows(dk, "dk");
   check_rows(dv, "dv");
   TORCH_CHECK(gp.is_contiguous() && go.is_contiguous() && dq.is_contiguous() && dbias.is_contiguous() &&
-                  lse.is_contiguous() && bvals.is_contiguous(),
-              "gp, go, dq, dbias, lse and bvals must be contiguous");
+                  lse.is_contiguous() && ebias.is_contiguous() && ebias_t.is_contiguous(),
+              "gp, go, dq, dbias, lse and ebias must be contiguous");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_impl<scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, tcrow, trow, perm, bvals, mask, c, dq, dk,
-                                   dv, dbias);
+switch (c.d) {  // the common head dims get fully unrolled row operations
+      case 32: backward_impl<32, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, tcrow, trow, ebias, ebias_t, mask,
+                                                  c, dq, dk, dv, dbias); break;
+      case 64: backward_impl<64, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, tcrow, trow, ebias, ebias_t, mask,
+                                                  c, dq, dk, dv, dbias); break;
+      default: backward_impl<0, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, tcrow, trow, ebias, ebias_t, mask,
+                                                 c, dq, dk, dv, dbias);
+    }
   });
 }
 

@@ -1,0 +1,104 @@
+"""Fused CPU kernels for the window terms: the compiled extension ``sparse_bias._C``.
+
+Built at install time against the installed torch (``setup.py``, ``torch.utils.cpp_extension``, OpenMP), as
+torch-scatter is. Per batch element, all heads at once: the forward makes one pass over each query's entries
+(scores, ``p``, ``a``, ``S``, ``C``); the backward one pass over each query's entries (``<g', v_j>``, ``d_j``, the
+``dq`` correction and the bias gradient) and one over each key's entries through the transposed structure the
+:class:`~sparse_bias.WindowIndex` caches (``dk`` / ``dv``), so every output is written by one thread in a fixed
+order: bitwise-repeatable. ``p`` is recomputed in the backward instead of stored. Masks and dropout are read
+from the additive mask and the seed inside the kernels (never materialised per entry).
+
+When the extension is missing (not built, or ``SPARSE_BIAS_NO_EXT=1`` at run time) the backend cannot run and
+``"auto"`` falls back to the pure-PyTorch backends.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from .base import Backend
+
+
+@lru_cache(maxsize=None)
+def _extension():
+    """The compiled module, or None (and why) when it is missing."""
+    if os.environ.get("SPARSE_BIAS_NO_EXT") == "1":
+        return None, "disabled by SPARSE_BIAS_NO_EXT=1"
+    try:
+        from .. import _C
+    except ImportError as exc:
+        return None, f"the compiled extension sparse_bias._C is not built ({exc}); reinstall with `make install`"
+    return _C, "fused C++/OpenMP kernels (sparse_bias._C)"
+
+
+def extension_available() -> bool:
+    """True when the fused CPU kernels (``sparse_bias._C``) can be used."""
+    return _extension()[0] is not None
+
+
+def _mask4(mask, cdt):
+    """The additive mask as a 4-D tensor in the compute dtype (broadcast dims kept at size 1), or None."""
+    if mask is None:
+        return None
+    return mask.to(cdt)
+
+
+class FusedCPUBackend(Backend):
+    """The fused C++/OpenMP kernels: one call per batch element for all heads."""
+
+    name = "fused"
+    head_block = None
+    saves_p = False
+
+    def can_run(self, device, dtype):
+        ext, why = _extension()
+        if ext is None:
+            return False, why
+        if device.type != "cpu":
+            return False, f"CPU kernels, got {device.type}"
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return False, f"no fused kernel for {dtype}"
+        return True, why
+
+    @staticmethod
+    def _rows(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    def _ebias(self, blk, cdt, n):
+        """``expm1(bias)`` ``[n, 1]`` (shared) or ``[n, h]`` (per head), vectorised once per block."""
+        if blk.bvals is None:
+            return torch.zeros(n, 1, dtype=cdt)
+        return torch.expm1(blk.bvals.t()).contiguous()
+
+    def forward_block(self, win, blk, q, k, v, lse, scale, p_out, den, out, cdt):
+        ext = _extension()[0]
+        crow, col, _, _, _ = win.csr(blk.b)
+        if not col.numel():
+            return
+        h = blk.hs.stop - blk.hs.start
+        bv = self._ebias(blk, cdt, col.numel())
+        if bv.shape[1] == h and h != q.shape[1]:
+            raise RuntimeError("the fused backend runs all heads at once")
+        ext.window_forward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), crow, col, bv,
+                           _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
+                           int(blk.seed) & 0x7FFFFFFFFFFFFFFF, den, out)
+
+    def backward_block(self, win, blk, q, k, v, gp, go, p, lse, scale, dq, dk, dv, cdt):
+        ext = _extension()[0]
+        crow, col, tcrow, trow, perm = win.csr(blk.b)
+        h = blk.hs.stop - blk.hs.start
+        db = torch.empty(h, col.numel(), dtype=cdt)
+        if not col.numel():
+            return db
+        eb = self._ebias(blk, cdt, col.numel())
+        gpb = gp[blk.b, blk.hs].contiguous()
+        dqc = dq.contiguous()                                    # [h, Q, D]: small; copied back if it was strided
+        ext.window_backward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), gpb, go.contiguous(),
+                            crow, col, tcrow, trow, eb, eb[perm].contiguous(), _mask4(blk.mask, cdt), blk.b,
+                            blk.hs.start, h, float(scale), float(blk.dropout_p), int(blk.seed) & 0x7FFFFFFFFFFFFFFF,
+                            dqc, dk, dv, db)
+        if dqc.data_ptr() != dq.data_ptr():
+            dq.copy_(dqc)
+        return db
