@@ -45,6 +45,18 @@ def _mask4(mask, cdt):
     return mask.to(cdt)
 
 
+def _row_order(win, b):
+    """Rows of batch element ``b`` sorted by their first window key (cached on the index): consecutive queries
+    then share window keys, which stay in cache."""
+    cache = win._cache.setdefault("fused_order", {})
+    if b not in cache:
+        crow, col, _, _, _ = win.csr(b)
+        first = torch.where(crow[1:] > crow[:-1], col[crow[:-1].clamp(max=max(col.numel() - 1, 0))],
+                            torch.full_like(crow[:-1], -1)) if col.numel() else torch.zeros_like(crow[:-1])
+        cache[b] = torch.argsort(first, stable=True)
+    return cache[b]
+
+
 class FusedCPUBackend(Backend):
     """The fused C++/OpenMP kernels: one call per batch element for all heads."""
 
@@ -81,7 +93,8 @@ class FusedCPUBackend(Backend):
         bv = self._ebias(blk, cdt, col.numel())
         if bv.shape[1] == h and h != q.shape[1]:
             raise RuntimeError("the fused backend runs all heads at once")
-        ext.window_forward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), crow, col, bv,
+        ext.window_forward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), crow, col,
+                           _row_order(win, blk.b), bv,
                            _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
                            int(blk.seed) & 0x7FFFFFFFFFFFFFFF, den, out)
 
@@ -96,7 +109,8 @@ class FusedCPUBackend(Backend):
         gpb = gp[blk.b, blk.hs].contiguous()
         dqc = dq.contiguous()                                    # [h, Q, D]: small; copied back if it was strided
         ext.window_backward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), gpb, go.contiguous(),
-                            crow, col, tcrow, trow, eb, eb[perm].contiguous(), _mask4(blk.mask, cdt), blk.b,
+                            crow, col, _row_order(win, blk.b), tcrow, trow, eb, eb[perm].contiguous(),
+                            _mask4(blk.mask, cdt), blk.b,
                             blk.hs.start, h, float(scale), float(blk.dropout_p), int(blk.seed) & 0x7FFFFFFFFFFFFFFF,
                             dqc, dk, dv, db)
         if dqc.data_ptr() != dq.data_ptr():

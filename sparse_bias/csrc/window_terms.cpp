@@ -114,13 +114,14 @@ inline void row_keep(const int64_t* col_p, int64_t e0, int64_t e1, const Common&
 
 template <int DC, typename T, typename acc_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                  const at::Tensor& crow, const at::Tensor& col, const at::Tensor& ebias,
+                  const at::Tensor& crow, const at::Tensor& col, const at::Tensor& order, const at::Tensor& ebias,
                   const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& den, at::Tensor& out) {
   const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
   const int64_t* crow_p = crow.data_ptr<int64_t>();
   const int64_t* col_p = col.data_ptr<int64_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();   // rows in spatial order: neighbours share window keys
   const acc_t* eb = ebias.data_ptr<acc_t>();    // expm1(bias) [n, 1 or heads]
   const int64_t hb = ebias.size(1);
   const acc_t* lse_p = lse.data_ptr<acc_t>();   // [heads, Q] contiguous
@@ -135,7 +136,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::vector<acc_t> buf(static_cast<size_t>(max_row));
     std::vector<acc_t> keep(drop ? static_cast<size_t>(max_row) : 0);
     for (int64_t idx = i0; idx < i1; ++idx) {
-      const int64_t hi = idx / c.nq, r = idx % c.nq;
+      const int64_t hi = idx / c.nq, r = order_p[idx % c.nq];
       const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
       if (n == 0) continue;
       {
@@ -167,7 +168,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <int DC, typename T, typename acc_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                    const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
-                   const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias,
+                   const at::Tensor& order, const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias,
                    const at::Tensor& ebias_t, const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& dq,
                    at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
   const int64_t d = DC > 0 ? DC : c.d;
@@ -175,6 +176,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   Mask<acc_t> M(mask);
   const int64_t* crow_p = crow.data_ptr<int64_t>();
   const int64_t* col_p = col.data_ptr<int64_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();   // rows in spatial order: neighbours share window keys
   const acc_t* eb = ebias.data_ptr<acc_t>();     // expm1(bias) [n, 1 or heads], entry order
   const acc_t* ebt = ebias_t.data_ptr<acc_t>();  // the same in the transposed (key-sorted) order
   const int64_t hb = ebias.size(1);
@@ -198,7 +200,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     acc_t qv[kMaxHeadDim], gv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> p(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
     for (int64_t idx = i0; idx < i1; ++idx) {
-      const int64_t hi = idx / c.nq, r = idx % c.nq, h = c.h0 + hi;
+      const int64_t hi = idx / c.nq, r = order_p[idx % c.nq], h = c.h0 + hi;
       const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
       if (n == 0) continue;
       load(qv, Q.at(c.b, h, r), d);
@@ -289,7 +291,7 @@ Common make_common(const at::Tensor& q, const at::Tensor& k, int64_t b, int64_t 
 // Adds S into den [heads, Q] and C into out [heads, Q, D] for batch element b, heads h0 .. h0 + heads.
 // ebias = expm1(bias values) [n, 1 or heads] in the compute dtype.
 void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                    const at::Tensor& crow, const at::Tensor& col, const at::Tensor& ebias,
+                    const at::Tensor& crow, const at::Tensor& col, const at::Tensor& order, const at::Tensor& ebias,
                     const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
                     double dropout_p, int64_t seed, at::Tensor den, at::Tensor out) {
   const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
@@ -299,9 +301,9 @@ void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     switch (c.d) {  // the common head dims get fully unrolled row operations
-      case 32: forward_impl<32, scalar_t, acc_t>(q, k, v, lse, crow, col, ebias, mask, c, den, out); break;
-      case 64: forward_impl<64, scalar_t, acc_t>(q, k, v, lse, crow, col, ebias, mask, c, den, out); break;
-      default: forward_impl<0, scalar_t, acc_t>(q, k, v, lse, crow, col, ebias, mask, c, den, out);
+      case 32: forward_impl<32, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, out); break;
+      case 64: forward_impl<64, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, out); break;
+      default: forward_impl<0, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, out);
     }
   });
 }
@@ -310,7 +312,8 @@ void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // ebias_t = ebias in the transposed (key-sorted) entry order.
 void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                      const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
-                     const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias, const at::Tensor& ebias_t,
+                     const at::Tensor& order, const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias,
+                     const at::Tensor& ebias_t,
                      const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
                      double dropout_p, int64_t seed, at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dbias) {
   const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
@@ -323,11 +326,11 @@ void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
 switch (c.d) {  // the common head dims get fully unrolled row operations
-      case 32: backward_impl<32, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, tcrow, trow, ebias, ebias_t, mask,
+      case 32: backward_impl<32, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, mask,
                                                   c, dq, dk, dv, dbias); break;
-      case 64: backward_impl<64, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, tcrow, trow, ebias, ebias_t, mask,
+      case 64: backward_impl<64, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, mask,
                                                   c, dq, dk, dv, dbias); break;
-      default: backward_impl<0, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, tcrow, trow, ebias, ebias_t, mask,
+      default: backward_impl<0, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, mask,
                                                  c, dq, dk, dv, dbias);
     }
   });
