@@ -28,8 +28,11 @@ $(VENV)/.scatter: $(VENV)/.torch
 	$(BIN)/python -m pip install --no-build-isolation "torch-scatter==$(TORCH_SCATTER_VERSION)"
 	touch $@
 
-$(VENV)/.package: $(VENV)/.scatter setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[dev,triton]"
+# The package, and its fused CPU kernels (sparse_bias._C) compiled against the installed torch, as torch-scatter
+# is (no build isolation, so torch is importable; about 30 s on 2 cores). A failed compile leaves the pure-PyTorch
+# backends in charge (setup.py warns).
+$(VENV)/.package: $(VENV)/.scatter setup.cfg setup.py pyproject.toml sparse_bias/csrc/window_terms.cpp
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev,triton]"
 	touch $@
 
 install: $(VENV)/.package
@@ -41,4 +44,4 @@ demo: install
 	$(BIN)/python -m sparse_bias.demo --out demo_out
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache build *.egg-info
+	rm -rf $(VENV) demo_out .pytest_cache build *.egg-info sparse_bias/_C*.so

@@ -5,7 +5,7 @@ lands on the BEV grid and on the camera views. The windows are a sparse index se
 and the bias a :class:`SparseBias` on it; ``to_dense()`` gives the origin design's dense tensor.
 """
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
-from .backends import torch_scatter_available
+from .backends import extension_available, torch_scatter_available
 from .bias import ModalityBias, SparseBias, window_bias
 from .config import build_attention_bias
 from .layout import KeyLayout
@@ -31,6 +31,7 @@ __all__ = [
     "window_attention",
     "select_window_backend",
     "torch_scatter_available",
+    "extension_available",
     "build_attention_bias",
     "nn",
     "__version__",

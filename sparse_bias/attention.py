@@ -54,8 +54,9 @@ def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[s
     Example::
 
         >>> win = local_windows(KeyLayout(bev_shape=(4, 4)), torch.tensor([[[1, 1]]]), None, 3)
-        >>> select_backend(torch.zeros(1, 2, 1, 8), window_bias(win, torch.ones(1, 1), None))[0]  # on a CPU
-        'sparse'
+        >>> name, why = select_backend(torch.zeros(1, 2, 1, 8), window_bias(win, torch.ones(1, 1), None))
+        >>> name in ("fused", "sparse")         # on a CPU: the compiled kernels when built, else PyTorch's CSR kernels
+        True
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
@@ -339,7 +340,8 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             RNG when None), so the dense pass, the correction and the backward agree. The dense pass then
             runs on the chunked PyTorch kernel. Pass 0 at evaluation (modules do this for you).
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"``, ``"sparse"`` (PyTorch sparse CSR kernels), ``"scatter"`` (torch-scatter segment
+        backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch sparse CSR
+            kernels), ``"triton"`` (fused Triton kernels, CUDA), ``"scatter"`` (torch-scatter segment
             ops), ``"torch"`` (native gather + index_add) or ``"dense"`` (materialise the bias; the reference).
             :func:`select_backend` says what ``"auto"`` picks and why.
 

@@ -41,6 +41,8 @@ def layouts(draw):
 def skip_missing(backend):
     if backend == "scatter" and not sb.torch_scatter_available():
         pytest.skip("torch-scatter is not installed")
+    if backend == "fused" and not sb.extension_available():
+        pytest.skip("the compiled extension sparse_bias._C is not built")
 
 
 def make_case(layout, batch=2, heads=3, queries=7, dim=8, per_head=False, seed=0, bev_window=5, cam_window=3,

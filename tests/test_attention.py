@@ -16,7 +16,7 @@ from sparse_bias import attention as attention_mod
 from sparse_bias import kernels
 from sparse_bias.backends import gather
 
-BACKENDS = ["sparse", "scatter", "torch", "dense"]
+BACKENDS = ["fused", "sparse", "scatter", "torch", "dense"]
 
 
 # ---- exactness, float64 ---------------------------------------------------------------------------
@@ -39,7 +39,7 @@ def test_matches_dense_reference(backend, per_head, device):
 @given(layout=layouts(), heads=st.integers(1, 3), queries=st.integers(1, 6), per_head=st.booleans(),
        bev_window=st.sampled_from([1, 3, 5, 7]), cam_window=st.sampled_from([0, 1, 3, 9]), adaptive=st.booleans(),
        mask_kind=st.sampled_from([None, "padding", "bool", "float", "both"]),
-       backend=st.sampled_from(["sparse", "scatter", "torch"]), seed=st.integers(0, 2**31))
+       backend=st.sampled_from(["fused", "sparse", "scatter", "torch"]), seed=st.integers(0, 2**31))
 def test_random_layouts_windows_and_masks(layout, heads, queries, per_head, bev_window, cam_window, adaptive,
                                           mask_kind, backend, seed):
     if backend == "scatter" and not sb.torch_scatter_available():
@@ -69,7 +69,7 @@ def test_random_layouts_windows_and_masks(layout, heads, queries, per_head, bev_
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-@pytest.mark.parametrize("backend", ["sparse", "scatter", "torch"])
+@pytest.mark.parametrize("backend", ["fused", "sparse", "scatter", "torch"])
 def test_gradcheck(backend, per_head):
     skip_missing(backend)
     layout = sb.KeyLayout(bev_shape=(4, 5), cam_shape=(2, 3, 3))
@@ -101,7 +101,7 @@ def test_scale_weights_and_learnable_scale_get_gradients(backend):
 
 # ---- special cases --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["auto", "sparse", "torch", "dense"])
+@pytest.mark.parametrize("backend", ["auto", "fused", "sparse", "torch", "dense"])
 def test_no_windows_equals_plain_attention(backend):
     layout = sb.KeyLayout(bev_shape=(6, 6))
     win = sb.local_windows(layout, torch.full((1, 4, 2), -1), None)
@@ -145,7 +145,7 @@ def test_dense_bias_tensor_takes_the_dense_path():
                                sb.sparse_bias_attention(q, k, v, shared))
 
 
-@pytest.mark.parametrize("backend", ["sparse", "scatter", "torch"])
+@pytest.mark.parametrize("backend", ["fused", "sparse", "scatter", "torch"])
 def test_chunked_paths(backend, monkeypatch):
     """Tiny chunks: gather backends cross many chunk borders, the dense fallback many blocks."""
     skip_missing(backend)
@@ -207,7 +207,7 @@ def grads_at(fn, dtype, q, k, v, w, win, grad):
     return [out.detach().double()] + [g.double() for g in torch.autograd.grad(out, used, grad.to(dtype))]
 
 
-@pytest.mark.parametrize("backend", ["sparse", "torch"])
+@pytest.mark.parametrize("backend", ["fused", "sparse", "torch"])
 @pytest.mark.parametrize("bias_value", [-2.0, -8.0, -14.0, -30.0, -200.0])
 def test_cancellation_regime_float32(backend, bias_value):
     """fp32 error against float64 stays within a small multiple of the drift of a naive fp32
@@ -238,7 +238,7 @@ def test_cancellation_rows_are_recomputed_densely(monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", ["sparse", "scatter", "torch"])
+@pytest.mark.parametrize("backend", ["fused", "sparse", "scatter", "torch"])
 def test_low_precision_relative_to_naive_drift(backend, dtype, device):
     """Error against a float64 reference is at most a small multiple of what a naive implementation at the
     same precision (the dense reference run in that dtype) drifts by."""
@@ -266,7 +266,7 @@ def test_low_precision_relative_to_naive_drift(backend, dtype, device):
 
 # ---- dropout ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["sparse", "torch", "dense"])
+@pytest.mark.parametrize("backend", ["fused", "sparse", "torch", "dense"])
 def test_dropout_matches_reference_with_same_seed(backend):
     win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=4)
     grad = torch.randn_like(q)
@@ -302,12 +302,52 @@ def test_select_backend_explains_its_choice(caplog):
     win, q, k, v, wb, wc = make_case(SMALL)
     bias = sb.window_bias(win, wb, wc)
     name, why = sb.select_backend(q, bias)
-    assert name == "sparse" and "auto" in why
+    assert name == ("fused" if sb.extension_available() else "sparse") and "auto" in why
     assert sb.select_backend(q, None)[0] == "none"
     assert sb.select_backend(q, bias, "torch") == ("torch", "requested: native PyTorch gather and index_add")
     with caplog.at_level("DEBUG", logger="sparse_bias"):
         sb.sparse_bias_attention(q, k, v, bias)
-    assert "backend sparse" in caplog.text
+    assert f"backend {name}" in caplog.text
+
+
+def test_fused_gradients_are_bitwise_repeatable():
+    skip_missing("fused")
+    win, q, k, v, wb, wc = make_case(SMALL, per_head=True, dtype=torch.float32, queries=40)
+    grad = torch.randn_like(q)
+    kpm = torch.zeros(2, SMALL.num_keys, dtype=torch.bool)
+    kpm[1, 5:9] = True
+    runs = [forward_and_grads(sparse_fn("fused"), q, k, v, wb.float(), wc.float(), grad, win, key_padding_mask=kpm,
+                              dropout_p=0.2, dropout_seed=11) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_without_the_compiled_extension():
+    """SPARSE_BIAS_NO_EXT=1 (or an unbuilt extension): "auto" falls back to the pure-PyTorch backends."""
+    code = r"""
+import torch, sparse_bias as sb
+assert not sb.extension_available()
+layout = sb.KeyLayout(bev_shape=(6, 6))
+win = sb.local_windows(layout, torch.tensor([[[2, 2], [4, 5]]]), None, 3)
+bias = sb.window_bias(win, torch.tensor([[1.0, -1.0]], dtype=torch.float64), None)
+q, k, v = (torch.randn(1, 2, n, 4, dtype=torch.float64) for n in (2, 36, 36))
+name, why = sb.select_backend(q, bias)
+assert name == "sparse" and "fused: disabled by SPARSE_BIAS_NO_EXT=1" in why, why
+ref = sb.dense_bias_attention(q, k, v, bias.to_dense())
+assert torch.allclose(sb.sparse_bias_attention(q, k, v, bias), ref)
+try:
+    sb.sparse_bias_attention(q, k, v, bias, backend="fused")
+except RuntimeError as e:
+    assert "cannot run here" in str(e), e
+else:
+    raise AssertionError("fused backend ran without the extension")
+print("ok")
+"""
+    import os
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, SPARSE_BIAS_NO_EXT="1"))
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
 
 
 def test_without_torch_scatter():
