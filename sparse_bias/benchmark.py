@@ -32,7 +32,8 @@ from .bias import window_bias
 from .synthetic import CMT_CONFIGS, synthetic_scene
 from .windows import local_windows
 
-BACKENDS = ("auto", "sparse", "scatter", "torch")
+BACKENDS = ("auto", "fused", "sparse", "scatter", "torch")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: fp32 relative error allowed before timing (a naive fp32 implementation drifts about 1e-6 here).
 CHECK_TOLERANCE = 1e-4
@@ -47,7 +48,8 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _inputs(args, dtype=torch.float32):
+def _inputs(args):
+    dtype = DTYPES[args.dtype]
     scene = synthetic_scene(args.batch_size, args.queries, config=args.config, seed=0)
     win = local_windows(scene.layout, scene.bev_pos, scene.cam_pos, args.bev_window, args.cam_window)
     gen = torch.Generator().manual_seed(0)
@@ -95,19 +97,26 @@ def _clear_grads(tensors):
 
 
 def _time_all(args, names, win, q, k, v, wb, wc, grad) -> Dict:
-    """Interleaved timing of every variant in this one process: per repeat, each variant once (after one
-    warm-up round), so that drifts of the machine hit all variants alike."""
-    times = {name: [] for name in names}
+    """Interleaved timing of every variant in this one process: per repeat, each variant once per pass (forward,
+    forward + backward; after one warm-up round), so that drifts of the machine hit all variants alike."""
+    passes = ("forward", "forward+backward") if args.backward else ("forward",)
+    times = {(name, p): [] for name in names for p in passes}
     for i in range(args.repeats + 1):
         for name in names:
-            start = time.perf_counter()
-            _step(name, win, q, k, v, wb, wc, grad if args.backward else None)
-            elapsed = time.perf_counter() - start
-            _clear_grads((q, k, v, wb, wc))
-            if i:
-                times[name].append(elapsed)
-    ratios = {name: statistics.median(t / b for t, b in zip(times[name], times["sdpa"])) for name in names}
-    return {name: {"time_s": statistics.median(times[name]), "time_ratio": ratios[name]} for name in names}
+            for p in passes:
+                start = time.perf_counter()
+                _step(name, win, q, k, v, wb, wc, grad if p == "forward+backward" else None)
+                elapsed = time.perf_counter() - start
+                _clear_grads((q, k, v, wb, wc))
+                if i:
+                    times[(name, p)].append(elapsed)
+    out = {name: {} for name in names}
+    for name in names:
+        for p in passes:
+            key = "" if p == "forward+backward" or not args.backward else "fwd_"
+            ratio = statistics.median(t / b for t, b in zip(times[(name, p)], times[("sdpa", p)]))
+            out[name].update({f"{key}time_s": statistics.median(times[(name, p)]), f"{key}time_ratio": ratio})
+    return out
 
 
 def _worker(args) -> Dict:
@@ -132,7 +141,7 @@ def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
            "--queries", str(args.queries),
            "--config", args.config, "--batch-size", str(args.batch_size), "--heads", str(args.heads),
            "--head-dim", str(args.head_dim), "--bev-window", str(args.bev_window),
-           "--cam-window", str(args.cam_window), "--repeats", str(args.repeats)]
+           "--cam-window", str(args.cam_window), "--repeats", str(args.repeats), "--dtype", args.dtype]
     if not args.backward:
         cmd.append("--forward-only")
     if names:
@@ -149,17 +158,31 @@ def variants() -> List[str]:
 
 
 def format_table(rows: List[Dict]) -> str:
+    """Time (forward, and forward + backward when measured) and peak RSS of every variant, with ratios to SDPA."""
     base = next(r for r in rows if r["variant"] == "sdpa")
-    lines = [f"{'variant':20s} {'time [s]':>9s} {'x sdpa':>7s} {'peak RSS [MiB]':>15s} {'x sdpa':>7s} "
-             f"{'extra over inputs [MiB]':>24s} {'max rel err':>12s}"]
+    both = "fwd_time_s" in base
+    head = f"{'variant':20s} "
+    if both:
+        head += f"{'fwd [s]':>8s} {'x sdpa':>7s} {'fwd+bwd [s]':>12s} {'x sdpa':>7s} "
+    else:
+        head += f"{'time [s]':>9s} {'x sdpa':>7s} "
+    lines = [head + f"{'peak RSS [MiB]':>15s} {'x sdpa':>7s} {'extra over inputs [MiB]':>24s} {'max rel err':>12s}"]
     base_extra = base["peak_rss_mib"] - base["setup_rss_mib"]
     for r in rows:
         extra = r["peak_rss_mib"] - r["setup_rss_mib"]
         err = "-" if r["max_rel_error"] is None else f"{r['max_rel_error']:.1e}"
         name = r["variant"] + (f" ({r['chosen']})" if r.get("chosen") else "")
-        lines.append(f"{name:20s} {r['time_s']:9.3f} {r['time_ratio']:7.2f} {r['peak_rss_mib']:15.0f} "
-                     f"{r['peak_rss_mib'] / base['peak_rss_mib']:7.2f} {extra:17.0f} ({extra / base_extra:4.2f}x) "
-                     f"{err:>12s}")
+        line = f"{name:20s} "
+        if both:
+            line += (f"{r['fwd_time_s']:8.3f} {r['fwd_time_ratio']:7.3f} {r['time_s']:12.3f} {r['time_ratio']:7.3f} ")
+        else:
+            line += f"{r['time_s']:9.3f} {r['time_ratio']:7.3f} "
+        lines.append(line + f"{r['peak_rss_mib']:15.0f} {r['peak_rss_mib'] / base['peak_rss_mib']:7.3f} "
+                     f"{extra:17.0f} ({extra / base_extra:4.2f}x) {err:>12s}")
+    if both and "fwd_peak_rss_mib" in base:
+        lines.append("peak RSS of a forward-only step: " + ", ".join(
+            f"{r['variant']} {r['fwd_peak_rss_mib']:.0f} MiB ({r['fwd_peak_rss_mib'] / base['fwd_peak_rss_mib']:.3f}x)"
+            for r in rows))
     return "\n".join(lines)
 
 
@@ -173,7 +196,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bev-window", type=int, default=15)
     parser.add_argument("--cam-window", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--forward-only", dest="backward", action="store_false")
+    parser.add_argument("--forward-only", dest="backward", action="store_false",
+                        help="time the forward only (default: forward and forward + backward, side by side)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="dtype of q, k, v (default float32)")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--check-queries", type=int, default=None,
                         help="check exactness with this many queries (same layout and windows); default all")
@@ -222,6 +248,11 @@ def compare(args, log=print) -> List[Dict]:
     for name in names:
         row = _run(args, "memory", name)
         row.update(timing[name], max_rel_error=errors.get(name))
+        if args.backward:                       # the forward-only step's peak too (inference)
+            fwd_args = copy.copy(args)
+            fwd_args.backward = False
+            fwd = _run(fwd_args, "memory", name)
+            row.update(fwd_peak_rss_mib=fwd["peak_rss_mib"], fwd_setup_rss_mib=fwd["setup_rss_mib"])
         rows.append(row)
         log(f"  memory of {name}: peak RSS {row['peak_rss_mib']:.0f} MiB")
     return rows
@@ -247,17 +278,21 @@ def sweep(args, spec=SWEEP) -> List[Dict]:
     unique = {tuple(sorted(p.items())): p for _, p in points}
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    bar = tqdm(total=2 * len(unique), desc="benchmark sweep", unit="run")
+    bar = tqdm(total=len(unique), desc="benchmark sweep", unit="point")
     for key, point in unique.items():
-        for backward in (False, True):
-            run_args = copy.copy(args)
-            run_args.queries, run_args.bev_window, run_args.cam_window = point["queries"], point["window"], point["window"]
-            run_args.config, run_args.backward = point["layout"], backward
-            bar.set_postfix_str(f"{point} {'fwd+bwd' if backward else 'fwd'}")
-            for row in compare(run_args, log=bar.write):
-                row.update(point, pass_="forward+backward" if backward else "forward")
-                results.setdefault(key, []).append(row)
-            bar.update()
+        run_args = copy.copy(args)
+        run_args.queries, run_args.bev_window, run_args.cam_window = point["queries"], point["window"], point["window"]
+        run_args.config, run_args.backward = point["layout"], True
+        bar.set_postfix_str(str(point))
+        rows = compare(run_args, log=bar.write)        # forward and forward + backward timed side by side
+        for pass_ in ("forward", "forward+backward"):
+            for row in rows:
+                out = dict(row, **point, pass_=pass_)
+                if pass_ == "forward":
+                    out.update(time_s=row["fwd_time_s"], time_ratio=row["fwd_time_ratio"],
+                               peak_rss_mib=row["fwd_peak_rss_mib"], setup_rss_mib=row["fwd_setup_rss_mib"])
+                results.setdefault(key, []).append(out)
+        bar.update()
     bar.close()
     rows = []
     for param, point in points:
@@ -279,8 +314,8 @@ def sweep_markdown(rows: List[Dict]) -> str:
         for r in sel:
             err = "-" if r.get("max_rel_error") is None else f"{r['max_rel_error']:.1e}"
             name = r["variant"] + (f" ({r['chosen']})" if r.get("chosen") else "")
-            lines.append(f"| {r[param]} | {r['pass_']} | {name} | {r['time_s']:.3f} | {r['time_ratio']:.2f} | "
-                         f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base[(r[param], r['pass_'])]:.2f} | {err} |")
+            lines.append(f"| {r[param]} | {r['pass_']} | {name} | {r['time_s']:.3f} | {r['time_ratio']:.3f} | "
+                         f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base[(r[param], r['pass_'])]:.3f} | {err} |")
         lines.append("")
     return "\n".join(lines)
 
