@@ -19,10 +19,10 @@ def window_blocks(win: WindowIndex, values: Optional[torch.Tensor], backend, hea
     step = backend.head_block or heads
     for b in range(win.batch_size):
         e0, e1 = win.batch_range(b)
-        local_q = win.row[e0:e1] - b * win.num_queries
+        row = win.row[e0:e1]
         vals = None if values is None else values[e0:e1].to(cdt)
         for h0 in range(0, heads, step):
             hs = slice(h0, min(h0 + step, heads))
             bvals = None if vals is None else (vals.unsqueeze(0) if vals.dim() == 1 else vals[:, hs].t())
-            yield WindowBlock(b, hs, e0, e1, local_q, bvals, mask, dropout_p, seed, heads, win.num_queries, num_keys,
+            yield WindowBlock(b, hs, e0, e1, row, bvals, mask, dropout_p, seed, heads, win.num_queries, num_keys,
                               win.key[e0:e1], cdt)

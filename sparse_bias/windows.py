@@ -79,6 +79,13 @@ class WindowIndex:
         nq = self.num_queries
         return int(self.indptr[b * nq]), int(self.indptr[(b + 1) * nq])
 
+    def rows_of(self, b: int):
+        """``(crow [Q + 1], col [n])`` of batch element ``b``: its CSR structure, without the transpose (views of
+        ``indptr`` shifted to start at 0, and of ``key``)."""
+        nq = self.num_queries
+        e0, e1 = self.batch_range(b)
+        return self.indptr[b * nq:(b + 1) * nq + 1] - e0, self.key[e0:e1]
+
     def csr(self, b: int):
         """``(crow [Q + 1], col [n], tcrow [K + 1], trow [n], perm [n])`` of batch element ``b``: its CSR
         structure (``[Q, K]``) and that of the transpose (``[K, Q]``; ``perm`` orders its entries by key,

@@ -21,7 +21,7 @@ class WindowBlock:
         b: batch element.
         hs: slice of heads.
         e0, e1: the entries ``e0:e1`` of the :class:`~sparse_bias.WindowIndex` (all of ``b``'s).
-        local_q: LongTensor ``[n]``, the query of each entry (``0 <= q < Q``).
+        row: LongTensor ``[n]``, the CSR row (``b * Q + q``) of each entry (a view of the index's cache).
         bvals: bias values ``[h or 1, n]`` in the compute dtype, or None.
         mask: the additive mask, 4-D broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
         dropout_p, seed: attention dropout and the seed of its counter-hash keep decisions.
@@ -37,7 +37,7 @@ class WindowBlock:
     hs: slice
     e0: int
     e1: int
-    local_q: torch.Tensor
+    row: torch.Tensor
     bvals: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
@@ -47,6 +47,11 @@ class WindowBlock:
     num_keys: int = 0
     key: Optional[torch.Tensor] = None
     cdt: torch.dtype = torch.float32
+
+    @cached_property
+    def local_q(self) -> torch.Tensor:
+        """LongTensor ``[n]``: the query of each entry (``0 <= q < Q``); computed on first use."""
+        return self.row - self.b * self.num_queries
 
     @cached_property
     def emask(self) -> Optional[torch.Tensor]:
@@ -60,7 +65,7 @@ class WindowBlock:
         if self.dropout_p <= 0:
             return None
         from ..kernels import dropout_scale
-        h = torch.arange(self.hs.start, self.hs.stop, device=self.local_q.device).unsqueeze(1)
+        h = torch.arange(self.hs.start, self.hs.stop, device=self.row.device).unsqueeze(1)
         return dropout_scale(self.seed, self.dropout_p, self.b, h, self.local_q, self.key, self.num_heads,
                              self.num_queries, self.num_keys, self.cdt)
 

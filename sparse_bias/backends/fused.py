@@ -50,7 +50,7 @@ def _row_order(win, b):
     then share window keys, which stay in cache."""
     cache = win._cache.setdefault("fused_order", {})
     if b not in cache:
-        crow, col, _, _, _ = win.csr(b)
+        crow, col = win.rows_of(b)
         first = torch.where(crow[1:] > crow[:-1], col[crow[:-1].clamp(max=max(col.numel() - 1, 0))],
                             torch.full_like(crow[:-1], -1)) if col.numel() else torch.zeros_like(crow[:-1])
         cache[b] = torch.argsort(first, stable=True)
@@ -86,7 +86,7 @@ class FusedCPUBackend(Backend):
 
     def forward_block(self, win, blk, q, k, v, lse, scale, p_out, den, out, cdt):
         ext = _extension()[0]
-        crow, col, _, _, _ = win.csr(blk.b)
+        crow, col = win.rows_of(blk.b)                           # the forward needs no transposed structure
         if not col.numel():
             return
         h = blk.hs.stop - blk.hs.start
