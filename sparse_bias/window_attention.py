@@ -29,7 +29,7 @@ __all__ = ["window_attention", "select_window_backend"]
 logger = logging.getLogger("sparse_bias")
 
 #: Backends :func:`window_attention` accepts.
-WINDOW_BACKENDS = ("auto", "sparse", "scatter", "torch", "dense")
+WINDOW_BACKENDS = ("auto", "fused", "sparse", "scatter", "torch", "dense")
 
 
 def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, str]:
@@ -89,13 +89,17 @@ class _WindowAttention(torch.autograd.Function):
         cdt = compute_dtype(q.dtype)
         bsz, heads, nq, _ = q.shape
         nk = k.shape[2]
-        p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device)
+        # the state for the backward: the window probabilities [H, nnz], or (fused backends) the log-sum-exp [B, H, Q]
+        p = (torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if backend.saves_p
+             else torch.empty(bsz, heads, nq, dtype=cdt, device=q.device))
         out = torch.zeros(bsz, heads, nq, v.shape[-1], dtype=cdt, device=q.device)
         for blk in window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
-            backend.window_forward_block(win, blk, q, k, v, scale, p[blk.hs, blk.e0:blk.e1], out[blk.b, blk.hs], cdt)
+            state = p[blk.hs, blk.e0:blk.e1] if backend.saves_p else p[blk.b, blk.hs]
+            backend.window_forward_block(win, blk, q, k, v, scale, state, out[blk.b, blk.hs], cdt)
         out = out.to(q.dtype)
         ctx.win, ctx.mask, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed = win, mask, scale, backend, dropout_p, seed
         ctx.values_meta = None if values is None else (values.dim() == 1, values.dtype)
+        ctx.values = None if values is None or backend.saves_p else values.detach()   # fused: scores recomputed
         ctx.save_for_backward(q, k, v, out, p)
         return out
 
@@ -111,9 +115,10 @@ class _WindowAttention(torch.autograd.Function):
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)      # k's strides: no copy in the projection's backward
         want_values = ctx.values_meta is not None and ctx.needs_input_grad[3]
         ds_all = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if want_values else None
-        for blk in window_blocks(win, None, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
-            ds = backend.window_backward_block(win, blk, q, k, v, g, go[blk.b, blk.hs], p[blk.hs, blk.e0:blk.e1],
-                                               scale, dq[blk.b, blk.hs], dk, dv, cdt)
+        for blk in window_blocks(win, ctx.values, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
+            state = p[blk.hs, blk.e0:blk.e1] if backend.saves_p else p[blk.b, blk.hs]
+            ds = backend.window_backward_block(win, blk, q, k, v, g, go[blk.b, blk.hs], state, scale,
+                                               dq[blk.b, blk.hs], dk, dv, cdt)
             if ds_all is not None:
                 ds_all[blk.hs, blk.e0:blk.e1] = ds
         dvalues = None
@@ -164,7 +169,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
             :func:`sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
             ``dropout_seed``; drawn from torch's RNG when None). Pass 0 at evaluation.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"``, ``"sparse"`` (PyTorch CSR kernels: ``sampled_addmm``, CSR @ dense), ``"scatter"``
+        backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch CSR kernels:
+            ``sampled_addmm``, CSR @ dense), ``"scatter"``
             (gathered rows reduced with torch-scatter ``segment_csr``), ``"torch"`` (gathers, ``index_add_``,
             ``scatter_reduce``) or ``"dense"`` (the materialised mask; the reference).
             :func:`select_window_backend` says what ``"auto"`` picks and why.

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import sparse_bias as sb
 from sparse_bias import kernels
 
-BACKENDS = ["sparse", "scatter", "torch", "dense"]
+BACKENDS = ["fused", "sparse", "scatter", "torch", "dense"]
 NAMES = ["out", "dq", "dk", "dv", "d_bias"]
 
 
@@ -163,7 +163,7 @@ def test_no_window_at_all():
     assert (q.grad == 0).all() and (k.grad == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["sparse", "scatter", "torch"])
+@pytest.mark.parametrize("backend", ["fused", "sparse", "scatter", "torch"])
 def test_gradcheck(backend):
     skip_missing(backend)
     win, q, k, v, values = case(batch=1, heads=2, queries=3, dim=3, bias="per_head",
@@ -200,7 +200,7 @@ def test_low_precision_drift_bounded_by_a_same_precision_naive_version(dtype):
 def test_backend_selection():
     q = torch.zeros(1, 1, 1, 4)
     name, why = sb.select_window_backend(q)
-    assert name == "sparse" and "auto" in why
+    assert name == ("fused" if sb.extension_available() else "sparse") and "auto" in why
     assert sb.select_window_backend(q, "torch")[0] == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         sb.select_window_backend(q, "triton")

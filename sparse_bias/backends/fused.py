@@ -109,10 +109,45 @@ class FusedCPUBackend(Backend):
         gpb = gp[blk.b, blk.hs].contiguous()
         dqc = dq.contiguous()                                    # [h, Q, D]: small; copied back if it was strided
         ext.window_backward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), gpb, go.contiguous(),
-                            crow, col, _row_order(win, blk.b), tcrow, trow, eb, eb[perm].contiguous(),
-                            _mask4(blk.mask, cdt), blk.b,
+                            crow, col, _row_order(win, blk.b), tcrow, trow, eb, eb[perm].contiguous(), None, None,
+                            False, _mask4(blk.mask, cdt), blk.b,
                             blk.hs.start, h, float(scale), float(blk.dropout_p), int(blk.seed) & 0x7FFFFFFFFFFFFFFF,
                             dqc, dk, dv, db)
+        if dqc.data_ptr() != dq.data_ptr():
+            dq.copy_(dqc)
+        return db
+
+    # window attention (the local attention mask): the state kept for the backward is the window log-sum-exp
+
+    def window_forward_block(self, win, blk, q, k, v, scale, p_out, out, cdt):
+        """``p_out`` is this backend's state: the window log-sum-exp ``[h, Q]`` (``-inf`` for an empty window)."""
+        ext = _extension()[0]
+        crow, col = win.rows_of(blk.b)
+        h = blk.hs.stop - blk.hs.start
+        if not col.numel():
+            p_out.fill_(float("-inf"))
+            return
+        sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
+        ext.attention_forward(self._rows(q), self._rows(k), self._rows(v), crow, col, _row_order(win, blk.b), sbias,
+                              _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
+                              int(blk.seed) & 0x7FFFFFFFFFFFFFFF, p_out, out)
+
+    def window_backward_block(self, win, blk, q, k, v, g, go, p, scale, dq, dk, dv, cdt):
+        """``p`` is the window log-sum-exp ``[h, Q]`` of :meth:`window_forward_block`."""
+        ext = _extension()[0]
+        crow, col, tcrow, trow, perm = win.csr(blk.b)
+        h = blk.hs.stop - blk.hs.start
+        db = torch.zeros(h, col.numel(), dtype=cdt)      # empty / fully masked windows: zero
+        if not col.numel():
+            return db
+        sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
+        unused = torch.zeros(1, 1, dtype=cdt)
+        dqc = dq.contiguous()
+        ext.window_backward(self._rows(q), self._rows(k), self._rows(v), p.contiguous(),
+                            g[blk.b, blk.hs].contiguous(), go.contiguous(), crow, col, _row_order(win, blk.b), tcrow,
+                            trow, unused, unused, sbias, None if sbias is None else sbias[perm].contiguous(), True,
+                            _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
+                            int(blk.seed) & 0x7FFFFFFFFFFFFFFF, dqc, dk, dv, db)
         if dqc.data_ptr() != dq.data_ptr():
             dq.copy_(dqc)
         return db

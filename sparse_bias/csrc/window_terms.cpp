@@ -14,6 +14,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -84,6 +85,7 @@ inline void load(acc_t* dst, const T* src, int64_t d) {
 
 struct Common {
   int64_t b, heads, nq, nk, d, total_heads, h0;
+  bool window = false;  // window attention: p is the window softmax (a = p, d bias = ds), rows with L = -inf are empty
   double scale, dropout_p;
   uint64_t seed;
 };
@@ -91,12 +93,14 @@ struct Common {
 // Scores s_e = scale <q, k_e> + mask_e and p_e = exp(s_e - L) of one (row, head) into buf[0 .. e1 - e0).
 template <int DC, typename T, typename acc_t>
 inline void row_probs(const acc_t* qv, const Rows<T>& K, const Mask<acc_t>& M, const int64_t* col_p, int64_t e0,
-                      int64_t e1, const Common& c, int64_t h, int64_t r, acc_t L, acc_t* buf) {
+                      int64_t e1, const Common& c, int64_t h, int64_t r, acc_t L, acc_t* buf,
+                      const acc_t* sb = nullptr, int64_t sbh = 1, int64_t hi = 0) {
   const int64_t d = DC > 0 ? DC : c.d;
   const acc_t scale = static_cast<acc_t>(c.scale);
   for (int64_t e = e0; e < e1; ++e) {
     const int64_t key = col_p[e];
     buf[e - e0] = dot(qv, K.at(c.b, h, key), d) * scale + M(c.b, h, r, key) - L;
+    if (sb) buf[e - e0] += sb[e * sbh + (sbh > 1 ? hi : 0)];
   }
   const int64_t n = e1 - e0;
 #pragma omp simd
@@ -169,8 +173,9 @@ template <int DC, typename T, typename acc_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                    const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
                    const at::Tensor& order, const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias,
-                   const at::Tensor& ebias_t, const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
+                   const at::Tensor& ebias_t, const c10::optional<at::Tensor>& sbias,
+                   const c10::optional<at::Tensor>& sbias_t, const c10::optional<at::Tensor>& mask, const Common& c,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
   const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
@@ -180,6 +185,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const acc_t* eb = ebias.data_ptr<acc_t>();     // expm1(bias) [n, 1 or heads], entry order
   const acc_t* ebt = ebias_t.data_ptr<acc_t>();  // the same in the transposed (key-sorted) order
   const int64_t hb = ebias.size(1);
+  const bool has_sb = sbias.has_value() && sbias->defined();   // window attention: the bias is in the scores
+  const acc_t* sb = has_sb ? sbias->data_ptr<acc_t>() : nullptr;
+  const acc_t* sbt = has_sb ? sbias_t->data_ptr<acc_t>() : nullptr;
+  const int64_t sbh = has_sb ? sbias->size(1) : 1;
   const acc_t* lse_p = lse.data_ptr<acc_t>();    // [heads, Q]
   const acc_t* gp_p = gp.data_ptr<acc_t>();      // [heads, Q, D] contiguous: g' = g / (1 + S)
   const acc_t* go_p = go.data_ptr<acc_t>();      // [heads, Q]: <g', o>
@@ -203,10 +212,12 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t hi = idx / c.nq, r = order_p[idx % c.nq], h = c.h0 + hi;
       const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
       if (n == 0) continue;
+      const acc_t L = lse_p[hi * c.nq + r];
+      if (c.window && std::isinf(L)) continue;                   // an empty / fully masked window: no gradient
       load(qv, Q.at(c.b, h, r), d);
       const acc_t* g = gp_p + (hi * c.nq + r) * d;
       for (int64_t i = 0; i < d; ++i) { gv[i] = g[i]; acc[i] = 0; }
-      row_probs<DC>(qv, K, M, col_p, e0, e1, c, h, r, lse_p[hi * c.nq + r], p.data());        // p_e
+      row_probs<DC>(qv, K, M, col_p, e0, e1, c, h, r, L, p.data(), sb, sbh, hi);            // p_e
       if (drop) row_keep(col_p, e0, e1, c, h, r, keep.data());
       const acc_t go_r = go_p[hi * c.nq + r];
       const acc_t* ebr = eb + e0 * hb + (hb > 1 ? hi : 0);
@@ -215,8 +226,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const int64_t key = col_p[e0 + i];
         const acc_t kp = drop ? keep[i] : acc_t(1);
         const acc_t diff = (kp != 0 ? dot(gv, V.at(c.b, h, key), d) * kp : acc_t(0)) - go_r;
-        const acc_t dj = p[i] * ebr[i * hb] * diff;
-        dbr[i] = p[i] * diff + dj;                                  // p e^b (keep <g', v_j> - <g', o>)
+        const acc_t dj = (c.window ? p[i] : p[i] * ebr[i * hb]) * diff;
+        dbr[i] = c.window ? dj : p[i] * diff + dj;                  // correction: p e^b (keep <g', v_j> - <g', o>)
         if (dj != 0) axpy(acc, dj, K.at(c.b, h, key), d);
       }
       acc_t* dqr = dq_p + (hi * c.nq + r) * d;
@@ -241,7 +252,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       load(vv, V.at(c.b, h, key), d);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = trow_p[t0 + i];
-        s[i] = dot(kv, Q.at(c.b, h, r), d) * scale + M(c.b, h, r, key) - lse_p[hi * c.nq + r];
+        const acc_t L = lse_p[hi * c.nq + r];
+        s[i] = (c.window && std::isinf(L)) ? -std::numeric_limits<acc_t>::infinity()
+                                           : dot(kv, Q.at(c.b, h, r), d) * scale + M(c.b, h, r, key) - L;
+        if (has_sb) s[i] += sbt[(t0 + i) * sbh + (sbh > 1 ? hi : 0)];
       }
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) s[i] = std::exp(s[i]);                                // p
@@ -254,7 +268,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           const uint64_t flat = ((static_cast<uint64_t>(c.b) * c.total_heads + h) * c.nq + r) * c.nk + key;
           kp = keep_entry(c.seed, flat, c.dropout_p) ? acc_t(1) / static_cast<acc_t>(1 - c.dropout_p) : acc_t(0);
         }
-        const acc_t a = s[i] * ebk[i * hb];
+        const acc_t a = c.window ? s[i] : s[i] * ebk[i * hb];
         if (a == 0) continue;
         const acc_t* g = gp_p + (hi * c.nq + r) * d;
         const acc_t diff = (kp != 0 ? dot(vv, g, d) * kp : acc_t(0)) - go_p[hi * c.nq + r];
@@ -267,6 +281,62 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         dkr[i] = static_cast<T>(static_cast<acc_t>(dkr[i]) + acck[i]);
         dvr[i] = static_cast<T>(static_cast<acc_t>(dvr[i]) + accv[i]);
       }
+    }
+  });
+}
+
+template <int DC, typename T, typename acc_t>
+void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& crow,
+                       const at::Tensor& col, const at::Tensor& order, const c10::optional<at::Tensor>& sbias,
+                       const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& lse, at::Tensor& out) {
+  const int64_t d = DC > 0 ? DC : c.d;
+  Rows<T> Q(q), K(k), V(v);
+  Mask<acc_t> M(mask);
+  const int64_t* crow_p = crow.data_ptr<int64_t>();
+  const int64_t* col_p = col.data_ptr<int64_t>();
+  const int64_t* order_p = order.data_ptr<int64_t>();
+  const bool has_sb = sbias.has_value() && sbias->defined();
+  const acc_t* sb = has_sb ? sbias->data_ptr<acc_t>() : nullptr;
+  const int64_t sbh = has_sb ? sbias->size(1) : 1;
+  acc_t* lse_p = lse.data_ptr<acc_t>();         // [heads, Q]: the window log-sum-exp (-inf: empty window)
+  acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D]
+  const bool drop = c.dropout_p > 0;
+  int64_t max_row = 0;
+  for (int64_t r = 0; r < c.nq; ++r) max_row = std::max(max_row, crow_p[r + 1] - crow_p[r]);
+  at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
+    acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
+    std::vector<acc_t> buf(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
+    for (int64_t idx = i0; idx < i1; ++idx) {
+      const int64_t hi = idx / c.nq, r = order_p[idx % c.nq], h = c.h0 + hi;
+      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
+      lse_p[hi * c.nq + r] = -std::numeric_limits<acc_t>::infinity();
+      if (n == 0) continue;
+      load(qv, Q.at(c.b, h, r), d);
+      const acc_t scale = static_cast<acc_t>(c.scale);
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t key = col_p[e0 + i];
+        buf[i] = dot(qv, K.at(c.b, h, key), d) * scale + M(c.b, h, r, key);
+        if (has_sb) buf[i] += sb[(e0 + i) * sbh + (sbh > 1 ? hi : 0)];
+        m = std::max(m, buf[i]);
+      }
+      if (std::isinf(m)) continue;                                // every window key masked: zeros
+      acc_t l = 0;
+#pragma omp simd reduction(+ : l)
+      for (int64_t i = 0; i < n; ++i) {
+        buf[i] = std::exp(buf[i] - m);
+        l += buf[i];
+      }
+      lse_p[hi * c.nq + r] = m + std::log(l);
+      const acc_t inv = acc_t(1) / l;
+      if (drop) row_keep(col_p, e0, e1, c, h, r, keep.data());
+      for (int64_t i = 0; i < d; ++i) acc[i] = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t w = buf[i] * inv * (drop ? keep[i] : acc_t(1));
+        if (w != 0) axpy(acc, w, V.at(c.b, h, col_p[e0 + i]), d);
+      }
+      acc_t* o = out_p + (hi * c.nq + r) * d;
+      for (int64_t i = 0; i < d; ++i) o[i] = acc[i];
     }
   });
 }
@@ -313,10 +383,12 @@ void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                      const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
                      const at::Tensor& order, const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias,
-                     const at::Tensor& ebias_t,
+                     const at::Tensor& ebias_t, const c10::optional<at::Tensor>& sbias,
+                     const c10::optional<at::Tensor>& sbias_t, bool window,
                      const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
                      double dropout_p, int64_t seed, at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dbias) {
-  const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
+  Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
+  c.window = window;
   check_rows(v, "v");
   check_rows(dk, "dk");
   check_rows(dv, "dv");
@@ -326,12 +398,31 @@ void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
 switch (c.d) {  // the common head dims get fully unrolled row operations
-      case 32: backward_impl<32, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, mask,
+      case 32: backward_impl<32, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, sbias, sbias_t, mask,
                                                   c, dq, dk, dv, dbias); break;
-      case 64: backward_impl<64, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, mask,
+      case 64: backward_impl<64, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, sbias, sbias_t, mask,
                                                   c, dq, dk, dv, dbias); break;
-      default: backward_impl<0, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, mask,
+      default: backward_impl<0, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, sbias, sbias_t, mask,
                                                  c, dq, dk, dv, dbias);
+    }
+  });
+}
+
+// Window attention (the local attention mask): out [heads, Q, D] and the window log-sum-exp lse [heads, Q] of
+// batch element b; sbias = the bias values [n, 1 or heads] added to the scores, or none.
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& crow,
+                       const at::Tensor& col, const at::Tensor& order, const c10::optional<at::Tensor>& sbias,
+                       const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
+                       double dropout_p, int64_t seed, at::Tensor lse, at::Tensor out) {
+  const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
+  check_rows(v, "v");
+  TORCH_CHECK(lse.is_contiguous() && out.is_contiguous(), "lse and out must be contiguous");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    switch (c.d) {
+      case 32: attn_forward_impl<32, scalar_t, acc_t>(q, k, v, crow, col, order, sbias, mask, c, lse, out); break;
+      case 64: attn_forward_impl<64, scalar_t, acc_t>(q, k, v, crow, col, order, sbias, mask, c, lse, out); break;
+      default: attn_forward_impl<0, scalar_t, acc_t>(q, k, v, crow, col, order, sbias, mask, c, lse, out);
     }
   });
 }
@@ -339,5 +430,7 @@ switch (c.d) {  // the common head dims get fully unrolled row operations
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_bias fused CPU kernels for the window terms of the exact correction";
   m.def("window_forward", &window_forward, "window terms of the forward (one batch element, a block of heads)");
-  m.def("window_backward", &window_backward, "window terms of the backward (one batch element, a block of heads)");
+  m.def("window_backward", &window_backward, "window terms of the backward (one batch element, a block of heads); "
+        "with window=True the backward of window attention");
+  m.def("attention_forward", &attention_forward, "window attention forward (one batch element, a block of heads)");
 }
