@@ -91,12 +91,13 @@ class FusedCPUBackend(Backend):
             return
         h = blk.hs.stop - blk.hs.start
         bv = self._ebias(blk, cdt, col.numel())
-        if bv.shape[1] == h and h != q.shape[1]:
-            raise RuntimeError("the fused backend runs all heads at once")
+        outc, denc = out.contiguous(), den.contiguous()        # [h, Q, D], [h, Q]: copied back if strided
         ext.window_forward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), crow, col,
-                           _row_order(win, blk.b), bv,
-                           _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
-                           int(blk.seed) & 0x7FFFFFFFFFFFFFFF, den, out)
+                           _row_order(win, blk.b), bv, _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale),
+                           float(blk.dropout_p), int(blk.seed) & 0x7FFFFFFFFFFFFFFF, denc, outc)
+        for buf, dst in ((outc, out), (denc, den)):
+            if buf.data_ptr() != dst.data_ptr():
+                dst.copy_(buf)
 
     def backward_block(self, win, blk, q, k, v, gp, go, p, lse, scale, dq, dk, dv, cdt):
         ext = _extension()[0]
