@@ -1,7 +1,7 @@
 """Fused CPU kernels for the window terms: the compiled extension ``sparse_bias._C``.
 
 Built at install time against the installed torch (``setup.py``, ``torch.utils.cpp_extension``, OpenMP), as
-torch-scatter is. Per batch element, all heads at once: the forward makes one pass over each query's entries
+torch-scatter is. Per batch element and block of heads: the forward makes one pass over each query's entries
 (scores, ``p``, ``a``, ``S``, ``C``); the backward one pass over each query's entries (``<g', v_j>``, ``d_j``, the
 ``dq`` correction and the bias gradient) and one over each key's entries through the transposed structure the
 :class:`~sparse_bias.WindowIndex` caches (``dk`` / ``dv``), so every output is written by one thread in a fixed
@@ -61,7 +61,9 @@ class FusedCPUBackend(Backend):
     """The fused C++/OpenMP kernels: one call per batch element for all heads."""
 
     name = "fused"
-    head_block = None
+    #: heads per call: the per-head bias gradient of a call is ``[heads, n]``, so blocks of 2 keep it small
+    #: (each call still runs (head, query) pairs in parallel)
+    head_block = 2
     saves_p = False
 
     def can_run(self, device, dtype):
