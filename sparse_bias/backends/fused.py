@@ -38,11 +38,15 @@ def extension_available() -> bool:
     return _extension()[0] is not None
 
 
-def _mask4(mask, cdt):
-    """The additive mask as a 4-D tensor in the compute dtype (broadcast dims kept at size 1), or None."""
-    if mask is None:
-        return None
-    return mask.to(cdt)
+def _mask(blk, cdt):
+    """The additive mask, 4-D in the compute dtype (broadcast dims kept at size 1; the kernels read them with
+    stride 0), or None."""
+    return None if blk.mask is None else blk.mask.to(cdt)
+
+
+def _seed(blk) -> int:
+    """The dropout seed as the kernels take it (an int64 holding the same 64 bits)."""
+    return int(blk.seed) & 0x7FFFFFFFFFFFFFFF
 
 
 def _row_order(win, b):
@@ -95,8 +99,8 @@ class FusedCPUBackend(Backend):
         bv = self._ebias(blk, cdt, col.numel())
         outc, denc = out.contiguous(), den.contiguous()        # [h, Q, D], [h, Q]: copied back if strided
         ext.window_forward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), crow, col,
-                           _row_order(win, blk.b), bv, _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale),
-                           float(blk.dropout_p), int(blk.seed) & 0x7FFFFFFFFFFFFFFF, denc, outc)
+                           _row_order(win, blk.b), bv, _mask(blk, cdt), blk.b, blk.hs.start, h, float(scale),
+                           float(blk.dropout_p), _seed(blk), denc, outc)
         for buf, dst in ((outc, out), (denc, den)):
             if buf.data_ptr() != dst.data_ptr():
                 dst.copy_(buf)
@@ -113,8 +117,8 @@ class FusedCPUBackend(Backend):
         dqc = dq.contiguous()                                    # [h, Q, D]: small; copied back if it was strided
         ext.window_backward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), gpb, go.contiguous(),
                             crow, col, _row_order(win, blk.b), tcrow, trow, eb, eb[perm].contiguous(), None, None,
-                            False, _mask4(blk.mask, cdt), blk.b,
-                            blk.hs.start, h, float(scale), float(blk.dropout_p), int(blk.seed) & 0x7FFFFFFFFFFFFFFF,
+                            False, _mask(blk, cdt), blk.b,
+                            blk.hs.start, h, float(scale), float(blk.dropout_p), _seed(blk),
                             dqc, dk, dv, db)
         if dqc.data_ptr() != dq.data_ptr():
             dq.copy_(dqc)
@@ -132,8 +136,8 @@ class FusedCPUBackend(Backend):
             return
         sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
         ext.attention_forward(self._rows(q), self._rows(k), self._rows(v), crow, col, _row_order(win, blk.b), sbias,
-                              _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
-                              int(blk.seed) & 0x7FFFFFFFFFFFFFFF, p_out, out)
+                              _mask(blk, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
+                              _seed(blk), p_out, out)
 
     def window_backward_block(self, win, blk, q, k, v, g, go, p, scale, dq, dk, dv, cdt):
         """``p`` is the window log-sum-exp ``[h, Q]`` of :meth:`window_forward_block`."""
@@ -149,8 +153,8 @@ class FusedCPUBackend(Backend):
         ext.window_backward(self._rows(q), self._rows(k), self._rows(v), p.contiguous(),
                             g[blk.b, blk.hs].contiguous(), go.contiguous(), crow, col, _row_order(win, blk.b), tcrow,
                             trow, unused, unused, sbias, None if sbias is None else sbias[perm].contiguous(), True,
-                            _mask4(blk.mask, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
-                            int(blk.seed) & 0x7FFFFFFFFFFFFFFF, dqc, dk, dv, db)
+                            _mask(blk, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
+                            _seed(blk), dqc, dk, dv, db)
         if dqc.data_ptr() != dq.data_ptr():
             dq.copy_(dqc)
         return db
