@@ -49,6 +49,7 @@ def _ddp_worker(rank, world, port, out_dir):
     out.square().mean().backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+    dist.barrier()                  # both ranks done before either tears its gloo pairs down
     dist.destroy_process_group()
 
 
