@@ -110,19 +110,8 @@ for name, losses in curves.items():
 # %%
 os.makedirs(OUT, exist_ok=True)
 try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, losses in curves.items():
-        ax.plot(losses, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("MSE")
-    ax.set_yscale("log")
-    ax.set_title("reading the features at the projected cells")
-    ax.legend()
-    fig.savefig(os.path.join(OUT, "cmt_decoder_training.png"), dpi=90)
-    print("curves:", os.path.join(OUT, "cmt_decoder_training.png"))
-except ImportError:  # pragma: no cover
+    from sparse_bias.plotting import plot_losses
+    print("curves:", plot_losses(curves, os.path.join(OUT, "cmt_decoder_training.png"),
+                                 "reading the features at the projected cells"))
+except ImportError:  # pragma: no cover - matplotlib is a dev extra
     pass

@@ -7,7 +7,7 @@ import torch
 
 from .bias import SparseBias
 
-__all__ = ["query_bias_maps", "plot_query_bias", "plot_comparison"]
+__all__ = ["query_bias_maps", "plot_query_bias", "plot_comparison", "plot_losses"]
 
 
 def query_bias_maps(bias: SparseBias, batch: int, queries: Sequence[int], head: Optional[int] = None):
@@ -92,6 +92,25 @@ def plot_comparison(rows, path: str, title: str = "sparse bias vs the dense-bias
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelrotation=15)
     fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(curves, path: str, title: str) -> str:
+    """Save a PNG of training-loss curves: ``curves`` maps a name to a list of per-step losses (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, losses in curves.items():
+        ax.plot(losses, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
