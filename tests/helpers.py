@@ -1,5 +1,10 @@
 """Shared test cases and harness: random window positions and layouts, attention cases, and the
 forward-plus-gradients comparison every attention test uses (as torch-scatter's ``testing.py``)."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from hypothesis import strategies as st
@@ -82,3 +87,11 @@ def assert_all_close(got, want, rtol=1e-10, atol=1e-10):
     names = ["out", "dq", "dk", "dv", "d_bev_weight", "d_cam_weight"]
     for name, a, b in zip(names, got, want):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def run_python(code: str, **env) -> str:
+    """Run ``code`` in a fresh interpreter (extra environment variables as keywords); its stdout, or fail."""
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, **env))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout

@@ -1,14 +1,12 @@
 """sparse_bias_attention against the dense reference: every backend, forward and all gradients."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import (SMALL, assert_all_close, forward_and_grads, layouts, make_case, reference,
+from helpers import (SMALL, assert_all_close, forward_and_grads, layouts, make_case, reference, run_python,
                      skip_missing, sparse_fn)
 
 import sparse_bias as sb
@@ -343,11 +341,7 @@ else:
     raise AssertionError("fused backend ran without the extension")
 print("ok")
 """
-    import os
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, SPARSE_BIAS_NO_EXT="1"))
-    assert res.returncode == 0, res.stderr
-    assert "ok" in res.stdout
+    assert "ok" in run_python(code, SPARSE_BIAS_NO_EXT="1")
 
 
 def test_without_torch_scatter():
@@ -370,9 +364,7 @@ else:
     raise AssertionError("scatter backend ran without torch-scatter")
 print("ok")
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "ok" in res.stdout
+    assert "ok" in run_python(code)
 
 
 # ---- bad input --------------------------------------------------------------------------------------

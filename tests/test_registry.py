@@ -1,12 +1,10 @@
 """Registries: nothing at import, the plugin's own names, the dense names on request; configs of the dense
 versions build this library's modules unchanged."""
 import copy
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from helpers import run_python
 
 import sparse_bias as sb
 from sparse_bias.nn import (AQRWeightGenerator, AttentionBiasGenerator, CmtTransformer, PETRTransformerDecoder,
@@ -50,12 +48,6 @@ CMTTEST_AQR = dict(
 
 def fresh():
     return {"test.MODELS": (mmengine_registry.Registry("model"), "all")}
-
-
-def run_python(code):
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
 
 
 def test_import_changes_no_registry_and_no_warning_filter():

@@ -83,6 +83,13 @@ inline void load(acc_t* dst, const T* src, int64_t d) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
+// The longest CSR segment of ptr[0 .. n] (the size of a per-row scratch buffer).
+inline int64_t longest_segment(const int64_t* ptr, int64_t n) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, ptr[i + 1] - ptr[i]);
+  return m;
+}
+
 struct Common {
   int64_t b, heads, nq, nk, d, total_heads, h0;
   bool window = false;  // window attention: p is the window softmax (a = p, d bias = ds), rows with L = -inf are empty
@@ -132,8 +139,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   acc_t* den_p = den.data_ptr<acc_t>();         // [heads, Q] contiguous
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D] contiguous
   const bool drop = c.dropout_p > 0;
-  int64_t max_row = 0;
-  for (int64_t r = 0; r < c.nq; ++r) max_row = std::max(max_row, crow_p[r + 1] - crow_p[r]);
+  const int64_t max_row = longest_segment(crow_p, c.nq);
   // head-major: one head's keys and values (K x D each) stay in cache while its queries are processed
   at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
@@ -197,12 +203,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t n_all = col.numel();
   const acc_t scale = static_cast<acc_t>(c.scale);
   const bool drop = c.dropout_p > 0;
-  int64_t max_row = 0;
-  for (int64_t r = 0; r < c.nq; ++r) max_row = std::max(max_row, crow_p[r + 1] - crow_p[r]);
+  const int64_t max_row = longest_segment(crow_p, c.nq);
   const int64_t* tcrow_p = tcrow.data_ptr<int64_t>();
   const int64_t* trow_p = trow.data_ptr<int64_t>();
-  int64_t max_col = 0;
-  for (int64_t key = 0; key < c.nk; ++key) max_col = std::max(max_col, tcrow_p[key + 1] - tcrow_p[key]);
+  const int64_t max_col = longest_segment(tcrow_p, c.nk);
 
   // Per query (head-major): d_j = a_j (keep_j <g', v_j> - <g', o>), dq += scale sum_j d_j k_j, the bias gradient.
   at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
@@ -301,8 +305,7 @@ void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   acc_t* lse_p = lse.data_ptr<acc_t>();         // [heads, Q]: the window log-sum-exp (-inf: empty window)
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D]
   const bool drop = c.dropout_p > 0;
-  int64_t max_row = 0;
-  for (int64_t r = 0; r < c.nq; ++r) max_row = std::max(max_row, crow_p[r + 1] - crow_p[r]);
+  const int64_t max_row = longest_segment(crow_p, c.nq);
   at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> buf(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
