@@ -1,13 +1,10 @@
-"""Exact sparse-bias attention: dense global scores from an unmodified kernel plus a sparse correction.
+"""Exact sparse-bias attention: the public functions.
 
-Per query and head, with scores ``s_j`` over all keys and a bias ``b_j`` on the window ``W``:
-
-* dense pass (no bias): ``o_d = sum_j p_j v_j``, ``p_j = exp(s_j - L)``, ``L = logsumexp(s)``;
-* sparse pass over ``W``: ``a_j = p_j expm1(b_j)``, ``S = sum_W a_j``, ``C = sum_W a_j v_j``;
-* output ``o = (o_d + C) / (1 + S)`` -- exactly ``softmax(s + b) v``.
-
-The backward calls the dense kernel's own backward with ``g / (1 + S)`` and the final output, which is
-exact outside the windows, then adds the window terms (design brief, section 3).
+:func:`sparse_bias_attention` computes dense global scores from an unmodified flash kernel plus an exact
+sparse correction over the window entries (the math is in :mod:`sparse_bias._sparse_function`; a
+:class:`ModalityBias` takes :mod:`sparse_bias._modality_function`); :func:`dense_bias_attention` is the dense
+reference; :func:`select_backend` says which backend runs the window terms (chosen, and self-checked on GPU
+paths, by :mod:`sparse_bias.backends.choose`).
 """
 from __future__ import annotations
 
@@ -16,28 +13,21 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .backends import BACKENDS, backend_candidates, get_backend
-from .bias import ModalityBias, SparseBias
-from .kernels import compute_dtype as _compute_dtype
-from .kernels import dense_lse_backward, dense_lse_forward, dropout_mask, dropout_scale
-from ._blocks import window_blocks
+from ._exact_rows import EXACT_ROW_THRESHOLD
+from ._modality_function import _ModalityBiasAttention
+from ._sparse_function import _SparseBiasAttention
 from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
                           check_scale, check_sparse_bias, draw_seed)
+from .backends import get_backend
+from .backends.choose import choose_backend
+from .bias import ModalityBias, SparseBias
+from .kernels import dropout_mask
 
 __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD"]
 
 logger = logging.getLogger("sparse_bias")
 
 BACKEND_NAMES = ("auto", "fused", "sparse", "scatter", "torch", "triton", "dense")
-
-#: Rows whose normaliser ``1 + S`` falls below this (a negative bias removes more than 3/4 of the attention
-#: mass) are recomputed densely, one small block of rows at a time: there ``o_d + C`` and ``1 + S`` cancel
-#: and would amplify rounding errors by about ``1 / (1 + S)``. Non-finite normalisers (overflowing biases)
-#: too. With AQR weights in [-1, 1] and scale 1 the normaliser stays above e^-1, so this path is rare.
-EXACT_ROW_THRESHOLD = 0.25
-
-#: Rows per block of the exact (dense) row path.
-EXACT_ROW_CHUNK = 16
 
 
 def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
@@ -49,7 +39,8 @@ def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[s
         backend: the requested backend.
 
     Returns:
-        ``(name, reason)``.
+        ``(name, reason)``. On a GPU path the chosen backend has passed its first-use self-check
+        (:mod:`sparse_bias.backends.choose`); one that fails it is skipped with a warning.
 
     Example::
 
@@ -70,208 +61,7 @@ def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[s
         return "modality", "one bias per modality: one dense pass per key range, combined by log-sum-exp"
     if backend == "dense":
         return "dense", "requested: the bias is materialised"
-    candidates = backend_candidates(q.device, q.dtype)
-    if backend != "auto":
-        ok, why = BACKENDS[backend].can_run(q.device, q.dtype)
-        if not ok:
-            raise RuntimeError(f"backend {backend!r} cannot run here: {why}")
-        return backend, f"requested: {why}"
-    for name, ok, why in candidates:
-        if ok:
-            skipped = "; ".join(f"{n}: {w}" for n, o, w in candidates if not o)
-            return name, f"auto on {q.device.type}/{q.dtype}: {why}" + (f" (skipped {skipped})" if skipped else "")
-    raise RuntimeError("no sparse backend can run: " + "; ".join(f"{n}: {w}" for n, _, w in candidates))
-
-
-# ---------------------------------------------------------------------------------------------------
-# exact rows: a dense evaluation of the few rows where the correction would cancel
-
-
-def _rows_forward(qr, kb, vb, values, win, mask, scale, dropout_p, seed, b, rows):
-    """Dense biased attention of queries ``rows`` (sorted LongTensor) of batch element ``b``.
-
-    ``qr [H, R, D]`` are their queries, ``kb``, ``vb [H, K, D]`` the keys and values of ``b``. Returns
-    ``([H, R, D]`` in the compute dtype, the window entries of these rows``)``; differentiable.
-    """
-    cdt = _compute_dtype(qr.dtype)
-    heads, nk = qr.shape[0], kb.shape[1]
-    s = torch.matmul(qr.to(cdt), kb.to(cdt).transpose(-1, -2)) * scale                     # [H, R, K]
-    if mask is not None:
-        m = mask[b if mask.shape[0] > 1 else 0]
-        s = s + (m[:, rows] if m.shape[1] > 1 else m)
-    flat_rows = b * win.num_queries + rows
-    entries = torch.isin(win.row, flat_rows).nonzero().flatten()
-    local = torch.searchsorted(flat_rows, win.row[entries])
-    vals = values[entries].to(cdt)
-    vals = vals.t() if vals.dim() == 2 else vals.unsqueeze(0).expand(heads, -1)
-    s = s.index_put((torch.arange(heads, device=qr.device).unsqueeze(1), local.unsqueeze(0),
-                     win.key[entries].unsqueeze(0)), vals, accumulate=True)
-    p = torch.softmax(s, dim=-1)
-    if dropout_p > 0:
-        p = p * dropout_scale(seed, dropout_p, b, torch.arange(heads, device=qr.device).view(-1, 1, 1),
-                              rows.view(1, -1, 1), torch.arange(nk, device=qr.device), heads, win.num_queries, nk,
-                              cdt)
-    return torch.matmul(p, vb.to(cdt)), entries
-
-
-def _exact_rows(flagged: torch.Tensor):
-    """``(b, rows)`` blocks of the flagged ``[B, Q]`` rows."""
-    for b in range(flagged.shape[0]):
-        rows = flagged[b].nonzero().flatten()
-        for i in range(0, rows.numel(), EXACT_ROW_CHUNK):
-            yield b, rows[i:i + EXACT_ROW_CHUNK]
-
-
-# ---------------------------------------------------------------------------------------------------
-# autograd
-
-
-class _SparseBiasAttention(torch.autograd.Function):
-    """Forward and exact backward of the dense pass plus the sparse window correction."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, values, win, mask, scale, backend, dropout_p, seed):
-        cdt = _compute_dtype(q.dtype)
-        bsz, heads, nq, _ = q.shape
-        o_d, lse, kernel = dense_lse_forward(q, k, v, mask, scale, dropout_p, seed)
-        ctx.kernel, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed = kernel, scale, backend, dropout_p, seed
-        ctx.win, ctx.mask, ctx.shared = win, mask, values is not None and values.dim() == 1
-        if win is None or win.nnz == 0:
-            ctx.sparse = False
-            ctx.values_like = None if values is None else (values.shape, values.dtype)
-            ctx.save_for_backward(q, k, v, o_d, lse)
-            return o_d
-        ctx.sparse = True
-        p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if backend.saves_p else None
-        den = torch.ones(bsz, heads, nq, dtype=cdt, device=q.device)
-        out = o_d.to(cdt)
-        for blk in window_blocks(win, values, backend, heads, k.shape[2], mask, dropout_p, seed, cdt):
-            backend.forward_block(win, blk, q, k, v, lse[blk.b, blk.hs].to(cdt), scale,
-                                  None if p is None else p[blk.hs, blk.e0:blk.e1], den[blk.b, blk.hs],
-                                  out[blk.b, blk.hs], cdt)
-        out /= den.unsqueeze(-1)
-        flagged = ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)  # [B, Q]
-        ctx.any_flagged = bool(flagged.any())
-        if ctx.any_flagged:
-            for b, rows in _exact_rows(flagged):
-                out[b, :, rows] = _rows_forward(q[b, :, rows], k[b], v[b], values.detach(), win, mask, scale,
-                                                dropout_p, seed, b, rows)[0]
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, values, p, den, flagged)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.sparse:
-            q, k, v, out, lse = ctx.saved_tensors
-            dq, dk, dv = dense_lse_backward(ctx.kernel, grad_out, q, k, v, out, lse, ctx.mask, ctx.scale,
-                                            ctx.dropout_p, ctx.seed)
-            dvalues = None
-            if ctx.values_like is not None and ctx.needs_input_grad[3]:       # empty windows: a zero gradient
-                dvalues = torch.zeros(ctx.values_like[0], dtype=ctx.values_like[1], device=q.device)
-            return dq, dk, dv, dvalues, None, None, None, None, None, None
-        q, k, v, out, lse, values, p, den, flagged = ctx.saved_tensors
-        win, backend, scale, mask = ctx.win, ctx.backend, ctx.scale, ctx.mask
-        cdt = _compute_dtype(q.dtype)
-        bsz, heads, nq, _ = q.shape
-        gp = grad_out.to(cdt) / den.unsqueeze(-1)                                          # g' = g / (1 + S)
-        if ctx.any_flagged:
-            gp = gp.masked_fill(flagged.view(bsz, 1, nq, 1), 0.0)
-        dq, dk, dv = dense_lse_backward(ctx.kernel, gp.to(q.dtype), q, k, v, out, lse, mask, scale,
-                                        ctx.dropout_p, ctx.seed)
-        dq = dq.to(cdt)
-        if backend.needs_contiguous:             # kernels that address the gradient buffers directly
-            dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-        dvalues = torch.zeros_like(values, dtype=cdt) if ctx.needs_input_grad[3] else None
-        go = (gp * out.to(cdt)).sum(-1)                                                    # <g', o> [B, H, Q]
-        for blk in window_blocks(win, values.detach(), backend, heads, k.shape[2], mask, ctx.dropout_p, ctx.seed,
-                                 cdt):
-            hs, e0, e1 = blk.hs, blk.e0, blk.e1
-            db = backend.backward_block(win, blk, q, k, v, gp, go[blk.b, hs], None if p is None else p[hs, e0:e1],
-                                        lse[blk.b, hs].to(cdt), scale, dq[blk.b, hs], dk, dv, cdt)
-            if dvalues is not None:
-                if ctx.shared:
-                    dvalues[e0:e1] += db.sum(0)
-                else:
-                    dvalues[e0:e1, hs] = db.t()
-
-        if ctx.any_flagged:   # the dense rows, differentiated by autograd
-            for b, rows in _exact_rows(flagged):
-                with torch.enable_grad():
-                    qr, kb, vb, vals = (t.detach().requires_grad_() for t in (q[b, :, rows], k[b], v[b], values))
-                    o_rows, entries = _rows_forward(qr, kb, vb, vals, win, mask, scale, ctx.dropout_p, ctx.seed,
-                                                    b, rows)
-                    gq, gk, gv, gval = torch.autograd.grad(o_rows, (qr, kb, vb, vals), grad_out[b, :, rows].to(cdt))
-                dq[b, :, rows] += gq.to(cdt)
-                dk[b] += gk.to(dk.dtype)
-                dv[b] += gv.to(dv.dtype)
-                if dvalues is not None:
-                    dvalues[entries] = gval[entries].to(cdt)
-        dq = dq.to(q.dtype)
-        if dvalues is not None:
-            dvalues = dvalues.to(values.dtype)
-        return dq, dk, dv, dvalues, None, None, None, None, None, None
-
-
-class _ModalityBiasAttention(torch.autograd.Function):
-    """Exact attention with one bias per (query, modality) over all keys of the modality.
-
-    Per modality ``m`` (a key range): ``(o_m, L_m)`` from the dense kernel on its keys; with
-    ``z_m = L_m + c_m`` and ``w = softmax_m(z)``, ``o = sum_m w_m o_m``. Backward: the kernel's own backward
-    on each range with ``grad_out = w_m g`` and ``out = o`` (exact: ``ds_j = p_j w_m (<g, v_j> - <g, o>)``),
-    and ``dc_m = w_m (<g, o_m> - <g, o>)``.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, values, ranges, mask, scale, dropout_p, seed):
-        cdt = _compute_dtype(q.dtype)
-        nk = k.shape[2]
-        outs, lses, kernels_used = [], [], []
-        for start, end in ranges:
-            m = None if mask is None else (mask[..., start:end] if mask.shape[-1] > 1 else mask)
-            o_m, lse_m, kern = dense_lse_forward(q, k[:, :, start:end], v[:, :, start:end], m, scale, dropout_p, seed,
-                                                 key_range=(start, nk))
-            outs.append(o_m)
-            lses.append(lse_m.to(cdt))
-            kernels_used.append(kern)
-        c = values.to(cdt)
-        c = c.unsqueeze(1) if c.dim() == 3 else c.permute(0, 3, 1, 2)                       # [B, H|1, Q, M]
-        w = torch.softmax(torch.stack(lses, dim=-1) + c, dim=-1)                            # [B, H, Q, M]
-        w = torch.nan_to_num(w, nan=0.0)                                                    # fully masked rows
-        out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=cdt, device=q.device)
-        for i, o_m in enumerate(outs):
-            out += w[..., i:i + 1] * torch.nan_to_num(o_m.to(cdt))
-        out = out.to(q.dtype)
-        ctx.ranges, ctx.mask, ctx.scale, ctx.dropout_p, ctx.seed = ranges, mask, scale, dropout_p, seed
-        ctx.kernels, ctx.shared = kernels_used, values.dim() == 3
-        ctx.save_for_backward(q, k, v, out, w, *outs, *lses)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, w, *rest = ctx.saved_tensors
-        n = len(ctx.ranges)
-        outs, lses = rest[:n], rest[n:]
-        cdt = _compute_dtype(q.dtype)
-        nk = k.shape[2]
-        g = grad_out.to(cdt)
-        go = (g * out.to(cdt)).sum(-1)
-        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dc = []
-        for i, (start, end) in enumerate(ctx.ranges):
-            m = None if ctx.mask is None else (ctx.mask[..., start:end] if ctx.mask.shape[-1] > 1 else ctx.mask)
-            wi = w[..., i]
-            dq_m, dk[:, :, start:end], dv[:, :, start:end] = dense_lse_backward(
-                ctx.kernels[i], (wi.unsqueeze(-1) * g).to(q.dtype), q, k[:, :, start:end], v[:, :, start:end], out,
-                lses[i], m, ctx.scale,
-                ctx.dropout_p, ctx.seed, key_range=(start, nk))
-            dq += dq_m.to(cdt)
-            dc.append(wi * ((g * torch.nan_to_num(outs[i].to(cdt))).sum(-1) - go))          # [B, H, Q]
-        dc = torch.stack(dc, dim=-1)                                                        # [B, H, Q, M]
-        dvalues = dc.sum(1) if ctx.shared else dc.permute(0, 2, 3, 1)
-        return dq.to(q.dtype), dk, dv, dvalues, None, None, None, None, None
+    return choose_backend(q.device, q.dtype, q.shape[-1], backend, "correction")
 
 
 # ---------------------------------------------------------------------------------------------------

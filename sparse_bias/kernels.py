@@ -12,8 +12,9 @@ Implementations, in order of preference:
 * ``"cuda_flash"``: ``aten._scaled_dot_product_flash_attention`` (+ ``_backward``) for float16 / bfloat16
   without a mask; the head dim is zero-padded to a multiple of 8.
 * ``"cuda_efficient"``: ``aten._scaled_dot_product_efficient_attention`` (+ ``_backward``) otherwise (float32,
-  or with a mask); its LSE (padded to a multiple of 32 along queries in some releases) is sliced here.
-  Each CUDA kernel is compared once with the chunked kernel on a tiny problem before its first use.
+  or with a mask); its LSE (padded to a multiple of 32 along queries in some releases) is sliced.
+  The adapters of both CUDA ops are pure functions in :mod:`sparse_bias._private_ops` (tested on CPU against
+  an emulation); each CUDA kernel is compared once with the chunked kernel on a tiny problem before first use.
 * ``"chunked"``: pure PyTorch, in blocks of queries so that memory stays bounded; the only one that
   supports dropout (with the counter-based mask of :func:`dropout_keep`), and the fallback when a
   private op is missing or refuses the input.
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from . import _private_ops
 
 __all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "dropout_keep", "dropout_mask",
            "dropout_scale",
@@ -144,32 +147,12 @@ def _mask_for(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return None if mask is None else mask.to(dtype)
 
 
-def _aligned_bias(mask, q, k):  # pragma: no cover - exercised on GPU machines only
-    """The efficient kernel's attn_bias: last dim padded to a multiple of 16 in memory, broadcast by strides."""
-    if mask is None:
-        return None
-    nk = k.shape[2]
-    pad = (-nk) % 16
-    base = torch.zeros(mask.shape[:-1] + (nk + pad,), dtype=q.dtype, device=q.device)
-    base[..., :nk] = mask.to(q.dtype)
-    return base[..., :nk].expand(q.shape[0], q.shape[1], q.shape[2], nk)
-
-
-def _pad_dim(t, pad):
-    return torch.nn.functional.pad(t, (0, pad)) if pad else t
-
-
 def _run_forward(name, q, k, v, mask, scale):  # pragma: no cover - exercised on GPU machines only
-    nq, d = q.shape[2], q.shape[3]
     if name == "cuda_flash":
-        pad = (-d) % 8                                       # the flash kernel needs a head dim multiple of 8
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            _pad_dim(q, pad), _pad_dim(k, pad), _pad_dim(v, pad), 0.0, False, False, scale=scale)
-        out, lse, cum_q, cum_k, max_q, max_k, rng_state, unused = res[:8]
-        return out[..., :d], lse, KernelState(name, (pad, cum_q, cum_k, max_q, max_k, rng_state, unused))
-    out, lse, seed_t, offset_t = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, _aligned_bias(mask, q, k), True, 0.0, False, scale=scale)
-    return out, lse[..., :nq], KernelState(name, (lse, seed_t, offset_t))
+        out, lse, aux = _private_ops.flash_forward(torch.ops.aten, q, k, v, scale)
+    else:
+        out, lse, aux = _private_ops.efficient_forward(torch.ops.aten, q, k, v, mask, scale)
+    return out, lse, KernelState(name, aux)
 
 
 def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0,
@@ -219,20 +202,9 @@ def dense_lse_backward(state: KernelState, grad_out, q, k, v, out, lse, mask, sc
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_mask_for(mask, q.dtype), scale=scale)
     if name == "cuda_flash":  # pragma: no cover - exercised on GPU machines only
-        pad, cum_q, cum_k, max_q, max_k, rng_state, unused = state.aux
-        d = q.shape[-1]
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            _pad_dim(grad_out.contiguous(), pad), _pad_dim(q, pad), _pad_dim(k, pad), _pad_dim(v, pad),
-            _pad_dim(out.contiguous(), pad), lse, cum_q, cum_k, max_q, max_k, 0.0, False, rng_state, unused,
-            scale=scale)
-        return tuple(g[..., :d] for g in grads)
+        return _private_ops.flash_backward(torch.ops.aten, state.aux, grad_out, q, k, v, out, lse, scale)
     if name == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only
-        raw_lse, seed_t, offset_t = state.aux
-        bias = _aligned_bias(mask, q, k)
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            grad_out.contiguous(), q, k, v, bias, out.contiguous(), raw_lse, seed_t, offset_t, 0.0,
-            [True, True, True, False], False, scale=scale)
-        return dq, dk, dv
+        return _private_ops.efficient_backward(torch.ops.aten, state.aux, grad_out, q, k, v, out, mask, scale)
     return _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed, key_range)
 
 

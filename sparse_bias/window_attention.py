@@ -19,7 +19,8 @@ import torch
 
 from ._blocks import window_blocks
 from ._validation import additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias, draw_seed
-from .backends import BACKENDS, backend_candidates, get_backend
+from .backends import get_backend
+from .backends.choose import choose_backend
 from .bias import SparseBias
 from .kernels import compute_dtype, dropout_mask
 from .windows import WindowIndex
@@ -42,16 +43,7 @@ def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, 
         raise ValueError(f"backend must be one of {WINDOW_BACKENDS}, got {backend!r}")
     if backend == "dense":
         return "dense", "requested: the dense mask is materialised (the reference)"
-    if backend != "auto":
-        ok, why = BACKENDS[backend].can_run(q.device, q.dtype)
-        if not ok:
-            raise RuntimeError(f"backend {backend!r} cannot run here: {why}")
-        return backend, f"requested: {why}"
-    candidates = [c for c in backend_candidates(q.device, q.dtype) if c[0] in WINDOW_BACKENDS]
-    for name, ok, why in candidates:
-        if ok:
-            return name, f"auto on {q.device.type}/{q.dtype}: {why}"
-    raise RuntimeError("no window backend can run: " + "; ".join(f"{n}: {w}" for n, _, w in candidates))
+    return choose_backend(q.device, q.dtype, q.shape[-1], backend, "window")
 
 
 def _check_window(win, q, k):

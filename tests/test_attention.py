@@ -10,7 +10,7 @@ from helpers import (SMALL, assert_all_close, forward_and_grads, layouts, make_c
                      skip_missing, sparse_fn)
 
 import sparse_bias as sb
-from sparse_bias import attention as attention_mod
+from sparse_bias import _sparse_function as attention_mod
 from sparse_bias import kernels
 from sparse_bias.backends import gather
 

@@ -1,71 +1,161 @@
-"""The fused Triton kernels against the dense reference, forward and backward.
+"""The fused Triton kernels against the dense reference, forward and backward, in float32 / bfloat16 / float16.
 
 Without a GPU they run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors): the interpreter
 must be switched on before triton is imported, so ``test_kernels_under_the_interpreter`` runs this file
-again in a subprocess with the variable set. With CUDA the kernels run on the GPU directly.
+again in a subprocess with the variable set. With CUDA the kernels run on the GPU directly. Low-precision
+results are held to the float64 reference within twice the drift of the dense computation in the same dtype.
 """
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import sparse_bias as sb
+from sparse_bias.backends import choose
+from sparse_bias.backends import triton_backend
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
+
+from helpers import make_case, reference, sparse_fn
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVE = INTERPRETED or torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRETED else "cuda"
+active = pytest.mark.skipif(not ACTIVE, reason="runs in the interpreter subprocess of "
+                                                "test_kernels_under_the_interpreter (or on CUDA)")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="runs the interpreted checks in a subprocess")
 def test_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout
+    assert " passed" in res.stdout and " failed" not in res.stdout
 
 
-def case(per_head, masks, seed=0, dim=16):
-    from test_attention import make_case
-    layout = sb.KeyLayout(bev_shape=(6, 7), cam_shape=(2, 4, 5))
-    win, q, k, v, wb, wc = make_case(layout, batch=2, heads=2, queries=5, dim=dim, per_head=per_head, seed=seed,
-                                     bev_window=3, cam_window=3, dtype=torch.float32, device=DEVICE)
-    kwargs = {}
-    if masks:
-        kpm = torch.zeros(2, layout.num_keys, dtype=torch.bool, device=DEVICE)
-        kpm[0, 3:9] = True
-        kwargs["key_padding_mask"] = kpm
-    return win, q, k, v, wb.float(), wc.float(), kwargs
+LAYOUT = sb.KeyLayout(bev_shape=(6, 7), cam_shape=(2, 4, 5))
 
 
-@pytest.mark.skipif(not ACTIVE, reason="runs in the interpreter subprocess of test_kernels_under_the_interpreter (or on CUDA)")
-@pytest.mark.parametrize("dim", [16, 12])
+def case(per_head, dim=16, seed=0):
+    """A small case whose last query has no window and whose first query's camera window sits in the
+    bottom-right corner of the last view -- the end of the key range."""
+    win, q, k, v, wb, wc = make_case(LAYOUT, batch=2, heads=2, queries=5, dim=dim, per_head=per_head, seed=seed,
+                                     bev_window=3, cam_window=3)
+    bev = torch.tensor([[[1, 2], [5, 6], [0, 0], [3, 3], [-1, -1]]] * 2)
+    cam = torch.tensor([[[1, 3, 4], [0, 0, 0], [1, 2, 2], [-1, 0, 0], [-1, 0, 0]]] * 2)
+    win = sb.local_windows(LAYOUT, bev, cam, 3, 3)
+    assert int(win.key.max()) == LAYOUT.num_keys - 1 and int(win.counts()[0, -1]) == 0
+    return win.to(DEVICE), q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), wb.to(DEVICE), wc.to(DEVICE)
+
+
+def results(fn, dtype, win, q, k, v, wb, wc, grad, **kwargs):
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, wb, wc)]
+    out = fn(*leaves[:3], sb.window_bias(win, leaves[3], leaves[4]), **kwargs)
+    assert out.dtype == dtype
+    return [out.detach().double()] + [g.double() for g in torch.autograd.grad(out, leaves, grad.to(dtype))]
+
+
+def assert_within_drift(exact, naive, fast, dtype):
+    """Each result within twice the drift of the dense computation in the same dtype from the float64 one. The
+    drift of a tensor is at least one rounding step of its largest element (``eps * max|exact|``): a result
+    stored in ``dtype`` cannot be closer, and a lucky naive computation must not make the bar unreachable."""
+    eps = torch.finfo(dtype).eps
+    for name, e, n, f in zip(["out", "dq", "dk", "dv", "dwb", "dwc"], exact, naive, fast):
+        size = float(e.abs().max())
+        drift = max(float((n - e).abs().max()), eps * size)
+        err = float((f - e).abs().max())
+        assert err <= 2 * drift + 1e-5 * size, (name, err, drift)
+
+
+def padding():
+    kpm = torch.zeros(2, LAYOUT.num_keys, dtype=torch.bool, device=DEVICE)
+    kpm[0, 3:9] = True
+    kpm[1, -4:] = True                                   # padded keys at the end of the range
+    return kpm
+
+
+@active
+@pytest.mark.parametrize("dim", [16, 32, 64, 24])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_dense_reference(dtype, dim):
+    """Per-head bias, key padding: output and every gradient within twice the same-precision dense drift."""
+    win, q, k, v, wb, wc = case(per_head=True, dim=dim)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    kw = dict(key_padding_mask=padding())
+    exact = results(reference, torch.float64, win, q, k, v, wb, wc, grad, **kw)
+    naive = results(reference, dtype, win, q, k, v, wb, wc, grad, **kw)
+    fast = results(sparse_fn("triton"), dtype, win, q, k, v, wb, wc, grad, **kw)
+    assert_within_drift(exact, naive, fast, dtype)
+
+
+@active
 @pytest.mark.parametrize("masks", [False, True])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_triton_matches_dense_reference(per_head, masks, dim):
-    win, q, k, v, wb, wc, kwargs = case(per_head, masks, dim=dim)
-    grad = torch.randn_like(q)
-    results = []
-    for backend in ("triton", "dense"):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, wb, wc)]
-        out = sb.sparse_bias_attention(*leaves[:3], sb.window_bias(win, leaves[3], leaves[4]), backend=backend,
-                                       **kwargs)
-        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad)))
-    for a, b in zip(*results):                    # fp32 against the fp32 dense reference
+def test_triton_float32_shared_and_per_head(per_head, masks):
+    win, q, k, v, wb, wc = case(per_head=per_head, seed=2)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
+    kw = dict(key_padding_mask=padding()) if masks else {}
+    got = results(sparse_fn("triton"), torch.float32, win, q, k, v, wb, wc, grad, **kw)
+    want = results(reference, torch.float32, win, q, k, v, wb, wc, grad, **kw)
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.skipif(not ACTIVE, reason="runs in the interpreter subprocess of test_kernels_under_the_interpreter (or on CUDA)")
-def test_triton_dropout_matches_reference():
-    win, q, k, v, wb, wc, _ = case(True, False, seed=3)
-    bias = sb.window_bias(win, wb, wc)
+@active
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_dropout_matches_reference(dtype):
+    win, q, k, v, wb, wc = case(per_head=True, seed=3)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
     kw = dict(dropout_p=0.25, dropout_seed=11)
-    torch.testing.assert_close(sb.sparse_bias_attention(q, k, v, bias, backend="triton", **kw),
-                               sb.dense_bias_attention(q, k, v, bias.to_dense(), **kw), rtol=2e-5, atol=2e-6)
+    exact = results(reference, torch.float64, win, q, k, v, wb, wc, grad, **kw)
+    naive = results(reference, dtype, win, q, k, v, wb, wc, grad, **kw)
+    fast = results(sparse_fn("triton"), dtype, win, q, k, v, wb, wc, grad, **kw)
+    assert_within_drift(exact, naive, fast, dtype)
+
+
+@active
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_passes_its_self_check(dtype):
+    choose.reset_self_checks()
+    assert choose.self_check("triton", torch.device(DEVICE), dtype, 24) == (True, "matches the dense reference")
+
+
+class _Corrupted:
+    """A faulty forward kernel: runs the real one, then adds 1 to the output rows it wrote."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            args[11].add_(1.0)                          # OUT
+        return launch
+
+
+@active
+def test_faulty_triton_kernel_is_caught_and_skipped(monkeypatch):
+    kernels = triton_backend._kernels()
+    monkeypatch.setitem(kernels, "fwd", _Corrupted(kernels["fwd"]))
+    monkeypatch.setitem(sb.backends.AUTO_ORDER, DEVICE, ("triton", "sparse", "torch"))
+    choose.reset_self_checks()
+    win, q, k, v, wb, wc = case(per_head=True, seed=5)
+    q, k, v = q.float(), k.float(), v.float()
+    bias = sb.window_bias(win, wb.float(), wc.float())
+    with pytest.warns(RuntimeWarning, match="backend 'triton' disagrees with the dense reference"):
+        name, why = sb.select_backend(q, bias)
+    assert name == "sparse"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # the failure is remembered: no second check, no warning
+        assert sb.select_backend(q, bias, backend="triton")[0] == "sparse"
+        out = sb.sparse_bias_attention(q, k, v, bias, backend="triton")
+    torch.testing.assert_close(out, sb.dense_bias_attention(q, k, v, bias.to_dense()), rtol=2e-5, atol=2e-6)
+    choose.reset_self_checks()
 
 
 def test_triton_backend_reports_why_it_cannot_run():

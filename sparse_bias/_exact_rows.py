@@ -1,0 +1,62 @@
+"""The exact-row path of the correction: a dense evaluation of the few rows where it would cancel.
+
+Rows whose normaliser ``1 + S`` falls below :data:`EXACT_ROW_THRESHOLD` (a negative bias removes more than
+3/4 of the attention mass) are recomputed densely, one small block of rows at a time: there ``o_d + C`` and
+``1 + S`` cancel and would amplify rounding errors by about ``1 / (1 + S)``. Non-finite normalisers
+(overflowing biases) too. With AQR weights in [-1, 1] and scale 1 the normaliser stays above e^-1, so this
+path is rare.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import compute_dtype as _compute_dtype
+from .kernels import dropout_scale
+
+#: Rows whose normaliser ``1 + S`` falls below this are recomputed densely (see the module docstring).
+EXACT_ROW_THRESHOLD = 0.25
+
+#: Rows per block of the exact (dense) row path.
+EXACT_ROW_CHUNK = 16
+
+
+def flagged_rows(den: torch.Tensor) -> torch.Tensor:
+    """``[B, Q]`` bool: the rows of the normaliser ``den [B, H, Q]`` that take the exact path."""
+    return ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)
+
+
+
+
+def _rows_forward(qr, kb, vb, values, win, mask, scale, dropout_p, seed, b, rows):
+    """Dense biased attention of queries ``rows`` (sorted LongTensor) of batch element ``b``.
+
+    ``qr [H, R, D]`` are their queries, ``kb``, ``vb [H, K, D]`` the keys and values of ``b``. Returns
+    ``([H, R, D]`` in the compute dtype, the window entries of these rows``)``; differentiable.
+    """
+    cdt = _compute_dtype(qr.dtype)
+    heads, nk = qr.shape[0], kb.shape[1]
+    s = torch.matmul(qr.to(cdt), kb.to(cdt).transpose(-1, -2)) * scale                     # [H, R, K]
+    if mask is not None:
+        m = mask[b if mask.shape[0] > 1 else 0]
+        s = s + (m[:, rows] if m.shape[1] > 1 else m)
+    flat_rows = b * win.num_queries + rows
+    entries = torch.isin(win.row, flat_rows).nonzero().flatten()
+    local = torch.searchsorted(flat_rows, win.row[entries])
+    vals = values[entries].to(cdt)
+    vals = vals.t() if vals.dim() == 2 else vals.unsqueeze(0).expand(heads, -1)
+    s = s.index_put((torch.arange(heads, device=qr.device).unsqueeze(1), local.unsqueeze(0),
+                     win.key[entries].unsqueeze(0)), vals, accumulate=True)
+    p = torch.softmax(s, dim=-1)
+    if dropout_p > 0:
+        p = p * dropout_scale(seed, dropout_p, b, torch.arange(heads, device=qr.device).view(-1, 1, 1),
+                              rows.view(1, -1, 1), torch.arange(nk, device=qr.device), heads, win.num_queries, nk,
+                              cdt)
+    return torch.matmul(p, vb.to(cdt)), entries
+
+
+def _exact_rows(flagged: torch.Tensor):
+    """``(b, rows)`` blocks of the flagged ``[B, Q]`` rows."""
+    for b in range(flagged.shape[0]):
+        rows = flagged[b].nonzero().flatten()
+        for i in range(0, rows.numel(), EXACT_ROW_CHUNK):
+            yield b, rows[i:i + EXACT_ROW_CHUNK]

@@ -1,0 +1,67 @@
+"""The autograd Function of :func:`sparse_bias.sparse_bias_attention` for a :class:`~sparse_bias.ModalityBias`."""
+from __future__ import annotations
+
+import torch
+
+from .kernels import compute_dtype as _compute_dtype
+from .kernels import dense_lse_backward, dense_lse_forward
+
+
+class _ModalityBiasAttention(torch.autograd.Function):
+    """Exact attention with one bias per (query, modality) over all keys of the modality.
+
+    Per modality ``m`` (a key range): ``(o_m, L_m)`` from the dense kernel on its keys; with
+    ``z_m = L_m + c_m`` and ``w = softmax_m(z)``, ``o = sum_m w_m o_m``. Backward: the kernel's own backward
+    on each range with ``grad_out = w_m g`` and ``out = o`` (exact: ``ds_j = p_j w_m (<g, v_j> - <g, o>)``),
+    and ``dc_m = w_m (<g, o_m> - <g, o>)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, values, ranges, mask, scale, dropout_p, seed):
+        cdt = _compute_dtype(q.dtype)
+        nk = k.shape[2]
+        outs, lses, kernels_used = [], [], []
+        for start, end in ranges:
+            m = None if mask is None else (mask[..., start:end] if mask.shape[-1] > 1 else mask)
+            o_m, lse_m, kern = dense_lse_forward(q, k[:, :, start:end], v[:, :, start:end], m, scale, dropout_p, seed,
+                                                 key_range=(start, nk))
+            outs.append(o_m)
+            lses.append(lse_m.to(cdt))
+            kernels_used.append(kern)
+        c = values.to(cdt)
+        c = c.unsqueeze(1) if c.dim() == 3 else c.permute(0, 3, 1, 2)                       # [B, H|1, Q, M]
+        w = torch.softmax(torch.stack(lses, dim=-1) + c, dim=-1)                            # [B, H, Q, M]
+        w = torch.nan_to_num(w, nan=0.0)                                                    # fully masked rows
+        out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=cdt, device=q.device)
+        for i, o_m in enumerate(outs):
+            out += w[..., i:i + 1] * torch.nan_to_num(o_m.to(cdt))
+        out = out.to(q.dtype)
+        ctx.ranges, ctx.mask, ctx.scale, ctx.dropout_p, ctx.seed = ranges, mask, scale, dropout_p, seed
+        ctx.kernels, ctx.shared = kernels_used, values.dim() == 3
+        ctx.save_for_backward(q, k, v, out, w, *outs, *lses)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, w, *rest = ctx.saved_tensors
+        n = len(ctx.ranges)
+        outs, lses = rest[:n], rest[n:]
+        cdt = _compute_dtype(q.dtype)
+        nk = k.shape[2]
+        g = grad_out.to(cdt)
+        go = (g * out.to(cdt)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dc = []
+        for i, (start, end) in enumerate(ctx.ranges):
+            m = None if ctx.mask is None else (ctx.mask[..., start:end] if ctx.mask.shape[-1] > 1 else ctx.mask)
+            wi = w[..., i]
+            dq_m, dk[:, :, start:end], dv[:, :, start:end] = dense_lse_backward(
+                ctx.kernels[i], (wi.unsqueeze(-1) * g).to(q.dtype), q, k[:, :, start:end], v[:, :, start:end], out,
+                lses[i], m, ctx.scale,
+                ctx.dropout_p, ctx.seed, key_range=(start, nk))
+            dq += dq_m.to(cdt)
+            dc.append(wi * ((g * torch.nan_to_num(outs[i].to(cdt))).sum(-1) - go))          # [B, H, Q]
+        dc = torch.stack(dc, dim=-1)                                                        # [B, H, Q, M]
+        dvalues = dc.sum(1) if ctx.shared else dc.permute(0, 2, 3, 1)
+        return dq.to(q.dtype), dk, dv, dvalues, None, None, None, None, None

@@ -1,0 +1,197 @@
+"""Backend choice for the window terms, with a first-use self-check of every GPU path.
+
+:func:`choose_backend` walks :data:`~sparse_bias.backends.AUTO_ORDER` for the input's device and takes the
+first backend that can run there *and* passes its self-check. A self-check runs once per (operation, backend,
+device, dtype, head dim): a tiny problem with key padding, a per-head bias and one strongly negative window
+(the exact-row regime), computed by the candidate and by the dense reference in float64; output and every
+gradient (q, k, v, bias values) must agree to within four times the drift of a dense computation in the same
+dtype. On disagreement a ``RuntimeWarning`` names the backend and the next candidate is tried -- never a
+silent wrong result. An explicitly requested backend that fails its check falls back the same way.
+
+Which backends are checked is set by the environment variable ``SPARSE_BIAS_SELF_CHECK``: ``gpu`` (default:
+every backend on a non-CPU device, and the Triton kernels wherever they run, the interpreter included),
+``always`` (CPU backends too) or ``off``. :func:`self_check_results` lists what ran;
+:func:`reset_self_checks` forgets it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Tuple
+
+import torch
+
+from . import AUTO_ORDER, BACKENDS
+
+__all__ = ["choose_backend", "self_check", "self_check_results", "reset_self_checks", "SELF_CHECK_ENV",
+           "CORRECTION_BACKENDS", "WINDOW_BACKENDS"]
+
+SELF_CHECK_ENV = "SPARSE_BIAS_SELF_CHECK"
+_POLICIES = ("gpu", "always", "off")
+
+#: Backends of the sparse correction (:func:`sparse_bias.sparse_bias_attention`) and of
+#: :func:`sparse_bias.window_attention` (the Triton kernels have no window-attention form yet).
+CORRECTION_BACKENDS = ("fused", "sparse", "scatter", "torch", "triton")
+WINDOW_BACKENDS = ("fused", "sparse", "scatter", "torch")
+_KINDS = {"correction": CORRECTION_BACKENDS, "window": WINDOW_BACKENDS}
+
+#: (kind, backend, device, dtype, head dim) -> (passed, detail)
+_RESULTS: Dict[tuple, Tuple[bool, str]] = {}
+
+#: per dtype: the smallest tolerance (relative to the reference's largest magnitude) a check grants
+_FLOOR = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _policy() -> str:
+    value = os.environ.get(SELF_CHECK_ENV, "gpu").strip().lower()
+    if value not in _POLICIES:
+        raise ValueError(f"{SELF_CHECK_ENV} must be one of {_POLICIES}, got {value!r}")
+    return value
+
+
+def needs_self_check(name: str, device: torch.device) -> bool:
+    """Whether ``name`` on ``device`` is checked before first use under the current policy."""
+    policy = _policy()
+    if policy == "off":
+        return False
+    return policy == "always" or device.type != "cpu" or name == "triton"
+
+
+def _case(device, dtype, head_dim, kind):
+    """The tiny check problem: inputs in float64 on the CPU, and the call arguments."""
+    from ..bias import window_bias
+    from ..layout import KeyLayout
+    from ..windows import local_windows
+
+    gen = torch.Generator().manual_seed(1234)
+    layout = KeyLayout(bev_shape=(5, 6), cam_shape=(2, 3, 4))
+    batch, heads, nq, nk = 2, 2, 6, layout.num_keys
+    bev = torch.stack([torch.randint(0, 5, (batch, nq), generator=gen), torch.randint(0, 6, (batch, nq), generator=gen)], -1)
+    cam = torch.stack([torch.randint(0, 2, (batch, nq), generator=gen), torch.randint(0, 3, (batch, nq), generator=gen),
+                       torch.randint(0, 4, (batch, nq), generator=gen)], -1)
+    bev[1, 2] = -1                                                       # a query without a BEV window
+    win = local_windows(layout, bev, cam, 3, 3)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen, dtype=torch.float64) for n in (nq, nk, nk))
+    wb, wc = (2 * torch.rand(batch, nq, heads, generator=gen, dtype=torch.float64) - 1 for _ in range(2))
+    if kind == "correction":   # query 1 of batch 0 looks at its window keys; a strongly negative window there
+        keys = win.key[int(win.indptr[1]):int(win.indptr[2])]            # removes most of its mass: exact rows
+        q[0, :, 1] = 12 * k[0, :, keys].mean(1)
+        wb[0, 1] = wc[0, 1] = -4.0
+    values = window_bias(win, wb, wc, scale=1.5).values.detach()                                # [nnz, H]
+    kpm = torch.zeros(batch, nk, dtype=torch.bool)
+    kpm[1, -7:] = True                                                   # padded keys at the end of the range
+    grad = torch.randn(batch, heads, nq, head_dim, generator=gen, dtype=torch.float64)
+    return win, (q, k, v, values), kpm, grad
+
+
+def _run(kind, backend, leaves, win, kpm, device, dtype):
+    """Output and gradients of one evaluation; ``backend`` None = the dense reference."""
+    from .._validation import additive_mask
+    from ..bias import SparseBias
+
+    q, k, v, values = (t.to(device, dtype).requires_grad_() for t in leaves)
+    win = win.to(device)
+    kpm = kpm.to(device)
+    scale = q.shape[-1] ** -0.5
+    mask = additive_mask(q, k, kpm, None)
+    if kind == "correction":
+        if backend is None:
+            from ..attention import dense_bias_attention
+            out = dense_bias_attention(q, k, v, SparseBias(win, values).to_dense(), key_padding_mask=kpm)
+        else:
+            from .._sparse_function import _SparseBiasAttention
+            out = _SparseBiasAttention.apply(q, k, v, values, win, mask, scale, backend, 0.0, 0)
+    else:
+        from ..window_attention import _WindowAttention, _dense_window_attention
+        if backend is None:
+            out = _dense_window_attention(q, k, v, win, SparseBias(win, values), mask, 0.0, scale, 0)
+        else:
+            out = _WindowAttention.apply(q, k, v, values, win, mask, scale, backend, 0.0, 0)
+    return out, (q, k, v, values)
+
+
+def _errors(kind, backend, case, device, dtype):
+    win, leaves, kpm, grad = case
+    out, inputs = _run(kind, backend, leaves, win, kpm, device, dtype)
+    res = [out] + list(torch.autograd.grad(out, inputs, grad.to(device, dtype)))
+    return [t.detach().double().cpu() for t in res]
+
+
+def _run_self_check(kind, name, device, dtype, head_dim) -> Tuple[bool, str]:
+    case = _case(device, dtype, head_dim, kind)
+    ref = _errors(kind, None, case, torch.device("cpu"), torch.float64)
+    same = _errors(kind, None, case, device, dtype)                   # the dense computation in this dtype
+    try:
+        got = _errors(kind, BACKENDS[name], case, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails to run fails its check
+        return False, f"it raised {type(exc).__name__}: {exc}"
+    labels = ("output", "grad q", "grad k", "grad v", "grad bias")
+    for label, g, s, r in zip(labels, got, same, ref):
+        size = max(float(r.abs().max()), 1e-12)
+        err = float((g - r).abs().max()) / size
+        tol = max(4 * float((s - r).abs().max()) / size, _FLOOR.get(dtype, 1e-5))
+        if not err <= tol:                                                # NaN fails too
+            return False, f"{label}: relative error {err:.2e} > tolerance {tol:.2e}"
+    return True, "matches the dense reference"
+
+
+def self_check(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+               kind: str = "correction") -> Tuple[bool, str]:
+    """Run (once) and return the self-check of backend ``name`` for ``kind`` (``"correction"`` or ``"window"``)
+    on ``device`` / ``dtype`` / ``head_dim``: ``(passed, detail)``. Warns on failure."""
+    device = torch.device(device)
+    key = (kind, name, str(device), dtype, int(head_dim))
+    if key not in _RESULTS:
+        with torch.enable_grad():
+            _RESULTS[key] = _run_self_check(kind, name, device, dtype, int(head_dim))
+        if not _RESULTS[key][0]:
+            warnings.warn(f"sparse_bias: backend {name!r} disagrees with the dense reference on {device} / {dtype} / "
+                          f"head dim {head_dim} ({kind}; {_RESULTS[key][1]}); it is not used -- please report "
+                          "this with the output of `python -m sparse_bias.selftest`", RuntimeWarning, stacklevel=3)
+    return _RESULTS[key]
+
+
+def self_check_results() -> Dict[tuple, Tuple[bool, str]]:
+    """The self-checks run so far: ``{(kind, backend, device, dtype, head dim): (passed, detail)}``."""
+    return dict(_RESULTS)
+
+
+def reset_self_checks() -> None:
+    """Forget every self-check result (they run again on next use)."""
+    _RESULTS.clear()
+
+
+def _passes(name, device, dtype, head_dim, kind) -> bool:
+    return not needs_self_check(name, device) or self_check(name, device, dtype, head_dim, kind)[0]
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requested: str = "auto",
+                   kind: str = "correction") -> Tuple[str, str]:
+    """The backend for the window terms and why: ``(name, reason)``.
+
+    Args:
+        device, dtype, head_dim: those of ``q [B, H, Q, D]``.
+        requested: a backend name or ``"auto"`` (``"dense"`` is handled by the callers).
+        kind: ``"correction"`` (:func:`sparse_bias.sparse_bias_attention`) or ``"window"``
+            (:func:`sparse_bias.window_attention`).
+
+    Raises:
+        RuntimeError: a requested backend that cannot run here, or no backend that can.
+    """
+    allowed = _KINDS[kind]
+    order = [n for n in AUTO_ORDER.get(device.type, ("scatter", "torch", "sparse")) if n in allowed]
+    candidates = [(n,) + BACKENDS[n].can_run(device, dtype) for n in order]
+    note = ""
+    if requested != "auto":
+        ok, why = BACKENDS[requested].can_run(device, dtype)
+        if not ok:
+            raise RuntimeError(f"backend {requested!r} cannot run here: {why}")
+        if _passes(requested, device, dtype, head_dim, kind):
+            return requested, f"requested: {why}"
+        note = f" (requested {requested!r} failed its self-check)"
+    for name, ok, why in candidates:
+        if ok and name != requested and _passes(name, device, dtype, head_dim, kind):
+            skipped = "; ".join(f"{n}: {w}" for n, o, w in candidates if not o)
+            return name, f"auto on {device.type}/{dtype}: {why}" + (f" (skipped {skipped})" if skipped else "") + note
+    raise RuntimeError(f"no {kind} backend can run on {device} / {dtype}: "
+                       + "; ".join(f"{n}: {w}" for n, _, w in candidates) + note)
