@@ -25,37 +25,10 @@ if "--dry-run" in sys.argv:          # the Triton kernels run under the interpre
 import torch  # noqa: E402
 
 import sparse_bias as sb  # noqa: E402
+from sparse_bias.flex import flex_score_mod  # noqa: E402
 from sparse_bias.synthetic import synthetic_scene  # noqa: E402
 
 BACKENDS = ("triton", "scatter", "torch", "sparse")
-
-
-def flex_score_mod(layout, win_args, lidar_w, camera_w):
-    """A FlexAttention ``score_mod`` adding the flat window bias, computed from the window centres on the fly."""
-    bev_pos, cam_pos, bev_window, cam_window = win_args
-    hb, wb = layout.bev_shape
-    _, hc, wc = layout.cam_shape
-    rb, rc = bev_window // 2, cam_window // 2
-    per_view = hc * wc
-    nb = layout.num_bev_keys
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        is_cam = kv_idx >= nb
-        local = torch.where(is_cam, kv_idx - nb, kv_idx)
-        view = torch.where(is_cam, local // per_view, -1)
-        in_view = local % per_view
-        row = torch.where(is_cam, in_view // wc, local // wb)
-        col = torch.where(is_cam, in_view % wc, local % wb)
-        br, bc = bev_pos[b, q_idx, 0], bev_pos[b, q_idx, 1]
-        in_bev = (~is_cam) & (br >= 0) & ((row - br).abs() <= rb) & ((col - bc).abs() <= rb)
-        bias = torch.where(in_bev, lidar_w[b, q_idx], 0.0)
-        for m in range(cam_pos.shape[2]):
-            cv, cr, cc = cam_pos[b, q_idx, m, 0], cam_pos[b, q_idx, m, 1], cam_pos[b, q_idx, m, 2]
-            hit = is_cam & (view == cv) & ((row - cr).abs() <= rc) & ((col - cc).abs() <= rc)
-            bias = bias + torch.where(hit, camera_w[b, q_idx], 0.0)
-        return score + bias
-
-    return score_mod
 
 
 def make_inputs(cfg, queries, windows, dtype, device):
@@ -78,7 +51,7 @@ def variant_fn(name, scene, win, windows, q, k, v, lw, cw, flex):
     if name == "flex":
         if q.device.type == "cpu":                 # FlexAttention has no CPU backward: forward on detached inputs
             q, k, v, lw, cw = (t.detach() for t in (q, k, v, lw, cw))
-        mod = flex_score_mod(scene.layout, (scene.bev_pos, scene.cam_pos, *windows), lw, cw)
+        mod = flex_score_mod(scene.layout, scene.bev_pos, scene.cam_pos, *windows, lw, cw)
         return lambda: flex(q, k, v, score_mod=mod)
     backend = name.split("-", 1)[1]
     return lambda: sb.sparse_bias_attention(q, k, v, sb.window_bias(win, lw, cw), backend=backend)
@@ -109,7 +82,7 @@ def timed(fn, backward, leaves, device, repeats):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-            peak = float("nan")
+            peak = None                                               # no allocator statistics on CPU
     return statistics.median(times), peak
 
 
@@ -171,8 +144,8 @@ def main(argv=None):
         for r in point:
             r["x_sdpa"] = r["time_ms"] / base[r["pass_"]]
             err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
-            print(f"{r['variant']:16s} {r['pass_']:8s} {r['time_ms']:10.2f} {r['x_sdpa']:7.2f} "
-                  f"{r['peak_mib']:11.1f} {err:>8s}")
+            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+            print(f"{r['variant']:16s} {r['pass_']:8s} {r['time_ms']:10.2f} {r['x_sdpa']:7.2f} {peak:>11s} {err:>8s}")
         rows += point
     if args.json:
         with open(args.json, "w") as f:

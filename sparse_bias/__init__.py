@@ -10,6 +10,7 @@ from .bias import ModalityBias, SparseBias, window_bias
 from .config import build_attention_bias
 from .layout import KeyLayout
 from .projection import project_points
+from .selftest import selftest
 from .window_attention import select_window_backend, window_attention
 from .windows import WindowIndex, local_windows
 
@@ -33,6 +34,7 @@ __all__ = [
     "torch_scatter_available",
     "extension_available",
     "build_attention_bias",
+    "selftest",
     "nn",
     "__version__",
 ]

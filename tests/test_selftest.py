@@ -1,0 +1,66 @@
+"""`python -m sparse_bias.selftest` in its quick CPU mode, end to end, and its failure exit status."""
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparse_bias as sb
+from sparse_bias.backends import BACKENDS
+
+selftest_mod = importlib.import_module("sparse_bias.selftest")
+
+
+def test_quick_cpu_selftest_end_to_end(tmp_path):
+    path = tmp_path / "report.json"
+    res = subprocess.run([sys.executable, "-m", "sparse_bias.selftest", "--quick", "--device", "cpu", "--json",
+                          str(path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    checks = [line for line in lines if line.startswith(("PASS", "FAIL"))]
+    report = json.loads(path.read_text())
+    assert report["passed"] and len(checks) == len(report["checks"]) > 0
+    assert {c["dtype"] for c in report["checks"]} == {"float32", "bfloat16", "float16"}
+    assert {c["op"] for c in report["checks"]} == {"correction", "window"}
+    cases = {c["case"] for c in report["checks"]}
+    assert {"per-head bias", "key padding", "dropout", "window + dropout"} <= cases
+    assert {"sdpa", "sparse-auto", "dense-bias", "flex"} <= {r["variant"] for r in report["timing"]}
+    assert "nan" not in res.stdout and "result: PASS" in res.stdout
+    assert "\r" not in res.stderr                        # progress bars stay off when stderr is not a terminal
+
+
+def test_a_failing_backend_fails_the_selftest(monkeypatch, capsys):
+    original = BACKENDS["torch"].forward_block
+
+    def faulty(*args):
+        original(*args)
+        args[-2].mul_(1.01)
+    monkeypatch.setattr(BACKENDS["torch"], "forward_block", faulty)
+    assert selftest_mod.main(["--quick", "--no-timing", "--dtypes", "float32", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert fails and all(" torch " in line and "correction" in line for line in fails)
+    assert "result: FAIL" in out
+
+
+def test_function_form_returns_the_report():
+    report = sb.selftest("cpu", ["float32"], quick=True, timing=False, log=lambda line: None, progress=False)
+    assert report["passed"] and report["timing"] == []
+
+
+@pytest.mark.parametrize("argv, message", [(["--dtypes", "float8"], "invalid choice"),
+                                           (["--device", "gpu7"], "not a device"),
+                                           (["--layout", "huge"], "invalid choice")])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        selftest_mod.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        selftest_mod.main(["--device", "cuda:0"])
+    assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
