@@ -29,9 +29,9 @@ $(VENV)/.scatter: $(VENV)/.torch
 	touch $@
 
 # The package, and its fused CPU kernels (sparse_bias._C) compiled against the installed torch, as torch-scatter
-# is (no build isolation, so torch is importable; about 30 s on 2 cores). A failed compile leaves the pure-PyTorch
+# is (no build isolation, so torch is importable; about 40 s on 2 cores). A failed compile leaves the pure-PyTorch
 # backends in charge (setup.py warns).
-$(VENV)/.package: $(VENV)/.scatter setup.cfg setup.py pyproject.toml sparse_bias/csrc/window_terms.cpp
+$(VENV)/.package: $(VENV)/.scatter setup.cfg setup.py pyproject.toml $(wildcard sparse_bias/csrc/*)
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev,triton]"
 	touch $@
 

@@ -28,10 +28,11 @@ if os.environ.get("SPARSE_BIAS_NO_EXT") != "1":
                                   "backends are used instead")
 
         ext_modules = [CppExtension(
-            "sparse_bias._C", ["sparse_bias/csrc/window_terms.cpp"],
+            "sparse_bias._C", ["sparse_bias/csrc/window_terms.cpp", "sparse_bias/csrc/dense_dropout.cpp"],
             # fast-math for libmvec's vectorised exp, but IEEE infinities kept (masked scores are -inf)
             extra_compile_args=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
             extra_link_args=["-fopenmp", "-lmvec"])]
-        cmdclass = {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}
+        # ninja (when on PATH) compiles the kernel files side by side; without it torch falls back to one at a time
+        cmdclass = {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

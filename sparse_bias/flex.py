@@ -21,8 +21,10 @@ def flex_score_mod(layout: KeyLayout, bev_pos: torch.Tensor, cam_pos: torch.Tens
         layout: the :class:`~sparse_bias.KeyLayout` (BEV grid and camera views both present).
         bev_pos: LongTensor ``[B, Q, 2]`` of BEV window centres (row < 0 = none).
         cam_pos: LongTensor ``[B, Q, M, 3]`` of camera window centres ``(view, row, col)`` (view < 0 = none).
-        bev_window, cam_window: odd window sizes.
-        bev_weight, cam_weight: ``[B, Q]`` weights.
+        bev_window: odd BEV window size.
+        cam_window: odd camera window size.
+        bev_weight: ``[B, Q]`` weight on the BEV window.
+        cam_weight: ``[B, Q]`` weight on the camera windows.
 
     Returns:
         ``score_mod`` for ``flex_attention(q, k, v, score_mod=...)``; the result equals

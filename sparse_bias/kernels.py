@@ -15,9 +15,12 @@ Implementations, in order of preference:
   or with a mask); its LSE (padded to a multiple of 32 along queries in some releases) is sliced.
   The adapters of both CUDA ops are pure functions in :mod:`sparse_bias._private_ops` (tested on CPU against
   an emulation); each CUDA kernel is compared once with the chunked kernel on a tiny problem before first use.
-* ``"chunked"``: pure PyTorch, in blocks of queries so that memory stays bounded; the only one that
-  supports dropout (with the counter-based mask of :func:`dropout_keep`), and the fallback when a
-  private op is missing or refuses the input.
+* ``"cpu_dropout"``: with attention dropout on the CPU, the compiled flash-style kernel of
+  ``sparse_bias/csrc/dense_dropout.cpp`` (online softmax over key blocks, the counter-hash keep decision of
+  :func:`dropout_keep` computed inside the block loop, never stored; deterministic backward).
+* ``"chunked"``: pure PyTorch, in blocks of queries so that memory stays bounded; supports dropout (with the
+  same counter-based mask), and is the fallback when a private op or the compiled kernels are missing or
+  refuse the input.
 """
 from __future__ import annotations
 
@@ -78,6 +81,11 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     return dropout_keep(seed, torch.arange(numel, device=device), p).view(*shape)
 
 
+def _seed64(seed: int) -> int:
+    """The dropout seed as the compiled kernels take it (an int64 holding its low 63 bits, as the fused backend)."""
+    return int(seed) & 0x7FFFFFFFFFFFFFFF
+
+
 def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
@@ -94,9 +102,17 @@ class KernelState:
 _VERIFIED: Dict[tuple, bool] = {}
 
 
+def _compiled():
+    """The compiled CPU kernels (``sparse_bias._C``) when built and enabled, else None."""
+    from .backends.fused import _extension
+    return _extension()[0]
+
+
 def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0, masked: bool = False) -> str:
     """Which implementation :func:`dense_lse_forward` uses for ``q`` (see the module docstring)."""
     if dropout_p > 0:
+        if q.device.type == "cpu" and _compiled() is not None:
+            return "cpu_dropout"
         return "chunked"
     if q.device.type == "cpu" and _has_op("_scaled_dot_product_flash_attention_for_cpu"):
         return "cpu_flash"
@@ -176,6 +192,10 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
         ``state`` to :func:`dense_lse_backward`.
     """
     name = dense_kernel_name(q, dropout_p, masked=mask is not None)
+    if name == "cpu_dropout":
+        offset, total = key_range or (0, k.shape[2])
+        out, lse = _compiled().dense_forward(q, k, v, mask, scale, dropout_p, _seed64(seed), offset, total)
+        return out, lse, KernelState(name)
     if name == "cpu_flash":
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -198,6 +218,10 @@ def dense_lse_backward(state: KernelState, grad_out, q, k, v, out, lse, mask, sc
     """Backward of :func:`dense_lse_forward` with its ``state``; ``out`` may be any output tensor (it enters
     only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype."""
     name = state.name
+    if name == "cpu_dropout":
+        offset, total = key_range or (0, k.shape[2])
+        return _compiled().dense_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, _seed64(seed), offset,
+                                          total)
     if name == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_mask_for(mask, q.dtype), scale=scale)

@@ -253,7 +253,9 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
         dtypes: names of the dtypes to check (``"float32"``, ``"bfloat16"``, ``"float16"``).
         quick: small sizes everywhere (timing at 32 queries on the ``small`` layout, one repeat).
         timing: also run the timing table.
-        queries, window, layout: the timing problem (``layout`` ``"fusion"`` or ``"small"``).
+        queries: queries of the timing problem.
+        window: BEV and camera window size of the timing problem.
+        layout: key layout of the timing problem, ``"fusion"`` or ``"small"``.
         timing_dtype: the dtype of the timing problem.
         repeats: timing repeats (median).
         json_path: also write the report there.

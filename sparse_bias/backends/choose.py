@@ -170,7 +170,9 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
     """The backend for the window terms and why: ``(name, reason)``.
 
     Args:
-        device, dtype, head_dim: those of ``q [B, H, Q, D]``.
+        device: q's device.
+        dtype: q's dtype.
+        head_dim: ``D`` of ``q [B, H, Q, D]``.
         requested: a backend name or ``"auto"`` (``"dense"`` is handled by the callers).
         kind: ``"correction"`` (:func:`sparse_bias.sparse_bias_attention`) or ``"window"``
             (:func:`sparse_bias.window_attention`).

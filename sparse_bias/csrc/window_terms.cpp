@@ -17,23 +17,16 @@
 #include <limits>
 #include <vector>
 
+#include "dense_dropout.h"
+#include "dropout_hash.h"
+#include "vec_math.h"
+
 namespace {
 
 constexpr int64_t kMaxHeadDim = 512;
 
-// The counter-based dropout hash of sparse_bias.kernels.dropout_keep, bit for bit.
-inline uint64_t hash32(uint64_t x) {
-  x = (((x >> 16) ^ x) * 0x45D9F3BULL) & 0xFFFFFFFFULL;
-  x = (((x >> 16) ^ x) * 0x45D9F3BULL) & 0xFFFFFFFFULL;
-  return (x >> 16) ^ x;
-}
-
-inline bool keep_entry(uint64_t seed, uint64_t flat, double p) {
-  uint64_t h = hash32((flat & 0xFFFFFFFFULL) ^ (seed & 0xFFFFFFFFULL));
-  h = hash32(h ^ (flat >> 32) ^ ((seed >> 32) & 0xFFFFFFFFULL));
-  const float uniform = static_cast<float>(h & 0xFFFFFF) * (1.0f / 16777216.0f);
-  return uniform >= static_cast<float>(p);
-}
+using sparse_bias::keep_entry;
+using sparse_bias::vexp;
 
 // A [B, H, N, D] tensor (last dim contiguous) read at (b, h, n).
 template <typename T>
@@ -111,7 +104,7 @@ inline void row_probs(const acc_t* qv, const Rows<T>& K, const Mask<acc_t>& M, c
   }
   const int64_t n = e1 - e0;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) buf[i] = std::exp(buf[i]);
+  for (int64_t i = 0; i < n; ++i) buf[i] = vexp(buf[i]);
 }
 
 // keep_e / (1 - p) of one (row, head) into keep[0 .. e1 - e0); false when there is no dropout.
@@ -262,7 +255,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         if (has_sb) s[i] += sbt[(t0 + i) * sbh + (sbh > 1 ? hi : 0)];
       }
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) s[i] = std::exp(s[i]);                                // p
+      for (int64_t i = 0; i < n; ++i) s[i] = vexp(s[i]);                                // p
       for (int64_t i = 0; i < d; ++i) { acck[i] = 0; accv[i] = 0; }
       const acc_t* ebk = ebt + t0 * hb + (hb > 1 ? hi : 0);
       for (int64_t i = 0; i < n; ++i) {
@@ -327,7 +320,7 @@ void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       acc_t l = 0;
 #pragma omp simd reduction(+ : l)
       for (int64_t i = 0; i < n; ++i) {
-        buf[i] = std::exp(buf[i] - m);
+        buf[i] = vexp(buf[i] - m);
         l += buf[i];
       }
       lse_p[hi * c.nq + r] = m + std::log(l);
@@ -431,9 +424,11 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sparse_bias fused CPU kernels for the window terms of the exact correction";
+  m.doc() = "sparse_bias fused CPU kernels: the window terms of the exact correction, and the dense pass with dropout";
   m.def("window_forward", &window_forward, "window terms of the forward (one batch element, a block of heads)");
   m.def("window_backward", &window_backward, "window terms of the backward (one batch element, a block of heads); "
         "with window=True the backward of window attention");
   m.def("attention_forward", &attention_forward, "window attention forward (one batch element, a block of heads)");
+  m.def("dense_forward", &sparse_bias::dense_forward, "flash-style dense attention with counter-hash dropout: (out, lse)");
+  m.def("dense_backward", &sparse_bias::dense_backward, "backward of dense_forward: (dq, dk, dv)");
 }
