@@ -18,6 +18,8 @@ Implementations, in order of preference:
 * ``"cpu_dropout"``: with attention dropout on the CPU, the compiled flash-style kernel of
   ``sparse_bias/csrc/dense_dropout.cpp`` (online softmax over key blocks, the counter-hash keep decision of
   :func:`dropout_keep` computed inside the block loop, never stored; deterministic backward).
+* ``"triton_dropout"``: with attention dropout on CUDA, the Triton kernels of :mod:`sparse_bias.triton_dense`
+  (the same decisions, computed in registers), after a one-off check against the chunked kernel.
 * ``"chunked"``: pure PyTorch, in blocks of queries so that memory stays bounded; supports dropout (with the
   same counter-based mask), and is the fallback when a private op or the compiled kernels are missing or
   refuse the input.
@@ -33,7 +35,7 @@ import torch
 
 from . import _private_ops
 
-__all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "dropout_keep", "dropout_mask",
+__all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "dropout_keep", "seed_keys", "dropout_mask",
            "dropout_scale",
            "KernelState", "compute_dtype"]
 
@@ -44,10 +46,18 @@ _M32 = 0xFFFFFFFF
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer on int64 tensors holding values < 2^32 (products stay below 2^63)."""
+    """A 32-bit integer mixer on int64 tensors (or Python ints) holding values < 2^32 (products stay below 2^63)."""
     x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
     return (x >> 16) ^ x
+
+
+def seed_keys(seed: int) -> Tuple[int, int]:
+    """The two 32-bit keys of a dropout seed: its low and high halves, each mixed by :func:`_hash32`, so that
+    seeds differing in a few bits give unrelated masks (raw seeds XORed into the index would give masks that
+    are permutations of each other)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return int(_hash32((seed & _M32) ^ 0x9E3779B9)), int(_hash32((seed >> 32) ^ 0x7F4A7C15))
 
 
 def dropout_keep(seed: int, flat_index: torch.Tensor, p: float) -> torch.Tensor:
@@ -55,11 +65,14 @@ def dropout_keep(seed: int, flat_index: torch.Tensor, p: float) -> torch.Tensor:
 
     ``flat_index`` is the position of a score in the ``[B, H, Q, K]`` score tensor (row-major). The
     same entry always gets the same decision, so the dense pass, the window correction and the
-    backward all see one consistent mask without storing it. Keep probability ``1 - p``.
+    backward all see one consistent mask without storing it. Keep probability ``1 - p``:
+    ``hash(hash(lo ^ k_lo) ^ hi ^ k_hi)``, with ``lo`` / ``hi`` the halves of the index and ``k_lo`` / ``k_hi``
+    the keys of :func:`seed_keys`; kept when its low 24 bits, as a uniform in [0, 1), are ``>= p``.
     """
+    k_lo, k_hi = seed_keys(seed)
     x = flat_index.long()
-    h = _hash32((x & _M32) ^ (seed & _M32))
-    h = _hash32(h ^ (x >> 32) ^ ((seed >> 32) & _M32))
+    h = _hash32((x & _M32) ^ k_lo)
+    h = _hash32(h ^ (x >> 32) ^ k_hi)
     uniform = (h & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
     return uniform >= p
 
@@ -113,6 +126,9 @@ def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0, masked: bool = Fa
     if dropout_p > 0:
         if q.device.type == "cpu" and _compiled() is not None:
             return "cpu_dropout"
+        if q.device.type == "cuda" and q.dtype in _HALF_AND_FLOAT and _triton_available() and \
+                _verified("triton_dropout", q):  # pragma: no cover - exercised on GPU machines only
+            return "triton_dropout"
         return "chunked"
     if q.device.type == "cpu" and _has_op("_scaled_dot_product_flash_attention_for_cpu"):
         return "cpu_flash"
@@ -127,14 +143,23 @@ def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0, masked: bool = Fa
     return "chunked"
 
 
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_available() -> bool:
+    from .triton_dense import TRITON_AVAILABLE
+    return TRITON_AVAILABLE
+
+
 _CUDA_OPS = {"cuda_flash": "_scaled_dot_product_flash_attention",
              "cuda_efficient": "_scaled_dot_product_efficient_attention"}
 
 
-def _verified(name: str, q: torch.Tensor) -> bool:  # pragma: no cover - exercised on GPU machines only
-    """Run a private CUDA kernel once per (device, dtype, head dim) on a tiny problem and compare its output,
-    log-sum-exp and gradients with the chunked kernel, so that a PyTorch release that changes a private
-    op's conventions falls back to the slow-but-right path instead of giving wrong results."""
+def _verified(name: str, q: torch.Tensor) -> bool:
+    """Run a GPU dense kernel once per (device, dtype, head dim) on a tiny problem and compare its output,
+    log-sum-exp and gradients with the chunked kernel (with dropout for ``"triton_dropout"``), so that a PyTorch
+    release that changes a private op's conventions, or a Triton miscompile, falls back to the slow-but-right
+    path instead of giving wrong results."""
     key = (name, str(q.device), q.dtype, q.shape[-1])
     if key not in _VERIFIED:
         gen = torch.Generator(device=q.device).manual_seed(0)
@@ -142,19 +167,20 @@ def _verified(name: str, q: torch.Tensor) -> bool:  # pragma: no cover - exercis
         tq, tk, tv = (torch.randn(shape, generator=gen, device=q.device).to(q.dtype) for _ in range(3))
         g = torch.randn(shape, generator=gen, device=q.device).to(q.dtype)
         tol = 1e-3 if q.dtype == torch.float32 else 3e-2
+        p, seed = (0.2, 5) if name == "triton_dropout" else (0.0, 0)
         try:
-            out, lse, state = _run_forward(name, tq, tk, tv, None, 0.3)
-            ref_out, ref_lse = _chunked_forward(tq, tk, tv, None, 0.3, 0.0, 0)
-            grads = dense_lse_backward(state, g, tq, tk, tv, out, lse, None, 0.3)
-            ref = _chunked_backward(g, tq, tk, tv, out, lse.float(), None, 0.3, 0.0, 0)
+            out, lse, state = _run_forward(name, tq, tk, tv, None, 0.3, p, seed)
+            ref_out, ref_lse = _chunked_forward(tq, tk, tv, None, 0.3, p, seed)
+            grads = dense_lse_backward(state, g, tq, tk, tv, out, lse, None, 0.3, p, seed)
+            ref = _chunked_backward(g, tq, tk, tv, out, lse.float(), None, 0.3, p, seed)
             ok = bool(torch.allclose(out.float(), ref_out.float(), atol=tol, rtol=tol)
                       and torch.allclose(lse.float(), ref_lse.float(), atol=tol, rtol=tol)
                       and all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(grads, ref)))
-        except RuntimeError:
+        except Exception:  # noqa: BLE001 - a kernel that fails to run fails its check
             ok = False
         if not ok:
-            warnings.warn(f"sparse_bias: the CUDA kernel {name} disagrees with the reference for {key[2:]}; "
-                          "using the chunked PyTorch kernel instead")
+            warnings.warn(f"sparse_bias: the dense kernel {name} disagrees with the reference for {key[1:]}; "
+                          "using the chunked PyTorch kernel instead", RuntimeWarning)
         _VERIFIED[key] = ok
     return _VERIFIED[key]
 
@@ -163,10 +189,15 @@ def _mask_for(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return None if mask is None else mask.to(dtype)
 
 
-def _run_forward(name, q, k, v, mask, scale):  # pragma: no cover - exercised on GPU machines only
-    if name == "cuda_flash":
+def _run_forward(name, q, k, v, mask, scale, dropout_p=0.0, seed=0, key_range=None):
+    """A GPU dense kernel's ``(out, lse, state)``."""
+    if name == "triton_dropout":
+        from . import triton_dense
+        out, lse = triton_dense.dense_forward(q, k, v, mask, scale, dropout_p, seed, key_range)
+        return out, lse, KernelState(name)
+    if name == "cuda_flash":  # pragma: no cover - exercised on GPU machines only
         out, lse, aux = _private_ops.flash_forward(torch.ops.aten, q, k, v, scale)
-    else:
+    else:  # pragma: no cover - exercised on GPU machines only
         out, lse, aux = _private_ops.efficient_forward(torch.ops.aten, q, k, v, mask, scale)
     return out, lse, KernelState(name, aux)
 
@@ -203,10 +234,10 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
             return out, lse, KernelState(name)
         except RuntimeError:  # pragma: no cover - an input the private op refuses
             pass
-    elif name != "chunked":  # pragma: no cover - exercised on GPU machines only
+    elif name != "chunked":
         try:
-            return _run_forward(name, q, k, v, mask, scale)
-        except RuntimeError:
+            return _run_forward(name, q, k, v, mask, scale, dropout_p, seed, key_range)
+        except RuntimeError:  # pragma: no cover - an input the kernel refuses
             pass
     out, lse = _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range)
     return out, lse, KernelState("chunked")
@@ -225,6 +256,9 @@ def dense_lse_backward(state: KernelState, grad_out, q, k, v, out, lse, mask, sc
     if name == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_mask_for(mask, q.dtype), scale=scale)
+    if name == "triton_dropout":
+        from . import triton_dense
+        return triton_dense.dense_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed, key_range)
     if name == "cuda_flash":  # pragma: no cover - exercised on GPU machines only
         return _private_ops.flash_backward(torch.ops.aten, state.aux, grad_out, q, k, v, out, lse, scale)
     if name == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only

@@ -79,8 +79,8 @@ struct Mask {
 Dropout make_dropout(double p, int64_t seed, int64_t heads, int64_t nq, int64_t total, int64_t offset) {
   Dropout d;
   d.p = p;
-  d.seed_lo = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFULL);
-  d.seed_hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  d.seed_lo = static_cast<uint32_t>(seed_key_lo(static_cast<uint64_t>(seed)));
+  d.seed_hi = static_cast<uint32_t>(seed_key_hi(static_cast<uint64_t>(seed)));
   d.heads = heads;
   d.nq = nq;
   d.total = total;

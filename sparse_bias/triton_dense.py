@@ -1,0 +1,264 @@
+"""Flash-style dense attention with the counter-hash attention dropout, as Triton kernels (the GPU dense pass
+when ``dropout_p > 0``).
+
+PyTorch's CUDA attention kernels draw their dropout from philox streams whose layout is private; the exact
+correction needs the *same* keep decision for a score in the dense pass, the window terms and the backward,
+which the counter-hash of :func:`sparse_bias.kernels.dropout_keep` gives as a pure function of the score's
+flat index. So instead of reproducing the CUDA kernels' decisions, the dense pass with dropout runs these
+kernels: online softmax over key blocks with the keep decision hashed in registers inside the block loop
+(never stored), float32 accumulation for float16 / bfloat16 / float32 inputs, and the log-sum-exp of the
+undropped scores. The backward is two race-free passes (``dk`` / ``dv`` per key block, ``dq`` per query
+block), recomputing probabilities and decisions. Offsets are int64.
+
+Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), which is how
+the tests check it without a GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional, Tuple
+
+import torch
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+_KERNELS = {}
+BLOCK_M = 32
+BLOCK_N = 32
+
+
+def _kernels():
+    """Compile-on-first-use (Triton is a heavy import)."""
+    global triton, tl, _hash, _keep, _scores, _probs  # module globals: jitted functions resolve names through them
+    if _KERNELS:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hash(x):
+        x = ((x >> 16) ^ x) * 0x45D9F3B
+        x = ((x >> 16) ^ x) * 0x45D9F3B
+        return (x >> 16) ^ x
+
+    @triton.jit
+    def _keep(flat, seed_lo, seed_hi, p):
+        """The keep decision of :func:`sparse_bias.kernels.dropout_keep` for int64 flat indices (``seed_lo`` /
+        ``seed_hi``: the seed's keys, :func:`sparse_bias.kernels.seed_keys`)."""
+        lo = (flat & 0xFFFFFFFF).to(tl.uint32)
+        hi = (flat >> 32).to(tl.uint32)
+        h = _hash(_hash(lo ^ seed_lo.to(tl.uint32)) ^ hi ^ seed_hi.to(tl.uint32))
+        return (h & 0xFFFFFF).to(tl.float32) * (1.0 / 16777216.0) >= p
+
+    @triton.jit
+    def _scores(q, k, M, b, h, rows, cols, rm, cm, scale, m_sb, m_sh, m_sq, m_sk, HAS_M: tl.constexpr,
+                IEEE: tl.constexpr):
+        """scale q k^T + mask of one block, -inf outside the key range."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if HAS_M:
+            s += tl.load(M + b * m_sb + h * m_sh + rows[:, None] * m_sq + cols[None, :] * m_sk,
+                         mask=rm[:, None] & cm[None, :], other=0.0)
+        return tl.where(cm[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _fwd(Q, K, V, M, OUT, LSE, nq, nk, heads, total, offset, scale, p, seed_lo, seed_hi,
+             m_sb, m_sh, m_sq, m_sk,
+             D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_M: tl.constexpr,
+             DROP: tl.constexpr, IEEE: tl.constexpr):
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // heads, bh % heads
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        rm = rows < nq
+        d = tl.arange(0, DP)
+        dm = d < D
+        q = tl.load(Q + (bh * nq + rows[:, None]) * D + d[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            q = q.to(tl.float32)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, DP], tl.float32)
+        inv = 1.0 / (1.0 - p)
+        for n0 in range(0, nk, BN):
+            cols = n0 + tl.arange(0, BN)
+            cm = cols < nk
+            kv = (bh * nk + cols[:, None]) * D + d[None, :]
+            k = tl.load(K + kv, mask=cm[:, None] & dm[None, :], other=0.0)
+            if IEEE:
+                k = k.to(tl.float32)
+            s = _scores(q, k, M, b, h, rows, cols, rm, cm, scale, m_sb, m_sh, m_sq, m_sk, HAS_M, IEEE)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows masked so far: add nothing
+            alpha = tl.exp(m_i - m_safe)
+            pe = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pe, 1)
+            if DROP:
+                flat = ((bh * nq + rows) * total)[:, None] + offset + cols[None, :]
+                pe = tl.where(_keep(flat, seed_lo, seed_hi, p), pe * inv, 0.0)
+            v = tl.load(V + kv, mask=cm[:, None] & dm[None, :], other=0.0)
+            if IEEE:
+                v = v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(pe, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]                                  # 0 / 0 = NaN for a fully masked row
+        tl.store(OUT + (bh * nq + rows[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=rm[:, None] & dm[None, :])
+        tl.store(LSE + bh * nq + rows, m_i + tl.log(l_i), mask=rm)
+
+    @triton.jit
+    def _probs(q, k, g, v, lse, delta, M, b, h, bh, rows, cols, rm, cm, nq, total, offset, scale, p, seed_lo,
+               seed_hi, m_sb, m_sh, m_sq, m_sk, HAS_M: tl.constexpr, DROP: tl.constexpr, IEEE: tl.constexpr):
+        """(p * keep, ds) of one block of the backward."""
+        s = _scores(q, k, M, b, h, rows, cols, rm, cm, scale, m_sb, m_sh, m_sq, m_sk, HAS_M, IEEE)
+        pr = tl.where(rm[:, None] & cm[None, :], tl.exp(s - lse[:, None]), 0.0)
+        if IEEE:
+            dp = tl.dot(g, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(g, tl.trans(v))
+        if DROP:
+            flat = ((bh * nq + rows) * total)[:, None] + offset + cols[None, :]
+            z = tl.where(_keep(flat, seed_lo, seed_hi, p), 1.0 / (1.0 - p), 0.0)
+            return pr * z, pr * (dp * z - delta[:, None])
+        return pr, pr * (dp - delta[:, None])
+
+    @triton.jit
+    def _bwd_kv(Q, K, V, G, LSE, DELTA, M, DK, DV, nq, nk, heads, total, offset, scale, p, seed_lo, seed_hi,
+                m_sb, m_sh, m_sq, m_sk,
+                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_M: tl.constexpr,
+                DROP: tl.constexpr, IEEE: tl.constexpr):
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // heads, bh % heads
+        cols = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        cm = cols < nk
+        d = tl.arange(0, DP)
+        dm = d < D
+        kv = (bh * nk + cols[:, None]) * D + d[None, :]
+        k = tl.load(K + kv, mask=cm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(V + kv, mask=cm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        dk = tl.zeros([BN, DP], tl.float32)
+        dv = tl.zeros([BN, DP], tl.float32)
+        for m0 in range(0, nq, BM):
+            rows = m0 + tl.arange(0, BM)
+            rm = rows < nq
+            qg = (bh * nq + rows[:, None]) * D + d[None, :]
+            q = tl.load(Q + qg, mask=rm[:, None] & dm[None, :], other=0.0)
+            g = tl.load(G + qg, mask=rm[:, None] & dm[None, :], other=0.0)
+            if IEEE:
+                q, g = q.to(tl.float32), g.to(tl.float32)
+            lse = tl.load(LSE + bh * nq + rows, mask=rm, other=0.0)
+            delta = tl.load(DELTA + bh * nq + rows, mask=rm, other=0.0)
+            pz, ds = _probs(q, k, g, v, lse, delta, M, b, h, bh, rows, cols, rm, cm, nq, total, offset, scale, p,
+                            seed_lo, seed_hi, m_sb, m_sh, m_sq, m_sk, HAS_M, DROP, IEEE)
+            if IEEE:
+                dv += tl.dot(tl.trans(pz), g, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
+            else:
+                dv += tl.dot(tl.trans(pz.to(g.dtype)), g)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        tl.store(DK + kv, dk.to(DK.dtype.element_ty), mask=cm[:, None] & dm[None, :])
+        tl.store(DV + kv, dv.to(DV.dtype.element_ty), mask=cm[:, None] & dm[None, :])
+
+    @triton.jit
+    def _bwd_q(Q, K, V, G, LSE, DELTA, M, DQ, nq, nk, heads, total, offset, scale, p, seed_lo, seed_hi,
+               m_sb, m_sh, m_sq, m_sk,
+               D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_M: tl.constexpr,
+               DROP: tl.constexpr, IEEE: tl.constexpr):
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // heads, bh % heads
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        rm = rows < nq
+        d = tl.arange(0, DP)
+        dm = d < D
+        qg = (bh * nq + rows[:, None]) * D + d[None, :]
+        q = tl.load(Q + qg, mask=rm[:, None] & dm[None, :], other=0.0)
+        g = tl.load(G + qg, mask=rm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            q, g = q.to(tl.float32), g.to(tl.float32)
+        lse = tl.load(LSE + bh * nq + rows, mask=rm, other=0.0)
+        delta = tl.load(DELTA + bh * nq + rows, mask=rm, other=0.0)
+        dq = tl.zeros([BM, DP], tl.float32)
+        for n0 in range(0, nk, BN):
+            cols = n0 + tl.arange(0, BN)
+            cm = cols < nk
+            kv = (bh * nk + cols[:, None]) * D + d[None, :]
+            k = tl.load(K + kv, mask=cm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(V + kv, mask=cm[:, None] & dm[None, :], other=0.0)
+            if IEEE:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            pz, ds = _probs(q, k, g, v, lse, delta, M, b, h, bh, rows, cols, rm, cm, nq, total, offset, scale, p,
+                            seed_lo, seed_hi, m_sb, m_sh, m_sq, m_sk, HAS_M, DROP, IEEE)
+            if IEEE:
+                dq += tl.dot(ds, k, input_precision="ieee") * scale
+            else:
+                dq += tl.dot(ds.to(k.dtype), k) * scale
+        tl.store(DQ + qg, dq.to(DQ.dtype.element_ty), mask=rm[:, None] & dm[None, :])
+
+    _KERNELS.update(fwd=_fwd, bwd_kv=_bwd_kv, bwd_q=_bwd_q, next_power_of_2=triton.next_power_of_2,
+                    cdiv=triton.cdiv)
+    return _KERNELS
+
+
+def _float32_dots(q) -> bool:
+    """Whether the kernels convert tiles to float32 and multiply them in IEEE float32: for float32 inputs (no
+    TF32), and for bfloat16 under the Triton interpreter, whose ``tl.dot`` gives wrong results on bfloat16
+    tiles (numpy has no bfloat16), so there the kernels are tested with loads cast from bfloat16. On a GPU,
+    float16 / bfloat16 tiles go to ``tl.dot`` as they are, with float32 accumulation."""
+    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _common(q, k, mask, scale, dropout_p, seed, key_range):
+    bsz, heads, nq, dim = q.shape
+    offset, total = key_range or (0, k.shape[2])
+    from .kernels import seed_keys
+    seed_lo, seed_hi = seed_keys(seed)
+    if mask is not None:
+        mask = mask.to(torch.float32)
+        strides = [mask.stride(i) if mask.shape[i] > 1 else 0 for i in range(4)]
+    else:
+        strides = [0, 0, 0, 0]
+    ker = _kernels()
+    return mask, dict(nq=nq, nk=k.shape[2], heads=heads, total=total, offset=offset, scale=float(scale),
+                      p=float(dropout_p), seed_lo=seed_lo, seed_hi=seed_hi, m_sb=strides[0],
+                      m_sh=strides[1], m_sq=strides[2], m_sk=strides[3], D=dim,
+                      DP=max(16, ker["next_power_of_2"](dim)), BM=BLOCK_M, BN=BLOCK_N, HAS_M=mask is not None,
+                      DROP=dropout_p > 0, IEEE=_float32_dots(q))
+
+
+def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                  dropout_p: float, seed: int, key_range: Optional[Tuple[int, int]] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32)`` of ``softmax(scale q k^T + mask) v`` with the
+    counter-hash dropout of :func:`sparse_bias.kernels.dropout_keep` (``key_range = (offset, total)`` when k
+    holds keys ``offset : offset + K`` of ``total``). q, k, v: float32 / float16 / bfloat16, one device."""
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    mask, args = _common(q, k, mask, scale, dropout_p, seed, key_range)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    ker = _kernels()
+    grid = (ker["cdiv"](q.shape[2], BLOCK_M), q.shape[0] * q.shape[1])
+    ker["fwd"][grid](q, k, v, mask if mask is not None else lse, out, lse, **args)
+    return out, lse
+
+
+def dense_backward(grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float, seed: int,
+                   key_range: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`dense_forward`; ``out`` may be any output tensor (it enters only through
+    ``rowsum(grad_out * out)``)."""
+    q, k, v, g = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
+    delta = (g.float() * out.float()).sum(-1).contiguous()
+    lse = lse.float().contiguous()
+    mask, args = _common(q, k, mask, scale, dropout_p, seed, key_range)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ker = _kernels()
+    m = mask if mask is not None else lse
+    bh = q.shape[0] * q.shape[1]
+    ker["bwd_kv"][(ker["cdiv"](k.shape[2], BLOCK_N), bh)](q, k, v, g, lse, delta, m, dk, dv, **args)
+    ker["bwd_q"][(ker["cdiv"](q.shape[2], BLOCK_M), bh)](q, k, v, g, lse, delta, m, dq, **args)
+    return dq, dk, dv
