@@ -9,8 +9,10 @@ ratios to unbiased SDPA (the floor) are measured side by side; ``dense-bias`` is
 multi-GB buffers would slow down what runs next). Finally every variant runs one warm-up and one measured
 step in a fresh process of its own for its peak RSS (forward + backward, and forward only).
 
-Variants: ``sdpa`` (no bias), ``sparse-<backend>`` (``auto`` and each backend), ``dense-bias``
-(``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the origin design).
+Variants: ``sdpa`` (no bias, no dropout: the floor), ``sparse-<backend>`` (``auto`` and each backend),
+``dense-bias`` (``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the origin design).
+With ``--dropout P`` every variant but ``sdpa`` runs attention dropout P, and ``sdpa-dropout`` (SDPA with
+dropout) is added; the sparse variants are checked against the dense reference with the same dropout seed.
 """
 from __future__ import annotations
 
@@ -65,14 +67,23 @@ def _inputs(args):
     return win, q_, k_, v_, wb, wc
 
 
-def _step(variant, win, q, k, v, wb, wc, grad):
+#: the dropout seed of the sparse variants and the reference (fixed, so the exactness check can compare them)
+DROPOUT_SEED = 1234
+
+
+def _step(variant, win, q, k, v, wb, wc, grad, dropout=0.0):
+    """One forward (and backward when ``grad`` is given) of a variant; ``sdpa`` is always the dropout-free floor."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     if variant == "sdpa":
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out = sdpa(q, k, v)
+    elif variant == "sdpa-dropout":
+        out = sdpa(q, k, v, dropout_p=dropout)
     elif variant == "dense-bias":
         dense = window_bias(win, wb, wc).to_dense().unsqueeze(1).to(q.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        out = sdpa(q, k, v, attn_mask=dense, dropout_p=dropout)
     else:
-        out = sparse_bias_attention(q, k, v, window_bias(win, wb, wc), backend=variant.split("-", 1)[1])
+        out = sparse_bias_attention(q, k, v, window_bias(win, wb, wc), backend=variant.split("-", 1)[1],
+                                    dropout_p=dropout, dropout_seed=DROPOUT_SEED)
     if grad is not None:
         out.backward(grad)
     return out
@@ -91,17 +102,22 @@ def _check_all(args, win, q, k, v, wb, wc, grad) -> Dict:
     -- a ratio, so ``CHECK_TOLERANCE`` does not apply; ``LOW_PRECISION_RATIO`` does.
     """
     tensors = (q, k, v, wb, wc)
+    drop = dict(dropout_p=args.dropout, dropout_seed=DROPOUT_SEED)
     if q.dtype == torch.float32:
-        want = _grads(dense_bias_attention(q, k, v, window_bias(win, wb, wc).to_dense()), grad, tensors)
+        want = _grads(dense_bias_attention(q, k, v, window_bias(win, wb, wc).to_dense(), **drop), grad, tensors)
         scale = None
     else:
         exact = [t.detach().double().requires_grad_() for t in tensors]
-        want = _grads(dense_bias_attention(*exact[:3], window_bias(win, *exact[3:]).to_dense()), grad.double(), exact)
-        naive = _grads(dense_bias_attention(q, k, v, window_bias(win, wb, wc).to_dense().to(q.dtype)), grad, tensors)
+        want = _grads(dense_bias_attention(*exact[:3], window_bias(win, *exact[3:]).to_dense(), **drop), grad.double(),
+                      exact)
+        naive = _grads(dense_bias_attention(q, k, v, window_bias(win, wb, wc).to_dense().to(q.dtype), **drop), grad,
+                       tensors)
         scale = [float((a.double() - b).abs().max()) for a, b in zip(naive, want)]
     errors = {}
     for variant in args.check_variants.split(","):
-        got = _grads(_step(variant, win, q, k, v, wb, wc, None), grad, tensors)
+        if args.dropout > 0 and not variant.startswith("sparse-"):
+            continue                            # PyTorch's dropout draws other decisions: nothing to compare
+        got = _grads(_step(variant, win, q, k, v, wb, wc, None, args.dropout), grad, tensors)
         if scale is None:
             errors[variant] = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
                                   for a, b in zip(got, want))
@@ -131,7 +147,7 @@ def _time_all(args, names, win, q, k, v, wb, wc, grad) -> Dict:
             for name in group:
                 for p in passes:
                     start = time.perf_counter()
-                    _step(name, win, q, k, v, wb, wc, grad if p == "forward+backward" else None)
+                    _step(name, win, q, k, v, wb, wc, grad if p == "forward+backward" else None, args.dropout)
                     elapsed = time.perf_counter() - start
                     _clear_grads((q, k, v, wb, wc))
                     if i:
@@ -158,7 +174,7 @@ def _worker(args) -> Dict:
         return _time_all(args, args.check_variants.split(","), win, q, k, v, wb, wc, grad)
     rss_setup = _rss_mib()                    # memory: one warm-up step and one measured step, fresh process
     for _ in range(2):
-        _step(args.worker, win, q, k, v, wb, wc, grad if args.backward else None)
+        _step(args.worker, win, q, k, v, wb, wc, grad if args.backward else None, args.dropout)
         _clear_grads((q, k, v, wb, wc))
     chosen = select_backend(q, window_bias(win, wb, wc))[0] if args.worker == "sparse-auto" else ""
     return {"variant": args.worker, "peak_rss_mib": _peak_rss_mib(), "setup_rss_mib": rss_setup,
@@ -170,7 +186,8 @@ def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
            "--queries", str(args.queries),
            "--config", args.config, "--batch-size", str(args.batch_size), "--heads", str(args.heads),
            "--head-dim", str(args.head_dim), "--bev-window", str(args.bev_window),
-           "--cam-window", str(args.cam_window), "--repeats", str(args.repeats), "--dtype", args.dtype]
+           "--cam-window", str(args.cam_window), "--repeats", str(args.repeats), "--dtype", args.dtype,
+           "--dropout", str(args.dropout)]
     if not args.backward:
         cmd.append("--forward-only")
     if names:
@@ -181,8 +198,10 @@ def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def variants() -> List[str]:
-    names = ["sdpa"] + [f"sparse-{b}" for b in BACKENDS if b != "scatter" or torch_scatter_available()]
+def variants(dropout: float = 0.0) -> List[str]:
+    """The variants of a run; with dropout, ``sdpa-dropout`` (PyTorch's SDPA with dropout) joins the floor."""
+    names = ["sdpa"] + (["sdpa-dropout"] if dropout > 0 else [])
+    names += [f"sparse-{b}" for b in BACKENDS if b != "scatter" or torch_scatter_available()]
     return names + ["dense-bias"]
 
 
@@ -229,6 +248,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="time the forward only (default: forward and forward + backward, side by side)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="dtype of q, k, v (default float32)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="attention dropout of every variant but sdpa, which stays the dropout-free floor; adds "
+                             "sdpa-dropout (default 0)")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--check-queries", type=int, default=None,
                         help="check exactness with this many queries (same layout and windows); default all")
@@ -254,7 +276,7 @@ def _dense_gib(args) -> float:
 
 def compare(args, log=print) -> List[Dict]:
     """One configuration: exactness check, interleaved timing, fresh-process peak memory of every variant."""
-    names = list(args.variants or variants())
+    names = list(args.variants or variants(args.dropout))
     if "sdpa" not in names:
         names = ["sdpa"] + names
     if "dense-bias" in names and _dense_gib(args) > args.max_dense_gib:

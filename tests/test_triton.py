@@ -126,15 +126,15 @@ def test_triton_passes_its_self_check(dtype):
 
 
 class _Corrupted:
-    """A faulty forward kernel: runs the real one, then adds 1 to the output rows it wrote."""
+    """A faulty forward kernel: runs the real one, then adds 1 to its output (argument ``out_index``)."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, out_index=11):
+        self.kernel, self.out_index = kernel, out_index
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.kernel[grid](*args, **kwargs)
-            args[11].add_(1.0)                          # OUT
+            args[self.out_index].add_(1.0)
         return launch
 
 
@@ -161,3 +161,69 @@ def test_faulty_triton_kernel_is_caught_and_skipped(monkeypatch):
 def test_triton_backend_reports_why_it_cannot_run():
     ok, why = sb.backends.BACKENDS["triton"].can_run(torch.device("cpu"), torch.float64)
     assert not ok and ("float32" in why or "TRITON_INTERPRET" in why)
+
+
+# ---- the dense pass with dropout (sparse_bias.triton_dense) -----------------------------------------
+
+def dense_problem(dim, nq=45, nk=77, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, nq, dim, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, nk, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    g = torch.randn(2, 2, nq, dim, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(2, 1, 1, nk, dtype=torch.float64)
+    mask[1, ..., -10:] = float("-inf")                   # padded keys at the end of the range
+    return [t.to(DEVICE) for t in (q, k, v, g, mask)]
+
+
+@active
+@pytest.mark.parametrize("dim", [16, 64, 24])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_dense_dropout_matches_the_chunked_kernel(dtype, dim):
+    """Same keep decisions as the reference (a key range and a seed above 2^32 included); output, log-sum-exp and
+    gradients within twice the drift of the chunked kernel run in the same dtype."""
+    from sparse_bias import kernels, triton_dense
+    q, k, v, g, mask = dense_problem(dim)
+    args = (mask, 0.3, 0.25, (1 << 40) + 9, (5, k.shape[2] + 11))
+
+    def run(fn, bwd, dt):
+        qq, kk, vv, gg = (t.to(dt) for t in (q, k, v, g))
+        out, lse = fn(qq, kk, vv, *args)
+        return [out, lse] + list(bwd(gg, qq, kk, vv, out, lse, *args))
+
+    exact = run(kernels._chunked_forward, kernels._chunked_backward, torch.float64)
+    naive = run(kernels._chunked_forward, kernels._chunked_backward, dtype)
+    fast = run(triton_dense.dense_forward, triton_dense.dense_backward, dtype)
+    assert fast[0].dtype == dtype and fast[1].dtype == torch.float32
+    eps = torch.finfo(dtype).eps
+    for name, e, n, f in zip(["out", "lse", "dq", "dk", "dv"], exact, naive, fast):
+        e, n, f = (t.double().nan_to_num() for t in (e, n, f))
+        size = float(e.abs().max())
+        drift = max(float((n - e).abs().max()), eps * size)
+        assert float((f - e).abs().max()) <= 2 * drift + 1e-5 * size, name
+
+
+@active
+def test_sparse_bias_attention_with_dropout_on_the_triton_dense_pass(monkeypatch):
+    from sparse_bias import kernels
+    original = kernels.dense_kernel_name
+    monkeypatch.setattr(kernels, "dense_kernel_name",
+                        lambda q, dropout_p=0.0, masked=False: "triton_dropout" if dropout_p > 0 else original(q))
+    win, q, k, v, wb, wc = case(per_head=True, seed=6)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
+    kw = dict(dropout_p=0.2, dropout_seed=123, key_padding_mask=padding())
+    got = results(sparse_fn("triton"), torch.float32, win, q, k, v, wb, wc, grad, **kw)
+    want = results(reference, torch.float32, win, q, k, v, wb, wc, grad, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+@active
+def test_triton_dense_kernel_is_checked_before_first_use(monkeypatch):
+    from sparse_bias import kernels, triton_dense
+    monkeypatch.setattr(kernels, "_VERIFIED", {})
+    q = torch.zeros(1, 2, 5, 16, device=DEVICE)
+    assert kernels._verified("triton_dropout", q)
+    ker = triton_dense._kernels()
+    monkeypatch.setitem(ker, "fwd", _Corrupted(ker["fwd"], out_index=4))
+    with pytest.warns(RuntimeWarning, match="dense kernel triton_dropout disagrees"):
+        assert not kernels._verified("triton_dropout", q.half())
