@@ -1,8 +1,8 @@
 """sparse_bias: exact, memory-light local attention bias for multi-modal 3D-detection transformers.
 
 Each object query attends more strongly to a local window of keys around where its 3D reference point
-lands on the BEV grid and on the camera views. The windows are a sparse index set (:class:`WindowIndex`)
-and the bias a :class:`SparseBias` on it; ``to_dense()`` gives the origin design's dense tensor.
+lands on the BEV grid and on the camera views. The windows are a sparse index set (`WindowIndex`)
+and the bias a `SparseBias` on it; ``to_dense()`` gives the origin design's dense tensor.
 """
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import extension_available, torch_scatter_available
@@ -10,7 +10,7 @@ from .bias import ModalityBias, SparseBias, window_bias
 from .config import build_attention_bias
 from .layout import KeyLayout
 from .projection import project_points
-from .selftest import selftest
+from ._selftest import selftest
 from .window_attention import select_window_backend, window_attention
 from .windows import WindowIndex, local_windows
 

@@ -1,4 +1,4 @@
-"""Iteration over the window entries of a :class:`WindowIndex` in (batch element, head block) pieces."""
+"""Iteration over the window entries of a `WindowIndex` in (batch element, head block) pieces."""
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -11,7 +11,7 @@ from .windows import WindowIndex
 
 def window_blocks(win: WindowIndex, values: Optional[torch.Tensor], backend, heads: int, num_keys: int,
                   mask: Optional[torch.Tensor], dropout_p: float, seed: int, cdt: torch.dtype) -> Iterator[WindowBlock]:
-    """One :class:`WindowBlock` per batch element and block of ``backend.head_block`` heads (all when None).
+    """One `WindowBlock` per batch element and block of ``backend.head_block`` heads (all when None).
 
     ``values`` are the bias values ``[nnz]`` (shared by heads), ``[nnz, H]`` or None; ``mask`` the additive mask
     (4-D, broadcastable to ``[B, H, Q, K]``) or None.

@@ -66,3 +66,14 @@ def check_shape_2d(name: str, shape, n: int):
     if len(shape) != n or any(s <= 0 for s in shape):
         raise ValueError(f"{name} must be a tuple of {n} positive ints or None, got {shape!r}")
     return shape
+
+
+def parse_to(*args, **kwargs):
+    """``(device or None, dtype or None)`` of ``Tensor.to``-style arguments (``device``, ``dtype``, both, a
+    tensor, or keywords), with clear errors."""
+    try:
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    except (TypeError, RuntimeError) as exc:
+        raise TypeError(f"to() takes a device, a dtype, both, or a tensor (like Tensor.to); got args={args!r}, "
+                        f"kwargs={kwargs!r} ({exc})") from None
+    return (None if device is None else torch.device(device)), dtype

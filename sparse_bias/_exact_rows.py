@@ -1,6 +1,6 @@
 """The exact-row path of the correction: a dense evaluation of the few rows where it would cancel.
 
-Rows whose normaliser ``1 + S`` falls below :data:`EXACT_ROW_THRESHOLD` (a negative bias removes more than
+Rows whose normaliser ``1 + S`` falls below `EXACT_ROW_THRESHOLD` (a negative bias removes more than
 3/4 of the attention mass) are recomputed densely, one small block of rows at a time: there ``o_d + C`` and
 ``1 + S`` cancel and would amplify rounding errors by about ``1 / (1 + S)``. Non-finite normalisers
 (overflowing biases) too. With AQR weights in [-1, 1] and scale 1 the normaliser stays above e^-1, so this

@@ -1,4 +1,4 @@
-"""The autograd Function of :func:`sparse_bias.sparse_bias_attention` for a :class:`~sparse_bias.ModalityBias`."""
+"""The autograd Function of `sparse_bias.sparse_bias_attention` for a `sparse_bias.ModalityBias`."""
 from __future__ import annotations
 
 import torch

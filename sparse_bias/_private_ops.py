@@ -14,7 +14,7 @@ slice or argument order fails a CPU test):
   pair; an additive mask goes in as ``attn_bias`` with its rows 16-element aligned in memory.
 
 Dropout is always 0 here: attention dropout uses the counter-hash mask of
-:func:`sparse_bias.kernels.dropout_keep`, which these kernels do not reproduce.
+`sparse_bias.kernels.dropout_keep`, which these kernels do not reproduce.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def aligned_bias(mask: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor)
 
 
 def flash_forward(ops, q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
-    """``(out [B, H, Q, D], lse [B, H, Q], aux)`` from the flash op; pass ``aux`` to :func:`flash_backward`."""
+    """``(out [B, H, Q, D], lse [B, H, Q], aux)`` from the flash op; pass ``aux`` to `flash_backward`."""
     d = q.shape[-1]
     res = ops._scaled_dot_product_flash_attention(pad_head_dim(q), pad_head_dim(k), pad_head_dim(v), 0.0, False,
                                                    False, scale=scale)
@@ -55,7 +55,7 @@ def flash_forward(ops, q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tenso
 
 
 def flash_backward(ops, aux: tuple, grad_out, q, k, v, out, lse, scale: float):
-    """``(dq, dk, dv)`` of :func:`flash_forward`; ``out`` may be any output tensor ``[B, H, Q, D]``."""
+    """``(dq, dk, dv)`` of `flash_forward`; ``out`` may be any output tensor ``[B, H, Q, D]``."""
     cum_q, cum_k, max_q, max_k, philox_seed, philox_offset = aux
     d = q.shape[-1]
     grads = ops._scaled_dot_product_flash_attention_backward(
@@ -74,7 +74,7 @@ def efficient_forward(ops, q, k, v, mask: Optional[torch.Tensor], scale: float):
 
 
 def efficient_backward(ops, aux: tuple, grad_out, q, k, v, out, mask: Optional[torch.Tensor], scale: float):
-    """``(dq, dk, dv)`` of :func:`efficient_forward` (the raw padded log-sum-exp travels in ``aux``)."""
+    """``(dq, dk, dv)`` of `efficient_forward` (the raw padded log-sum-exp travels in ``aux``)."""
     raw_lse, philox_seed, philox_offset = aux
     dq, dk, dv, _ = ops._scaled_dot_product_efficient_attention_backward(
         grad_out.contiguous(), q, k, v, aligned_bias(mask, q, k), out.contiguous(), raw_lse, philox_seed,

@@ -1,4 +1,4 @@
-"""The autograd Function of :func:`sparse_bias.sparse_bias_attention`: dense pass plus sparse correction.
+"""The autograd Function of `sparse_bias.sparse_bias_attention`: dense pass plus sparse correction.
 
 Per query and head, with scores ``s_j`` over all keys and a bias ``b_j`` on the window ``W``:
 
@@ -8,7 +8,7 @@ Per query and head, with scores ``s_j`` over all keys and a bias ``b_j`` on the 
 
 The backward calls the dense kernel's own backward with ``g / (1 + S)`` and the final output, which is
 exact outside the windows, then adds the window terms (design brief, section 3). The window terms run on a
-backend of :mod:`sparse_bias.backends`; rows where the correction would cancel take :mod:`._exact_rows`.
+backend of `sparse_bias.backends`; rows where the correction would cancel take `._exact_rows`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Input validation shared by the attention entry points (:mod:`sparse_bias.attention`,
-:mod:`sparse_bias.window_attention`): every error names the argument and the bad value."""
+"""Input validation shared by the attention entry points (`sparse_bias.attention`,
+`sparse_bias.window_attention`): every error names the argument and the bad value."""
 from __future__ import annotations
 
 from typing import Optional

@@ -9,7 +9,7 @@ BEV 5, fp32, forward + backward of the whole one-layer LAM decoder, all paramete
   ``[B * heads, Q, K]`` built inside the step from the windows (as MoME / CMTTEST build it), called with
   ``need_weights=False`` so that it runs on PyTorch's fused SDPA (mmcv's wrapper leaves the default
   ``need_weights=True``, which also materialises the averaged weights: slower still);
-* ``window``: :class:`sparse_bias.nn.AQRWeightGenerator` (window attention, no dense mask);
+* ``window``: `sparse_bias.nn.AQRWeightGenerator` (window attention, no dense mask);
 * ``no-mask``: ``torch.nn.MultiheadAttention`` over all keys, no mask (``need_weights=False``);
 * ``floor``: the attention replaced by a free op -- what no attention can remove (the K/V projections of
   the memory, norms, FFN, the weight head).
@@ -33,6 +33,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from ._cli import Parser
 from .benchmark import _peak_rss_mib, _rss_mib
 from .nn import AQRWeightGenerator
 from .synthetic import synthetic_scene
@@ -175,7 +176,7 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparse_bias.aqr_benchmark", description=__doc__.splitlines()[0])
+    parser = Parser("python -m sparse_bias.aqr_benchmark", __doc__.splitlines()[0])
     parser.add_argument("--config", default="fusion", choices=["fusion", "small"], help="CMT memory layout (default fusion)")
     parser.add_argument("--queries", type=int, default=900, help="object queries Q (default 900)")
     parser.add_argument("--batch-size", type=int, default=2, help="B (default 2)")
@@ -229,6 +230,12 @@ def main(argv=None) -> Dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def cli() -> int:
+    """Console entry point ``sparse-bias-aqr-benchmark``."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

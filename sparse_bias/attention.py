@@ -1,10 +1,10 @@
 """Exact sparse-bias attention: the public functions.
 
-:func:`sparse_bias_attention` computes dense global scores from an unmodified flash kernel plus an exact
-sparse correction over the window entries (the math is in :mod:`sparse_bias._sparse_function`; a
-:class:`ModalityBias` takes :mod:`sparse_bias._modality_function`); :func:`dense_bias_attention` is the dense
-reference; :func:`select_backend` says which backend runs the window terms (chosen, and self-checked on GPU
-paths, by :mod:`sparse_bias.backends.choose`).
+`sparse_bias_attention` computes dense global scores from an unmodified flash kernel plus an exact
+sparse correction over the window entries (the math is in `sparse_bias._sparse_function`; a
+`ModalityBias` takes `sparse_bias._modality_function`); `dense_bias_attention` is the dense
+reference; `select_backend` says which backend runs the window terms (chosen, and self-checked on GPU
+paths, by `sparse_bias.backends.choose`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ BACKEND_NAMES = ("auto", "fused", "sparse", "scatter", "torch", "triton", "dense
 
 
 def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
-    """The backend :func:`sparse_bias_attention` will use, and why.
+    """The backend `sparse_bias_attention` will use, and why.
 
     Args:
         q: the query tensor (its device and dtype decide).
@@ -40,12 +40,13 @@ def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[s
 
     Returns:
         ``(name, reason)``. On a GPU path the chosen backend has passed its first-use self-check
-        (:mod:`sparse_bias.backends.choose`); one that fails it is skipped with a warning.
+        (`sparse_bias.backends.choose`); one that fails it is skipped with a warning.
 
-    Example::
+    Example:
 
-        >>> win = local_windows(KeyLayout(bev_shape=(4, 4)), torch.tensor([[[1, 1]]]), None, 3)
-        >>> name, why = select_backend(torch.zeros(1, 2, 1, 8), window_bias(win, torch.ones(1, 1), None))
+        >>> import torch, sparse_bias as sb
+        >>> win = sb.local_windows(sb.KeyLayout(bev_shape=(4, 4)), torch.tensor([[[1, 1]]]), None, 3)
+        >>> name, why = sb.select_backend(torch.zeros(1, 2, 1, 8), sb.window_bias(win, torch.ones(1, 1), None))
         >>> name in ("fused", "sparse")         # on a CPU: the compiled kernels when built, else PyTorch's CSR kernels
         True
     """
@@ -83,7 +84,7 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
         key_padding_mask: bool ``[B, K]``, True = ignore that key.
         attn_mask: bool (True = attend, the SDPA convention) or additive float, broadcastable to ``[B, H, Q, K]``.
         dropout_p: attention dropout on the probabilities, with the counter-based mask of
-            :func:`sparse_bias.kernels.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
+            `sparse_bias.kernels.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:
@@ -119,7 +120,7 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Args:
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]`` (float32/float64/bfloat16/float16, one device).
-        bias: a :class:`SparseBias` (values ``[nnz]`` shared by heads or ``[nnz, H]``), a dense tensor
+        bias: a `SparseBias` (values ``[nnz]`` shared by heads or ``[nnz, H]``), a dense tensor
             ``[B, Q, K]`` / ``[B, H, Q, K]`` (taken through the dense path), or None (plain attention).
         key_padding_mask: ``[B, K]``: bool (True = ignore that key, the mmcv / nn.MultiheadAttention
             convention), uint8 (nonzero = ignore) or an additive float mask (all zeros = no mask, no cost).
@@ -133,20 +134,21 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch sparse CSR
             kernels), ``"triton"`` (fused Triton kernels, CUDA), ``"scatter"`` (torch-scatter segment
             ops), ``"torch"`` (native gather + index_add) or ``"dense"`` (materialise the bias; the reference).
-            :func:`select_backend` says what ``"auto"`` picks and why.
+            `select_backend` says what ``"auto"`` picks and why.
 
     Returns:
         ``[B, H, Q, D]`` in q's dtype. Gradients flow to q, k, v and ``bias.values`` (hence to the weights
         and scale behind them). The correction is accumulated in float32 (float64 for float64 input).
 
-    Example::
+    Example:
 
-        >>> layout = KeyLayout(bev_shape=(8, 8))
-        >>> win = local_windows(layout, torch.tensor([[[2, 3], [5, 5]]]), None, bev_window=3)
-        >>> bias = window_bias(win, torch.tensor([[1.0, -2.0]]), None)
+        >>> import torch, sparse_bias as sb
+        >>> layout = sb.KeyLayout(bev_shape=(8, 8))
+        >>> win = sb.local_windows(layout, torch.tensor([[[2, 3], [5, 5]]]), None, bev_window=3)
+        >>> bias = sb.window_bias(win, torch.tensor([[1.0, -2.0]]), None)
         >>> q, k, v = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4)
-        >>> out = sparse_bias_attention(q, k, v, bias)
-        >>> ref = dense_bias_attention(q, k, v, bias.to_dense())
+        >>> out = sb.sparse_bias_attention(q, k, v, bias)
+        >>> ref = sb.dense_bias_attention(q, k, v, bias.to_dense())
         >>> torch.allclose(out, ref, atol=1e-5)
         True
     """

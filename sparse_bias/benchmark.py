@@ -29,6 +29,7 @@ from typing import Dict, List
 
 import torch
 
+from ._cli import Parser
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import torch_scatter_available
 from .bias import window_bias
@@ -198,6 +199,10 @@ def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+#: every variant name the command line accepts
+ALL_VARIANTS = ["sdpa", "sdpa-dropout"] + [f"sparse-{b}" for b in BACKENDS] + ["dense-bias"]
+
+
 def variants(dropout: float = 0.0) -> List[str]:
     """The variants of a run; with dropout, ``sdpa-dropout`` (PyTorch's SDPA with dropout) joins the floor."""
     names = ["sdpa"] + (["sdpa-dropout"] if dropout > 0 else [])
@@ -235,26 +240,27 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="fusion", choices=["fusion", "small"])
-    parser.add_argument("--queries", type=int, default=900)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--bev-window", type=int, default=15)
-    parser.add_argument("--cam-window", type=int, default=15)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = Parser("python -m sparse_bias.benchmark", __doc__.splitlines()[0])
+    parser.add_argument("--config", default="fusion", choices=["fusion", "small"], help="CMT memory layout")
+    parser.add_argument("--queries", type=int, default=900, help="object queries Q")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size B")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads H")
+    parser.add_argument("--head-dim", type=int, default=32, help="head dim D")
+    parser.add_argument("--bev-window", type=int, default=15, help="BEV window size (odd)")
+    parser.add_argument("--cam-window", type=int, default=15, help="camera window size (odd)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median), after a warm-up")
     parser.add_argument("--forward-only", dest="backward", action="store_false",
                         help="time the forward only (default: forward and forward + backward, side by side)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="dtype of q, k, v (default float32)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of q, k, v")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="attention dropout of every variant but sdpa, which stays the dropout-free floor; adds "
-                             "sdpa-dropout (default 0)")
-    parser.add_argument("--no-check", dest="check", action="store_false")
+                             "sdpa-dropout")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the exactness check against the dense reference")
     parser.add_argument("--check-queries", type=int, default=None,
                         help="check exactness with this many queries (same layout and windows); default all")
-    parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {variants()}")
+    parser.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANTS, metavar="VARIANT",
+                        help=f"subset of {ALL_VARIANTS} (default: all that run here)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run, used by the tests)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--sweep", action="store_true",
@@ -319,7 +325,7 @@ QUICK_SWEEP = [("queries", [16, 32]), ("window", [5]), ("layout", ["small"])]
 
 
 def sweep(args, spec=SWEEP) -> List[Dict]:
-    """Run :func:`compare` over ``spec`` (``[(parameter, values)]``), forward and forward + backward; write CSV,
+    """Run `compare` over ``spec`` (``[(parameter, values)]``), forward and forward + backward; write CSV,
     JSON, a Markdown table and plots to ``args.out``."""
     from tqdm import tqdm
 
@@ -332,13 +338,13 @@ def sweep(args, spec=SWEEP) -> List[Dict]:
     unique = {tuple(sorted(p.items())): p for _, p in points}
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    bar = tqdm(total=len(unique), desc="benchmark sweep", unit="point")
+    bar = tqdm(total=len(unique), desc="benchmark sweep", unit="point", file=sys.stderr, disable=None)  # TTY only
     for key, point in unique.items():
         run_args = copy.copy(args)
         run_args.queries, run_args.bev_window, run_args.cam_window = point["queries"], point["window"], point["window"]
         run_args.config, run_args.backward = point["layout"], True
         bar.set_postfix_str(str(point))
-        rows = compare(run_args, log=bar.write)        # forward and forward + backward timed side by side
+        rows = compare(run_args, log=lambda m: bar.write(m, file=sys.stdout))   # fwd and fwd+bwd side by side
         for pass_ in ("forward", "forward+backward"):
             for row in rows:
                 out = dict(row, **point, pass_=pass_)
@@ -421,7 +427,14 @@ def _write_sweep(out: str, rows: List[Dict]) -> None:
 
 
 def main(argv=None) -> List[Dict]:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.variants and "sparse-scatter" in args.variants and not torch_scatter_available():
+        parser.error("--variants sparse-scatter: torch-scatter is not installed")
+    if args.variants and "sdpa-dropout" in args.variants and args.dropout == 0:
+        parser.error("--variants sdpa-dropout needs --dropout > 0")
     if args.quick:
         args.config, args.queries, args.batch_size, args.heads, args.repeats = "small", 32, 1, 2, 1
     if args.worker:
@@ -434,8 +447,9 @@ def main(argv=None) -> List[Dict]:
         print(f"sweep: {len(rows)} rows; CSV, JSON and plots in {args.out}")
         return rows
     print(f"sparse_bias benchmark: {args.config} layout, B={args.batch_size}, H={args.heads}, D={args.head_dim}, "
-          f"Q={args.queries}, windows {args.bev_window}/{args.cam_window}, fp32, "
-          f"{'forward + backward' if args.backward else 'forward'}; torch {torch.__version__}, "
+          f"Q={args.queries}, windows {args.bev_window}/{args.cam_window}, {args.dtype}, "
+          + (f"dropout {args.dropout} (sdpa without), " if args.dropout else "")
+          + f"{'forward + backward' if args.backward else 'forward'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved repeats; peak RSS from a fresh "
           "process per variant")
     rows = compare(args, log=lambda m: print(m, flush=True))
@@ -444,6 +458,12 @@ def main(argv=None) -> List[Dict]:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     return rows
+
+
+def cli() -> int:
+    """Console entry point ``sparse-bias-benchmark``."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Sparse bias values on a :class:`WindowIndex`, and the per-query window weighting that makes them."""
+"""Sparse bias values on a `WindowIndex`, and the per-query window weighting that makes them."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_device, check_finite, check_tensor
+from ._checks import check_device, check_finite, check_tensor, parse_to
 from .windows import WindowIndex
 
 __all__ = ["SparseBias", "ModalityBias", "window_bias"]
@@ -17,7 +17,7 @@ class SparseBias:
     """An additive attention bias that is zero outside each query's local windows.
 
     Args:
-        index: the :class:`WindowIndex` giving the ``nnz`` (query, key) entries.
+        index: the `WindowIndex` giving the ``nnz`` (query, key) entries.
         values: ``[nnz]`` (one value shared by all heads) or ``[nnz, H]`` (one per head), floating point.
             Gradients flow back through ``values`` (to the weights and scale that produced them).
 
@@ -42,7 +42,7 @@ class SparseBias:
 
     @property
     def shape(self) -> torch.Size:
-        """Shape of :meth:`to_dense`: ``[B, Q, K]`` or ``[B, H, Q, K]``."""
+        """Shape of `to_dense`: ``[B, Q, K]`` or ``[B, H, Q, K]``."""
         b, q, k = self.index.batch_size, self.index.num_queries, self.index.layout.num_keys
         return torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k))
 
@@ -54,9 +54,23 @@ class SparseBias:
     def device(self) -> torch.device:
         return self.values.device
 
-    def to(self, dtype: torch.dtype) -> "SparseBias":
-        """The same bias with values cast to ``dtype`` (differentiable)."""
-        return SparseBias(self.index, self.values.to(dtype))
+    def to(self, *args, **kwargs) -> "SparseBias":
+        """Move / cast like a tensor: ``.to(device)``, ``.to(dtype)``, ``.to(device, dtype)``, ``.to(tensor)`` or
+        keywords. The index moves with the values (integer, so a dtype applies to the values only); the cast is
+        differentiable."""
+        device, dtype = parse_to(*args, **kwargs)
+        index = self.index.to(device) if device is not None else self.index
+        return SparseBias(index, self.values.to(device=device, dtype=dtype))
+
+    def cpu(self) -> "SparseBias":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "SparseBias":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def detach(self) -> "SparseBias":
+        """The same bias with its values detached from the graph."""
+        return SparseBias(self.index, self.values.detach())
 
     def nbytes(self) -> int:
         """Bytes of the sparse structure: index tensors plus values."""
@@ -101,11 +115,11 @@ class ModalityBias:
 
     The origin design's ``use_local_bias=False``: every BEV key of query ``(b, q)`` gets
     ``values[b, q, 0]``, every camera key ``values[b, q, 1]`` (modalities in layout order, only those the
-    layout has). :func:`sparse_bias_attention` computes it exactly from one dense pass per modality and
+    layout has). `sparse_bias_attention` computes it exactly from one dense pass per modality and
     their log-sum-exps -- no ``[B, Q, K]`` tensor, no window index.
 
     Args:
-        layout: the :class:`KeyLayout`.
+        layout: the `KeyLayout`.
         values: ``[B, Q, M]`` (shared by heads) or ``[B, Q, M, H]`` (per head), ``M`` = modalities in the
             layout (2 for CMT fusion). Differentiable.
     """
@@ -135,8 +149,23 @@ class ModalityBias:
     def dtype(self) -> torch.dtype:
         return self.values.dtype
 
-    def to(self, dtype: torch.dtype) -> "ModalityBias":
-        return ModalityBias(self.layout, self.values.to(dtype))
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, *args, **kwargs) -> "ModalityBias":
+        """Move / cast the values like a tensor (``.to(device)``, ``.to(dtype)``, ``.to(device, dtype)``, ...)."""
+        device, dtype = parse_to(*args, **kwargs)
+        return ModalityBias(self.layout, self.values.to(device=device, dtype=dtype))
+
+    def cpu(self) -> "ModalityBias":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "ModalityBias":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def detach(self) -> "ModalityBias":
+        return ModalityBias(self.layout, self.values.detach())
 
     def to_dense(self) -> torch.Tensor:
         """``[B, Q, K]`` or ``[B, H, Q, K]`` (the reference)."""
@@ -178,7 +207,7 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
     (the origin design) and ``f = exp(-(dy^2 + dx^2) / (2 sigma^2))`` for ``"gaussian"``.
 
     Args:
-        win: the :class:`WindowIndex` from :func:`local_windows`.
+        win: the `WindowIndex` from `local_windows`.
         bev_weight: ``[B, Q]`` (shared by heads) or ``[B, Q, H]`` (per head); required when ``win`` has
             BEV windows, ignored (may be None) otherwise.
         cam_weight: same for the camera windows.
@@ -188,14 +217,15 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
             half-size (``max(w // 2, 1) / 2``, per entry, so adaptive windows scale along).
 
     Returns:
-        :class:`SparseBias` with values ``[nnz]`` (both weights ``[B, Q]``) or ``[nnz, H]``, in the
+        `SparseBias` with values ``[nnz]`` (both weights ``[B, Q]``) or ``[nnz, H]``, in the
         weights' dtype; differentiable in the weights and ``scale``.
 
-    Example::
+    Example:
 
-        >>> layout = KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
-        >>> win = local_windows(layout, torch.tensor([[[90, 90]]]), torch.tensor([[[0, 20, 50]]]))
-        >>> bias = window_bias(win, torch.tensor([[0.5]]), torch.tensor([[1.0]]), scale=2.0)
+        >>> import torch, sparse_bias as sb
+        >>> layout = sb.KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
+        >>> win = sb.local_windows(layout, torch.tensor([[[90, 90]]]), torch.tensor([[[0, 20, 50]]]))
+        >>> bias = sb.window_bias(win, torch.tensor([[0.5]]), torch.tensor([[1.0]]), scale=2.0)
         >>> bias.to_dense().shape, bias.values.unique().tolist()
         (torch.Size([1, 1, 56400]), [1.0, 2.0])
     """

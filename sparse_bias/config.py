@@ -21,14 +21,14 @@ _KEYS = ORIGIN_KEYS | CMTTEST_KEYS | OWN_KEYS
 
 
 def build_attention_bias(cfg: Optional[dict]):
-    """Build an :class:`sparse_bias.nn.AttentionBiasGenerator` from a dense version's ``attention_bias_config``.
+    """Build an `sparse_bias.nn.AttentionBiasGenerator` from a dense version's ``attention_bias_config``.
 
     Every key of both dense versions keeps its meaning:
 
     - the origin design: ``enable`` (False = no bias: returns None), ``window_size`` (odd; one size for BEV and
       camera), ``bias_scale`` (default 1.0), ``use_local_bias`` (False = one bias per modality over all its
-      keys, a :class:`sparse_bias.ModalityBias`), ``fp16`` (half-precision values), ``debug_mode`` (the attention
-      checks a sample of queries against the dense reference; see :class:`sparse_bias.nn.AttentionBiasGenerator`);
+      keys, a `sparse_bias.ModalityBias`), ``fp16`` (half-precision values), ``debug_mode`` (the attention
+      checks a sample of queries against the dense reference; see `sparse_bias.nn.AttentionBiasGenerator`);
     - CMTTEST (``CMTTEST/bias/attention_bias_generator.py``): ``type`` (must be ``"AttentionBiasGenerator"``),
       ``bev_feature_shape`` ``(H, W)``, ``pers_feature_shape`` ``(V, Hc, Wc)`` (default CMT's ``(180, 180)`` /
       ``(6, 40, 100)``), ``learnable_scale``, ``min_scale`` / ``max_scale`` (the learnable scale's clamp,

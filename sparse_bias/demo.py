@@ -6,17 +6,17 @@
 2. Attention at the CMT shape (B=2, H=8, D=32, Q=900, K=56400): checks the sparse-bias attention against
    the dense reference (output and all gradients), then prints time and peak memory of forward + backward
    for unbiased SDPA, sparse-bias attention (``auto`` backend) and the dense-bias version, each in a
-   fresh process (:mod:`sparse_bias.benchmark`). ``--no-attention`` skips this part.
+   fresh process (`sparse_bias.benchmark`). ``--no-attention`` skips this part.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
 
 import torch
 
+from ._cli import Parser
 from .bias import window_bias
 from .synthetic import synthetic_scene
 from .windows import local_windows
@@ -27,13 +27,14 @@ def _mib(nbytes: float) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_out", help="folder for the PNG (default: demo_out)")
+    parser = Parser("python -m sparse_bias.demo", __doc__.splitlines()[0])
+    parser.add_argument("--out", default="demo_out", help="folder for the PNG")
     parser.add_argument("--quick", action="store_true", help="small sizes (used by the tests)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--queries", type=int, default=900)
-    parser.add_argument("--window", type=int, nargs=2, default=(15, 15), metavar=("BEV", "CAM"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size B of the synthetic scene")
+    parser.add_argument("--queries", type=int, default=900, help="object queries Q")
+    parser.add_argument("--window", type=int, nargs=2, default=(15, 15), metavar=("BEV", "CAM"),
+                        help="BEV and camera window sizes (odd)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scene and weights")
     parser.add_argument("--no-attention", dest="attention", action="store_false",
                         help="skip the attention comparison (part 2)")
     args = parser.parse_args(argv)
@@ -111,6 +112,12 @@ def _attention(args):
     except ImportError:  # pragma: no cover - matplotlib is a dev extra
         pass
     return rows
+
+
+def cli() -> int:
+    """Console entry point ``sparse-bias-demo``."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The flat window bias as a FlexAttention ``score_mod`` (for comparisons with ``torch.nn.attention.flex_attention``).
 
 FlexAttention evaluates a ``score_mod(score, b, h, q_idx, kv_idx)`` per score inside a fused kernel; the
-window bias of :func:`sparse_bias.window_bias` (flat profile) can be computed there from the window centres,
-with no ``[B, Q, K]`` tensor. The benchmarks and :mod:`sparse_bias.selftest` time it against this library.
+window bias of `sparse_bias.window_bias` (flat profile) can be computed there from the window centres,
+with no ``[B, Q, K]`` tensor. The benchmarks and `sparse_bias.selftest` time it against this library.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def flex_score_mod(layout: KeyLayout, bev_pos: torch.Tensor, cam_pos: torch.Tens
     """A ``score_mod`` adding ``bev_weight[b, q]`` on the BEV window and ``cam_weight[b, q]`` on each camera window.
 
     Args:
-        layout: the :class:`~sparse_bias.KeyLayout` (BEV grid and camera views both present).
+        layout: the `sparse_bias.KeyLayout` (BEV grid and camera views both present).
         bev_pos: LongTensor ``[B, Q, 2]`` of BEV window centres (row < 0 = none).
         cam_pos: LongTensor ``[B, Q, M, 3]`` of camera window centres ``(view, row, col)`` (view < 0 = none).
         bev_window: odd BEV window size.

@@ -1,7 +1,7 @@
 """The dense global pass: attention without bias that also returns the log-sum-exp, and its backward.
 
-All use of PyTorch's private attention ops lives here. :func:`dense_lse_forward` returns
-``(out, lse)``; :func:`dense_lse_backward` takes an upstream gradient, *any* output tensor and the
+All use of PyTorch's private attention ops lives here. `dense_lse_forward` returns
+``(out, lse)``; `dense_lse_backward` takes an upstream gradient, *any* output tensor and the
 log-sum-exp and returns ``(dq, dk, dv)`` -- the sparse correction calls it with the final (biased)
 output and ``g / (1 + S)``, which makes it exact for every key outside the windows.
 
@@ -13,12 +13,12 @@ Implementations, in order of preference:
   without a mask; the head dim is zero-padded to a multiple of 8.
 * ``"cuda_efficient"``: ``aten._scaled_dot_product_efficient_attention`` (+ ``_backward``) otherwise (float32,
   or with a mask); its LSE (padded to a multiple of 32 along queries in some releases) is sliced.
-  The adapters of both CUDA ops are pure functions in :mod:`sparse_bias._private_ops` (tested on CPU against
+  The adapters of both CUDA ops are pure functions in `sparse_bias._private_ops` (tested on CPU against
   an emulation); each CUDA kernel is compared once with the chunked kernel on a tiny problem before first use.
 * ``"cpu_dropout"``: with attention dropout on the CPU, the compiled flash-style kernel of
   ``sparse_bias/csrc/dense_dropout.cpp`` (online softmax over key blocks, the counter-hash keep decision of
-  :func:`dropout_keep` computed inside the block loop, never stored; deterministic backward).
-* ``"triton_dropout"``: with attention dropout on CUDA, the Triton kernels of :mod:`sparse_bias.triton_dense`
+  `dropout_keep` computed inside the block loop, never stored; deterministic backward).
+* ``"triton_dropout"``: with attention dropout on CUDA, the Triton kernels of `sparse_bias.triton_dense`
   (the same decisions, computed in registers), after a one-off check against the chunked kernel.
 * ``"chunked"``: pure PyTorch, in blocks of queries so that memory stays bounded; supports dropout (with the
   same counter-based mask), and is the fallback when a private op or the compiled kernels are missing or
@@ -53,7 +53,7 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seed_keys(seed: int) -> Tuple[int, int]:
-    """The two 32-bit keys of a dropout seed: its low and high halves, each mixed by :func:`_hash32`, so that
+    """The two 32-bit keys of a dropout seed: its low and high halves, each mixed by `_hash32`, so that
     seeds differing in a few bits give unrelated masks (raw seeds XORed into the index would give masks that
     are permutations of each other)."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
@@ -67,7 +67,7 @@ def dropout_keep(seed: int, flat_index: torch.Tensor, p: float) -> torch.Tensor:
     same entry always gets the same decision, so the dense pass, the window correction and the
     backward all see one consistent mask without storing it. Keep probability ``1 - p``:
     ``hash(hash(lo ^ k_lo) ^ hi ^ k_hi)``, with ``lo`` / ``hi`` the halves of the index and ``k_lo`` / ``k_hi``
-    the keys of :func:`seed_keys`; kept when its low 24 bits, as a uniform in [0, 1), are ``>= p``.
+    the keys of `seed_keys`; kept when its low 24 bits, as a uniform in [0, 1), are ``>= p``.
     """
     k_lo, k_hi = seed_keys(seed)
     x = flat_index.long()
@@ -82,14 +82,14 @@ def dropout_scale(seed: int, p: float, b, h, q, key, heads: int, num_queries: in
     """Dropout multipliers ``keep / (1 - p)`` of the scores ``(b, h, q, key)`` of a ``[B, H, Q, K]`` score tensor.
 
     ``b``, ``h``, ``q``, ``key`` are ints or broadcastable LongTensors; the result has their broadcast shape.
-    The one place that maps a score to its flat index for :func:`dropout_keep`.
+    The one place that maps a score to its flat index for `dropout_keep`.
     """
     flat = ((b * heads + h) * num_queries + q) * num_keys + key
     return dropout_keep(seed, flat, p).to(dtype) / (1 - p)
 
 
 def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
-    """The full keep-mask ``[B, H, Q, K]`` of :func:`dropout_keep` (for references and tests)."""
+    """The full keep-mask ``[B, H, Q, K]`` of `dropout_keep` (for references and tests)."""
     numel = math.prod(shape)
     return dropout_keep(seed, torch.arange(numel, device=device), p).view(*shape)
 
@@ -105,7 +105,7 @@ def _has_op(name: str) -> bool:
 
 @dataclass
 class KernelState:
-    """What :func:`dense_lse_backward` needs besides the tensors: the kernel's name and its extra outputs."""
+    """What `dense_lse_backward` needs besides the tensors: the kernel's name and its extra outputs."""
 
     name: str
     aux: tuple = ()
@@ -122,7 +122,7 @@ def _compiled():
 
 
 def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0, masked: bool = False) -> str:
-    """Which implementation :func:`dense_lse_forward` uses for ``q`` (see the module docstring)."""
+    """Which implementation `dense_lse_forward` uses for ``q`` (see the module docstring)."""
     if dropout_p > 0:
         if q.device.type == "cpu" and _compiled() is not None:
             return "cpu_dropout"
@@ -213,14 +213,14 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
         v: ``[B, H, K, D]``.
         mask: additive float mask broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
         scale: softmax scale.
-        dropout_p: attention dropout probability, with the mask of :func:`dropout_keep`.
+        dropout_p: attention dropout probability, with the mask of `dropout_keep`.
         seed: the dropout seed.
         key_range: ``(offset, total)`` when ``k`` holds keys ``offset : offset + K`` of a memory of ``total``
             keys: the dropout mask is then that of the whole memory.
 
     Returns:
         ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), state)``; pass
-        ``state`` to :func:`dense_lse_backward`.
+        ``state`` to `dense_lse_backward`.
     """
     name = dense_kernel_name(q, dropout_p, masked=mask is not None)
     if name == "cpu_dropout":
@@ -246,7 +246,7 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
 def dense_lse_backward(state: KernelState, grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float = 0.0,
                        seed: int = 0, key_range: Optional[Tuple[int, int]] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of :func:`dense_lse_forward` with its ``state``; ``out`` may be any output tensor (it enters
+    """Backward of `dense_lse_forward` with its ``state``; ``out`` may be any output tensor (it enters
     only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype."""
     name = state.name
     if name == "cpu_dropout":

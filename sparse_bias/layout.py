@@ -22,9 +22,10 @@ class KeyLayout:
         bev_shape: ``(H, W)`` of the BEV feature map, or None for a camera-only model.
         cam_shape: ``(V, Hc, Wc)`` -- views and feature-map size per view, or None for a LiDAR-only model.
 
-    Example::
+    Example:
 
-        >>> layout = KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
+        >>> import torch, sparse_bias as sb
+        >>> layout = sb.KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
         >>> layout.num_keys
         56400
         >>> layout.cam_key(0, 0, 0)
@@ -82,7 +83,7 @@ class KeyLayout:
         return self.num_bev_keys + view * (hc * wc) + row * wc + col
 
     def decode(self, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`bev_key` / :meth:`cam_key`.
+        """Inverse of `bev_key` / `cam_key`.
 
         Args:
             key: LongTensor of any shape with values in ``[0, num_keys)``.

@@ -14,7 +14,7 @@ def query_bias_maps(bias: SparseBias, batch: int, queries: Sequence[int], head: 
     """Dense bias of a few queries, summed, laid out on the layout's grids.
 
     Args:
-        bias: the :class:`SparseBias`.
+        bias: the `SparseBias`.
         batch: which batch element.
         queries: query indices to draw (their biases are added up).
         head: which head for per-head values (default: mean over heads).
@@ -74,7 +74,7 @@ def plot_query_bias(bias: SparseBias, path: str, batch: int = 0, queries: Sequen
 
 
 def plot_comparison(rows, path: str, title: str = "sparse bias vs the dense-bias version") -> str:
-    """Save a PNG of benchmark rows (from :mod:`sparse_bias.benchmark`): time and peak memory of each variant
+    """Save a PNG of benchmark rows (from `sparse_bias.benchmark`): time and peak memory of each variant
     relative to unbiased SDPA (the first row)."""
     import matplotlib
     matplotlib.use("Agg")

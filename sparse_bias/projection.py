@@ -29,9 +29,10 @@ def project_points(ref_points: torch.Tensor, pc_range: Sequence[float], layout: 
     """Cells of the BEV grid and of the camera feature maps that each reference point falls in.
 
     BEV: the point ``ref * (max - min) + min`` lands in column ``floor(ref_x * W)`` and row
-    ``floor(ref_y * H)`` (row follows lidar y, column lidar x). Points outside ``pc_range`` on any axis
-    get no BEV window (row = col = -1) -- they are not clamped onto the border. A point exactly on the
-    upper boundary belongs to the last cell.
+    ``floor(ref_y * H)`` (row follows lidar y, column lidar x). A point exactly on the upper boundary
+    belongs to the last cell. Reference points must be normalised to ``[0, 1]`` over ``pc_range`` (as CMT's
+    sigmoid reference points are): a value outside is an error, since metric coordinates passed by mistake
+    would otherwise silently give no windows.
 
     Cameras: the metric point is projected with ``lidar2img``; it is visible in a view when its depth is
     ``> 1e-5`` and its pixel ``(u, v)`` satisfies ``0 <= u < img_w``, ``0 <= v < img_h`` (the padded
@@ -42,7 +43,7 @@ def project_points(ref_points: torch.Tensor, pc_range: Sequence[float], layout: 
     Args:
         ref_points: ``[B, Q, 3]`` reference points normalised to ``[0, 1]`` over ``pc_range``.
         pc_range: ``[x_min, y_min, z_min, x_max, y_max, z_max]`` in metres.
-        layout: the :class:`KeyLayout` (its BEV and camera shapes).
+        layout: the `KeyLayout` (its BEV and camera shapes).
         lidar2img: ``[B, V, 4, 4]`` lidar-to-image matrices (intrinsics @ extrinsics), or None.
         img_shape: padded image size ``(height, width)`` in pixels; required with ``lidar2img``.
         max_views: slots ``M`` per query in ``cam_pos`` (2 covers the overlap of neighbouring cameras).
@@ -51,18 +52,25 @@ def project_points(ref_points: torch.Tensor, pc_range: Sequence[float], layout: 
         ``(bev_pos, cam_pos)``: LongTensor ``[B, Q, 2]`` (None when the layout has no BEV part) and
         LongTensor ``[B, Q, M, 3]`` of ``(view, row, col)`` (None without ``lidar2img`` or cameras).
 
-    Example::
+    Raises:
+        ValueError: ``ref_points`` outside ``[0, 1]`` (e.g. metric coordinates), bad shapes or ``pc_range``.
 
-        >>> layout = KeyLayout(bev_shape=(180, 180))
-        >>> ref = torch.tensor([[[0.5, 0.25, 0.5], [1.2, 0.5, 0.5]]])   # the second point is outside
-        >>> bev_pos, _ = project_points(ref, [-54, -54, -5, 54, 54, 3], layout)
+    Example:
+        >>> import torch, sparse_bias as sb
+        >>> layout = sb.KeyLayout(bev_shape=(180, 180))
+        >>> ref = torch.tensor([[[0.5, 0.25, 0.5], [1.0, 0.5, 0.5]]])
+        >>> bev_pos, _ = sb.project_points(ref, [-54, -54, -5, 54, 54, 3], layout)
         >>> bev_pos.tolist()
-        [[[45, 90], [-1, -1]]]
+        [[[45, 90], [90, 179]]]
     """
     check_tensor("ref_points", ref_points, ndim=(3,), floating=True)
     if ref_points.shape[-1] != 3:
         raise ValueError(f"ref_points must be [B, Q, 3], got shape {tuple(ref_points.shape)}")
     check_finite("ref_points", ref_points)
+    if ref_points.numel() and bool(((ref_points < 0) | (ref_points > 1)).any()):
+        raise ValueError(f"ref_points must be normalised to [0, 1] over pc_range, i.e. (xyz - pc_range[:3]) / "
+                         f"(pc_range[3:] - pc_range[:3]) (CMT's sigmoid reference points are), got values in "
+                         f"[{float(ref_points.min()):.4g}, {float(ref_points.max()):.4g}] -- metric coordinates?")
     if not isinstance(layout, KeyLayout):
         raise TypeError(f"layout must be a KeyLayout, got {type(layout).__name__}")
     if isinstance(max_views, bool) or not isinstance(max_views, int) or max_views < 1:

@@ -81,7 +81,7 @@ class SyntheticScene:
 def synthetic_scene(batch_size: int = 2, num_queries: int = 900, config: str = "fusion", max_views: int = 2,
                     seed: int = 0, device: Optional[torch.device] = None) -> SyntheticScene:
     """Random reference points (uniform over the BEV range, near the ground) in a CMT configuration,
-    projected onto the BEV grid and the six synthetic cameras of :func:`synthetic_cameras`."""
+    projected onto the BEV grid and the six synthetic cameras of `synthetic_cameras`."""
     if config not in CMT_CONFIGS:
         raise ValueError(f"config must be one of {sorted(CMT_CONFIGS)}, got {config!r}")
     cfg = CMT_CONFIGS[config]

@@ -3,7 +3,7 @@ when ``dropout_p > 0``).
 
 PyTorch's CUDA attention kernels draw their dropout from philox streams whose layout is private; the exact
 correction needs the *same* keep decision for a score in the dense pass, the window terms and the backward,
-which the counter-hash of :func:`sparse_bias.kernels.dropout_keep` gives as a pure function of the score's
+which the counter-hash of `sparse_bias.kernels.dropout_keep` gives as a pure function of the score's
 flat index. So instead of reproducing the CUDA kernels' decisions, the dense pass with dropout runs these
 kernels: online softmax over key blocks with the keep decision hashed in registers inside the block loop
 (never stored), float32 accumulation for float16 / bfloat16 / float32 inputs, and the log-sum-exp of the
@@ -44,8 +44,8 @@ def _kernels():
 
     @triton.jit
     def _keep(flat, seed_lo, seed_hi, p):
-        """The keep decision of :func:`sparse_bias.kernels.dropout_keep` for int64 flat indices (``seed_lo`` /
-        ``seed_hi``: the seed's keys, :func:`sparse_bias.kernels.seed_keys`)."""
+        """The keep decision of `sparse_bias.kernels.dropout_keep` for int64 flat indices (``seed_lo`` /
+        ``seed_hi``: the seed's keys, `sparse_bias.kernels.seed_keys`)."""
         lo = (flat & 0xFFFFFFFF).to(tl.uint32)
         hi = (flat >> 32).to(tl.uint32)
         h = _hash(_hash(lo ^ seed_lo.to(tl.uint32)) ^ hi ^ seed_hi.to(tl.uint32))
@@ -235,7 +235,7 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
                   dropout_p: float, seed: int, key_range: Optional[Tuple[int, int]] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32)`` of ``softmax(scale q k^T + mask) v`` with the
-    counter-hash dropout of :func:`sparse_bias.kernels.dropout_keep` (``key_range = (offset, total)`` when k
+    counter-hash dropout of `sparse_bias.kernels.dropout_keep` (``key_range = (offset, total)`` when k
     holds keys ``offset : offset + K`` of ``total``). q, k, v: float32 / float16 / bfloat16, one device."""
     q, k, v = (t.contiguous() for t in (q, k, v))
     mask, args = _common(q, k, mask, scale, dropout_p, seed, key_range)
@@ -249,7 +249,7 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
 
 def dense_backward(grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float, seed: int,
                    key_range: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of :func:`dense_forward`; ``out`` may be any output tensor (it enters only through
+    """``(dq, dk, dv)`` of `dense_forward`; ``out`` may be any output tensor (it enters only through
     ``rowsum(grad_out * out)``)."""
     q, k, v, g = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
     delta = (g.float() * out.float()).sum(-1).contiguous()

@@ -29,14 +29,14 @@ __all__ = ["window_attention", "select_window_backend"]
 
 logger = logging.getLogger("sparse_bias")
 
-#: Backends :func:`window_attention` accepts.
+#: Backends `window_attention` accepts.
 WINDOW_BACKENDS = ("auto", "fused", "sparse", "scatter", "torch", "dense")
 
 
 def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, str]:
-    """The backend :func:`window_attention` will use for ``q``, and why: ``(name, reason)``.
+    """The backend `window_attention` will use for ``q``, and why: ``(name, reason)``.
 
-    ``"auto"`` takes the first backend of :data:`sparse_bias.backends.AUTO_ORDER` that can run on q's device
+    ``"auto"`` takes the first backend of `sparse_bias.backends.AUTO_ORDER` that can run on q's device
     and dtype and has segment kernels (the fused ``"triton"`` backend has none for window attention yet).
     """
     if backend not in WINDOW_BACKENDS:
@@ -151,21 +151,21 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
 
     Args:
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]`` (float32/float64/bfloat16/float16, one device).
-        win: the :class:`WindowIndex` (``B``, ``Q`` and the layout's ``K`` must match q and k). A
+        win: the `WindowIndex` (``B``, ``Q`` and the layout's ``K`` must match q and k). A
             ``WindowIndex`` built with ``bev_window=5, cam_window=15`` from MoME-style projections is MoME's LAM.
-        bias: optional :class:`SparseBias` on the same index (values ``[nnz]`` or ``[nnz, H]``): a local bias
+        bias: optional `SparseBias` on the same index (values ``[nnz]`` or ``[nnz, H]``): a local bias
             inside the local mask.
         key_padding_mask: ``[B, K]``: bool (True = ignore that key), uint8 (nonzero = ignore) or an additive
             float mask (``torch.nn.MultiheadAttention``'s conventions).
         dropout_p: attention dropout on the window probabilities, with the counter-based mask of
-            :func:`sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
+            `sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
             ``dropout_seed``; drawn from torch's RNG when None). Pass 0 at evaluation.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch CSR kernels:
             ``sampled_addmm``, CSR @ dense), ``"scatter"``
             (gathered rows reduced with torch-scatter ``segment_csr``), ``"torch"`` (gathers, ``index_add_``,
             ``scatter_reduce``) or ``"dense"`` (the materialised mask; the reference).
-            :func:`select_window_backend` says what ``"auto"`` picks and why.
+            `select_window_backend` says what ``"auto"`` picks and why.
 
     Returns:
         ``[B, H, Q, D]`` in q's dtype; softmax statistics are kept in float32 (float64 for float64 input).

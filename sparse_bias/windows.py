@@ -6,7 +6,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ._checks import check_device, check_tensor, check_window_size
+from ._checks import check_device, check_tensor, check_window_size, parse_to
 from .layout import KeyLayout
 
 __all__ = ["WindowIndex", "local_windows"]
@@ -26,7 +26,7 @@ class WindowIndex:
     the BEV window first, then the camera windows in view order.
 
     Attributes:
-        layout: the :class:`KeyLayout` the keys index into.
+        layout: the `KeyLayout` the keys index into.
         batch_size, num_queries: ``B`` and ``Q``.
         indptr: LongTensor ``[B * Q + 1]``.
         key: LongTensor ``[nnz]``, index into the layout's keys.
@@ -123,13 +123,29 @@ class WindowIndex:
         mask[self.row * self.layout.num_keys + self.key] = True
         return mask.view(self.batch_size, self.num_queries, self.layout.num_keys)
 
-    def to(self, device) -> "WindowIndex":
-        """A copy on ``device`` (the cache is not carried over)."""
+    def to(self, *args, **kwargs) -> "WindowIndex":
+        """The index on another device, called like ``Tensor.to`` (``.to(device)``, ``.to(tensor)``, keywords).
+        A dtype is accepted and ignored (index tensors are integer). Returns ``self`` when the device does not
+        change (keeping the cached structures), else a copy (the cache is not carried over)."""
+        device, _ = parse_to(*args, **kwargs)
+        if device is None or device == self.device:
+            return self
+
         def mv(x):
             return x.to(device) if isinstance(x, torch.Tensor) else x
         return WindowIndex(self.layout, self.batch_size, self.num_queries, mv(self.indptr), mv(self.key),
                            mv(self.source), mv(self.dy), mv(self.dx), mv(self.bev_pos), mv(self.cam_pos),
                            mv(self.bev_window), mv(self.cam_window))
+
+    def cpu(self) -> "WindowIndex":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "WindowIndex":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def detach(self) -> "WindowIndex":
+        """``self``: an index carries no gradients (for symmetry with tensors and `SparseBias`)."""
+        return self
 
     def nbytes(self) -> int:
         """Bytes held by the index tensors (``indptr``, ``key``, ``source``, ``dy``, ``dx``)."""
@@ -177,14 +193,14 @@ def _half_sizes(size: WindowSize, rows: int, device) -> torch.Tensor:
 def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
                   cam_pos: Optional[torch.Tensor] = None, bev_window: WindowSize = 15,
                   cam_window: WindowSize = 15) -> WindowIndex:
-    """Gather every query's local window keys into a CSR :class:`WindowIndex`.
+    """Gather every query's local window keys into a CSR `WindowIndex`.
 
     A query centred on cell ``(r, c)`` with window size ``w`` gets the cells ``(r + dy, c + dx)`` with
     ``|dy|, |dx| <= w // 2`` that lie on its grid: windows are clipped in 2-D at the grid borders, never
     wrap into the next row and never cross into another camera view. Fully vectorised.
 
     Args:
-        layout: the :class:`KeyLayout` of the memory.
+        layout: the `KeyLayout` of the memory.
         bev_pos: LongTensor ``[B, Q, 2]`` of BEV cells ``(row, col)``; ``row < 0`` = no BEV window.
             None = no BEV windows at all.
         cam_pos: LongTensor ``[B, Q, 3]`` of camera cells ``(view, row, col)``, or ``[B, Q, M, 3]`` for up
@@ -195,14 +211,15 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
         cam_window: the same for the camera windows.
 
     Returns:
-        :class:`WindowIndex` with ``indptr [B * Q + 1]`` and ``key``, ``source``, ``dy``, ``dx [nnz]``.
+        `WindowIndex` with ``indptr [B * Q + 1]`` and ``key``, ``source``, ``dy``, ``dx [nnz]``.
 
-    Example::
+    Example:
 
-        >>> layout = KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
+        >>> import torch, sparse_bias as sb
+        >>> layout = sb.KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
         >>> bev_pos = torch.tensor([[[0, 0], [90, 90]]])          # B=1, Q=2; a corner and the centre
         >>> cam_pos = torch.tensor([[[2, 20, 50], [-1, 0, 0]]])   # the second query is seen by no camera
-        >>> win = local_windows(layout, bev_pos, cam_pos, bev_window=15, cam_window=15)
+        >>> win = sb.local_windows(layout, bev_pos, cam_pos, bev_window=15, cam_window=15)
         >>> win.counts().tolist()                                 # corner window clipped to 8 x 8
         [[289, 225]]
     """

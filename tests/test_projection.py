@@ -35,17 +35,16 @@ def test_hand_computed_front_and_back_cameras():
         [-10.0, 0.0, -2.0],   # behind view 0, ahead of view 1: u = 800, v = 320 + 200 = 520 -> cell (32, 50)
         [10.0, 20.0, 0.0],    # u = 800 - 2000 = -1200: outside the image
         [0.0, 5.0, 0.0],      # depth 0 in both views
-        [60.0, 0.0, 0.0],     # outside pc_range in x, still in front of view 0: u = 800, v = 320
-        [10.0, 0.0, 4.0],     # outside pc_range in z: v = 320 - 400 < 0 -> outside the image too
+        [10.0, 0.0, 3.0],     # on the upper z bound: v = 320 - 300 = 20 -> cell (1, 50)
         [10.0, -7.9, 0.0],    # u = 800 + 790 = 1590 < 1600: inside -> col floor(1590 / 16) = 99
         [10.0, -8.5, 0.0],    # u = 1650: right of the image
     ]
     bev_pos, cam_pos = sb.project_points(normalise(points), PC, layout, lidar2img.float(), IMG, max_views=2)
-    assert bev_pos.shape == (1, 9, 2) and cam_pos.shape == (1, 9, 2, 3)
+    assert bev_pos.shape == (1, 8, 2) and cam_pos.shape == (1, 8, 2, 3)
     # BEV: col = floor((x + 54) / 108 * 180), row = floor((y + 54) / 108 * 180)
-    assert bev_pos[0].tolist() == [[90, 106], [93, 106], [90, 73], [123, 106], [98, 90], [-1, -1],
-                                   [-1, -1], [76, 106], [75, 106]]
-    expected = [(0, 20, 50), (0, 13, 37), (1, 32, 50), None, None, (0, 20, 50), None, (0, 20, 99), None]
+    assert bev_pos[0].tolist() == [[90, 106], [93, 106], [90, 73], [123, 106], [98, 90], [90, 106],
+                                   [76, 106], [75, 106]]
+    expected = [(0, 20, 50), (0, 13, 37), (1, 32, 50), None, None, (0, 1, 50), (0, 20, 99), None]
     for q, exp in enumerate(expected):
         first = tuple(cam_pos[0, q, 0].tolist())
         assert first == (exp if exp is not None else (-1, -1, -1)), q
@@ -111,3 +110,12 @@ def test_bad_input(kwargs, exc, match):
 def test_cameras_need_a_camera_layout():
     with pytest.raises(ValueError, match="no camera part"):
         sb.project_points(torch.rand(1, 2, 3), PC, sb.KeyLayout(bev_shape=(9, 9)), torch.zeros(1, 6, 4, 4), IMG)
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.2, 30.0])
+def test_reference_points_outside_the_unit_cube_are_an_error(value):
+    """Metric coordinates passed by mistake would silently give no windows: an error naming the normalisation."""
+    ref = torch.full((1, 2, 3), 0.5)
+    ref[0, 1, 0] = value
+    with pytest.raises(ValueError, match=r"ref_points must be normalised to \[0, 1\] over pc_range"):
+        sb.project_points(ref, PC, sb.KeyLayout(bev_shape=(9, 9)))

@@ -1,7 +1,7 @@
 """Backends evaluating the window terms of the sparse correction.
 
 Every backend implements three primitives over the ``n`` window entries of one batch element ``b``
-of a :class:`WindowIndex` (entries ``win.batch_range(b)``) and a block of heads ``hs`` (a slice of
+of a `WindowIndex` (entries ``win.batch_range(b)``) and a block of heads ``hs`` (a slice of
 ``h`` heads), accumulated in the compute dtype (float32, or float64 for float64 input):
 
 * ``sddmm(win, b, hs, x [B, H, Q, D], y [B, H, K, D]) -> [h, n]``: ``<x[b, h, q_e], y[b, h, key_e]>``;
@@ -12,11 +12,11 @@ of a :class:`WindowIndex` (entries ``win.batch_range(b)``) and a block of heads 
 row once for all heads; the CSR backend works one head at a time, so the correction's temporaries are
 a few ``[n]`` vectors.
 
-``"fused"`` (CPU) and ``"triton"`` (CUDA) override the block methods of :class:`~sparse_bias.backends.base.Backend` with fused kernels
-(see :mod:`sparse_bias.backends.triton_backend`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
+``"fused"`` (CPU) and ``"triton"`` (CUDA) override the block methods of `sparse_bias.backends.base.Backend` with fused kernels
+(see `sparse_bias.backends.triton_backend`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
 ``segment_csr``; ``"torch"`` is the same with native ``index_add_``; ``"sparse"`` uses PyTorch's
 sparse CSR kernels (``sampled_addmm`` and CSR @ dense, with the transposed structure built once per
-index). ``"dense"`` (materialise the bias) is handled by :mod:`sparse_bias.attention`.
+index). ``"dense"`` (materialise the bias) is handled by `sparse_bias.attention`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ BACKENDS: Dict[str, object] = {
     "triton": TritonBackend(),
 }
 
-#: ``"auto"`` tries these in order and takes the first that can run (see :func:`backend_candidates`).
+#: ``"auto"`` tries these in order and takes the first that can run (see `backend_candidates`).
 AUTO_ORDER = {"cpu": ("fused", "sparse", "scatter", "torch"), "cuda": ("triton", "scatter", "torch", "sparse")}
 
 

@@ -1,7 +1,7 @@
 """The window terms of one (batch element, head block), written once on top of the backend primitives.
 
-Two uses: the sparse *correction* of :func:`sparse_bias.sparse_bias_attention` (``forward_block`` /
-``backward_block``) and the local-mask softmax of :func:`sparse_bias.window_attention`
+Two uses: the sparse *correction* of `sparse_bias.sparse_bias_attention` (``forward_block`` /
+``backward_block``) and the local-mask softmax of `sparse_bias.window_attention`
 (``window_forward_block`` / ``window_backward_block``).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ class WindowBlock:
     Attributes:
         b: batch element.
         hs: slice of heads.
-        e0, e1: the entries ``e0:e1`` of the :class:`~sparse_bias.WindowIndex` (all of ``b``'s).
+        e0, e1: the entries ``e0:e1`` of the `sparse_bias.WindowIndex` (all of ``b``'s).
         row: LongTensor ``[n]``, the CSR row (``b * Q + q``) of each entry (a view of the index's cache).
         bvals: bias values ``[h or 1, n]`` in the compute dtype, or None.
         mask: the additive mask, 4-D broadcastable to ``[B, H, Q, K]`` (``-inf`` = masked), or None.
@@ -71,8 +71,8 @@ class WindowBlock:
 
 
 class Backend:
-    """Base class: :meth:`forward_block` and :meth:`backward_block` built on ``sddmm``, ``spmm`` and ``spmm_t``
-    (see :mod:`sparse_bias.backends`). A backend with fused kernels overrides the two block methods."""
+    """Base class: `forward_block` and `backward_block` built on ``sddmm``, ``spmm`` and ``spmm_t``
+    (see `sparse_bias.backends`). A backend with fused kernels overrides the two block methods."""
 
     name = "base"
     #: heads per block (None = all)
@@ -122,7 +122,7 @@ class Backend:
         out += self.spmm(win, blk.b, blk.hs, p_out if blk.keep is None else p_out * blk.keep, v, cdt)
 
     def window_backward_block(self, win, blk: WindowBlock, q, k, v, g, go, p, scale, dq, dk, dv, cdt):
-        """Backward of :meth:`window_forward_block`: ``g [B, H, Q, D]``, ``go = <g, o>`` ``[h, Q]``, ``p [h, n]``.
+        """Backward of `window_forward_block`: ``g [B, H, Q, D]``, ``go = <g, o>`` ``[h, Q]``, ``p [h, n]``.
 
         With ``ds_j = p_j (keep_j <g, v_j> - <g, o>)``: adds ``scale sum_j ds_j k_j`` into ``dq [h, Q, D]``,
         ``scale ds_j q`` and ``p_j keep_j g`` into ``dk``, ``dv [B, H, K, D]``; returns ``ds [h, n]`` (the

@@ -1,6 +1,6 @@
 """Backend choice for the window terms, with a first-use self-check of every GPU path.
 
-:func:`choose_backend` walks :data:`~sparse_bias.backends.AUTO_ORDER` for the input's device and takes the
+`choose_backend` walks `sparse_bias.backends.AUTO_ORDER` for the input's device and takes the
 first backend that can run there *and* passes its self-check. A self-check runs once per (operation, backend,
 device, dtype, head dim): a tiny problem with key padding, a per-head bias and one strongly negative window
 (the exact-row regime), computed by the candidate and by the dense reference in float64; output and every
@@ -10,8 +10,8 @@ silent wrong result. An explicitly requested backend that fails its check falls 
 
 Which backends are checked is set by the environment variable ``SPARSE_BIAS_SELF_CHECK``: ``gpu`` (default:
 every backend on a non-CPU device, and the Triton kernels wherever they run, the interpreter included),
-``always`` (CPU backends too) or ``off``. :func:`self_check_results` lists what ran;
-:func:`reset_self_checks` forgets it.
+``always`` (CPU backends too) or ``off``. `self_check_results` lists what ran;
+`reset_self_checks` forgets it.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ __all__ = ["choose_backend", "self_check", "self_check_results", "reset_self_che
 SELF_CHECK_ENV = "SPARSE_BIAS_SELF_CHECK"
 _POLICIES = ("gpu", "always", "off")
 
-#: Backends of the sparse correction (:func:`sparse_bias.sparse_bias_attention`) and of
-#: :func:`sparse_bias.window_attention` (the Triton kernels have no window-attention form yet).
+#: Backends of the sparse correction (`sparse_bias.sparse_bias_attention`) and of
+#: `sparse_bias.window_attention` (the Triton kernels have no window-attention form yet).
 CORRECTION_BACKENDS = ("fused", "sparse", "scatter", "torch", "triton")
 WINDOW_BACKENDS = ("fused", "sparse", "scatter", "torch")
 _KINDS = {"correction": CORRECTION_BACKENDS, "window": WINDOW_BACKENDS}
@@ -174,8 +174,8 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
         dtype: q's dtype.
         head_dim: ``D`` of ``q [B, H, Q, D]``.
         requested: a backend name or ``"auto"`` (``"dense"`` is handled by the callers).
-        kind: ``"correction"`` (:func:`sparse_bias.sparse_bias_attention`) or ``"window"``
-            (:func:`sparse_bias.window_attention`).
+        kind: ``"correction"`` (`sparse_bias.sparse_bias_attention`) or ``"window"``
+            (`sparse_bias.window_attention`).
 
     Raises:
         RuntimeError: a requested backend that cannot run here, or no backend that can.

@@ -19,7 +19,7 @@ class SparseCSRBackend(Backend):
     """Per batch element and head: one ``sampled_addmm`` or one CSR @ dense product.
 
     The CSR structure of each batch element (and its transpose, for the key-side sums) is built once
-    per :class:`WindowIndex` and cached on it. Head slices of low-precision inputs are upcast to float32
+    per `WindowIndex` and cached on it. Head slices of low-precision inputs are upcast to float32
     one at a time (MKL has no bfloat16 CSR kernels), so the extra memory is one ``[K, D]`` slice.
     """
 

@@ -4,7 +4,7 @@ Built at install time against the installed torch (``setup.py``, ``torch.utils.c
 torch-scatter is. Per batch element and block of heads: the forward makes one pass over each query's entries
 (scores, ``p``, ``a``, ``S``, ``C``); the backward one pass over each query's entries (``<g', v_j>``, ``d_j``, the
 ``dq`` correction and the bias gradient) and one over each key's entries through the transposed structure the
-:class:`~sparse_bias.WindowIndex` caches (``dk`` / ``dv``), so every output is written by one thread in a fixed
+`sparse_bias.WindowIndex` caches (``dk`` / ``dv``), so every output is written by one thread in a fixed
 order: bitwise-repeatable. ``p`` is recomputed in the backward instead of stored. Masks and dropout are read
 from the additive mask and the seed inside the kernels (never materialised per entry).
 
@@ -140,7 +140,7 @@ class FusedCPUBackend(Backend):
                               _seed(blk), p_out, out)
 
     def window_backward_block(self, win, blk, q, k, v, g, go, p, scale, dq, dk, dv, cdt):
-        """``p`` is the window log-sum-exp ``[h, Q]`` of :meth:`window_forward_block`."""
+        """``p`` is the window log-sum-exp ``[h, Q]`` of `window_forward_block`."""
         ext = _extension()[0]
         crow, col, tcrow, trow, perm = win.csr(blk.b)
         h = blk.hs.stop - blk.hs.start

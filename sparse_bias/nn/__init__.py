@@ -1,8 +1,8 @@
 """``nn.Module``s for CMT / PETR decoders (mmcv 1.x calling conventions, no mmcv dependency).
 
-They own parameters and call the functional ops :func:`sparse_bias.sparse_bias_attention` and
-:func:`sparse_bias.window_attention`. Importing them registers nothing anywhere: see
-:func:`register_modules` and the ``sparse_bias.mmcv`` plugin module.
+They own parameters and call the functional ops `sparse_bias.sparse_bias_attention` and
+`sparse_bias.window_attention`. Importing them registers nothing anywhere: see
+`register_modules` and the ``sparse_bias.mmcv`` plugin module.
 """
 from .attention import SparseBiasMultiheadAttention
 from .aqr import AQROutput, AQRWeightGenerator, Projection

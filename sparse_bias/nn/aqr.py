@@ -3,8 +3,8 @@
 The weight generator of MoME's ``AQR_with_LAM`` and of CMTTEST's ``AQRWeightGenerator``: zero queries
 with the query embeddings as positions cross-attend to the whole memory, restricted to each query's camera
 window and BEV window, then ``tanh(Linear(C, 2))`` gives a LiDAR and a camera weight in ``[-1, 1]``. Here
-the mask is a :class:`~sparse_bias.WindowIndex` and the cross-attention is
-:func:`sparse_bias.window_attention` -- exact, O(nnz * D), no ``[B * heads, Q, K]`` bool tensor.
+the mask is a `sparse_bias.WindowIndex` and the cross-attention is
+`sparse_bias.window_attention` -- exact, O(nnz * D), no ``[B * heads, Q, K]`` bool tensor.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class Projection(NamedTuple):
     Attributes:
         bev_pos: LongTensor ``[B, Q, 2]`` BEV cells ``(row, col)`` (``-1`` = none).
         cam_pos: LongTensor ``[B, Q, M, 3]`` camera cells ``(view, row, col)`` (``view -1`` = unseen), or None.
-        local_window: the AQR's local attention mask (:class:`~sparse_bias.WindowIndex`).
+        local_window: the AQR's local attention mask (`sparse_bias.WindowIndex`).
     """
 
     bev_pos: Optional[torch.Tensor]
@@ -70,17 +70,17 @@ class AQRWeightGenerator(nn.Module):
             used, as CMTTEST's code does). Default: ``"unused"`` when built from CMTTEST's config (an
             ``encoder_config`` is given), so its checkpoints reproduce its outputs; ``"keys"`` otherwise.
         pc_range: ``[x_min, y_min, z_min, x_max, y_max, z_max]`` the reference points are normalised over.
-        layout: the :class:`~sparse_bias.KeyLayout` of the memory (default from the two feature shapes).
+        layout: the `sparse_bias.KeyLayout` of the memory (default from the two feature shapes).
         bev_feature_shape: ``(H, W)`` of the BEV grid when no layout is given (CMT's ``(180, 180)``).
         pers_feature_shape: ``(V, Hc, Wc)`` of the camera features when no layout is given (``(6, 40, 100)``).
         unseen_camera: a point no camera sees: ``"corner"`` = a camera window at view 0, cell (0, 0), as MoME's
             and CMTTEST's projection does (``pts_pers`` set to 0), or ``"none"`` = no camera window. Only the
             LAM is affected: the returned projection keeps ``-1`` for unseen points.
-        max_views: camera views kept per point by :meth:`project` (the LAM uses the first; a bias generator
+        max_views: camera views kept per point by `project` (the LAM uses the first; a bias generator
             fed the returned projection may use all of them).
         init_bias: initial bias of ``weight_predictor`` (1.5: weights start at tanh(1.5) = 0.905).
         batch_first: ``[B, N, C]`` tensors instead of ``[N, B, C]``.
-        backend: backend of :func:`sparse_bias.window_attention`.
+        backend: backend of `sparse_bias.window_attention`.
         encoder_config: CMTTEST's / MoME's encoder config (``dict(type="PETRTransformerDecoder", num_layers=1,
             transformerlayers=dict(type="PETRTransformerDecoderLayer", attn_cfgs=[dict(type="MultiheadAttention",
             embed_dims=256, num_heads=4, dropout=0.1)], ...))``); replaces ``num_heads``, ``feedforward_channels``,
@@ -150,12 +150,12 @@ class AQRWeightGenerator(nn.Module):
 
     def project(self, ref_points: torch.Tensor, lidar2img: Optional[torch.Tensor] = None,
                 img_shape: Optional[Sequence[int]] = None) -> tuple:
-        """``(bev_pos [B, Q, 2], cam_pos [B, Q, M, 3])`` of :func:`sparse_bias.project_points` with
+        """``(bev_pos [B, Q, 2], cam_pos [B, Q, M, 3])`` of `sparse_bias.project_points` with
         ``M = max_views`` (the first views that see each point; ``-1`` = unseen)."""
         return project_points(ref_points, self.pc_range, self.layout, lidar2img, img_shape, max_views=self.max_views)
 
     def local_window(self, bev_pos: Optional[torch.Tensor], cam_pos: Optional[torch.Tensor]) -> WindowIndex:
-        """The LAM as a :class:`~sparse_bias.WindowIndex`: camera window ``window_sizes[0]`` in the first view
+        """The LAM as a `sparse_bias.WindowIndex`: camera window ``window_sizes[0]`` in the first view
         that sees the point (MoME keeps one view; unseen points per ``unseen_camera``), BEV ``window_sizes[1]``."""
         cam_window, bev_window = self.window_sizes
         if cam_pos is not None:
@@ -188,7 +188,7 @@ class AQRWeightGenerator(nn.Module):
                 practice; memory ``O(B * heads * Q * K)``) instead of window attention -- for comparisons.
 
         Returns:
-            :class:`AQROutput` ``(lidar_weights [B, Q], camera_weights [B, Q], projection)``.
+            `AQROutput` ``(lidar_weights [B, Q], camera_weights [B, Q], projection)``.
         """
         query_embed, memory, pos_embed = (t if not self.batch_first else t.transpose(0, 1)
                                           for t in (query_embed, memory, pos_embed))

@@ -25,7 +25,7 @@ class SparseBiasMultiheadAttention(nn.Module):
 
     Parameters live in ``self.attn``, an ``nn.MultiheadAttention`` used only as a parameter container, so
     state dicts of mmcv's ``MultiheadAttention`` (``attn.in_proj_weight``, ``attn.out_proj.weight``, ...)
-    load unchanged. The attention itself runs through :func:`sparse_bias.sparse_bias_attention`.
+    load unchanged. The attention itself runs through `sparse_bias.sparse_bias_attention`.
 
     Args:
         embed_dims: ``C``.
@@ -35,7 +35,7 @@ class SparseBiasMultiheadAttention(nn.Module):
         dropout_layer: mmcv-style config of the dropout on the residual branch: ``dict(type="Dropout",
             drop_prob=p)`` or ``dict(type="DropPath", drop_prob=p)`` (None = identity).
         batch_first: ``[B, N, C]`` tensors instead of mmcv's default ``[N, B, C]``.
-        backend: backend of :func:`sparse_bias_attention`.
+        backend: backend of `sparse_bias_attention`.
         **kwargs: only ``dropout``, mmcv's legacy keyword (deprecated there): used as both ``attn_drop`` and
             the ``dropout_layer`` drop probability, with a warning, as mmcv does.
     """
@@ -74,16 +74,16 @@ class SparseBiasMultiheadAttention(nn.Module):
                 when their shapes match (mmcv's rule).
             attn_mask: ``nn.MultiheadAttention`` convention: ``[Q, K]`` or ``[B * H, Q, K]``, bool (True = *not*
                 allowed), uint8 (nonzero = not allowed) or an additive float mask.
-                A :class:`WindowIndex` here is taken as ``local_window`` (so ``attn_masks=[win]`` of a PETR
+                A `WindowIndex` here is taken as ``local_window`` (so ``attn_masks=[win]`` of a PETR
                 decoder layer turns a LAM layer's dense mask into window attention).
             key_padding_mask: ``[B, K]`` as ``nn.MultiheadAttention`` takes it: bool (True = ignore), uint8
                 (nonzero = ignore) or an additive float mask. CMT's all-zero float mask costs nothing.
-            attention_bias: a :class:`SparseBias` / :class:`ModalityBias` (layout-free), a dense tensor in the
+            attention_bias: a `SparseBias` / `ModalityBias` (layout-free), a dense tensor in the
                 module's sequence layout -- ``[Q, B, K]`` (as the origin design and CMTTEST hand it over) or
                 ``[B, Q, K]`` with ``batch_first`` -- or ``[B, H, Q, K]`` per head, or None. With
-                ``local_window``: a :class:`SparseBias` on that index, or None.
-            local_window: a :class:`WindowIndex` for ``[B, Q]`` queries over the ``K`` keys: a local attention
-                mask. Each query attends only to its window keys (:func:`sparse_bias.window_attention`, exact, no
+                ``local_window``: a `SparseBias` on that index, or None.
+            local_window: a `WindowIndex` for ``[B, Q]`` queries over the ``K`` keys: a local attention
+                mask. Each query attends only to its window keys (`sparse_bias.window_attention`, exact, no
                 dense mask); a query without window keys gets a zero attention output.
 
         Returns:
@@ -95,6 +95,7 @@ class SparseBiasMultiheadAttention(nn.Module):
             value = key
         if identity is None:
             identity = query
+        _check_inputs(query, key, value, self.embed_dims, self.batch_first)
         if key_pos is None and query_pos is not None:
             if query_pos.shape == key.shape:
                 key_pos = query_pos
@@ -156,9 +157,35 @@ class SparseBiasMultiheadAttention(nn.Module):
                          f"or [B, H, Q, K] = {[batch, heads, nq, nk]}, got {tuple(bias.shape)}{hint}")
 
 
+def _check_inputs(query, key, value, embed_dims, batch_first):
+    """Shape errors in the module's terms: which of query / key / value, the layout ``batch_first`` expects,
+    and the transpose when the other layout fits."""
+    layout = "[B, N, C]" if batch_first else "[N, B, C]"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor {layout} (batch_first={batch_first}), got {type(t).__name__}")
+        if t.dim() != 3 or t.shape[-1] != embed_dims:
+            raise ValueError(f"{name} must be {layout} with C = embed_dims = {embed_dims} (batch_first={batch_first}), "
+                             f"got shape {tuple(t.shape)}")
+    b_axis = 0 if batch_first else 1
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape {layout}, got {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
+    if query.shape[b_axis] != key.shape[b_axis]:
+        hint = ""
+        o = 1 - b_axis
+        if query.shape[o] == key.shape[o] or query.shape[b_axis] == key.shape[o] or query.shape[o] == key.shape[b_axis]:
+            flag = "batch_first=True" if not batch_first else "batch_first=False"
+            hint = (f"; if your tensors are {'[B, N, C]' if not batch_first else '[N, B, C]'}, build the module with "
+                    f"{flag} or pass query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)")
+        raise ValueError(f"query and key disagree on the batch size: with batch_first={batch_first} the layout is "
+                         f"{layout}, so query {tuple(query.shape)} has B = {query.shape[b_axis]} and key "
+                         f"{tuple(key.shape)} has B = {key.shape[b_axis]}{hint}")
+
+
 def _convert_attn_mask(attn_mask, batch, heads, nq, nk):
     """nn.MultiheadAttention mask (bool True = blocked, uint8 nonzero = blocked, or float; ``[Q, K]`` or
-    ``[B*H, Q, K]``) to the SDPA convention used by :func:`sparse_bias_attention` (bool True = attend)."""
+    ``[B*H, Q, K]``) to the SDPA convention used by `sparse_bias_attention` (bool True = attend)."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
@@ -216,4 +243,13 @@ def _debug_check(q, k, v, bias, key_padding_mask, mask, out, samples: int = 8):
         logger.info("sparse_bias debug: max |sparse - dense| = %.3e on %d sampled queries; bias nnz = %d "
                     "(%.1f keys per query), values min %.4f mean %.4f max %.4f", err, rows.numel(),
                     bias.index.nnz, bias.index.nnz / max(bias.index.num_rows, 1), *stats)
+        tol = DEBUG_TOLERANCE.get(q.dtype, 1e-4) * max(float(ref.float().abs().max()), 1.0) if rows.numel() else 0.0
+        if not err <= tol:
+            warnings.warn(f"sparse_bias debug_mode: the sparse attention differs from the dense reference by "
+                          f"{err:.3e} (tolerance {tol:.1e}, {q.dtype}) on {rows.numel()} sampled queries -- please "
+                          "report this with `python -m sparse_bias.selftest`", RuntimeWarning, stacklevel=3)
     return err
+
+
+#: debug_mode: largest |sparse - dense| on the sampled queries (relative to the output's size) before a warning
+DEBUG_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}

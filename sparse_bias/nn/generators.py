@@ -1,7 +1,7 @@
 """Modules producing the bias: the attention-bias generator of the origin design and a light MLP weight head.
 
 The AQR weight generator of the MoME / CMTTEST pipelines (a LAM decoder layer over the memory) is
-:class:`sparse_bias.nn.AQRWeightGenerator` in :mod:`sparse_bias.nn.aqr`.
+`sparse_bias.nn.AQRWeightGenerator` in `sparse_bias.nn.aqr`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class MLPWeightGenerator(nn.Module):
     """Per-query, per-modality weights from the query features alone (a light stand-in for AQR).
 
     It never looks at the memory: the AQR of the MoME / CMTTEST pipelines is
-    :class:`sparse_bias.nn.AQRWeightGenerator`. A two-layer MLP maps each query feature to a LiDAR and a camera weight (one per head with
+    `sparse_bias.nn.AQRWeightGenerator`. A two-layer MLP maps each query feature to a LiDAR and a camera weight (one per head with
     ``num_heads``), squashed by a sigmoid (range [0, 1]) or tanh ([-1, 1]). The last layer starts with
     small weights and a bias that puts every initial weight at ``init_weight``.
 
@@ -73,36 +73,36 @@ class MLPWeightGenerator(nn.Module):
 
 
 class AttentionBiasGenerator(nn.Module):
-    """The dense versions' ``AttentionBiasGenerator`` (origin design, CMTTEST), producing a :class:`SparseBias`.
+    """The dense versions' ``AttentionBiasGenerator`` (origin design, CMTTEST), producing a `SparseBias`.
 
     ``forward(lidar_weights, camera_weights, bev_pos, cam_pos)`` spreads each query's weights over its
     local windows: ``bias = weight * scale`` (``"flat"``) or ``* exp(-(dy^2 + dx^2) / (2 sigma^2))``
     (``"gaussian"``), then clamps it to ``[-bias_clamp, bias_clamp]`` when ``bias_clamp`` is set.
 
     Args:
-        layout: the :class:`KeyLayout` (default: built from ``bev_feature_shape`` / ``pers_feature_shape``).
+        layout: the `KeyLayout` (default: built from ``bev_feature_shape`` / ``pers_feature_shape``).
         window_size: odd int for both modalities, or a ``(bev, cam)`` pair; ``forward(window_size=...)``
             takes per-query LongTensors ``[B, Q]`` (or a pair of them) instead.
         bias_scale: the scale; with ``learnable_scale`` a parameter clamped to ``[min_scale, max_scale]``
             (a fixed scale is used as given, as CMTTEST does).
         learnable_scale: make ``bias_scale`` a parameter.
         scale_range: ``(min, max)`` of the learnable scale (``min_scale`` / ``max_scale`` override it).
-        profile: ``"flat"`` or ``"gaussian"`` (see :func:`sparse_bias.window_bias`).
-        sigma: Gaussian width (see :func:`sparse_bias.window_bias`).
+        profile: ``"flat"`` or ``"gaussian"`` (see `sparse_bias.window_bias`).
+        sigma: Gaussian width (see `sparse_bias.window_bias`).
         warmup_steps: ramp the scale linearly from 0 over this many training forwards (0 = off), the
             origin design's mitigation for early training instability. The step count is a buffer.
         dense: return the dense ``[B, Q, K]`` (``[B, H, Q, K]`` for per-head weights) tensor, reproducing the
             origin design exactly.
         fp16: keep bias values in float16 (cast after the clamp, as CMTTEST).
-        use_local_bias: False = one bias per modality over all its keys (a :class:`ModalityBias`).
-        debug: mark the bias so that :class:`SparseBiasMultiheadAttention` checks its result against the dense
+        use_local_bias: False = one bias per modality over all its keys (a `ModalityBias`).
+        debug: mark the bias so that `SparseBiasMultiheadAttention` checks its result against the dense
             reference on a sample of queries and logs the error and bias statistics.
         bev_feature_shape: the dense versions' way to give the layout: ``(H, W)``.
         pers_feature_shape: and ``(V, Hc, Wc)``.
         min_scale: CMTTEST's lower bound of the learnable scale.
         max_scale: CMTTEST's upper bound of the learnable scale.
         bias_clamp: clamp the final bias values to ``[-bias_clamp, bias_clamp]`` (None = no clamp). CMTTEST
-            clamps to ``min(5, max_scale)``; :func:`sparse_bias.build_attention_bias` sets that for its
+            clamps to ``min(5, max_scale)``; `sparse_bias.build_attention_bias` sets that for its
             configs. Gradients are zero where the clamp clips (``torch.clamp``).
 
     Shapes: weights ``[B, Q]`` or ``[B, Q, H]``; ``bev_pos`` ``[B, Q, 2]`` cells or ``[B, Q]`` flat BEV indices

@@ -15,24 +15,24 @@ __all__ = ["AQRAttentionBias"]
 class AQRAttentionBias(nn.Module):
     """The origin design's CmtHead integration: AQR weights and the local attention bias from one projection.
 
-    Per forward: the reference points are projected once (:meth:`AQRWeightGenerator.project`); the AQR runs its
-    LAM decoder layer as window attention over the memory; the :class:`AttentionBiasGenerator` built from
+    Per forward: the reference points are projected once (`AQRWeightGenerator.project`); the AQR runs its
+    LAM decoder layer as window attention over the memory; the `AttentionBiasGenerator` built from
     ``attention_bias_config`` spreads the weights over its own windows around the same cells. The result is
     what ``CmtTransformer(..., attention_bias=...)`` takes.
 
     Args:
         attention_bias_config: the origin design's / CMTTEST's ``attention_bias_config`` dict
-            (see :func:`sparse_bias.build_attention_bias`); must be enabled. Its feature shapes define the layout.
-        aqr_config: keyword arguments of :class:`AQRWeightGenerator` (``embed_dims``, ``num_heads``,
+            (see `sparse_bias.build_attention_bias`); must be enabled. Its feature shapes define the layout.
+        aqr_config: keyword arguments of `AQRWeightGenerator` (``embed_dims``, ``num_heads``,
             ``window_sizes``, ``use_type_embed``, ...; ``layout`` comes from the bias config).
         pc_range: the range the reference points are normalised over (unless ``aqr_config`` names one).
 
     Shapes (``forward``): ``query_embed [Q, B, C]``, ``memory`` and ``pos_embed [K, B, C]`` (as
-    :meth:`CmtTransformer.flatten_memory` gives them; batch-first with ``aqr_config["batch_first"]``),
+    `CmtTransformer.flatten_memory` gives them; batch-first with ``aqr_config["batch_first"]``),
     ``ref_points [B, Q, 3]`` in [0, 1], ``lidar2img [B, V, 4, 4]``, ``img_shape = (height, width)``.
-    Returns a :class:`~sparse_bias.SparseBias` (or what the bias config asks for: a dense tensor with
-    ``dense=True``, a :class:`~sparse_bias.ModalityBias` with ``use_local_bias=False``); with
-    ``return_weights=True`` also the :class:`AQROutput`.
+    Returns a `sparse_bias.SparseBias` (or what the bias config asks for: a dense tensor with
+    ``dense=True``, a `sparse_bias.ModalityBias` with ``use_local_bias=False``); with
+    ``return_weights=True`` also the `AQROutput`.
 
     Example:
         >>> import torch, sparse_bias as sb

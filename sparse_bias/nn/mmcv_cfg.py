@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import List, Optional, Sequence, Union
 
-#: Attention types of CMT / CMTTEST / MoME configs; all become :class:`SparseBiasMultiheadAttention` (same
+#: Attention types of CMT / CMTTEST / MoME configs; all become `SparseBiasMultiheadAttention` (same
 #: constructor arguments, same state-dict names ``attn.in_proj_*`` / ``attn.out_proj.*``).
 ATTENTION_TYPES = ("MultiheadAttention", "PETRMultiheadAttention", "PETRMultiheadFlashAttention",
                    "SparseBiasMultiheadAttention")
@@ -27,7 +27,7 @@ def _pop_type(cfg: dict, allowed: Sequence[str], what: str, default: Optional[st
 
 
 def attention_from_cfg(cfg: dict, batch_first: bool, backend: str):
-    """An mmcv ``attn_cfgs`` entry -> :class:`SparseBiasMultiheadAttention`."""
+    """An mmcv ``attn_cfgs`` entry -> `SparseBiasMultiheadAttention`."""
     from .attention import SparseBiasMultiheadAttention
     cfg = _pop_type(cfg, ATTENTION_TYPES, "attn_cfgs entry")
     cfg["batch_first"] = batch_first           # mmcv's BaseTransformerLayer sets it from the layer
@@ -47,7 +47,7 @@ def attention_cfgs(attn_cfgs: Union[dict, List[dict]], num_attn: int) -> List[di
 
 def ffn_from_cfg(cfg: Optional[dict], embed_dims: int, feedforward_channels: Optional[int],
                  ffn_dropout: Optional[float], ffn_num_fcs: Optional[int]):
-    """An mmcv ``ffn_cfgs`` dict -> :class:`FFN`. The layer's ``feedforward_channels`` / ``ffn_dropout`` /
+    """An mmcv ``ffn_cfgs`` dict -> `FFN`. The layer's ``feedforward_channels`` / ``ffn_dropout`` /
     ``ffn_num_fcs`` override it, as mmcv's deprecated-argument handling does (PETR's layer always passes
     ``ffn_dropout=0.0``)."""
     from .transformer import FFN
@@ -90,7 +90,7 @@ def layer_cfgs(transformerlayers: Union[dict, List[dict]], num_layers: Optional[
 
 
 def decoder_from_cfg(cfg: dict, backend: str = "auto"):
-    """A ``decoder=dict(type='PETRTransformerDecoder', ...)`` config -> :class:`PETRTransformerDecoder`."""
+    """A ``decoder=dict(type='PETRTransformerDecoder', ...)`` config -> `PETRTransformerDecoder`."""
     from .transformer import PETRTransformerDecoder
     cfg = _pop_type(cfg, DECODER_TYPES, "decoder")
     cfg.setdefault("backend", backend)

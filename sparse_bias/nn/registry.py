@@ -2,7 +2,7 @@
 
 ``import sparse_bias`` touches no registry. Two explicit routes (design brief, section 4):
 
-* ``custom_imports=dict(imports=["sparse_bias.mmcv"])`` in a config (or :func:`register_modules` with no
+* ``custom_imports=dict(imports=["sparse_bias.mmcv"])`` in a config (or `register_modules` with no
   arguments) registers this library's own, collision-free names (``SparseBiasMultiheadAttention``,
   ``SparseBiasPETRTransformerDecoderLayer``, ...), never replacing anything;
 * ``register_modules(dense_names=True)`` also registers the dense versions' names (``CmtTransformer``,

@@ -49,10 +49,10 @@ class PETRTransformerDecoderLayer(nn.Module):
             config's ``ffn_drop``: CMT trains with 0, the default here.
         operation_order: mmcv's tuple of ``"self_attn"``, ``"cross_attn"``, ``"norm"``, ``"ffn"``; a
             leading ``"norm"`` makes it pre-norm.
-        backend: backend of :func:`sparse_bias.sparse_bias_attention`.
+        backend: backend of `sparse_bias.sparse_bias_attention`.
         attn_cfgs: mmcv's attention configs (one dict for all, or one per attention); types
             ``MultiheadAttention``, ``PETRMultiheadAttention``, ``PETRMultiheadFlashAttention`` all become
-            :class:`SparseBiasMultiheadAttention`. Given, they define ``embed_dims`` and the heads.
+            `SparseBiasMultiheadAttention`. Given, they define ``embed_dims`` and the heads.
         ffn_cfgs: mmcv's FFN config (``type="FFN"``, ReLU, two layers).
         ffn_dropout: PETR's layer argument: overrides ``ffn_cfgs["ffn_drop"]`` (PETR passes 0.0).
         ffn_num_fcs: PETR's layer argument (2).
@@ -111,7 +111,7 @@ class PETRTransformerDecoderLayer(nn.Module):
         """Shapes: query ``[Q, B, C]``, key/value ``[K, B, C]`` (batch-first when asked); ``attn_masks`` a list
         with one mask per attention (or one for all); returns ``[Q, B, C]``.
 
-        ``local_window`` (a :class:`~sparse_bias.WindowIndex`) makes the cross-attention a local-mask (LAM)
+        ``local_window`` (a `sparse_bias.WindowIndex`) makes the cross-attention a local-mask (LAM)
         window attention; a ``WindowIndex`` in ``attn_masks`` at the cross-attention's place does the same.
         A dense ``attention_bias`` is in the attention's layout (``[Q, B, K]`` unless ``batch_first``).
         """
@@ -155,7 +155,7 @@ class PETRTransformerDecoderLayer(nn.Module):
 
 
 class PETRTransformerDecoder(nn.Module):
-    """A stack of :class:`PETRTransformerDecoderLayer` with an optional post-norm.
+    """A stack of `PETRTransformerDecoderLayer` with an optional post-norm.
 
     Args:
         num_layers: number of layers.
@@ -166,7 +166,7 @@ class PETRTransformerDecoder(nn.Module):
             CMT's config gives it; replaces ``layer_kwargs``.
         post_norm_cfg: PETR's ``dict(type="LN")`` or None (overrides ``post_norm`` when given).
         init_cfg: accepted for mmcv compatibility, unused.
-        **layer_kwargs: passed to every :class:`PETRTransformerDecoderLayer`.
+        **layer_kwargs: passed to every `PETRTransformerDecoderLayer`.
     """
 
     _UNSET = object()
@@ -191,7 +191,7 @@ class PETRTransformerDecoder(nn.Module):
         self.return_intermediate = return_intermediate
 
     def forward(self, query, *args, **kwargs):
-        """Shapes as :class:`PETRTransformerDecoderLayer`, except a dense ``attention_bias``: ``[B, Q, K]`` here
+        """Shapes as `PETRTransformerDecoderLayer`, except a dense ``attention_bias``: ``[B, Q, K]`` here
         (the origin design's decoder level), handed to the layers in their sequence layout (``[Q, B, K]``
         unless ``batch_first``), as CMTTEST's decoder does."""
         bias = kwargs.get("attention_bias")
@@ -214,7 +214,7 @@ class CmtTransformer(nn.Module):
     transformerlayers=dict(type="PETRTransformerDecoderLayer", attn_cfgs=[...], ...), ...))``.
 
     Memory key order: BEV ``h * W + w`` first, then camera ``v * Hc * Wc + h * Wc + w`` -- the
-    :class:`sparse_bias.KeyLayout` order, so a bias from :class:`AttentionBiasGenerator` lines up.
+    `sparse_bias.KeyLayout` order, so a bias from `AttentionBiasGenerator` lines up.
 
     ``forward(x, x_img, query_embed, bev_pos_embed, rv_pos_embed, attn_masks=None, attention_bias=None)``:
 
@@ -253,10 +253,11 @@ class CmtTransformer(nn.Module):
 
     @staticmethod
     def flatten_memory(x, x_img, bev_pos_embed, rv_pos_embed, batch_size: int):
-        """``(memory [K, B, C], pos [K, B, C])``: BEV cells then camera cells, in :class:`~sparse_bias.KeyLayout`
+        """``(memory [K, B, C], pos [K, B, C])``: BEV cells then camera cells, in `sparse_bias.KeyLayout`
         order, from ``x [B, C, H, W]``, ``x_img [B * V, C, Hc, Wc]`` (either may be None),
         ``bev_pos_embed [H * W, C]`` or ``[B, H * W, C]`` and ``rv_pos_embed [B * V, Hc, Wc, C]``."""
         memory, pos = [], []
+        _check_memory_inputs(x, x_img, bev_pos_embed, rv_pos_embed, batch_size)
         if x is not None:
             memory.append(rearrange(x, "b c h w -> (h w) b c"))
             bev = bev_pos_embed if bev_pos_embed.dim() == 3 else bev_pos_embed.unsqueeze(0).expand(batch_size, -1, -1)
@@ -274,3 +275,30 @@ class CmtTransformer(nn.Module):
         out_dec = self.decoder(target, memory, memory, query_pos=query_pos, key_pos=pos,
                                attn_masks=[attn_masks, None], attention_bias=attention_bias)
         return out_dec.transpose(1, 2), memory.transpose(0, 1)
+
+
+def _check_memory_inputs(x, x_img, bev_pos_embed, rv_pos_embed, batch_size):
+    """The shapes of CmtTransformer's memory inputs, with errors naming the argument and the expected layout."""
+    def shape(t):
+        return None if t is None else tuple(t.shape)
+    if x is not None:
+        if x.dim() != 4 or x.shape[0] != batch_size:
+            raise ValueError(f"x (the BEV features) must be [B, C, H, W] with B = {batch_size} (query_embed's batch), "
+                             f"got {shape(x)}")
+        _, c, h, w = x.shape
+        ok = bev_pos_embed is not None and (tuple(bev_pos_embed.shape) == (h * w, c)
+                                           or tuple(bev_pos_embed.shape) == (batch_size, h * w, c))
+        if not ok:
+            raise ValueError(f"bev_pos_embed must be [H * W, C] = [{h * w}, {c}] or [B, H * W, C] = "
+                             f"[{batch_size}, {h * w}, {c}] for x {shape(x)}, got {shape(bev_pos_embed)}")
+    if x_img is not None:
+        if x_img.dim() != 4 or x_img.shape[0] % batch_size:
+            raise ValueError(f"x_img (the camera features) must be [B * V, C, Hc, Wc] with B = {batch_size}, got "
+                             f"{shape(x_img)}")
+        bv, c, h, w = x_img.shape
+        if rv_pos_embed is None or tuple(rv_pos_embed.shape) != (bv, h, w, c):
+            hint = ""
+            if rv_pos_embed is not None and tuple(rv_pos_embed.shape) == (bv, c, h, w):
+                hint = " (it is channels-first: pass rv_pos_embed.permute(0, 2, 3, 1))"
+            raise ValueError(f"rv_pos_embed must be [B * V, Hc, Wc, C] = [{bv}, {h}, {w}, {c}] for x_img "
+                             f"{shape(x_img)}, got {shape(rv_pos_embed)}{hint}")

@@ -1,0 +1,333 @@
+"""Self-test on your device: exactness of every backend, then timings against SDPA / dense bias / FlexAttention.
+
+    python -m sparse_bias.selftest                      # the best device here (cuda:0 when there is one)
+    python -m sparse_bias.selftest --device cuda:1 --json selftest.json
+    python -m sparse_bias.selftest --quick              # small sizes everywhere (what the test suite runs)
+
+Part 1 (exactness): for every backend that can run on the device, every dtype (float32, bfloat16, float16),
+and each case -- shared bias, per-head bias, key padding, dropout with a fixed seed, and ``window_attention``
+plain, with padding and with dropout -- output and gradients (q, k, v, bias values) against the dense reference in
+float64, within twice the drift of the dense computation in the same dtype. One PASS/FAIL line per check.
+Part 2 (timing): forward and forward + backward at the CMT fusion shape (or ``--queries`` / ``--window`` /
+``--layout``) of unbiased SDPA (flash on a GPU), ``sparse_bias_attention`` (auto backend), the dense-bias
+SDPA (when it fits) and FlexAttention with a ``score_mod`` (where it runs). Exits 1 when any check fails.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ._cli import Parser
+from ._validation import additive_mask
+from .backends import BACKENDS, backend_candidates
+from .backends.choose import CORRECTION_BACKENDS, WINDOW_BACKENDS, self_check_results
+from .bias import SparseBias, window_bias
+from .windows import local_windows
+
+__all__ = ["selftest", "main"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CASES = ("shared bias", "per-head bias", "key padding", "dropout")
+WINDOW_CASES = ("window", "window + padding", "window + dropout")
+
+
+def _best_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _problem(device, quick: bool):
+    """Inputs in float64: a CMT-like small layout, 2 batch elements, 4 heads, head dim 32."""
+    from .synthetic import synthetic_scene
+    scene = synthetic_scene(2, 24 if quick else 64, config="small", seed=3)
+    layout = scene.layout
+    win = local_windows(layout, scene.bev_pos, scene.cam_pos, 5, 5)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, win.num_queries, 32, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, layout.num_keys, 32, generator=gen, dtype=torch.float64) for _ in range(2))
+    wb, wc = (2 * torch.rand(2, win.num_queries, 4, generator=gen, dtype=torch.float64) - 1 for _ in range(2))
+    kpm = torch.zeros(2, layout.num_keys, dtype=torch.bool)
+    kpm[1, -layout.num_keys // 5:] = True
+    grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    return dict(win=win.to(device), q=q, k=k, v=v, wb=wb, wc=wc, kpm=kpm.to(device), grad=grad)
+
+
+def _evaluate(op, backend, case, prob, device, dtype):
+    """Output and gradients; ``backend`` None = the dense reference."""
+    from ._sparse_function import _SparseBiasAttention
+    from .attention import dense_bias_attention
+    from .window_attention import _WindowAttention, _dense_window_attention
+
+    win = prob["win"]
+    q, k, v, wb, wc = (prob[n].to(device, dtype).requires_grad_() for n in ("q", "k", "v", "wb", "wc"))
+    values = window_bias(win, wb, wc).values
+    if case == "shared bias":
+        values = values.mean(1)
+    padded = case in ("key padding", "window + padding")
+    kpm = prob["kpm"] if padded else None
+    dropout_p, seed = (0.2, 11) if case in ("dropout", "window + dropout") else (0.0, 0)
+    scale = q.shape[-1] ** -0.5
+    mask = additive_mask(q, k, kpm, None)
+    if op == "window":
+        if backend is None:
+            out = _dense_window_attention(q, k, v, win, SparseBias(win, values), mask, dropout_p, scale, seed)
+        else:
+            out = _WindowAttention.apply(q, k, v, values, win, mask, scale, BACKENDS[backend], dropout_p, seed)
+    elif backend is None:
+        out = dense_bias_attention(q, k, v, SparseBias(win, values).to_dense(), key_padding_mask=kpm,
+                                   dropout_p=dropout_p, dropout_seed=seed)
+    else:
+        out = _SparseBiasAttention.apply(q, k, v, values, win, mask, scale, BACKENDS[backend], dropout_p, seed)
+    grads = torch.autograd.grad(out, (q, k, v, wb, wc), prob["grad"].to(device, dtype))
+    return [t.detach().double().cpu() for t in (out,) + grads]
+
+
+def _check(op, backend, case, prob, device, dtype, refs) -> Dict:
+    key = (op, case)
+    if (key, "exact") not in refs:
+        refs[(key, "exact")] = _evaluate(op, None, case, prob, device, torch.float64)
+    if (key, dtype) not in refs:
+        refs[(key, dtype)] = _evaluate(op, None, case, prob, device, dtype)
+    exact, naive = refs[(key, "exact")], refs[(key, dtype)]
+    row = dict(op=op, backend=backend, dtype=str(dtype).replace("torch.", ""), case=case, passed=True,
+               worst="", rel_err=0.0, tolerance=0.0, detail="")
+    try:
+        got = _evaluate(op, backend, case, prob, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - a backend that raises fails its check
+        row.update(passed=False, detail=f"{type(exc).__name__}: {exc}")
+        return row
+    eps = torch.finfo(dtype).eps
+    worst = -1.0
+    for name, e, n, g in zip(("out", "dq", "dk", "dv", "dw_bev", "dw_cam"), exact, naive, got):
+        size = max(float(e.abs().max()), 1e-30)
+        drift = max(float((n - e).abs().max()), eps * size)     # at least one rounding step of the result
+        err = float((g - e).abs().max())
+        tol = 2 * drift + 1e-5 * size
+        ratio = err / tol if err == err else float("inf")        # NaN fails
+        if ratio > worst:
+            worst = ratio
+            row.update(worst=name, rel_err=err / size, tolerance=tol / size)
+    if worst > 1:
+        row.update(passed=False, detail=f"{row['worst']}: error {row['rel_err']:.2e} > tolerance "
+                                        f"{row['tolerance']:.2e} (relative to its largest value)")
+    return row
+
+
+def _checks(device, dtypes, quick, progress, log) -> List[Dict]:
+    from tqdm import tqdm
+
+    prob = _problem(device, quick)
+    plan = []
+    for op, names, cases in (("correction", CORRECTION_BACKENDS, CASES), ("window", WINDOW_BACKENDS, WINDOW_CASES)):
+        for dtype in dtypes:
+            runnable = [n for n, ok, _ in backend_candidates(device, dtype) if ok and n in names]
+            plan += [(op, name, case, dtype) for name in runnable for case in cases]
+    rows, refs = [], {}
+    with tqdm(plan, desc="exactness", unit="check", file=sys.stderr, disable=None if progress else True,
+              leave=False) as bar:
+        for op, name, case, dtype in bar:
+            row = _check(op, name, case, prob, device, dtype, refs)
+            rows.append(row)
+            with tqdm.external_write_mode(file=sys.stderr):
+                log(_check_line(row))
+    return rows
+
+
+def _check_line(row) -> str:
+    status = "PASS" if row["passed"] else "FAIL"
+    what = f"{row['op']:10s} {row['backend']:8s} {row['dtype']:9s} {row['case']:16s}"
+    if row["passed"]:
+        return f"{status}  {what} worst {row['worst']}: {row['rel_err']:.1e} (tolerance {row['tolerance']:.1e})"
+    return f"{status}  {what} {row['detail']}"
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+
+def _timed(step, device, repeats) -> Dict:
+    step()                                                                # warm-up (and compilation)
+    times, peak = [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return dict(time_ms=statistics.median(times) * 1e3, peak_mib=peak)
+
+
+def _timing(device, dtype, queries, window, layout, repeats, progress, quick) -> List[Dict]:
+    from tqdm import tqdm
+
+    from .attention import sparse_bias_attention
+    from .flex import flex_score_mod
+    from .synthetic import synthetic_scene
+
+    scene = synthetic_scene(2, queries, config=layout, seed=0, device=device)
+    win = local_windows(scene.layout, scene.bev_pos, scene.cam_pos, window, window)
+    gen = torch.Generator(device=device).manual_seed(0)
+    nk = scene.layout.num_keys
+    heads, dim = (8, 32)
+    q, k, v = (torch.randn(2, heads, n, dim, generator=gen, device=device).to(dtype).requires_grad_()
+               for n in (queries, nk, nk))
+    wb, wc = (torch.rand(2, queries, generator=gen, device=device).requires_grad_() for _ in range(2))
+    dense_bytes = 2 * queries * nk * 4 * 3          # the fp32 bias, its cast and the score matrix of the math path
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
+    variants = {
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        "sparse-auto": lambda: sparse_bias_attention(q, k, v, window_bias(win, wb, wc)),
+    }
+    if dense_bytes < free / 2:
+        variants["dense-bias"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=window_bias(win, wb, wc).to_dense().unsqueeze(1).to(dtype))
+    flex = None
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = flex_attention if device.type == "cpu" else torch.compile(flex_attention)
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    if flex is not None:
+        mod = flex_score_mod(scene.layout, scene.bev_pos, scene.cam_pos, window, window, wb, wc)
+        variants["flex"] = lambda: flex(q, k, v, score_mod=mod)
+    rows = []
+    plan = [(n, bwd) for n in variants for bwd in (False, True)]
+    for name, backward in tqdm(plan, desc="timing", unit="run", file=sys.stderr, disable=None if progress else True,
+                               leave=False):
+        fn = variants[name]
+        leaves = (q, k, v) if name == "sdpa" else (q, k, v, wb, wc)
+
+        def step(fn=fn, backward=backward, leaves=leaves):
+            if not backward:
+                with torch.no_grad():
+                    return fn()
+            out = fn()
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+        try:
+            res = _timed(step, device, repeats)
+        except Exception as exc:  # noqa: BLE001 - e.g. FlexAttention without this device's backward
+            rows.append(dict(variant=name, pass_="fwd+bwd" if backward else "fwd", time_ms=None, peak_mib=None,
+                             note=f"does not run here ({type(exc).__name__})"))
+            continue
+        rows.append(dict(variant=name, pass_="fwd+bwd" if backward else "fwd", note="", **res))
+    base = {r["pass_"]: r["time_ms"] for r in rows if r["variant"] == "sdpa"}
+    for r in rows:
+        r["x_sdpa"] = None if r["time_ms"] is None or not base.get(r["pass_"]) else r["time_ms"] / base[r["pass_"]]
+    if not quick and "dense-bias" not in variants:
+        rows.append(dict(variant="dense-bias", pass_="-", time_ms=None, peak_mib=None, x_sdpa=None,
+                         note="skipped: the dense bias does not fit in half the free memory"))
+    return rows
+
+
+def format_timing(rows: Sequence[Dict]) -> str:
+    """The timing table: one line per (variant, pass); ``-`` where a figure does not exist."""
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+    lines = [f"{'variant':12s} {'pass':8s} {'time [ms]':>10s} {'x sdpa':>7s} {'peak [MiB]':>11s}  note"]
+    for r in rows:
+        lines.append(f"{r['variant']:12s} {r['pass_']:8s} {fmt(r['time_ms'], '10.2f'):>10s} "
+                     f"{fmt(r['x_sdpa'], '7.3f'):>7s} {fmt(r['peak_mib'], '11.1f'):>11s}  {r['note']}")
+    return "\n".join(lines)
+
+
+def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES), *, quick: bool = False,
+             timing: bool = True, queries: int = 900, window: int = 15, layout: str = "fusion",
+             timing_dtype: str = "float32", repeats: int = 5, json_path: Optional[str] = None,
+             progress: bool = True, log=print) -> Dict:
+    """Run the self-test (``python -m sparse_bias.selftest`` is its command line) and return its report.
+
+    Args:
+        device: e.g. ``"cuda:0"``; default the best available.
+        dtypes: names of the dtypes to check (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        quick: small sizes everywhere (timing at 32 queries on the ``small`` layout, one repeat).
+        timing: also run the timing table.
+        queries: queries of the timing problem.
+        window: BEV and camera window size of the timing problem.
+        layout: key layout of the timing problem, ``"fusion"`` or ``"small"``.
+        timing_dtype: the dtype of the timing problem.
+        repeats: timing repeats (median).
+        json_path: also write the report there.
+        progress: tqdm progress bars on stderr (off when stderr is not a terminal).
+        log: where the lines go.
+
+    Returns:
+        ``{"passed": bool, "device", "torch", "checks": [...], "timing": [...], "self_checks": [...]}``.
+
+    Example:
+        >>> import sparse_bias as sb
+        >>> report = sb.selftest("cpu", ["float32"], quick=True, timing=False, log=lambda line: None, progress=False)
+        >>> report["passed"]
+        True
+    """
+    dev = torch.device(device or _best_device())
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here")
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise ValueError(f"dtypes must be among {sorted(DTYPES)}, got {bad}")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    log(f"sparse_bias self-test on {dev} ({name}); torch {torch.__version__}")
+    checks = _checks(dev, [DTYPES[d] for d in dtypes], quick, progress, log)
+    passed = all(r["passed"] for r in checks)
+    log(f"exactness: {sum(r['passed'] for r in checks)} of {len(checks)} checks passed")
+    report = dict(passed=passed, device=str(dev), device_name=name, torch=torch.__version__, checks=checks,
+                  timing=[], self_checks=[dict(op=k[0], backend=k[1], device=k[2], dtype=str(k[3]), head_dim=k[4],
+                                               passed=v[0], detail=v[1]) for k, v in self_check_results().items()])
+    if timing:
+        if quick:
+            queries, window, layout, repeats = 32, 5, "small", 1
+        log(f"\ntiming: {layout} layout, B=2, H=8, D=32, Q={queries}, windows {window}/{window}, {timing_dtype}, "
+            f"median of {repeats}")
+        report["timing"] = _timing(dev, DTYPES[timing_dtype], queries, window, layout, repeats, progress, quick)
+        log(format_timing(report["timing"]))
+    log("\nresult: " + ("PASS" if passed else "FAIL -- please report this output (and --json) with your GPU model, "
+                                           "driver and torch version"))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    return report
+
+
+def _parser() -> Parser:
+    p = Parser("python -m sparse_bias.selftest", __doc__.splitlines()[0])
+    p.add_argument("--device", default=_best_device(), help="device to test, e.g. cuda:0 or cpu")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="dtypes to check")
+    p.add_argument("--quick", action="store_true", help="small sizes everywhere (a minute on a CPU)")
+    p.add_argument("--no-timing", dest="timing", action="store_false", help="only the exactness checks")
+    p.add_argument("--queries", type=int, default=900, help="queries of the timing problem")
+    p.add_argument("--window", type=int, default=15, help="BEV and camera window size of the timing problem")
+    p.add_argument("--layout", default="fusion", choices=["fusion", "small"], help="key layout of the timing problem")
+    p.add_argument("--timing-dtype", default="float32", choices=list(DTYPES), help="dtype of the timing problem")
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    return p
+
+
+def main(argv=None) -> int:
+    """Console entry: exit status 0 when every check passed, 1 otherwise."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: not a device: {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    report = selftest(args.device, args.dtypes, quick=args.quick, timing=args.timing, queries=args.queries,
+                      window=args.window, layout=args.layout, timing_dtype=args.timing_dtype, repeats=args.repeats,
+                      json_path=args.json)
+    return 0 if report["passed"] else 1
+
+
