@@ -53,6 +53,11 @@ print(bias, f"-> {bias.nbytes() / 2**20:.1f} MiB instead of {B * Q * layout.num_
 
 # %% [markdown]
 # ## 4. Attention: dense flash kernel + exact sparse correction, and the dense reference.
+#
+# The dense reference materialises `[B, H, Q, K]` scores (several GB at the CMT shape), so it is checked on 32
+# sampled queries: the sparse backward gets an upstream gradient on those rows only, which makes every
+# gradient (q on those rows, k, v and both weights) comparable with the dense reference on the same rows.
+# The script stays under 2 GB of peak RAM.
 
 # %%
 q = torch.randn(B, H, Q, D, requires_grad=True)
@@ -61,11 +66,15 @@ v = torch.randn(B, H, layout.num_keys, D, requires_grad=True)
 out = sb.sparse_bias_attention(q, k, v, bias)
 print("backend:", sb.select_backend(q, bias))
 
-grad = torch.randn_like(out)
+rows = torch.linspace(0, Q - 1, 32).long()                           # the sampled queries
+grad = torch.zeros_like(out)
+grad[:, :, rows] = torch.randn(B, H, len(rows), D)
 grads = torch.autograd.grad(out, (q, k, v, lidar_w, camera_w), grad)
-ref = sb.dense_bias_attention(q, k, v, sb.window_bias(win, lidar_w, camera_w).to_dense())
-ref_grads = torch.autograd.grad(ref, (q, k, v, lidar_w, camera_w), grad)
-for name, a, b in zip(["out", "dq", "dk", "dv", "d lidar_w", "d camera_w"], (out,) + grads, (ref,) + ref_grads):
+ref = sb.dense_bias_attention(q[:, :, rows], k, v, sb.window_bias(win, lidar_w, camera_w).to_dense(rows))
+ref_grads = torch.autograd.grad(ref, (q, k, v, lidar_w, camera_w), grad[:, :, rows])
+got = (out[:, :, rows], grads[0][:, :, rows]) + grads[1:]
+want = (ref, ref_grads[0][:, :, rows]) + ref_grads[1:]
+for name, a, b in zip(["out", "dq", "dk", "dv", "d lidar_w", "d camera_w"], got, want):
     err = float((a - b).detach().abs().max() / b.detach().abs().max())
     print(f"{name:10s} max relative error vs dense reference: {err:.1e}")
     assert err < 1e-4

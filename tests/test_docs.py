@@ -15,6 +15,10 @@ def test_mkdocs_strict_build(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+    raw = re.compile(r":(class|func|mod|meth|data|attr|obj|exc):`|Example::")
+    for page in (tmp_path / "site").rglob("*.html"):
+        hits = raw.findall(page.read_text())
+        assert not hits, f"{page.relative_to(tmp_path)}: raw reST in the built site: {hits[:5]}"
 
 
 def _sections(path):
@@ -42,3 +46,24 @@ def test_migration_recipe_runs_and_ends_with_the_dense_versions_outputs(title):
 
 def test_migration_has_both_recipes():
     assert {"Recipe: from CMT with a dense bias", "Recipe: from CMTTEST"} <= set(RECIPES)
+
+
+def _runnable_sections():
+    """``(page, section title, code)`` for every ``## `` section of README.md and docs/*.md with python blocks."""
+    out = []
+    for page in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
+        for title, code in _sections(page).items():
+            if code.strip() and not (page.name == "migration.md" and title in RECIPES):   # run (and checked) above
+                out.append(pytest.param(page, code, id=f"{page.name}:{title[:40]}"))
+        head = re.split(r"^## ", page.read_text(), flags=re.M)[0]      # blocks before the first section
+        code = "\n".join(re.findall(r"```python\n(.*?)```", head, flags=re.S))
+        if code.strip():
+            out.append(pytest.param(page, code, id=f"{page.name}:top"))
+    return out
+
+
+@pytest.mark.parametrize("page, code", _runnable_sections())
+def test_every_python_block_runs_as_written(page, code):
+    """Each section's python blocks, in order, as a reader pastes them (a fresh interpreter, the repo as cwd)."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
