@@ -30,7 +30,7 @@ BLOCK_N = 32
 
 def _kernels():
     """Compile-on-first-use (Triton is a heavy import)."""
-    global triton, tl, _hash, _keep, _scores, _probs  # module globals: jitted functions resolve names through them
+    global triton, tl, _hash, _keep, _scores, _probs, _tile, _dot  # module globals: jitted functions resolve names through them
     if _KERNELS:
         return _KERNELS
     import triton
@@ -52,13 +52,25 @@ def _kernels():
         return (h & 0xFFFFFF).to(tl.float32) * (1.0 / 16777216.0) >= p
 
     @triton.jit
+    def _tile(PTR, base, idx, ok, d, dm, D: tl.constexpr, IEEE: tl.constexpr):
+        """Rows ``idx`` (masked by ``ok``) of a ``[.., N, D]`` tensor starting at row ``base``; float32 with IEEE."""
+        t = tl.load(PTR + (base + idx[:, None]) * D + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``a @ b`` with float32 accumulation: IEEE float32 (no TF32), or ``a`` cast to ``b``'s half dtype."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(b.dtype), b)
+
+    @triton.jit
     def _scores(q, k, M, b, h, rows, cols, rm, cm, scale, m_sb, m_sh, m_sq, m_sk, HAS_M: tl.constexpr,
                 IEEE: tl.constexpr):
         """scale q k^T + mask of one block, -inf outside the key range."""
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+        s = _dot(q, tl.trans(k), IEEE) * scale
         if HAS_M:
             s += tl.load(M + b * m_sb + h * m_sh + rows[:, None] * m_sq + cols[None, :] * m_sk,
                          mask=rm[:, None] & cm[None, :], other=0.0)
@@ -75,9 +87,7 @@ def _kernels():
         rm = rows < nq
         d = tl.arange(0, DP)
         dm = d < D
-        q = tl.load(Q + (bh * nq + rows[:, None]) * D + d[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            q = q.to(tl.float32)
+        q = _tile(Q, bh * nq, rows, rm, d, dm, D, IEEE)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, DP], tl.float32)
@@ -85,10 +95,7 @@ def _kernels():
         for n0 in range(0, nk, BN):
             cols = n0 + tl.arange(0, BN)
             cm = cols < nk
-            kv = (bh * nk + cols[:, None]) * D + d[None, :]
-            k = tl.load(K + kv, mask=cm[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                k = k.to(tl.float32)
+            k = _tile(K, bh * nk, cols, cm, d, dm, D, IEEE)
             s = _scores(q, k, M, b, h, rows, cols, rm, cm, scale, m_sb, m_sh, m_sq, m_sk, HAS_M, IEEE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)          # rows masked so far: add nothing
@@ -98,12 +105,7 @@ def _kernels():
             if DROP:
                 flat = ((bh * nq + rows) * total)[:, None] + offset + cols[None, :]
                 pe = tl.where(_keep(flat, seed_lo, seed_hi, p), pe * inv, 0.0)
-            v = tl.load(V + kv, mask=cm[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(pe, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pe.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(pe, _tile(V, bh * nk, cols, cm, d, dm, D, IEEE), IEEE)
             m_i = m_new
         out = acc / l_i[:, None]                                  # 0 / 0 = NaN for a fully masked row
         tl.store(OUT + (bh * nq + rows[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty),
@@ -116,10 +118,7 @@ def _kernels():
         """(p * keep, ds) of one block of the backward."""
         s = _scores(q, k, M, b, h, rows, cols, rm, cm, scale, m_sb, m_sh, m_sq, m_sk, HAS_M, IEEE)
         pr = tl.where(rm[:, None] & cm[None, :], tl.exp(s - lse[:, None]), 0.0)
-        if IEEE:
-            dp = tl.dot(g, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(g, tl.trans(v))
+        dp = _dot(g, tl.trans(v), IEEE)
         if DROP:
             flat = ((bh * nq + rows) * total)[:, None] + offset + cols[None, :]
             z = tl.where(_keep(flat, seed_lo, seed_hi, p), 1.0 / (1.0 - p), 0.0)
@@ -137,31 +136,22 @@ def _kernels():
         cm = cols < nk
         d = tl.arange(0, DP)
         dm = d < D
-        kv = (bh * nk + cols[:, None]) * D + d[None, :]
-        k = tl.load(K + kv, mask=cm[:, None] & dm[None, :], other=0.0)
-        v = tl.load(V + kv, mask=cm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k = _tile(K, bh * nk, cols, cm, d, dm, D, IEEE)
+        v = _tile(V, bh * nk, cols, cm, d, dm, D, IEEE)
         dk = tl.zeros([BN, DP], tl.float32)
         dv = tl.zeros([BN, DP], tl.float32)
         for m0 in range(0, nq, BM):
             rows = m0 + tl.arange(0, BM)
             rm = rows < nq
-            qg = (bh * nq + rows[:, None]) * D + d[None, :]
-            q = tl.load(Q + qg, mask=rm[:, None] & dm[None, :], other=0.0)
-            g = tl.load(G + qg, mask=rm[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                q, g = q.to(tl.float32), g.to(tl.float32)
+            q = _tile(Q, bh * nq, rows, rm, d, dm, D, IEEE)
+            g = _tile(G, bh * nq, rows, rm, d, dm, D, IEEE)
             lse = tl.load(LSE + bh * nq + rows, mask=rm, other=0.0)
             delta = tl.load(DELTA + bh * nq + rows, mask=rm, other=0.0)
             pz, ds = _probs(q, k, g, v, lse, delta, M, b, h, bh, rows, cols, rm, cm, nq, total, offset, scale, p,
                             seed_lo, seed_hi, m_sb, m_sh, m_sq, m_sk, HAS_M, DROP, IEEE)
-            if IEEE:
-                dv += tl.dot(tl.trans(pz), g, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
-            else:
-                dv += tl.dot(tl.trans(pz.to(g.dtype)), g)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+            dv += _dot(tl.trans(pz), g, IEEE)
+            dk += _dot(tl.trans(ds), q, IEEE) * scale
+        kv = (bh * nk + cols[:, None]) * D + d[None, :]
         tl.store(DK + kv, dk.to(DK.dtype.element_ty), mask=cm[:, None] & dm[None, :])
         tl.store(DV + kv, dv.to(DV.dtype.element_ty), mask=cm[:, None] & dm[None, :])
 
@@ -176,28 +166,20 @@ def _kernels():
         rm = rows < nq
         d = tl.arange(0, DP)
         dm = d < D
-        qg = (bh * nq + rows[:, None]) * D + d[None, :]
-        q = tl.load(Q + qg, mask=rm[:, None] & dm[None, :], other=0.0)
-        g = tl.load(G + qg, mask=rm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            q, g = q.to(tl.float32), g.to(tl.float32)
+        q = _tile(Q, bh * nq, rows, rm, d, dm, D, IEEE)
+        g = _tile(G, bh * nq, rows, rm, d, dm, D, IEEE)
         lse = tl.load(LSE + bh * nq + rows, mask=rm, other=0.0)
         delta = tl.load(DELTA + bh * nq + rows, mask=rm, other=0.0)
         dq = tl.zeros([BM, DP], tl.float32)
         for n0 in range(0, nk, BN):
             cols = n0 + tl.arange(0, BN)
             cm = cols < nk
-            kv = (bh * nk + cols[:, None]) * D + d[None, :]
-            k = tl.load(K + kv, mask=cm[:, None] & dm[None, :], other=0.0)
-            v = tl.load(V + kv, mask=cm[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                k, v = k.to(tl.float32), v.to(tl.float32)
+            k = _tile(K, bh * nk, cols, cm, d, dm, D, IEEE)
+            v = _tile(V, bh * nk, cols, cm, d, dm, D, IEEE)
             pz, ds = _probs(q, k, g, v, lse, delta, M, b, h, bh, rows, cols, rm, cm, nq, total, offset, scale, p,
                             seed_lo, seed_hi, m_sb, m_sh, m_sq, m_sk, HAS_M, DROP, IEEE)
-            if IEEE:
-                dq += tl.dot(ds, k, input_precision="ieee") * scale
-            else:
-                dq += tl.dot(ds.to(k.dtype), k) * scale
+            dq += _dot(ds, k, IEEE) * scale
+        qg = (bh * nq + rows[:, None]) * D + d[None, :]
         tl.store(DQ + qg, dq.to(DQ.dtype.element_ty), mask=rm[:, None] & dm[None, :])
 
     _KERNELS.update(fwd=_fwd, bwd_kv=_bwd_kv, bwd_q=_bwd_q, next_power_of_2=triton.next_power_of_2,
