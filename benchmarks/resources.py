@@ -13,7 +13,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
