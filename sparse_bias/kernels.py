@@ -94,9 +94,12 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     return dropout_keep(seed, torch.arange(numel, device=device), p).view(*shape)
 
 
-def _seed64(seed: int) -> int:
-    """The dropout seed as the compiled kernels take it (an int64 holding its low 63 bits, as the fused backend)."""
-    return int(seed) & 0x7FFFFFFFFFFFFFFF
+def seed64(seed: int) -> int:
+    """The dropout seed as the compiled kernels take it: the signed int64 with the same low 64 bits (the kernels
+    read them back as unsigned), so every seed -- negative or above 2^63 included -- gives the decisions of
+    :func:`dropout_keep`."""
+    bits = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return bits - (1 << 64) if bits >= (1 << 63) else bits
 
 
 def _has_op(name: str) -> bool:
@@ -225,7 +228,7 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
     name = dense_kernel_name(q, dropout_p, masked=mask is not None)
     if name == "cpu_dropout":
         offset, total = key_range or (0, k.shape[2])
-        out, lse = _compiled().dense_forward(q, k, v, mask, scale, dropout_p, _seed64(seed), offset, total)
+        out, lse = _compiled().dense_forward(q, k, v, mask, scale, dropout_p, seed64(seed), offset, total)
         return out, lse, KernelState(name)
     if name == "cpu_flash":
         try:
@@ -251,7 +254,7 @@ def dense_lse_backward(state: KernelState, grad_out, q, k, v, out, lse, mask, sc
     name = state.name
     if name == "cpu_dropout":
         offset, total = key_range or (0, k.shape[2])
-        return _compiled().dense_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, _seed64(seed), offset,
+        return _compiled().dense_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed64(seed), offset,
                                           total)
     if name == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -45,8 +45,9 @@ def _mask(blk, cdt):
 
 
 def _seed(blk) -> int:
-    """The dropout seed as the kernels take it (an int64 holding the same 64 bits)."""
-    return int(blk.seed) & 0x7FFFFFFFFFFFFFFF
+    """The dropout seed as the kernels take it (`sparse_bias.kernels.seed64`)."""
+    from ..kernels import seed64
+    return seed64(blk.seed)
 
 
 def _row_order(win, b):
