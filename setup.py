@@ -29,9 +29,9 @@ if os.environ.get("SPARSE_BIAS_NO_EXT") != "1":
 
         ext_modules = [CppExtension(
             "sparse_bias._C", ["sparse_bias/csrc/window_terms.cpp", "sparse_bias/csrc/dense_dropout.cpp"],
-            # fast-math for libmvec's vectorised exp, but IEEE infinities kept (masked scores are -inf)
+            # fast-math for vectorised loops, but IEEE infinities kept (masked scores are -inf; csrc/vec_math.h)
             extra_compile_args=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
-            extra_link_args=["-fopenmp", "-lmvec"])]
+            extra_link_args=["-fopenmp"])]
         # ninja (when on PATH) compiles the kernel files side by side; without it torch falls back to one at a time
         cmdclass = {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
