@@ -183,13 +183,18 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
     q, k, v = (torch.randn(2, heads, n, dim, generator=gen, device=device).to(dtype).requires_grad_()
                for n in (queries, nk, nk))
     wb, wc = (torch.rand(2, queries, generator=gen, device=device).requires_grad_() for _ in range(2))
-    dense_bytes = 2 * queries * nk * 4 * 3          # the fp32 bias, its cast and the score matrix of the math path
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
+    dense_bytes = 3 * 2 * heads * queries * nk * 4 + 2**30   # three score-sized fp32 buffers of the math path
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        from ._memory import available_gib
+        gib = available_gib()
+        free = float("inf") if gib is None else gib * 1e9
     variants = {
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
         "sparse-auto": lambda: sparse_bias_attention(q, k, v, window_bias(win, wb, wc)),
     }
-    if dense_bytes < free / 2:
+    if dense_bytes < free * 0.8:
         variants["dense-bias"] = lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=window_bias(win, wb, wc).to_dense().unsqueeze(1).to(dtype))
     flex = None
@@ -227,7 +232,7 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
         r["x_sdpa"] = None if r["time_ms"] is None or not base.get(r["pass_"]) else r["time_ms"] / base[r["pass_"]]
     if not quick and "dense-bias" not in variants:
         rows.append(dict(variant="dense-bias", pass_="-", time_ms=None, peak_mib=None, x_sdpa=None,
-                         note="skipped: the dense bias does not fit in half the free memory"))
+                         note=f"skipped: needs about {dense_bytes / 1e9:.1f} GB, {free / 1e9:.1f} GB free"))
     return rows
 
 

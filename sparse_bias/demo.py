@@ -17,6 +17,7 @@ import time
 import torch
 
 from ._cli import Parser
+from ._memory import available_gib
 from .bias import window_bias
 from .synthetic import synthetic_scene
 from .windows import local_windows
@@ -133,18 +134,6 @@ def dense_bias_gib(args) -> float:
         return 0.5
     keys = 56400
     return 0.5 + 3.4 * args.batch_size * 8 * args.queries * keys * 4 / 1e9
-
-
-def available_gib():
-    """MemAvailable of /proc/meminfo in GB, or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / 1e9
-    except OSError:  # pragma: no cover - not Linux
-        return None
-    return None  # pragma: no cover
 
 
 def cli() -> int:
