@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "dropout_hash.h"
+#include "mask.h"
 #include "vec_math.h"
 
 namespace sparse_bias {
@@ -56,25 +57,6 @@ inline void keep_row(const Dropout& dr, uint64_t flat0, int64_t n, acc_t* z) {
     }
   }
 }
-
-// The additive mask, 4-D broadcastable to [B, H, Q, K] (strides 0 where broadcast), or none.
-template <typename acc_t>
-struct Mask {
-  const acc_t* data = nullptr;
-  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
-  explicit Mask(const at::Tensor& m) {
-    if (m.defined()) {
-      data = m.data_ptr<acc_t>();
-      sb = m.size(0) > 1 ? m.stride(0) : 0;
-      sh = m.size(1) > 1 ? m.stride(1) : 0;
-      sq = m.size(2) > 1 ? m.stride(2) : 0;
-      sk = m.size(3) > 1 ? m.stride(3) : 0;
-    }
-  }
-  inline const acc_t* row(int64_t b, int64_t h, int64_t q, int64_t k0) const {
-    return data ? data + b * sb + h * sh + q * sq + k0 * sk : nullptr;
-  }
-};
 
 Dropout make_dropout(double p, int64_t seed, int64_t heads, int64_t nq, int64_t total, int64_t offset) {
   Dropout d;

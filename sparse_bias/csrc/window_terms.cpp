@@ -19,6 +19,7 @@
 
 #include "dense_dropout.h"
 #include "dropout_hash.h"
+#include "mask.h"
 #include "vec_math.h"
 
 namespace {
@@ -27,6 +28,7 @@ constexpr int64_t kMaxHeadDim = 512;
 
 using sparse_bias::keep_entry;
 using sparse_bias::vexp;
+using sparse_bias::Mask;
 
 // A [B, H, N, D] tensor (last dim contiguous) read at (b, h, n).
 template <typename T>
@@ -36,25 +38,6 @@ struct Rows {
   Rows(const at::Tensor& t)
       : data(t.data_ptr<T>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)) {}
   inline const T* at(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * sn; }
-};
-
-// The additive mask, 4-D broadcastable to [B, H, Q, K] (strides 0 where broadcast), or none.
-template <typename acc_t>
-struct Mask {
-  const acc_t* data = nullptr;
-  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
-  Mask(const c10::optional<at::Tensor>& m) {
-    if (m.has_value() && m->defined()) {
-      data = m->data_ptr<acc_t>();
-      sb = m->size(0) > 1 ? m->stride(0) : 0;
-      sh = m->size(1) > 1 ? m->stride(1) : 0;
-      sq = m->size(2) > 1 ? m->stride(2) : 0;
-      sk = m->size(3) > 1 ? m->stride(3) : 0;
-    }
-  }
-  inline acc_t operator()(int64_t b, int64_t h, int64_t q, int64_t key) const {
-    return data ? data[b * sb + h * sh + q * sq + key * sk] : acc_t(0);
-  }
 };
 
 template <typename T, typename acc_t>
