@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ._cli import Parser
+from ._memory import available_gib, dense_bias_gb
 from ._validation import additive_mask
 from .backends import BACKENDS, backend_candidates
 from .backends.choose import CORRECTION_BACKENDS, WINDOW_BACKENDS, self_check_results
@@ -183,11 +184,10 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
     q, k, v = (torch.randn(2, heads, n, dim, generator=gen, device=device).to(dtype).requires_grad_()
                for n in (queries, nk, nk))
     wb, wc = (torch.rand(2, queries, generator=gen, device=device).requires_grad_() for _ in range(2))
-    dense_bytes = 3 * 2 * heads * queries * nk * 4 + 2**30   # three score-sized fp32 buffers of the math path
+    dense_bytes = dense_bias_gb(2, heads, queries, nk) * 1e9
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        from ._memory import available_gib
         gib = available_gib()
         free = float("inf") if gib is None else gib * 1e9
     variants = {

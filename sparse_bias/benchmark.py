@@ -30,6 +30,7 @@ from typing import Dict, List
 import torch
 
 from ._cli import Parser
+from ._memory import dense_bias_gb
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import torch_scatter_available
 from .bias import window_bias
@@ -267,17 +268,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="sweep queries, window size and layout; writes CSV, JSON and PNG plots to --out")
     parser.add_argument("--out", default="bench_out", help="output folder of --sweep")
     parser.add_argument("--max-dense-gib", type=float, default=16.0,
-                        help="skip dense-bias where its score-sized buffers would exceed this (GiB)")
+                        help="skip dense-bias where it would need more RAM than this (GB)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="time", choices=["check", "time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--check-variants", default="", help=argparse.SUPPRESS)
     return parser
 
 
-def _dense_gib(args) -> float:
-    """Rough size of the dense-bias version's three score-sized fp32 buffers (for skipping, not reporting)."""
-    keys = CMT_CONFIGS[args.config].layout.num_keys
-    return 3 * args.batch_size * args.heads * args.queries * keys * 4 / 2**30
+def _dense_gb(args) -> float:
+    """RAM the dense-bias variant needs (for skipping, not reporting)."""
+    return dense_bias_gb(args.batch_size, args.heads, args.queries, CMT_CONFIGS[args.config].layout.num_keys)
 
 
 def compare(args, log=print) -> List[Dict]:
@@ -285,9 +285,9 @@ def compare(args, log=print) -> List[Dict]:
     names = list(args.variants or variants(args.dropout))
     if "sdpa" not in names:
         names = ["sdpa"] + names
-    if "dense-bias" in names and _dense_gib(args) > args.max_dense_gib:
+    if "dense-bias" in names and _dense_gb(args) > args.max_dense_gib:
         names.remove("dense-bias")
-        log(f"  dense-bias skipped: its score-sized buffers need about {_dense_gib(args):.0f} GiB")
+        log(f"  dense-bias skipped: it needs about {_dense_gb(args):.0f} GB")
     errors = {}
     if args.check:
         check_args = copy.copy(args)

@@ -17,9 +17,9 @@ import time
 import torch
 
 from ._cli import Parser
-from ._memory import available_gib
+from ._memory import available_gib, dense_bias_gb
 from .bias import window_bias
-from .synthetic import synthetic_scene
+from .synthetic import CMT_CONFIGS, synthetic_scene
 from .windows import local_windows
 
 
@@ -100,7 +100,9 @@ def _attention(args):
     print("\n== attention: sparse bias vs unbiased SDPA vs the dense-bias version (fp32, forward + backward) ==")
     bench_args = ["--quick"] if args.quick else ["--queries", str(args.queries), "--batch-size", str(args.batch_size)]
     variants = ["sdpa", "sparse-auto", "dense-bias"]
-    need, free = dense_bias_gib(args), available_gib()
+    queries = 32 if args.quick else args.queries               # the benchmark's --quick sizes
+    keys = CMT_CONFIGS["small" if args.quick else "fusion"].layout.num_keys
+    need, free = dense_bias_gb(1 if args.quick else args.batch_size, 2 if args.quick else 8, queries, keys), available_gib()
     print(f"memory      : the dense-bias variant needs about {need:.1f} GB of RAM "
           f"({'unknown' if free is None else f'{free:.1f} GB'} available)")
     if free is not None and free < need:
@@ -124,16 +126,6 @@ def _attention(args):
     except ImportError:  # pragma: no cover - matplotlib is a dev extra
         pass
     return rows
-
-
-def dense_bias_gib(args) -> float:
-    """RAM the dense-bias variant of the comparison needs: measured 10.5 GB peak RSS at the CMT fusion shape
-    (B=2, H=8, Q=900, K=56,400, fp32; docs/results/attention-cmt-fusion-cpu.txt), i.e. about 3.4 score-sized
-    buffers of ``B * H * Q * K`` floats plus 0.5 GB of inputs; scaled to the requested sizes."""
-    if args.quick:
-        return 0.5
-    keys = 56400
-    return 0.5 + 3.4 * args.batch_size * 8 * args.queries * keys * 4 / 1e9
 
 
 def cli() -> int:
