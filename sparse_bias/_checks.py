@@ -77,3 +77,10 @@ def parse_to(*args, **kwargs):
         raise TypeError(f"to() takes a device, a dtype, both, or a tensor (like Tensor.to); got args={args!r}, "
                         f"kwargs={kwargs!r} ({exc})") from None
     return (None if device is None else torch.device(device)), dtype
+
+
+def cuda_device(device=None) -> torch.device:
+    """The device of ``.cuda(device)``: an index, a device, a string, or None (the current CUDA device)."""
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device or "cuda")

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_device, check_finite, check_tensor, parse_to
+from ._checks import check_device, check_finite, check_tensor, cuda_device, parse_to
 from .windows import WindowIndex
 
 __all__ = ["SparseBias", "ModalityBias", "window_bias"]
@@ -66,7 +66,7 @@ class SparseBias:
         return self.to("cpu")
 
     def cuda(self, device=None) -> "SparseBias":
-        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+        return self.to(cuda_device(device))
 
     def detach(self) -> "SparseBias":
         """The same bias with its values detached from the graph."""
@@ -162,7 +162,7 @@ class ModalityBias:
         return self.to("cpu")
 
     def cuda(self, device=None) -> "ModalityBias":
-        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+        return self.to(cuda_device(device))
 
     def detach(self) -> "ModalityBias":
         return ModalityBias(self.layout, self.values.detach())

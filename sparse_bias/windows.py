@@ -6,7 +6,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ._checks import check_device, check_tensor, check_window_size, parse_to
+from ._checks import check_device, check_tensor, check_window_size, cuda_device, parse_to
 from .layout import KeyLayout
 
 __all__ = ["WindowIndex", "local_windows"]
@@ -141,7 +141,7 @@ class WindowIndex:
         return self.to("cpu")
 
     def cuda(self, device=None) -> "WindowIndex":
-        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+        return self.to(cuda_device(device))
 
     def detach(self) -> "WindowIndex":
         """``self``: an index carries no gradients (for symmetry with tensors and `SparseBias`)."""
