@@ -12,8 +12,11 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def check_tensor(name: str, x, *, ndim: Optional[Sequence[int]] = None, floating: Optional[bool] = None,
-                 integer: Optional[bool] = None) -> torch.Tensor:
-    """Check that ``x`` is a tensor with one of the allowed ranks and the right kind of dtype."""
+                 integer: Optional[bool] = None, signed: Optional[bool] = None) -> torch.Tensor:
+    """Check that ``x`` is a tensor with one of the allowed ranks and the right kind of dtype.
+
+    ``signed=True`` (with ``integer=True``) refuses unsigned integer dtypes: positions and window sizes use
+    -1 / negative values to mean "none", which an unsigned tensor cannot hold (it silently wraps to 255...)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() not in tuple(ndim):
@@ -23,6 +26,9 @@ def check_tensor(name: str, x, *, ndim: Optional[Sequence[int]] = None, floating
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if integer and x.dtype not in _INT_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got dtype {x.dtype}")
+    if signed and not x.dtype.is_signed:
+        raise TypeError(f"{name} must have a signed integer dtype (e.g. torch.long), got dtype {x.dtype}: an "
+                        f"unsigned tensor cannot hold negative values such as -1 = 'no window' (use .long())")
     return x
 
 
@@ -41,7 +47,7 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 def check_window_size(name: str, size) -> None:
     """A window size is an odd non-negative int (0 = no window) or an integer tensor of such values."""
     if isinstance(size, torch.Tensor):
-        check_tensor(name, size, integer=True)
+        check_tensor(name, size, integer=True, signed=True)
         if size.numel():
             if bool((size < 0).any()):
                 raise ValueError(f"{name} must be >= 0, got minimum {int(size.min())}")

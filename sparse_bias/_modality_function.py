@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import compute_dtype as _compute_dtype
-from .kernels import dense_lse_backward, dense_lse_forward
+from .kernels import dense_lse_backward, dense_lse_forward, unit_stride
 
 
 class _ModalityBiasAttention(torch.autograd.Function):
@@ -18,6 +18,7 @@ class _ModalityBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, values, ranges, mask, scale, dropout_p, seed):
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
         cdt = _compute_dtype(q.dtype)
         nk = k.shape[2]
         outs, lses, kernels_used = [], [], []

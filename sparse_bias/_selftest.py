@@ -7,7 +7,8 @@
 Part 1 (exactness): for every backend that can run on the device, every dtype (float32, bfloat16, float16),
 and each case -- shared bias, per-head bias, key padding, dropout with a fixed seed, and ``window_attention``
 plain, with padding and with dropout -- output and gradients (q, k, v, bias values) against the dense reference in
-float64, within twice the drift of the dense computation in the same dtype. One PASS/FAIL line per check.
+float64, within the bound of `sparse_bias._precision` (twice the error of the naive dense computation in the same
+dtype plus the roundings only the library's path makes). One PASS/FAIL line per check.
 Part 2 (timing): forward and forward + backward at the CMT fusion shape (or ``--queries`` / ``--window`` /
 ``--layout``) of unbiased SDPA (flash on a GPU), ``sparse_bias_attention`` (auto backend), the dense-bias
 SDPA (when it fits) and FlexAttention with a ``score_mod`` (where it runs). Exits 1 when any check fails.
@@ -25,6 +26,7 @@ import torch
 
 from ._cli import Parser
 from ._memory import available_gib, dense_bias_gb
+from ._precision import tolerance
 from ._validation import additive_mask
 from .backends import BACKENDS, backend_candidates
 from .backends.choose import CORRECTION_BACKENDS, WINDOW_BACKENDS, self_check_results
@@ -102,13 +104,11 @@ def _check(op, backend, case, prob, device, dtype, refs) -> Dict:
     except Exception as exc:  # noqa: BLE001 - a backend that raises fails its check
         row.update(passed=False, detail=f"{type(exc).__name__}: {exc}")
         return row
-    eps = torch.finfo(dtype).eps
     worst = -1.0
     for name, e, n, g in zip(("out", "dq", "dk", "dv", "dw_bev", "dw_cam"), exact, naive, got):
         size = max(float(e.abs().max()), 1e-30)
-        drift = max(float((n - e).abs().max()), eps * size)     # at least one rounding step of the result
         err = float((g - e).abs().max())
-        tol = 2 * drift + 1e-5 * size
+        tol = tolerance(float((n - e).abs().max()), size, dtype)      # sparse_bias._precision
         ratio = err / tol if err == err else float("inf")        # NaN fails
         if ratio > worst:
             worst = ratio

@@ -17,9 +17,7 @@ import torch
 from ._blocks import window_blocks
 from ._exact_rows import _exact_rows, _rows_forward, flagged_rows
 from .kernels import compute_dtype as _compute_dtype
-from .kernels import dense_lse_backward, dense_lse_forward
-
-
+from .kernels import dense_lse_backward, dense_lse_forward, kernel_lse, unit_stride
 
 
 class _SparseBiasAttention(torch.autograd.Function):
@@ -27,6 +25,7 @@ class _SparseBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, values, win, mask, scale, backend, dropout_p, seed):
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
         cdt = _compute_dtype(q.dtype)
         bsz, heads, nq, _ = q.shape
         o_d, lse, kernel = dense_lse_forward(q, k, v, mask, scale, dropout_p, seed)
@@ -41,8 +40,9 @@ class _SparseBiasAttention(torch.autograd.Function):
         p = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if backend.saves_p else None
         den = torch.ones(bsz, heads, nq, dtype=cdt, device=q.device)
         out = o_d.to(cdt)
+        klse = kernel_lse(lse.to(cdt))                     # fully masked rows: p_j = 0 at their window keys
         for blk in window_blocks(win, values, backend, heads, k.shape[2], mask, dropout_p, seed, cdt):
-            backend.forward_block(win, blk, q, k, v, lse[blk.b, blk.hs].to(cdt), scale,
+            backend.forward_block(win, blk, q, k, v, klse[blk.b, blk.hs], scale,
                                   None if p is None else p[blk.hs, blk.e0:blk.e1], den[blk.b, blk.hs],
                                   out[blk.b, blk.hs], cdt)
         out /= den.unsqueeze(-1)
@@ -81,11 +81,12 @@ class _SparseBiasAttention(torch.autograd.Function):
 
         dvalues = torch.zeros_like(values, dtype=cdt) if ctx.needs_input_grad[3] else None
         go = (gp * out.to(cdt)).sum(-1)                                                    # <g', o> [B, H, Q]
+        klse = kernel_lse(lse.to(cdt))
         for blk in window_blocks(win, values.detach(), backend, heads, k.shape[2], mask, ctx.dropout_p, ctx.seed,
                                  cdt):
             hs, e0, e1 = blk.hs, blk.e0, blk.e1
             db = backend.backward_block(win, blk, q, k, v, gp, go[blk.b, hs], None if p is None else p[hs, e0:e1],
-                                        lse[blk.b, hs].to(cdt), scale, dq[blk.b, hs], dk, dv, cdt)
+                                        klse[blk.b, hs], scale, dq[blk.b, hs], dk, dv, cdt)
             if dvalues is not None:
                 if ctx.shared:
                     dvalues[e0:e1] += db.sum(0)

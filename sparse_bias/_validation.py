@@ -2,6 +2,8 @@
 `sparse_bias.window_attention`): every error names the argument and the bad value."""
 from __future__ import annotations
 
+import math
+import operator
 from typing import Optional
 
 import torch
@@ -33,8 +35,7 @@ def check_sparse_bias(bias: SparseBias, q, k):
     if bias.num_heads is not None and bias.num_heads != heads:
         raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
     check_device("bias", bias.values, q.device, "q")
-    if idx.nnz and (int(idx.key.min()) < 0 or int(idx.key.max()) >= k.shape[2]):
-        raise ValueError(f"bias.index.key holds keys outside [0, {k.shape[2]})")
+    idx.validate()                                    # keys in range, ascending, unique: once per index object
     check_finite("bias.values", bias.values.detach())
 
 
@@ -74,8 +75,7 @@ def normalize_key_padding_mask(key_padding_mask, batch: int, num_keys: int, devi
     if key_padding_mask.dtype == torch.uint8:
         key_padding_mask = key_padding_mask.bool()
     if key_padding_mask.is_floating_point():
-        if bool(torch.isnan(key_padding_mask).any()):
-            raise ValueError("key_padding_mask contains NaN values")
+        _check_additive("key_padding_mask", key_padding_mask)
         return key_padding_mask if bool(key_padding_mask.any()) else None
     if key_padding_mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be bool (True = ignore), uint8 (nonzero = ignore) or an additive "
@@ -111,8 +111,7 @@ def additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
         if attn_mask.dtype == torch.bool:      # torch SDPA convention: True = takes part in attention
             am = torch.zeros(attn_mask.shape, dtype=cdt, device=q.device).masked_fill(~attn_mask, float("-inf"))
         elif attn_mask.is_floating_point():
-            if bool(torch.isnan(attn_mask).any()):
-                raise ValueError("attn_mask contains NaN values")
+            _check_additive("attn_mask", attn_mask)
             am = attn_mask.detach().to(cdt)
         else:
             raise TypeError(f"attn_mask must be bool (True = attend) or floating point, got {attn_mask.dtype}")
@@ -130,17 +129,53 @@ def entry_mask(mask: torch.Tensor, b: int, hs: slice, local_q: torch.Tensor, key
 
 
 
+def _check_additive(name: str, mask: torch.Tensor) -> None:
+    """An additive float mask may hold finite values and ``-inf`` (= masked); NaN and ``+inf`` would poison the
+    softmax (``+inf`` is no mask convention of torch)."""
+    bad = torch.isnan(mask) | torch.isposinf(mask)
+    if bool(bad.any()):
+        what = "NaN" if bool(torch.isnan(mask).any()) else "+inf"
+        raise ValueError(f"{name} contains {what} values; an additive mask holds finite values and -inf (masked)")
+
+
 def check_scale(scale, q) -> float:
+    """The softmax scale: ``1 / sqrt(D)`` by default (1 for ``D = 0``), else a finite number."""
     if scale is None:
-        return q.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
+        return q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     return float(scale)
+
+
+def check_seed(seed) -> None:
+    """A dropout seed is None (drawn from torch's RNG) or an integer (any, negative and >= 2^63 included)."""
+    if seed is None:
+        return
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        operator.index(seed)
+    except TypeError:
+        raise TypeError(f"dropout_seed must be an int or None, got {seed!r} ({type(seed).__name__})") from None
+
+
+def dropout_seed(dropout_p: float, seed) -> int:
+    """The seed a call uses: 0 without dropout, else ``seed`` or a fresh draw from torch's RNG."""
+    check_seed(seed)
+    if dropout_p == 0:
+        return 0
+    return draw_seed() if seed is None else operator.index(seed)
 
 
 def check_dropout(dropout_p):
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def zeros_like_output(q, k, v, values=None) -> torch.Tensor:
+    """``[B, H, Q, D]`` zeros for an empty problem, connected to every input (zero gradients reach them)."""
+    zero = 0 * q.sum() + 0 * k.sum() + 0 * v.sum() + (0 if values is None else 0 * values.sum())
+    return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + zero.to(q.dtype)
 
 
 def draw_seed() -> int:

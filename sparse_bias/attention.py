@@ -17,7 +17,7 @@ from ._exact_rows import EXACT_ROW_THRESHOLD
 from ._modality_function import _ModalityBiasAttention
 from ._sparse_function import _SparseBiasAttention
 from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
-                          check_scale, check_sparse_bias, draw_seed)
+                          check_scale, check_sparse_bias, dropout_seed as _call_seed, zeros_like_output)
 from .backends import get_backend
 from .backends.choose import choose_backend
 from .bias import ModalityBias, SparseBias
@@ -88,11 +88,13 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:
-        ``[B, H, Q, D]``.
+        ``[B, H, Q, D]``. A fully masked query row (every key masked, or no keys) gives zeros and zero gradients
+        (docs/conventions.md).
     """
     check_qkv(q, k, v)
     scale = check_scale(scale, q)
     check_dropout(dropout_p)
+    seed = _call_seed(dropout_p, dropout_seed)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if dense_bias is not None:
         check_dense_bias(dense_bias, q, k)
@@ -100,9 +102,9 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
     mask = additive_mask(q, k, key_padding_mask, attn_mask)
     if mask is not None:
         scores = scores + mask.to(scores.dtype)
-    probs = torch.softmax(scores, dim=-1)
+    empty = torch.isneginf(scores).all(-1, keepdim=True)                      # fully masked rows: zeros
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0:
-        seed = draw_seed() if dropout_seed is None else int(dropout_seed)
         probs = probs * dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
     return torch.matmul(probs, v)
 
@@ -130,7 +132,8 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             (b, h, q, key) is kept or dropped by a counter-based hash of ``dropout_seed`` (drawn from torch's
             RNG when None), so the dense pass, the correction and the backward agree. The dense pass then
             runs on the chunked PyTorch kernel. Pass 0 at evaluation (modules do this for you).
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        scale: softmax scale, default ``1 / sqrt(D)``; a finite number.
+        dropout_seed: an int (any 64 bits) or None.
         backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch sparse CSR
             kernels), ``"triton"`` (fused Triton kernels, CUDA), ``"scatter"`` (torch-scatter segment
             ops), ``"torch"`` (native gather + index_add) or ``"dense"`` (materialise the bias; the reference).
@@ -138,7 +141,10 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Returns:
         ``[B, H, Q, D]`` in q's dtype. Gradients flow to q, k, v and ``bias.values`` (hence to the weights
-        and scale behind them). The correction is accumulated in float32 (float64 for float64 input).
+        and scale behind them). The correction is accumulated in float32 (float64 for float64 input). A query
+        whose keys are all masked (or K = 0) gets zeros and zero gradients, on every backend
+        (docs/conventions.md). q, k, v and the output gradient may have any strides (transposed, sliced,
+        expanded, strided last dim): inputs whose last dim is not unit-stride are copied once here.
 
     Example:
 
@@ -164,13 +170,13 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_modality_bias(bias, q, k)
     name, why = select_backend(q, bias, backend)
     logger.debug("sparse_bias_attention: backend %s (%s)", name, why)
-    seed = 0 if dropout_p == 0 else (draw_seed() if dropout_seed is None else int(dropout_seed))
+    seed = _call_seed(dropout_p, dropout_seed)
     if name == "dense":
         dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()
         return dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed)
     mask = additive_mask(q, k, key_padding_mask, attn_mask)
-    if q.shape[2] == 0:
-        return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + 0 * q.sum()
+    if q.numel() == 0 or k.shape[2] == 0:        # nothing to attend (K = 0: every row fully masked): zeros
+        return zeros_like_output(q, k, v, None if bias is None else bias.values)
     if name == "none":
         return _SparseBiasAttention.apply(q, k, v, None, None, mask, scale, None, dropout_p, seed)
     if name == "modality":

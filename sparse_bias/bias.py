@@ -189,6 +189,33 @@ def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:
     return w
 
 
+class _SegmentExpand(torch.autograd.Function):
+    """``src.index_select(0, seg)`` for a non-decreasing ``seg`` (a CSR "expand": segment ``s`` is copied to
+    entries ``offsets[s]:offsets[s + 1]``), whose backward is a deterministic CSR segment sum along dim 0
+    (``torch.segment_reduce``; each segment summed in entry order by one thread) instead of the racy
+    ``index_put(accumulate=True)`` of advanced indexing. No host sync forward or backward."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, seg: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(offsets)
+        return src.index_select(0, seg)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        offsets, = ctx.saved_tensors
+        out = torch.segment_reduce(grad.contiguous(), "sum", offsets=offsets, axis=0, unsafe=True, initial=0)
+        return out, None, None
+
+
+def _segment_expand(src: torch.Tensor, win: WindowIndex) -> torch.Tensor:
+    """``[nnz, *tail]``: row ``row * 2 + source`` of ``src [B * Q * 2, *tail]`` for every entry of ``win``,
+    with a deterministic backward (see `_SegmentExpand`)."""
+    seg, offsets = win.modality_segments()
+    return _SegmentExpand.apply(src, seg, offsets)
+
+
 def _pair(name: str, x):
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
@@ -231,6 +258,7 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
     """
     if not isinstance(win, WindowIndex):
         raise TypeError(f"win must be a WindowIndex, got {type(win).__name__}")
+    win.validate()            # once per index object (free for local_windows' indexes); the gather relies on it
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     has = {"bev_weight": win.bev_pos is not None, "cam_weight": win.cam_pos is not None}
@@ -256,7 +284,8 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
         raise ValueError(f"scale must be a finite number or a 0-d tensor, got {scale!r}")
 
-    # One gather: stack (bev, cam) weights per query and pick by (row, source).
+    # One gather: stack (bev, cam) weights per query and pick by (row, source). ``row * 2 + source`` never
+    # decreases over the entries, so the gather is a CSR expand whose backward is a deterministic segment sum.
     tail = (heads.pop(),) if heads else ()
     b, q = win.batch_size, win.num_queries
     stacked = []
@@ -265,18 +294,20 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
         w = torch.zeros((b, q) + tail, dtype=dtype, device=win.device) if w is None else w.to(dtype)
         stacked.append(w.unsqueeze(-1).expand((b, q) + tail) if tail and w.dim() == 2 else w)
     stacked = torch.stack(stacked, dim=2)                              # [B, Q, 2, (H)]
-    values = stacked.reshape((b * q * 2,) + tail)[win.row * 2 + win.source.long()]
+    values = _segment_expand(stacked.reshape((b * q * 2,) + tail), win)
 
     if profile == "gaussian":
         sig_bev, sig_cam = _pair("sigma", sigma)
+        # The falloff is computed in at least fp32: squared offsets of large windows overflow fp16.
+        fdtype = torch.promote_types(dtype, torch.float32)
         if sigma is None:
-            sig = win.half_size().clamp(min=1).to(dtype) / 2
+            sig = win.half_size().clamp(min=1).to(fdtype) / 2
         else:
             for s in (sig_bev, sig_cam):
                 if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
                     raise ValueError(f"sigma must be a positive number or a (bev, cam) pair, got {sigma!r}")
-            sig = torch.tensor([sig_bev, sig_cam], dtype=dtype, device=win.device)[win.source.long()]
-        d2 = win.dy.to(dtype) ** 2 + win.dx.to(dtype) ** 2
-        falloff = torch.exp(-d2 / (2 * sig * sig))
+            sig = torch.tensor([sig_bev, sig_cam], dtype=fdtype, device=win.device)[win.source.long()]
+        d2 = win.dy.to(fdtype) ** 2 + win.dx.to(fdtype) ** 2
+        falloff = torch.exp(-d2 / (2 * sig * sig)).to(dtype)
         values = values * (falloff.unsqueeze(-1) if tail else falloff)
     return SparseBias(win, values * scale)

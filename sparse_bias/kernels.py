@@ -124,8 +124,11 @@ def _compiled():
     return _extension()[0]
 
 
-def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0, masked: bool = False) -> str:
-    """Which implementation `dense_lse_forward` uses for ``q`` (see the module docstring)."""
+def dense_kernel_name(q: torch.Tensor, dropout_p: float = 0.0, masked: bool = False, num_keys: int = 1) -> str:
+    """Which implementation `dense_lse_forward` uses for ``q`` (see the module docstring). Empty problems (a zero
+    batch, head, query, key or head-dim size) take the chunked kernel: the private ops divide by such sizes."""
+    if q.numel() == 0 or num_keys == 0:
+        return "chunked"
     if dropout_p > 0:
         if q.device.type == "cpu" and _compiled() is not None:
             return "cpu_dropout"
@@ -192,6 +195,23 @@ def _mask_for(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return None if mask is None else mask.to(dtype)
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has stride 1, else a contiguous copy: the layout the private attention ops
+    and the compiled kernels assume (``.contiguous()`` alone does not copy a size-1 last dim of stride 2)."""
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
+def fully_masked_rows(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Bool ``[B, H|1, Q|1]``: the rows of an additive mask whose every key is ``-inf`` (or None without a mask)."""
+    return None if mask is None else torch.isneginf(mask).all(-1)
+
+
+def kernel_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp as the probability kernels take it: ``+inf`` for a fully masked row (``-inf``), so that
+    ``exp(s_j - L)`` is 0 at every key of that row instead of ``exp(-inf + inf) = NaN``."""
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
 def _run_forward(name, q, k, v, mask, scale, dropout_p=0.0, seed=0, key_range=None):
     """A GPU dense kernel's ``(out, lse, state)``."""
     if name == "triton_dropout":
@@ -223,9 +243,20 @@ def dense_lse_forward(q, k, v, mask: Optional[torch.Tensor], scale: float, dropo
 
     Returns:
         ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), state)``; pass
-        ``state`` to `dense_lse_backward`.
+        ``state`` to `dense_lse_backward`. A fully masked row (every key ``-inf``, or no keys) gets ``out = 0``
+        and ``lse = -inf``, whatever the kernel (the CPU flash op reports ``lse = 0`` there); q, k and v must have
+        a unit last stride (`unit_stride`).
     """
-    name = dense_kernel_name(q, dropout_p, masked=mask is not None)
+    out, lse, state = _dense_lse_forward(q, k, v, mask, scale, dropout_p, seed, key_range)
+    empty = fully_masked_rows(mask)
+    if empty is not None:
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse, state
+
+
+def _dense_lse_forward(q, k, v, mask, scale, dropout_p, seed, key_range):
+    name = dense_kernel_name(q, dropout_p, masked=mask is not None, num_keys=k.shape[2])
     if name == "cpu_dropout":
         offset, total = key_range or (0, k.shape[2])
         out, lse = _compiled().dense_forward(q, k, v, mask, scale, dropout_p, seed64(seed), offset, total)
@@ -250,8 +281,11 @@ def dense_lse_backward(state: KernelState, grad_out, q, k, v, out, lse, mask, sc
                        seed: int = 0, key_range: Optional[Tuple[int, int]] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of `dense_lse_forward` with its ``state``; ``out`` may be any output tensor (it enters
-    only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype."""
+    only through ``D = rowsum(grad_out * out)``). Returns ``(dq, dk, dv)`` in q's dtype; a fully masked row
+    (``lse = -inf``) contributes nothing."""
     name = state.name
+    grad_out = unit_stride(grad_out)
+    lse = kernel_lse(lse)
     if name == "cpu_dropout":
         offset, total = key_range or (0, k.shape[2])
         return _compiled().dense_backward(grad_out, q, k, v, out, lse, mask, scale, dropout_p, seed64(seed), offset,
@@ -316,7 +350,7 @@ def _chunked_forward(q, k, v, mask, scale, dropout_p, seed, key_range=None):
         if m is not None:
             s = s + m.to(cdt)
         block_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - block_lse.unsqueeze(-1))
+        p = torch.exp(s - kernel_lse(block_lse).unsqueeze(-1))                # fully masked rows: p = 0
         if dropout_p > 0:
             p = p * _block_scale(seed, dropout_p, shape, b, hs, qs, q.device, cdt, key_range)
         out[b, hs, qs] = torch.matmul(p, v[b, hs].to(cdt)).to(q.dtype)

@@ -107,7 +107,7 @@ def _kernels():
                 pe = tl.where(_keep(flat, seed_lo, seed_hi, p), pe * inv, 0.0)
             acc = acc * alpha[:, None] + _dot(pe, _tile(V, bh * nk, cols, cm, d, dm, D, IEEE), IEEE)
             m_i = m_new
-        out = acc / l_i[:, None]                                  # 0 / 0 = NaN for a fully masked row
+        out = tl.where(l_i[:, None] == 0, 0.0, acc / l_i[:, None])      # a fully masked row: zeros
         tl.store(OUT + (bh * nq + rows[:, None]) * D + d[None, :], out.to(OUT.dtype.element_ty),
                  mask=rm[:, None] & dm[None, :])
         tl.store(LSE + bh * nq + rows, m_i + tl.log(l_i), mask=rm)

@@ -18,11 +18,13 @@ from typing import Optional, Tuple
 import torch
 
 from ._blocks import window_blocks
-from ._validation import additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias, draw_seed
+from ._validation import (additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
+                          zeros_like_output)
+from ._validation import dropout_seed as _call_seed
 from .backends import get_backend
 from .backends.choose import choose_backend
 from .bias import SparseBias
-from .kernels import compute_dtype, dropout_mask
+from .kernels import compute_dtype, dropout_mask, unit_stride
 from .windows import WindowIndex
 
 __all__ = ["window_attention", "select_window_backend"]
@@ -58,6 +60,7 @@ def _check_window(win, q, k):
                          f"has K = {k.shape[2]}")
     if win.device != q.device:
         raise ValueError(f"win is on {win.device} but q is on {q.device}")
+    win.validate()                                    # keys in range, ascending, unique: once per index object
 
 
 def _check_bias_index(bias, win):
@@ -78,6 +81,7 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, values, win, mask, scale, backend, dropout_p, seed):
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
         cdt = compute_dtype(q.dtype)
         bsz, heads, nq, _ = q.shape
         nk = k.shape[2]
@@ -101,10 +105,10 @@ class _WindowAttention(torch.autograd.Function):
         win, backend, scale = ctx.win, ctx.backend, ctx.scale
         cdt = compute_dtype(q.dtype)
         heads, nk = q.shape[1], k.shape[2]
-        g = grad_out.to(cdt)
+        g = unit_stride(grad_out.to(cdt))
         go = (g * out.to(cdt)).sum(-1)                                                   # <g, o> [B, H, Q]
         dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)      # k's strides: no copy in the projection's backward
+        dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))  # the kernels' layout
         want_values = ctx.values_meta is not None and ctx.needs_input_grad[3]
         ds_all = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if want_values else None
         for blk in window_blocks(win, ctx.values, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
@@ -147,7 +151,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
     -- in forward and backward (q, k, v and ``bias.values``), without any ``[B, (H,) Q, K]`` tensor.
 
     A query whose window is empty, or whose window keys are all padded, gets a **zero output and zero
-    gradients** (SDPA with a fully masked row gives NaN).
+    gradients** -- the library's convention for fully masked rows on every op and backend (docs/conventions.md).
+    q, k, v and the output gradient may have any strides; those whose last dim is not unit-stride are copied.
+    The index is validated on its first use (keys in range, ascending and unique per query).
 
     Args:
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]`` (float32/float64/bfloat16/float16, one device).
@@ -160,7 +166,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
         dropout_p: attention dropout on the window probabilities, with the counter-based mask of
             `sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
             ``dropout_seed``; drawn from torch's RNG when None). Pass 0 at evaluation.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        scale: softmax scale, default ``1 / sqrt(D)``; a finite number.
         backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch CSR kernels:
             ``sampled_addmm``, CSR @ dense), ``"scatter"``
             (gathered rows reduced with torch-scatter ``segment_csr``), ``"torch"`` (gathers, ``index_add_``,
@@ -190,11 +196,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
     mask = additive_mask(q, k, key_padding_mask, None)                         # [B, 1, 1, K] or None
     name, why = select_window_backend(q, backend)
     logger.debug("window_attention: backend %s (%s)", name, why)
-    seed = 0 if dropout_p == 0 else (draw_seed() if dropout_seed is None else int(dropout_seed))
+    seed = _call_seed(dropout_p, dropout_seed)
     if name == "dense":
         return _dense_window_attention(q, k, v, win, bias, mask, dropout_p, scale, seed)
-    if win.nnz == 0:        # every window empty: zeros, with zero gradients reaching the inputs
-        zero = 0 * q.sum() + 0 * k.sum() + 0 * v.sum() + (0 if bias is None else 0 * bias.values.sum())
-        return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + zero
+    if win.nnz == 0 or q.numel() == 0:  # every window empty, or nothing to attend: zeros (zero gradients)
+        return zeros_like_output(q, k, v, None if bias is None else bias.values)
     values = None if bias is None else bias.values
     return _WindowAttention.apply(q, k, v, values, win, mask, scale, get_backend(name), dropout_p, seed)

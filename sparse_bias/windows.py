@@ -31,10 +31,27 @@ class WindowIndex:
         indptr: LongTensor ``[B * Q + 1]``.
         key: LongTensor ``[nnz]``, index into the layout's keys.
         source: int8 ``[nnz]``, 0 = BEV window, 1 = camera window.
-        dy, dx: int16 ``[nnz]``, offset of the cell from the window centre (row, column).
+        dy, dx: int32 ``[nnz]``, offset of the cell from the window centre (row, column); int32 so that
+            any window on any grid fits (int16 wrapped beyond +-32767 cells).
         bev_pos: LongTensor ``[B, Q, 2]`` the windows were centred on, or None.
         cam_pos: LongTensor ``[B, Q, M, 3]`` the windows were centred on (views sorted), or None.
         bev_window, cam_window: the window sizes it was built for (odd int, or LongTensor ``[B, Q]``).
+
+    Validation (what is checked when):
+
+    * **At construction** (``__post_init__``, metadata only, never reads device values, no host sync):
+      ``layout`` is a `KeyLayout`; ``batch_size`` / ``num_queries`` are non-negative ints; ``indptr`` and
+      ``key`` are 1-D int64 tensors (int32 is a TypeError: use ``.long()``); ``indptr`` has ``B * Q + 1``
+      elements; ``source``, ``dy``, ``dx`` are 1-D integer tensors as long as ``key``; every tensor is on
+      one device. Errors name the argument.
+    * **Once per index object**, by `validate` (reads device values, one or two host syncs):
+      ``indptr[0] == 0``, ``indptr`` non-decreasing, ``indptr[-1] == nnz``; keys in ``[0, layout.num_keys)``;
+      keys strictly ascending (so unique) within each query; ``source`` in ``{0, 1}`` and matching the
+      key's modality (0 for BEV keys, 1 for camera keys). A `ValueError` names ``indptr`` / ``key`` /
+      ``source``, the bad value and its position. The result is cached on the object: later calls return at
+      once without touching tensor values (the attention ops call it at every call), and `to` copies keep it.
+      Indexes built by `local_windows` are valid by construction and come out already validated. An index
+      changed in place after validation is not checked again.
     """
 
     layout: KeyLayout
@@ -50,6 +67,112 @@ class WindowIndex:
     bev_window: WindowSize = 0
     cam_window: WindowSize = 0
     _cache: Dict[str, object] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.layout, KeyLayout):
+            raise TypeError(f"layout must be a KeyLayout, got {type(self.layout).__name__}")
+        for name in ("batch_size", "num_queries"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+            if n < 0:
+                raise ValueError(f"{name} must be >= 0, got {n}")
+        for name in ("indptr", "key"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != torch.int64:
+                raise TypeError(f"{name} must be an int64 (torch.long) tensor, got dtype {t.dtype}; "
+                                f"use {name}.long()")
+            if t.dim() != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if self.indptr.numel() != self.num_rows + 1:
+            raise ValueError(f"indptr must have B * Q + 1 = {self.num_rows + 1} elements (B = {self.batch_size}, "
+                             f"Q = {self.num_queries}), got {self.indptr.numel()}")
+        for name in ("source", "dy", "dx"):
+            t = getattr(self, name)
+            check_tensor(name, t, ndim=(1,), integer=True)
+            if t.numel() != self.key.numel():
+                raise ValueError(f"{name} must have one element per key entry (nnz = {self.key.numel()}), "
+                                 f"got {t.numel()}")
+        device = self.key.device
+        check_device("indptr", self.indptr, device, "key")
+        for name in ("source", "dy", "dx", "bev_pos", "cam_pos", "bev_window", "cam_window"):
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor):
+                check_device(name, t, device, "key")
+        for name in ("bev_window", "cam_window"):
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, (int, torch.Tensor)):
+                raise TypeError(f"{name} must be an int or a LongTensor [B, Q], got {type(size).__name__}")
+
+    def validate(self) -> "WindowIndex":
+        """Check the index's device values once per object; returns ``self``.
+
+        Checks ``indptr[0] == 0``, ``indptr`` non-decreasing, ``indptr[-1] == nnz``, keys in
+        ``[0, layout.num_keys)`` and strictly ascending (unique) within each query, ``source`` in ``{0, 1}``
+        and matching each key's modality. Raises a `ValueError` naming the tensor, the bad value and its
+        position. The first call costs two host syncs; the result is cached in the object, so later calls
+        return immediately without reading any tensor (no device work, no sync).
+        """
+        if self._cache.get("validated"):
+            return self
+        nnz, indptr = self.nnz, self.indptr
+        # Phase 1: the CSR pointers (one sync); the rows of phase 2 are only meaningful once they hold.
+        flags = torch.stack([indptr[0] != 0, (indptr[1:] < indptr[:-1]).any(), indptr[-1] != nnz]).tolist()
+        if flags[0]:
+            raise ValueError(f"indptr[0] must be 0, got {int(indptr[0])}")
+        if flags[1]:
+            i = int((indptr[1:] < indptr[:-1]).nonzero()[0, 0])
+            raise ValueError(f"indptr must be non-decreasing, got indptr[{i}] = {int(indptr[i])} > "
+                             f"indptr[{i + 1}] = {int(indptr[i + 1])}")
+        if flags[2]:
+            raise ValueError(f"indptr[-1] must equal nnz = key.numel() = {nnz}, got {int(indptr[-1])}")
+        if nnz:
+            # Phase 2: keys and sources (one sync).
+            key, src, nk = self.key, self.source.long(), self.layout.num_keys
+            row = self.row
+            key_bad = (key < 0) | (key >= nk)
+            order_bad = (row[1:] == row[:-1]) & (key[1:] <= key[:-1])
+            src_bad = (src != SOURCE_BEV) & (src != SOURCE_CAM)
+            modality_bad = src != (key >= self.layout.num_bev_keys).long()
+            flags = torch.stack([key_bad.any(), order_bad.any(), src_bad.any(), modality_bad.any()]).tolist()
+            nq = max(self.num_queries, 1)
+
+            def query(e):
+                r = int(row[e])
+                return f"({r // nq}, {r % nq})"
+            if flags[0]:
+                e = int(key_bad.nonzero()[0, 0])
+                raise ValueError(f"key[{e}] = {int(key[e])} (query {query(e)}) is out of range [0, {nk}) "
+                                 f"of the layout")
+            if flags[1]:
+                e = int(order_bad.nonzero()[0, 0])
+                k0, k1 = int(key[e]), int(key[e + 1])
+                what = f"repeats key {k1}" if k0 == k1 else f"has key {k1} after key {k0}"
+                raise ValueError(f"key must ascend and be unique within each query; query {query(e)} {what} "
+                                 f"(entries {e} and {e + 1})")
+            if flags[2]:
+                e = int(src_bad.nonzero()[0, 0])
+                raise ValueError(f"source must be 0 (BEV) or 1 (camera), got source[{e}] = {int(src[e])}")
+            if flags[3]:
+                e = int(modality_bad.nonzero()[0, 0])
+                kind = "camera" if int(key[e]) >= self.layout.num_bev_keys else "BEV"
+                raise ValueError(f"source[{e}] = {int(src[e])} but key[{e}] = {int(key[e])} is a {kind} key "
+                                 f"(BEV keys are [0, {self.layout.num_bev_keys}))")
+        self._cache["validated"] = True
+        return self
+
+    def modality_segments(self):
+        """``(seg [nnz], offsets [B * Q * 2 + 1])``: entry ``e`` belongs to segment ``seg[e] = row * 2 + source``
+        (the BEV window, then the camera windows, of each query); ``offsets`` are the CSR pointers of those
+        ``B * Q * 2`` segments (``seg`` is non-decreasing on a valid index). Computed once (no Python loop,
+        no host sync), then cached; used for the deterministic gradient of the per-query weights."""
+        if "modality_segments" not in self._cache:
+            seg = self.row * 2 + self.source.long()
+            bounds = torch.arange(self.num_rows * 2 + 1, device=self.device)
+            self._cache["modality_segments"] = (seg, torch.searchsorted(seg, bounds))
+        return self._cache["modality_segments"]
 
     @property
     def nnz(self) -> int:
@@ -126,16 +249,20 @@ class WindowIndex:
     def to(self, *args, **kwargs) -> "WindowIndex":
         """The index on another device, called like ``Tensor.to`` (``.to(device)``, ``.to(tensor)``, keywords).
         A dtype is accepted and ignored (index tensors are integer). Returns ``self`` when the device does not
-        change (keeping the cached structures), else a copy (the cache is not carried over)."""
+        change (keeping the cached structures), else a copy (the cached structures are not carried over; the
+        validated flag is, as the values are the same)."""
         device, _ = parse_to(*args, **kwargs)
         if device is None or device == self.device:
             return self
 
         def mv(x):
             return x.to(device) if isinstance(x, torch.Tensor) else x
-        return WindowIndex(self.layout, self.batch_size, self.num_queries, mv(self.indptr), mv(self.key),
-                           mv(self.source), mv(self.dy), mv(self.dx), mv(self.bev_pos), mv(self.cam_pos),
-                           mv(self.bev_window), mv(self.cam_window))
+        out = WindowIndex(self.layout, self.batch_size, self.num_queries, mv(self.indptr), mv(self.key),
+                          mv(self.source), mv(self.dy), mv(self.dx), mv(self.bev_pos), mv(self.cam_pos),
+                          mv(self.bev_window), mv(self.cam_window))
+        if self._cache.get("validated"):
+            out._cache["validated"] = True
+        return out
 
     def cpu(self) -> "WindowIndex":
         return self.to("cpu")
@@ -202,7 +329,8 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
     Args:
         layout: the `KeyLayout` of the memory.
         bev_pos: LongTensor ``[B, Q, 2]`` of BEV cells ``(row, col)``; ``row < 0`` = no BEV window.
-            None = no BEV windows at all.
+            None = no BEV windows at all. Any signed integer dtype; unsigned dtypes (uint8) are refused, as they
+            cannot hold -1.
         cam_pos: LongTensor ``[B, Q, 3]`` of camera cells ``(view, row, col)``, or ``[B, Q, M, 3]`` for up
             to ``M`` views per query (a point seen by two overlapping cameras gets a window in each);
             ``view < 0`` = no window. A query may not name the same view twice.
@@ -211,7 +339,8 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
         cam_window: the same for the camera windows.
 
     Returns:
-        `WindowIndex` with ``indptr [B * Q + 1]`` and ``key``, ``source``, ``dy``, ``dx [nnz]``.
+        `WindowIndex` with ``indptr [B * Q + 1]`` and ``key``, ``source``, ``dy``, ``dx [nnz]``; valid by
+        construction, so it comes out already validated (`WindowIndex.validate` returns at once).
 
     Example:
 
@@ -230,7 +359,7 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
 
     batch = queries = device = None
     if bev_pos is not None:
-        check_tensor("bev_pos", bev_pos, ndim=(3,), integer=True)
+        check_tensor("bev_pos", bev_pos, ndim=(3,), integer=True, signed=True)
         if bev_pos.shape[-1] != 2:
             raise ValueError(f"bev_pos must be [B, Q, 2] (row, col), got shape {tuple(bev_pos.shape)}")
         if layout.bev_shape is None:
@@ -240,7 +369,7 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
         bev_pos = bev_pos.long()
         _check_cells("bev_pos", bev_pos, bev_pos[..., 0] >= 0, layout.bev_shape, ("row", "col"))
     if cam_pos is not None:
-        check_tensor("cam_pos", cam_pos, ndim=(3, 4), integer=True)
+        check_tensor("cam_pos", cam_pos, ndim=(3, 4), integer=True, signed=True)
         if cam_pos.shape[-1] != 3:
             raise ValueError(f"cam_pos must be [B, Q, 3] or [B, Q, M, 3] (view, row, col), "
                              f"got shape {tuple(cam_pos.shape)}")
@@ -327,8 +456,8 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
     width = grid_w.to(i32).expand_as(y0).reshape(-1)
     key = top_left[seg_id] + ry * width[seg_id]
     key += rx
-    dy = ((y0 - cy).reshape(-1).to(i32)[seg_id] + ry).to(torch.int16)
-    dx = ((x0 - cx).reshape(-1).to(i32)[seg_id] + rx).to(torch.int16)
+    dy = (y0 - cy).reshape(-1).to(i32)[seg_id] + ry                          # int32: no wrap on large grids
+    dx = (x0 - cx).reshape(-1).to(i32)[seg_id] + rx
     source = src.to(torch.int8).expand_as(y0).reshape(-1)[seg_id]
 
     win = WindowIndex(layout, batch, queries, indptr, key, source, dy, dx,
@@ -336,4 +465,5 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
                       bev_window=bev_window if bev_pos is not None else 0,
                       cam_window=cam_window if cam_pos is not None else 0)
     win._cache["row"] = torch.div(seg_id, num_seg, rounding_mode="floor")
+    win._cache["validated"] = True                   # keys in range, ascending and unique by construction
     return win

@@ -149,7 +149,7 @@ def test_chunked_paths(backend, monkeypatch):
     skip_missing(backend)
     monkeypatch.setattr(gather, "CHUNK_ENTRIES", 7)
     monkeypatch.setattr(kernels, "CHUNK_SCORES", 50)
-    monkeypatch.setattr(kernels, "dense_kernel_name", lambda q, dropout_p=0.0, masked=False: "chunked")
+    monkeypatch.setattr(kernels, "dense_kernel_name", lambda q, dropout_p=0.0, masked=False, num_keys=1: "chunked")
     monkeypatch.setattr(attention_mod, "dense_lse_forward",
                         lambda *a: kernels.dense_lse_forward(*a))
     win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=9)

@@ -125,6 +125,44 @@ def test_triton_passes_its_self_check(dtype):
     assert choose.self_check("triton", torch.device(DEVICE), dtype, 24) == (True, "matches the dense reference")
 
 
+@active
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_item03_triton_with_module_layouts(dtype):
+    """Issue 20, item 3: q permuted from the projection's [B, Q, H, D] (the dense output is then strided), k with a
+    strided last dim and a permuted output gradient: the correction is added through the output's own strides."""
+    win, q, k, v, wb, wc = case(per_head=True, seed=6)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
+
+    def permuted(fn):
+        def run(q_, k_, v_, bias, **kw):
+            q_ = q_.transpose(1, 2).contiguous().transpose(1, 2)
+            k_ = k_.transpose(-1, -2).contiguous().transpose(-1, -2)
+            out = fn(q_, k_, v_, bias, **kw)
+            return out
+        return run
+
+    exact = results(reference, torch.float64, win, q, k, v, wb, wc, grad)
+    naive = results(reference, dtype, win, q, k, v, wb, wc, grad)
+    fast = results(permuted(sparse_fn("triton")), dtype, win, q, k, v, wb, wc,
+                   grad.transpose(1, 2).contiguous().transpose(1, 2))
+    assert_within_drift(exact, naive, fast, dtype)
+
+
+@active
+def test_item03_triton_module_matches_dense():
+    """Issue 20, item 3: `SparseBiasMultiheadAttention(backend="triton")` against the same module on "dense"."""
+    torch.manual_seed(0)
+    win, q, k, v, wb, wc = case(per_head=False, seed=8)
+    bias = sb.window_bias(win, wb.float(), wc.float())
+    module = sb.nn.SparseBiasMultiheadAttention(16, 2, backend="triton").to(DEVICE)
+    x = torch.randn(win.num_queries, 2, 16, device=DEVICE)
+    mem = torch.randn(LAYOUT.num_keys, 2, 16, device=DEVICE)
+    out = module(x, mem, mem, attention_bias=bias)
+    module.backend = "dense"
+    ref = module(x, mem, mem, attention_bias=bias)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+
+
 class _Corrupted:
     """A faulty forward kernel: runs the real one, then adds 1 to its output (argument ``out_index``)."""
 
@@ -207,7 +245,7 @@ def test_sparse_bias_attention_with_dropout_on_the_triton_dense_pass(monkeypatch
     from sparse_bias import kernels
     original = kernels.dense_kernel_name
     monkeypatch.setattr(kernels, "dense_kernel_name",
-                        lambda q, dropout_p=0.0, masked=False: "triton_dropout" if dropout_p > 0 else original(q))
+                        lambda q, dropout_p=0.0, masked=False, num_keys=1: "triton_dropout" if dropout_p > 0 else original(q))
     win, q, k, v, wb, wc = case(per_head=True, seed=6)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
     kw = dict(dropout_p=0.2, dropout_seed=123, key_padding_mask=padding())

@@ -47,7 +47,7 @@ def get_backend(name: str):
     return BACKENDS[name]
 
 
-def backend_candidates(device: torch.device, dtype: torch.dtype) -> List[Tuple[str, bool, str]]:
+def backend_candidates(device: torch.device, dtype: torch.dtype, head_dim=None) -> List[Tuple[str, bool, str]]:
     """``(name, can_run, why)`` for every sparse backend, in ``"auto"``'s order of preference."""
     order = AUTO_ORDER.get(device.type, ("scatter", "torch", "sparse"))
-    return [(name,) + BACKENDS[name].can_run(device, dtype) for name in order]
+    return [(name,) + BACKENDS[name].can_run(device, dtype, head_dim) for name in order]

@@ -82,7 +82,8 @@ class Backend:
     #: whether the forward writes ``p`` for the backward (fused backends recompute it instead)
     saves_p = True
 
-    def can_run(self, device, dtype):  # pragma: no cover - abstract
+    def can_run(self, device, dtype, head_dim=None):  # pragma: no cover - abstract
+        """``(ok, why)``: whether this backend runs on ``device`` / ``dtype`` (and head dim, when given)."""
         raise NotImplementedError
 
     # Segment reductions over each query's entries (CSR rows). Measured on [1, 211k] entries, 900 rows (CPU):

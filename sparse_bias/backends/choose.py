@@ -3,9 +3,10 @@
 `choose_backend` walks `sparse_bias.backends.AUTO_ORDER` for the input's device and takes the
 first backend that can run there *and* passes its self-check. A self-check runs once per (operation, backend,
 device, dtype, head dim): a tiny problem with key padding, a per-head bias and one strongly negative window
-(the exact-row regime), computed by the candidate and by the dense reference in float64; output and every
-gradient (q, k, v, bias values) must agree to within four times the drift of a dense computation in the same
-dtype. On disagreement a ``RuntimeWarning`` names the backend and the next candidate is tried -- never a
+(the exact-row regime), in the memory layouts modules produce (q permuted from ``[B, Q, H, D]``, k with a strided
+last dim, a permuted output gradient), computed by the candidate and by the dense reference in float64; output and every
+gradient (q, k, v, bias values) must agree within the bound of `sparse_bias._precision` (twice the error of a
+dense computation in the same dtype plus the roundings only the library's path makes). On disagreement a ``RuntimeWarning`` names the backend and the next candidate is tried -- never a
 silent wrong result. An explicitly requested backend that fails its check falls back the same way.
 
 Which backends are checked is set by the environment variable ``SPARSE_BIAS_SELF_CHECK``: ``gpu`` (default:
@@ -21,6 +22,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from .._precision import tolerance
 from . import AUTO_ORDER, BACKENDS
 
 __all__ = ["choose_backend", "self_check", "self_check_results", "reset_self_checks", "SELF_CHECK_ENV",
@@ -38,8 +40,6 @@ _KINDS = {"correction": CORRECTION_BACKENDS, "window": WINDOW_BACKENDS}
 #: (kind, backend, device, dtype, head dim) -> (passed, detail)
 _RESULTS: Dict[tuple, Tuple[bool, str]] = {}
 
-#: per dtype: the smallest tolerance (relative to the reference's largest magnitude) a check grants
-_FLOOR = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _policy() -> str:
@@ -89,7 +89,8 @@ def _run(kind, backend, leaves, win, kpm, device, dtype):
     from .._validation import additive_mask
     from ..bias import SparseBias
 
-    q, k, v, values = (t.to(device, dtype).requires_grad_() for t in leaves)
+    leaves = [t.to(device, dtype).requires_grad_() for t in leaves]
+    q, k, v, values = _module_layouts(*leaves)
     win = win.to(device)
     kpm = kpm.to(device)
     scale = q.shape[-1] ** -0.5
@@ -107,13 +108,22 @@ def _run(kind, backend, leaves, win, kpm, device, dtype):
             out = _dense_window_attention(q, k, v, win, SparseBias(win, values), mask, 0.0, scale, 0)
         else:
             out = _WindowAttention.apply(q, k, v, values, win, mask, scale, backend, 0.0, 0)
-    return out, (q, k, v, values)
+    return out, tuple(leaves)
+
+
+def _module_layouts(q, k, v, values):
+    """The memory layouts real callers produce: q permuted from the projection's ``[B, Q, H, D]`` (what
+    `sparse_bias.nn.SparseBiasMultiheadAttention` passes), k viewed from a ``[B, H, D, K]`` feature map (a strided
+    last dim), v and the values as they are. A kernel that assumes contiguous inputs or outputs fails its check."""
+    return (q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(-1, -2).contiguous().transpose(-1, -2),
+            v, values)
 
 
 def _errors(kind, backend, case, device, dtype):
     win, leaves, kpm, grad = case
     out, inputs = _run(kind, backend, leaves, win, kpm, device, dtype)
-    res = [out] + list(torch.autograd.grad(out, inputs, grad.to(device, dtype)))
+    g = grad.to(device, dtype).transpose(1, 2).contiguous().transpose(1, 2)        # a permuted output gradient
+    res = [out] + list(torch.autograd.grad(out, inputs, g))
     return [t.detach().double().cpu() for t in res]
 
 
@@ -129,7 +139,7 @@ def _run_self_check(kind, name, device, dtype, head_dim) -> Tuple[bool, str]:
     for label, g, s, r in zip(labels, got, same, ref):
         size = max(float(r.abs().max()), 1e-12)
         err = float((g - r).abs().max()) / size
-        tol = max(4 * float((s - r).abs().max()) / size, _FLOOR.get(dtype, 1e-5))
+        tol = tolerance(float((s - r).abs().max()), size, dtype) / size          # sparse_bias._precision
         if not err <= tol:                                                # NaN fails too
             return False, f"{label}: relative error {err:.2e} > tolerance {tol:.2e}"
     return True, "matches the dense reference"
@@ -182,10 +192,10 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
     """
     allowed = _KINDS[kind]
     order = [n for n in AUTO_ORDER.get(device.type, ("scatter", "torch", "sparse")) if n in allowed]
-    candidates = [(n,) + BACKENDS[n].can_run(device, dtype) for n in order]
+    candidates = [(n,) + BACKENDS[n].can_run(device, dtype, head_dim) for n in order]
     note = ""
     if requested != "auto":
-        ok, why = BACKENDS[requested].can_run(device, dtype)
+        ok, why = BACKENDS[requested].can_run(device, dtype, head_dim)
         if not ok:
             raise RuntimeError(f"backend {requested!r} cannot run here: {why}")
         if _passes(requested, device, dtype, head_dim, kind):

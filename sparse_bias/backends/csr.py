@@ -27,7 +27,7 @@ class SparseCSRBackend(Backend):
     #: one head per block of the correction: each head's CSR values are one contiguous [n] vector
     head_block = 1
 
-    def can_run(self, device, dtype):
+    def can_run(self, device, dtype, head_dim=None):
         if device.type not in ("cpu", "cuda"):
             return False, f"no sparse CSR kernels on {device.type}"
         return True, "torch.sparse CSR kernels (sampled_addmm, CSR @ dense)"

@@ -20,6 +20,9 @@ import torch
 
 from .base import Backend
 
+#: the compiled kernels keep a query row in registers (``kMaxHeadDim`` in csrc/window_terms.cpp)
+MAX_HEAD_DIM = 512
+
 
 @lru_cache(maxsize=None)
 def _extension():
@@ -71,7 +74,7 @@ class FusedCPUBackend(Backend):
     head_block = 2
     saves_p = False
 
-    def can_run(self, device, dtype):
+    def can_run(self, device, dtype, head_dim=None):
         ext, why = _extension()
         if ext is None:
             return False, why
@@ -79,6 +82,8 @@ class FusedCPUBackend(Backend):
             return False, f"CPU kernels, got {device.type}"
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             return False, f"no fused kernel for {dtype}"
+        if head_dim is not None and head_dim > MAX_HEAD_DIM:
+            return False, f"the fused kernels take head dims up to {MAX_HEAD_DIM}, got {head_dim}"
         return True, why
 
     @staticmethod

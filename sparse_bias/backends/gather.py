@@ -42,7 +42,7 @@ class _GatherBackend(Backend):
     #: heads per block of the correction: all at once, so each window row is gathered once for all heads
     head_block = None
 
-    def can_run(self, device, dtype):
+    def can_run(self, device, dtype, head_dim=None):
         return True, "native PyTorch gather and index_add"
 
     def _query_sum(self, vals, local_q, local_indptr, num_queries):   # pragma: no cover - abstract
@@ -97,7 +97,7 @@ class ScatterBackend(_GatherBackend):
 
     name = "scatter"
 
-    def can_run(self, device, dtype):
+    def can_run(self, device, dtype, head_dim=None):
         if not torch_scatter_available():
             return False, "torch-scatter is not installed (pip install sparse_bias[scatter])"
         return True, "torch-scatter segment_csr over gathered window rows"

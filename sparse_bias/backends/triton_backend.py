@@ -47,7 +47,7 @@ def _kernels():
     @triton.jit
     def _fwd_kernel(Q, K, V, LSE, INDPTR, KEY, BV, EM, KP, P, DEN, OUT,
                     row0, e_begin, nq, nk, h0, heads, scale,
-                    lse_s, bv_s, em_s, kp_s, p_s, den_s, out_s,
+                    lse_s, bv_s, em_s, kp_s, p_s, den_s, out_s, out_r,
                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_EM: tl.constexpr,
                     HAS_KP: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)          # query within the batch element
@@ -77,13 +77,13 @@ def _kernels():
                 a = a * tl.load(KP + i * kp_s + local, mask=m, other=0.0)
             c_acc += tl.sum(a[:, None] * tl.load(V + rows, mask=mm, other=0.0).to(tl.float32), axis=0)
         tl.store(DEN + i * den_s + r, tl.load(DEN + i * den_s + r) + tl.sum(s_tot, axis=0))
-        optr = OUT + i * out_s + r * D + d
+        optr = OUT + i * out_s + r * out_r + d      # the output's own strides (a view of the dense pass's)
         tl.store(optr, tl.load(optr, mask=dm, other=0.0) + c_acc, mask=dm)
 
     @triton.jit
     def _bwd_kernel(Q, K, V, GP, GO, INDPTR, KEY, P, BV, KP, DQ, DK, DV, DB,
                     row0, e_begin, nq, nk, h0, heads, dkv_bh0, scale,
-                    go_s, p_s, bv_s, kp_s, dq_s, db_s,
+                    go_s, p_s, bv_s, kp_s, dq_s, dq_r, db_s,
                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_KP: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1).to(tl.int64)
@@ -118,7 +118,7 @@ def _kernels():
             tl.atomic_add(DK + grows, (dd * scale)[:, None] * qrow[None, :], mask=mm)
             tl.atomic_add(DV + grows, ak[:, None] * grow[None, :], mask=mm)
             tl.store(DB + i * db_s + local, (p + a) * diff, mask=m)
-        dptr = DQ + i * dq_s + r * D + d
+        dptr = DQ + i * dq_s + r * dq_r + d
         tl.store(dptr, tl.load(dptr, mask=dm, other=0.0) + dq_acc, mask=dm)
 
     _KERNELS.update(fwd=_fwd_kernel, bwd=_bwd_kernel, next_power_of_2=triton.next_power_of_2)
@@ -141,7 +141,7 @@ class TritonBackend(Backend):
     needs_contiguous = True
     block = 32
 
-    def can_run(self, device, dtype):
+    def can_run(self, device, dtype, head_dim=None):
         if not TRITON_AVAILABLE:
             return False, "triton is not installed (pip install sparse_bias[triton])"
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -164,11 +164,13 @@ class TritonBackend(Backend):
             return
         (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.emask), _rows(blk.keep)
         q, k, v, lse = (t.contiguous() for t in (q, k, v, lse))
+        if out.stride(-1) != 1 or den.stride(-1) != 1:
+            raise RuntimeError("the triton backend writes into outputs with a unit last stride")
         grid = (win.num_queries, hs.stop - hs.start)
         _kernels()["fwd"][grid](q, k, v, lse, win.indptr, win.key, bv, em if em is not None else bv,
                           kp if kp is not None else bv, p_out, den, out, scale=scale, lse_s=lse.stride(0),
                           bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=p_out.stride(0), den_s=den.stride(0),
-                          out_s=out.stride(0), HAS_EM=em is not None, HAS_KP=kp is not None, **common)
+                          out_s=out.stride(0), out_r=out.stride(1), HAS_EM=em is not None, HAS_KP=kp is not None, **common)
 
     def backward_block(self, win, blk, q, k, v, gp, go, p, lse, scale, dq, dk, dv, cdt):
         b, hs = blk.b, blk.hs
@@ -190,7 +192,7 @@ class TritonBackend(Backend):
         grid = (win.num_queries, hs.stop - hs.start)
         _kernels()["bwd"][grid](q, k, v, gp, go, win.indptr, win.key, p, bv, kp if kp is not None else bv, dq, gk, gv,
                                 db, dkv_bh0=dkv_bh0, scale=scale, go_s=go.stride(0), p_s=p.stride(0), bv_s=bv_s,
-                                kp_s=kp_s, dq_s=dq.stride(0), db_s=db.stride(0), HAS_KP=kp is not None, **common)
+                                kp_s=kp_s, dq_s=dq.stride(0), dq_r=dq.stride(1), db_s=db.stride(0), HAS_KP=kp is not None, **common)
         if not direct:
             dk[b, hs] += gk.to(dk.dtype)
             dv[b, hs] += gv.to(dv.dtype)

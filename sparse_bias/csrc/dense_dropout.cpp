@@ -147,7 +147,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       acc_t* op = out[b][h].data_ptr<acc_t>() + q0 * D;
       acc_t* lp = lse[b][h].data_ptr<acc_t>() + q0;
       for (int64_t i = 0; i < nq; ++i) {
-        const acc_t inv = acc_t(1) / l[i];              // 0 / 0 = NaN for a fully masked row, as the reference
+        const acc_t inv = l[i] == 0 ? acc_t(0) : acc_t(1) / l[i];   // a fully masked row: zeros (conventions.md)
         for (int64_t d = 0; d < D; ++d) op[i * D + d] = ap[i * D + d] * inv;
         lp[i] = m[i] + std::log(l[i]);
       }

@@ -193,7 +193,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
       if (n == 0) continue;
       const acc_t L = lse_p[hi * c.nq + r];
-      if (c.window && std::isinf(L)) continue;                   // an empty / fully masked window: no gradient
+      if (c.window && L == -std::numeric_limits<acc_t>::infinity()) continue;  // empty / fully masked: no gradient
       load(qv, Q.at(c.b, h, r), d);
       const acc_t* g = gp_p + (hi * c.nq + r) * d;
       for (int64_t i = 0; i < d; ++i) { gv[i] = g[i]; acc[i] = 0; }
@@ -233,7 +233,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = trow_p[t0 + i];
         const acc_t L = lse_p[hi * c.nq + r];
-        s[i] = (c.window && std::isinf(L)) ? -std::numeric_limits<acc_t>::infinity()
+        s[i] = (c.window && L == -std::numeric_limits<acc_t>::infinity()) ? -std::numeric_limits<acc_t>::infinity()
                                            : dot(kv, Q.at(c.b, h, r), d) * scale + M(c.b, h, r, key) - L;
         if (has_sb) s[i] += sbt[(t0 + i) * sbh + (sbh > 1 ? hi : 0)];
       }
@@ -299,7 +299,7 @@ void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         if (has_sb) buf[i] += sb[(e0 + i) * sbh + (sbh > 1 ? hi : 0)];
         m = std::max(m, buf[i]);
       }
-      if (std::isinf(m)) continue;                                // every window key masked: zeros
+      if (m == -std::numeric_limits<acc_t>::infinity()) continue;  // every window key masked: zeros (+inf: NaN, as SDPA)
       acc_t l = 0;
 #pragma omp simd reduction(+ : l)
       for (int64_t i = 0; i < n; ++i) {
