@@ -46,7 +46,8 @@ def _rows_forward(qr, kb, vb, values, win, mask, scale, dropout_p, seed, b, rows
     vals = vals.t() if vals.dim() == 2 else vals.unsqueeze(0).expand(heads, -1)
     s = s.index_put((torch.arange(heads, device=qr.device).unsqueeze(1), local.unsqueeze(0),
                      win.key[entries].unsqueeze(0)), vals, accumulate=True)
-    p = torch.softmax(s, dim=-1)
+    empty = torch.isneginf(s).all(-1, keepdim=True)                    # a fully masked head: zeros (conventions)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0:
         p = p * dropout_scale(seed, dropout_p, b, torch.arange(heads, device=qr.device).view(-1, 1, 1),
                               rows.view(1, -1, 1), torch.arange(nk, device=qr.device), heads, win.num_queries, nk,

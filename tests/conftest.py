@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -23,7 +24,6 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow", default=False) or os.environ.get("SPARSE_BIAS_SLOW", "") not in ("", "0"):
         return
-    import pytest
     skip = pytest.mark.skip(reason="slow: pass --slow or set SPARSE_BIAS_SLOW=1")
     for item in items:
         if item.get_closest_marker("slow") is not None:

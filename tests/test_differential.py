@@ -24,7 +24,6 @@ interpreter in a subprocess (as tests/test_triton.py does), or directly on CUDA.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import subprocess
@@ -53,11 +52,11 @@ RTOL64, ATOL64 = 1e-9, 1e-12
 # <= Q*H terms), so the worst-case rounding of such a sum is ~ n * eps <= 4e-5 of its magnitude, and an error
 # delta in a score changes the probabilities by ~delta relative (|scores| <= ~15 here, exp's own rounding ~ |s| eps
 # ~ 2e-6). 2e-4 covers both with a 5x margin over the linear bound; the float32 dense computation itself (the
-# library's "dense" backend) stays below 2e-5 on these cases.
+# library's "dense" backend) stays below 2e-5 on these cases. Gradients that are sums over many entries and cancel
+# to ~0 get an absolute floor of 8x the drift of this file's reference run in float32 (`float32_floors`).
 RTOL32, ATOL32 = 2e-4, 1e-5
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-SLOW = os.environ.get("SPARSE_BIAS_SLOW", "") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,7 +152,10 @@ def gen_spec(entry: str, seed: int, dtype: str = "f64", small: bool = True) -> S
             return "adapt"
         return r.choice([0, 1, 1, 3, 3, 5, 5, 7, 9, 15, 25])
 
-    bias_kinds = ["sparse"] * 4 + ["modality"] * 2 + ["dense"] * 2 + ["none"] * 2 if entry == "sba" else ["sparse"] * 3 + ["none"]
+    if entry == "sba":
+        bias_kinds = ["sparse"] * 4 + ["modality"] * 2 + ["dense"] * 2 + ["none"] * 2
+    else:
+        bias_kinds = ["sparse"] * 3 + ["none"]
     kpm = r.choice(["none", "none", "random", "pad_batch", "pad_cam", "pad_bev", "float", "u8"])
     attn_mask = r.choice(["none", "none", "none", "bool", "bool_rows", "float"]) if entry == "sba" else "none"
     per_head = r.random() < 0.5
@@ -162,7 +164,7 @@ def gen_spec(entry: str, seed: int, dtype: str = "f64", small: bool = True) -> S
         slots=r.choice([0, 1, 2, 3]) if cam else 0, p_missing=r.choice([0.0, 0.2, 0.5]),
         bev_window=window(), cam_window=window(), bias=r.choice(bias_kinds), per_head=per_head,
         profile=r.choice(["flat", "gaussian"]),
-        sigma=r.choice([None, None, 0.7, (1.5, 0.6)]), wscale=r.choice([1.0, 1.0, 3.0]),
+        sigma=r.choice([None, None, 0.7, (1.5, 0.6)]), wscale=r.choice([1.0, 1.0, 3.0, 6.0]),
         bscale=r.choice([1.0, 1.7, "t"]), dense_shape=r.choice(["BQK", "BHQK", "B1QK"]),
         kpm=kpm, attn_mask=attn_mask, am_shape=r.choice(["QK", "B1QK", "BHQK", "1HQK", "HQK"]),
         dropout=r.choice([0.0, 0.0, 0.1]), scale=r.choice([None, None, None, 0.3]),
@@ -197,7 +199,7 @@ def as_view(kind, leaf, b, h, n, d):
 
 
 class Data:
-    pass
+    """The inputs of one case (attributes set by `build`)."""
 
 
 def positions(spec, gen):
@@ -206,7 +208,8 @@ def positions(spec, gen):
     B, Q = spec.B, spec.Q
     if lay.bev_shape is not None:
         h, w = lay.bev_shape
-        bev_pos = torch.stack([torch.randint(0, h, (B, Q), generator=gen), torch.randint(0, w, (B, Q), generator=gen)], -1)
+        bev_pos = torch.stack([torch.randint(0, h, (B, Q), generator=gen),
+                               torch.randint(0, w, (B, Q), generator=gen)], -1)
         bev_pos[torch.rand(B, Q, generator=gen) < spec.p_missing] = -1
     if lay.cam_shape is not None:
         v, hc, wc = lay.cam_shape
@@ -360,7 +363,7 @@ def ref_window_values(win, Q, wb, wc, scale, profile, sigma, bev_window, cam_win
             sig = torch.where(src == 0, torch.tensor(float(sb_), dtype=torch.float64),
                               torch.tensor(float(sc_), dtype=torch.float64))
         d2 = win.dy.double() ** 2 + win.dx.double() ** 2
-        f = torch.exp(-d2 / (2 * sig * sig))
+        f = torch.exp(-d2 / (2 * sig * sig)).to(vals.dtype)
         vals = vals * (f.unsqueeze(-1) if per_head else f)
     return vals * scale
 
@@ -387,7 +390,7 @@ def ref_attention(q, k, v, bias=None, kpm=None, attn_mask=None, window=None, dro
         if kpm.dtype == torch.bool or kpm.dtype == torch.uint8:
             s = s.masked_fill(kpm.bool().view(B, 1, 1, K), -INF)
         else:
-            s = s + kpm.double().view(B, 1, 1, K)
+            s = s + kpm.to(s.dtype).view(B, 1, 1, K)
     if attn_mask is not None:
         am = attn_mask
         while am.dim() < 4:
@@ -395,13 +398,13 @@ def ref_attention(q, k, v, bias=None, kpm=None, attn_mask=None, window=None, dro
         if am.dtype == torch.bool:
             s = s.masked_fill(~am, -INF)
         else:
-            s = s + am.double()
+            s = s + am.to(s.dtype)
     if window is not None:
         s = s.masked_fill(~window, -INF)
     valid = (s > -INF).any(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(~valid, 0.0), -1) * valid
     if dropout_p > 0:
-        p = p * dropout_mask(seed, (B, H, Q, K), dropout_p).double() / (1 - dropout_p)
+        p = p * dropout_mask(seed, (B, H, Q, K), dropout_p).to(p.dtype) / (1 - dropout_p)
     return torch.matmul(p, v), ~valid.squeeze(-1)
 
 
@@ -414,10 +417,11 @@ def _leaf(t, dtype, device="cpu"):
 
 
 def evaluate(spec: Spec, d: Data, backend: Optional[str], dtype=None, device="cpu"):
-    """``{name: tensor}`` (on the CPU): output and gradients; ``backend`` None = the reference (float64, CPU)."""
+    """``{name: tensor}`` (on the CPU): output and gradients; ``backend`` None = the reference (float64 unless
+    ``dtype`` says otherwise, CPU)."""
     ref = backend is None
     device = "cpu" if ref else device
-    dtype = torch.float64 if ref else (dtype or (torch.float64 if spec.dtype == "f64" else torch.float32))
+    dtype = dtype or (torch.float64 if ref or spec.dtype == "f64" else torch.float32)
     B, H, Q, D, K = spec.B, spec.H, spec.Q, spec.D, spec.K
     # the library's inputs are rounded to dtype; the reference takes those rounded values in float64
     cast = (lambda t: t if t is None else t.to(torch.float32).double()) if (ref and spec.dtype == "f32") else (
@@ -502,7 +506,8 @@ def reference(spec: Spec) -> dict:
     return _REF[spec]
 
 
-def compare(got: dict, want: dict, rtol: float, atol: float, label: str, q_layout: str = "contig") -> None:
+def compare(got: dict, want: dict, rtol: float, atol: float, label: str, q_layout: str = "contig",
+            atol_by_name: Optional[dict] = None) -> None:
     """Every tensor of ``want`` against ``got``: max error <= rtol * max|want| + atol (NaN / inf fail)."""
     dead = want.get("_dead")
     lines = []
@@ -522,7 +527,7 @@ def compare(got: dict, want: dict, rtol: float, atol: float, label: str, q_layou
         nonfinite = int((~torch.isfinite(gt)).sum())
         err = torch.where(torch.isfinite(err), err, torch.full_like(err, INF))
         size = float(w.abs().max())
-        tol = rtol * size + atol
+        tol = rtol * size + max(atol, (atol_by_name or {}).get(name, 0.0))
         worst = float(err.max())
         if not worst <= tol:
             idx = tuple(int(i) for i in torch.unravel_index(torch.argmax(torch.nan_to_num(err, posinf=1e300)),
@@ -567,7 +572,26 @@ def check_case(spec: Spec, backend: str) -> None:
     got = evaluate(spec, d, backend)
     entry = "sparse_bias_attention" if spec.entry == "sba" else "window_attention"
     rtol, atol = (RTOL64, ATOL64) if spec.dtype == "f64" else (RTOL32, ATOL32)
-    compare(got, want, rtol, atol, f"{entry} backend={backend} case={spec.name}", spec.lq)
+    compare(got, want, rtol, atol, f"{entry} backend={backend} case={spec.name}", spec.lq, float32_floors(spec, want))
+
+
+_DRIFT: Dict[Spec, dict] = {}
+
+
+def float32_floors(spec: Spec, want: dict) -> dict:
+    """float32 cases: per-tensor absolute floors of 8x the drift of the reference itself run in float32.
+
+    Gradients that are sums over many window entries (``d scale`` over all ``nnz * H`` entries, the weights over
+    a window, shared values over heads) keep the float32 rounding of their terms when those cancel -- an error
+    relative to sum|terms|, not to the (near-zero) result: seen 1.3e-5 for ``d scale`` = 1.2e-3. The same
+    computation in float32 shows that rounding; a backend may be a few times worse, hence 8x."""
+    if spec.dtype == "f64":
+        return {}
+    if spec not in _DRIFT:
+        naive = evaluate(spec, build(spec), None, dtype=torch.float32)
+        _DRIFT[spec] = {n: 8 * float((naive[n].double() - w).abs().nan_to_num(posinf=0.0).max())
+                        for n, w in want.items() if n != "_dead" and w.numel()}
+    return _DRIFT[spec]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,7 +619,7 @@ def test_window_attention(backend, spec):
 # ---------------------------------------------------------------------------------------------------------------
 # the slow variant: thousands of cases, larger shapes too (--slow or SPARSE_BIAS_SLOW=1)
 
-SLOW_BLOCKS, SLOW_PER_BLOCK = 10, 60
+SLOW_BLOCKS, SLOW_PER_BLOCK = 10, 100
 
 
 def run_block(entry, backend, block):
@@ -613,6 +637,7 @@ def run_block(entry, backend, block):
             failures.append(f"case={spec.name}: raised {type(exc).__name__}: {exc}")
         _DATA.pop(spec, None)
         _REF.pop(spec, None)
+        _DRIFT.pop(spec, None)
     if skipped and not ran and not failures:
         pytest.skip(f"backend {backend!r} cannot run here")
     if failures:
@@ -861,6 +886,41 @@ def test_regression_no_keys():
         raise AssertionError("K = 0:\n  " + "\n  ".join(bad))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("backend", SBA_BACKENDS)
+def test_regression_exact_rows_with_a_fully_masked_head(backend, dropout):
+    """A query whose normaliser 1 + S falls below the exact-row threshold in one head (bias -2 on a window that
+    holds all its mass) while another head of the same query is fully masked by a per-head attn_mask: the
+    dense recomputation of that query's rows must keep the masked head at 0 (found by the slow run: NaN)."""
+    if backend == "fused" and not sb.extension_available():
+        pytest.skip("the compiled extension sparse_bias._C is not built")
+    lay = sb.KeyLayout(bev_shape=(1, 2))
+    win = sb.local_windows(lay, torch.tensor([[[0, 0], [0, 1]]]), None, bev_window=3)   # every key in the window
+    gen = torch.Generator().manual_seed(106)
+    leaves = [torch.randn(1, 2, n, 3, generator=gen, dtype=torch.float64) for n in (2, 2, 2)]
+    w = torch.tensor([[-2.0, 0.5]], dtype=torch.float64)
+    am = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    am[0, 1, 0] = False                                                  # head 1 of query 0: fully masked
+    g = torch.randn(1, 2, 2, 3, generator=gen, dtype=torch.float64)
+
+    def run(ref):
+        q, k, v, ww = (t.clone().requires_grad_() for t in leaves + [w])
+        if ref:
+            values = ref_window_values(win, 2, ww, None, 1.0, "flat", None, 3, 0)
+            out, _ = ref_attention(q, k, v, ref_dense_from_entries(win, values, 1, 2, 2), None, am, None, dropout, 9)
+        else:
+            bias = sb.window_bias(win, ww, None)
+            values = bias.values
+            out = sb.sparse_bias_attention(q, k, v, bias, attn_mask=am, dropout_p=dropout, dropout_seed=9,
+                                           backend=backend)
+        grads = torch.autograd.grad(out, [q, k, v, values, ww], g, allow_unused=True)
+        return dict(zip(["out", "dq", "dk", "dv", "dvalues", "dwb"], [out.detach()] + [
+            torch.zeros(1) if x is None else x for x in grads]))
+
+    compare(run(False), run(True), RTOL64, ATOL64, f"exact rows + fully masked head, backend={backend}, "
+                                                    f"dropout={dropout}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton: tiny float32 cases, q in the permuted [B, Q, H, D] layout, backend "triton" (interpreter or CUDA)
 
@@ -900,4 +960,6 @@ def test_triton_case(spec):
                                   "triton")
     assert name == "triton", why
     got = evaluate(spec, d, "triton", device=device)
-    compare(got, reference(spec), RTOL32, ATOL32, f"sparse_bias_attention backend=triton case={spec.name}", spec.lq)
+    want = reference(spec)
+    compare(got, want, RTOL32, ATOL32, f"sparse_bias_attention backend=triton case={spec.name}", spec.lq,
+            float32_floors(spec, want))
