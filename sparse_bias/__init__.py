@@ -7,14 +7,14 @@ and the bias a `SparseBias` on it; ``to_dense()`` gives the origin design's dens
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import extension_available, torch_scatter_available
 from .bias import ModalityBias, SparseBias, window_bias
-from .config import build_attention_bias
 from .layout import KeyLayout
 from .projection import project_points
-from ._selftest import selftest
+from .tools.selftest import selftest
 from .window_attention import select_window_backend, window_attention
 from .windows import WindowIndex, local_windows
 
 from . import nn  # noqa: E402  (modules; imported last, they use the functional API)
+from .nn.config import build_attention_bias  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import compute_dtype as _compute_dtype
-from .kernels import dropout_scale
+from ._call import Call
+from .dense.dropout import dropout_scale
 
 #: Rows whose normaliser ``1 + S`` falls below this are recomputed densely (see the module docstring).
 EXACT_ROW_THRESHOLD = 0.25
@@ -25,17 +25,17 @@ def flagged_rows(den: torch.Tensor) -> torch.Tensor:
     return ~(den > EXACT_ROW_THRESHOLD).all(dim=1) | ~torch.isfinite(den).all(dim=1)
 
 
-
-
-def _rows_forward(qr, kb, vb, values, win, mask, scale, dropout_p, seed, b, rows):
+def rows_forward(qkv, values, win, call: Call, b: int, rows: torch.Tensor):
     """Dense biased attention of queries ``rows`` (sorted LongTensor) of batch element ``b``.
 
-    ``qr [H, R, D]`` are their queries, ``kb``, ``vb [H, K, D]`` the keys and values of ``b``. Returns
-    ``([H, R, D]`` in the compute dtype, the window entries of these rows``)``; differentiable.
+    ``qkv = (q [H, R, D], k [H, K, D], v [H, K, D])``: the queries of these rows and the keys and values of ``b``.
+    Returns ``([H, R, D]`` in the compute dtype, the window entries of these rows``)``; differentiable. A fully
+    masked head of a row gives zeros (docs/conventions.md).
     """
-    cdt = _compute_dtype(qr.dtype)
+    qr, kb, vb = qkv
+    cdt, mask = call.cdt, call.mask
     heads, nk = qr.shape[0], kb.shape[1]
-    s = torch.matmul(qr.to(cdt), kb.to(cdt).transpose(-1, -2)) * scale                     # [H, R, K]
+    s = torch.matmul(qr.to(cdt), kb.to(cdt).transpose(-1, -2)) * call.scale                # [H, R, K]
     if mask is not None:
         m = mask[b if mask.shape[0] > 1 else 0]
         s = s + (m[:, rows] if m.shape[1] > 1 else m)
@@ -48,14 +48,14 @@ def _rows_forward(qr, kb, vb, values, win, mask, scale, dropout_p, seed, b, rows
                      win.key[entries].unsqueeze(0)), vals, accumulate=True)
     empty = torch.isneginf(s).all(-1, keepdim=True)                    # a fully masked head: zeros (conventions)
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    if dropout_p > 0:
-        p = p * dropout_scale(seed, dropout_p, b, torch.arange(heads, device=qr.device).view(-1, 1, 1),
-                              rows.view(1, -1, 1), torch.arange(nk, device=qr.device), heads, win.num_queries, nk,
-                              cdt)
+    if call.dropout_p > 0:
+        index = (b, torch.arange(heads, device=qr.device).view(-1, 1, 1), rows.view(1, -1, 1),
+                 torch.arange(nk, device=qr.device))
+        p = p * dropout_scale(call.seed, call.dropout_p, index, (None, heads, win.num_queries, nk), cdt)
     return torch.matmul(p, vb.to(cdt)), entries
 
 
-def _exact_rows(flagged: torch.Tensor):
+def exact_row_blocks(flagged: torch.Tensor):
     """``(b, rows)`` blocks of the flagged ``[B, Q]`` rows."""
     for b in range(flagged.shape[0]):
         rows = flagged[b].nonzero().flatten()

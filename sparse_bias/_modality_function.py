@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import compute_dtype as _compute_dtype
-from .kernels import dense_lse_backward, dense_lse_forward, unit_stride
+from ._call import Call
+from .dense import dense_lse_backward, dense_lse_forward, unit_stride
 
 
 class _ModalityBiasAttention(torch.autograd.Function):
@@ -13,19 +13,21 @@ class _ModalityBiasAttention(torch.autograd.Function):
     Per modality ``m`` (a key range): ``(o_m, L_m)`` from the dense kernel on its keys; with
     ``z_m = L_m + c_m`` and ``w = softmax_m(z)``, ``o = sum_m w_m o_m``. Backward: the kernel's own backward
     on each range with ``grad_out = w_m g`` and ``out = o`` (exact: ``ds_j = p_j w_m (<g, v_j> - <g, o>)``),
-    and ``dc_m = w_m (<g, o_m> - <g, o>)``.
+    and ``dc_m = w_m (<g, o_m> - <g, o>)``. A modality whose keys are all masked for a row has ``L_m = -inf``
+    and weight 0; a row masked everywhere gives zeros.
+
+    ``forward(q, k, v, values, ranges, call)``: ``values`` ``[B, Q, M]`` or ``[B, Q, M, H]``, ``ranges`` the
+    modalities' ``(start, end)`` key ranges.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, values, ranges, mask, scale, dropout_p, seed):
+    def forward(ctx, q, k, v, values, ranges, call: Call):
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
-        cdt = _compute_dtype(q.dtype)
+        cdt = call.cdt
         nk = k.shape[2]
         outs, lses, kernels_used = [], [], []
         for start, end in ranges:
-            m = None if mask is None else (mask[..., start:end] if mask.shape[-1] > 1 else mask)
-            o_m, lse_m, kern = dense_lse_forward(q, k[:, :, start:end], v[:, :, start:end], m, scale, dropout_p, seed,
-                                                 key_range=(start, nk))
+            o_m, lse_m, kern = dense_lse_forward(q, k[:, :, start:end], v[:, :, start:end], call.keys(start, end, nk))
             outs.append(o_m)
             lses.append(lse_m.to(cdt))
             kernels_used.append(kern)
@@ -37,8 +39,7 @@ class _ModalityBiasAttention(torch.autograd.Function):
         for i, o_m in enumerate(outs):
             out += w[..., i:i + 1] * torch.nan_to_num(o_m.to(cdt))
         out = out.to(q.dtype)
-        ctx.ranges, ctx.mask, ctx.scale, ctx.dropout_p, ctx.seed = ranges, mask, scale, dropout_p, seed
-        ctx.kernels, ctx.shared = kernels_used, values.dim() == 3
+        ctx.ranges, ctx.call, ctx.kernels, ctx.shared = ranges, call, kernels_used, values.dim() == 3
         ctx.save_for_backward(q, k, v, out, w, *outs, *lses)
         return out
 
@@ -47,7 +48,8 @@ class _ModalityBiasAttention(torch.autograd.Function):
         q, k, v, out, w, *rest = ctx.saved_tensors
         n = len(ctx.ranges)
         outs, lses = rest[:n], rest[n:]
-        cdt = _compute_dtype(q.dtype)
+        call = ctx.call
+        cdt = call.cdt
         nk = k.shape[2]
         g = grad_out.to(cdt)
         go = (g * out.to(cdt)).sum(-1)
@@ -55,14 +57,12 @@ class _ModalityBiasAttention(torch.autograd.Function):
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         dc = []
         for i, (start, end) in enumerate(ctx.ranges):
-            m = None if ctx.mask is None else (ctx.mask[..., start:end] if ctx.mask.shape[-1] > 1 else ctx.mask)
             wi = w[..., i]
             dq_m, dk[:, :, start:end], dv[:, :, start:end] = dense_lse_backward(
-                ctx.kernels[i], (wi.unsqueeze(-1) * g).to(q.dtype), q, k[:, :, start:end], v[:, :, start:end], out,
-                lses[i], m, ctx.scale,
-                ctx.dropout_p, ctx.seed, key_range=(start, nk))
+                ctx.kernels[i], (wi.unsqueeze(-1) * g).to(q.dtype), (q, k[:, :, start:end], v[:, :, start:end]),
+                (out, lses[i]), call.keys(start, end, nk))
             dq += dq_m.to(cdt)
             dc.append(wi * ((g * torch.nan_to_num(outs[i].to(cdt))).sum(-1) - go))          # [B, H, Q]
         dc = torch.stack(dc, dim=-1)                                                        # [B, H, Q, M]
         dvalues = dc.sum(1) if ctx.shared else dc.permute(0, 2, 3, 1)
-        return dq.to(q.dtype), dk, dv, dvalues, None, None, None, None, None
+        return dq.to(q.dtype), dk, dv, dvalues, None, None

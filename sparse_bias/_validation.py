@@ -10,7 +10,7 @@ import torch
 
 from ._checks import check_device, check_finite, check_tensor
 from .bias import ModalityBias, SparseBias
-from .kernels import compute_dtype as _compute_dtype
+from ._call import compute_dtype as _compute_dtype
 
 
 def check_qkv(q, k, v):
@@ -117,16 +117,6 @@ def additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
             raise TypeError(f"attn_mask must be bool (True = attend) or floating point, got {attn_mask.dtype}")
         mask = am if mask is None else mask + am
     return mask
-
-
-def entry_mask(mask: torch.Tensor, b: int, hs: slice, local_q: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``[h or 1, n]``: the additive mask at the window entries of batch element ``b`` (no dense expansion)."""
-    m = mask[b if mask.shape[0] > 1 else 0]                                 # [H|1, Q|1, K|1]
-    m = m[hs] if m.shape[0] > 1 else m
-    q = local_q if m.shape[1] > 1 else torch.zeros_like(local_q)
-    k = key if m.shape[2] > 1 else torch.zeros_like(key)
-    return m[:, q, k]
-
 
 
 def _check_additive(name: str, mask: torch.Tensor) -> None:

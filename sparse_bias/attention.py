@@ -4,7 +4,7 @@
 sparse correction over the window entries (the math is in `sparse_bias._sparse_function`; a
 `ModalityBias` takes `sparse_bias._modality_function`); `dense_bias_attention` is the dense
 reference; `select_backend` says which backend runs the window terms (chosen, and self-checked on GPU
-paths, by `sparse_bias.backends.choose`).
+paths, by `sparse_bias.dispatch`).
 """
 from __future__ import annotations
 
@@ -13,21 +13,23 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._call import Call
 from ._exact_rows import EXACT_ROW_THRESHOLD
 from ._modality_function import _ModalityBiasAttention
+from ._reference import dense_attention
 from ._sparse_function import _SparseBiasAttention
 from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
                           check_scale, check_sparse_bias, dropout_seed as _call_seed, zeros_like_output)
-from .backends import get_backend
-from .backends.choose import choose_backend
+from .backends import BACKENDS, backend_names
 from .bias import ModalityBias, SparseBias
-from .kernels import dropout_mask
+from .dispatch import choose_backend
 
-__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD"]
+__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD", "BACKEND_NAMES"]
 
 logger = logging.getLogger("sparse_bias")
 
-BACKEND_NAMES = ("auto", "fused", "sparse", "scatter", "torch", "triton", "dense")
+#: The ``backend=`` choices of `sparse_bias_attention` (from the registry `sparse_bias.backends.BACKENDS`).
+BACKEND_NAMES = ("auto",) + backend_names("correction") + ("dense",)
 
 
 def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
@@ -40,7 +42,7 @@ def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[s
 
     Returns:
         ``(name, reason)``. On a GPU path the chosen backend has passed its first-use self-check
-        (`sparse_bias.backends.choose`); one that fails it is skipped with a warning.
+        (`sparse_bias.dispatch`); one that fails it is skipped with a warning.
 
     Example:
 
@@ -95,18 +97,10 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
     scale = check_scale(scale, q)
     check_dropout(dropout_p)
     seed = _call_seed(dropout_p, dropout_seed)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if dense_bias is not None:
         check_dense_bias(dense_bias, q, k)
-        scores = scores + (dense_bias.unsqueeze(1) if dense_bias.dim() == 3 else dense_bias).to(scores.dtype)
-    mask = additive_mask(q, k, key_padding_mask, attn_mask)
-    if mask is not None:
-        scores = scores + mask.to(scores.dtype)
-    empty = torch.isneginf(scores).all(-1, keepdim=True)                      # fully masked rows: zeros
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    if dropout_p > 0:
-        probs = probs * dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
-    return torch.matmul(probs, v)
+    return dense_attention(q, k, v, dense_bias, Call.of(q, scale, additive_mask(q, k, key_padding_mask, attn_mask),
+                                                        dropout_p, seed))
 
 
 def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -174,12 +168,11 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if name == "dense":
         dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()
         return dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed)
-    mask = additive_mask(q, k, key_padding_mask, attn_mask)
+    call = Call.of(q, scale, additive_mask(q, k, key_padding_mask, attn_mask), dropout_p, seed)
     if q.numel() == 0 or k.shape[2] == 0:        # nothing to attend (K = 0: every row fully masked): zeros
         return zeros_like_output(q, k, v, None if bias is None else bias.values)
     if name == "none":
-        return _SparseBiasAttention.apply(q, k, v, None, None, mask, scale, None, dropout_p, seed)
+        return _SparseBiasAttention.apply(q, k, v, None, None, call, None)
     if name == "modality":
-        return _ModalityBiasAttention.apply(q, k, v, bias.values, bias.ranges, mask, scale, dropout_p, seed)
-    return _SparseBiasAttention.apply(q, k, v, bias.values, bias.index, mask, scale, get_backend(name),
-                                      dropout_p, seed)
+        return _ModalityBiasAttention.apply(q, k, v, bias.values, bias.ranges, call)
+    return _SparseBiasAttention.apply(q, k, v, bias.values, bias.index, call, BACKENDS[name])

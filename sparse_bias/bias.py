@@ -1,19 +1,75 @@
 """Sparse bias values on a `WindowIndex`, and the per-query window weighting that makes them."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import abc
+from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 
 from ._checks import check_device, check_finite, check_tensor, cuda_device, parse_to
+from .layout import KeyLayout
+from .profiles import PROFILES, flat, get_profile, sigma_pair  # noqa: F401  (PROFILES: the old `bias.PROFILES`)
 from .windows import WindowIndex
 
 __all__ = ["SparseBias", "ModalityBias", "window_bias"]
 
-PROFILES = ("flat", "gaussian")
+
+_T = TypeVar("_T", bound="_ValuesLike")
 
 
-class SparseBias:
+class _ValuesLike(abc.ABC):
+    """The tensor-like part shared by the biases: everything follows ``values``, whose dim ``_HEAD_DIM`` (when
+    present) holds the heads. A subclass says how to rebuild itself around new values (`_with_values`)."""
+
+    _HEAD_DIM: int
+    values: torch.Tensor
+
+    @abc.abstractmethod
+    def _with_values(self: _T, values: torch.Tensor, device: Optional[torch.device]) -> _T:
+        """The same bias with ``values`` (already moved / cast); ``device``, when not None, is where they moved, so
+        that a structure living on a device can follow."""
+
+    @abc.abstractmethod
+    def _describe(self) -> str:
+        """What `__repr__` shows first (``nnz=...``, ``M=...``)."""
+
+    @property
+    def num_heads(self) -> Optional[int]:
+        """``H`` for per-head values, None when the values are shared by all heads."""
+        return self.values.shape[self._HEAD_DIM] if self.values.dim() == self._HEAD_DIM + 1 else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self: _T, *args, **kwargs) -> _T:
+        """Move / cast like a tensor: ``.to(device)``, ``.to(dtype)``, ``.to(device, dtype)``, ``.to(tensor)`` or
+        keywords. A dtype applies to the values only (a `SparseBias`'s window index is integer and moves with the
+        values); the cast is differentiable."""
+        device, dtype = parse_to(*args, **kwargs)
+        return self._with_values(self.values.to(device=device, dtype=dtype), device)
+
+    def cpu(self: _T) -> _T:
+        return self.to("cpu")
+
+    def cuda(self: _T, device=None) -> _T:
+        return self.to(cuda_device(device))
+
+    def detach(self: _T) -> _T:
+        """The same bias with its values detached from the graph."""
+        return self._with_values(self.values.detach(), None)
+
+    def __repr__(self) -> str:
+        heads = "shared" if self.num_heads is None else f"H={self.num_heads}"
+        return (f"{type(self).__name__}({self._describe()}, {heads}, dtype={self.dtype}, "
+                f"dense_shape={list(self.shape)})")
+
+
+class SparseBias(_ValuesLike):
     """An additive attention bias that is zero outside each query's local windows.
 
     Args:
@@ -21,8 +77,12 @@ class SparseBias:
         values: ``[nnz]`` (one value shared by all heads) or ``[nnz, H]`` (one per head), floating point.
             Gradients flow back through ``values`` (to the weights and scale that produced them).
 
-    ``to_dense()`` materialises the origin design's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``.
+    ``to_dense()`` materialises the origin design's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like:
+    ``dtype``, ``device``, ``num_heads``, ``to`` / ``cpu`` / ``cuda`` (the index moves with the values),
+    ``detach``.
     """
+
+    _HEAD_DIM = 1
 
     def __init__(self, index: WindowIndex, values: torch.Tensor):
         if not isinstance(index, WindowIndex):
@@ -35,42 +95,17 @@ class SparseBias:
         self.index = index
         self.values = values
 
-    @property
-    def num_heads(self) -> Optional[int]:
-        """``H`` for per-head values, None when the values are shared by all heads."""
-        return self.values.shape[1] if self.values.dim() == 2 else None
+    def _with_values(self, values: torch.Tensor, device: Optional[torch.device]) -> "SparseBias":
+        return SparseBias(self.index.to(device) if device is not None else self.index, values)
+
+    def _describe(self) -> str:
+        return f"nnz={self.index.nnz}"
 
     @property
     def shape(self) -> torch.Size:
         """Shape of `to_dense`: ``[B, Q, K]`` or ``[B, H, Q, K]``."""
         b, q, k = self.index.batch_size, self.index.num_queries, self.index.layout.num_keys
         return torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def to(self, *args, **kwargs) -> "SparseBias":
-        """Move / cast like a tensor: ``.to(device)``, ``.to(dtype)``, ``.to(device, dtype)``, ``.to(tensor)`` or
-        keywords. The index moves with the values (integer, so a dtype applies to the values only); the cast is
-        differentiable."""
-        device, dtype = parse_to(*args, **kwargs)
-        index = self.index.to(device) if device is not None else self.index
-        return SparseBias(index, self.values.to(device=device, dtype=dtype))
-
-    def cpu(self) -> "SparseBias":
-        return self.to("cpu")
-
-    def cuda(self, device=None) -> "SparseBias":
-        return self.to(cuda_device(device))
-
-    def detach(self) -> "SparseBias":
-        """The same bias with its values detached from the graph."""
-        return SparseBias(self.index, self.values.detach())
 
     def nbytes(self) -> int:
         """Bytes of the sparse structure: index tensors plus values."""
@@ -105,12 +140,8 @@ class SparseBias:
             return dense.view(b, q, k)
         return dense.view(b, q, k, self.num_heads).permute(0, 3, 1, 2).contiguous()
 
-    def __repr__(self) -> str:
-        heads = "shared" if self.num_heads is None else f"H={self.num_heads}"
-        return f"SparseBias(nnz={self.index.nnz}, {heads}, dtype={self.dtype}, dense_shape={list(self.shape)})"
 
-
-class ModalityBias:
+class ModalityBias(_ValuesLike):
     """One additive bias per query and modality over *all* keys of that modality (global, not local).
 
     The origin design's ``use_local_bias=False``: every BEV key of query ``(b, q)`` gets
@@ -122,10 +153,14 @@ class ModalityBias:
         layout: the `KeyLayout`.
         values: ``[B, Q, M]`` (shared by heads) or ``[B, Q, M, H]`` (per head), ``M`` = modalities in the
             layout (2 for CMT fusion). Differentiable.
+
+    ``to_dense()`` gives ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like as `SparseBias` (``dtype``, ``device``,
+    ``num_heads``, ``to`` / ``cpu`` / ``cuda``, ``detach``); the layout holds no tensor and stays as it is.
     """
 
-    def __init__(self, layout, values: torch.Tensor):
-        from .layout import KeyLayout
+    _HEAD_DIM = 3
+
+    def __init__(self, layout: KeyLayout, values: torch.Tensor):
         if not isinstance(layout, KeyLayout):
             raise TypeError(f"layout must be a KeyLayout, got {type(layout).__name__}")
         check_tensor("values", values, ndim=(3, 4), floating=True)
@@ -135,37 +170,18 @@ class ModalityBias:
                              f"got shape {tuple(values.shape)}")
         self.layout, self.values = layout, values
 
-    @property
-    def num_heads(self) -> Optional[int]:
-        return self.values.shape[3] if self.values.dim() == 4 else None
+    def _with_values(self, values: torch.Tensor, device: Optional[torch.device]) -> "ModalityBias":
+        return ModalityBias(self.layout, values)
+
+    def _describe(self) -> str:
+        return f"M={len(self.ranges)}"
 
     @property
     def shape(self) -> torch.Size:
+        """Shape of `to_dense`: ``[B, Q, K]`` or ``[B, H, Q, K]``."""
         b, q = self.values.shape[:2]
         k = self.layout.num_keys
         return torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def to(self, *args, **kwargs) -> "ModalityBias":
-        """Move / cast the values like a tensor (``.to(device)``, ``.to(dtype)``, ``.to(device, dtype)``, ...)."""
-        device, dtype = parse_to(*args, **kwargs)
-        return ModalityBias(self.layout, self.values.to(device=device, dtype=dtype))
-
-    def cpu(self) -> "ModalityBias":
-        return self.to("cpu")
-
-    def cuda(self, device=None) -> "ModalityBias":
-        return self.to(cuda_device(device))
-
-    def detach(self) -> "ModalityBias":
-        return ModalityBias(self.layout, self.values.detach())
 
     def to_dense(self) -> torch.Tensor:
         """``[B, Q, K]`` or ``[B, H, Q, K]`` (the reference)."""
@@ -173,10 +189,6 @@ class ModalityBias:
         vals = self.values if self.num_heads is None else self.values.permute(0, 3, 1, 2)   # [B, (H,) Q, M]
         return torch.repeat_interleave(vals, torch.tensor(sizes, device=vals.device), dim=-1,
                                        output_size=self.layout.num_keys)
-
-    def __repr__(self) -> str:
-        heads = "shared" if self.num_heads is None else f"H={self.num_heads}"
-        return f"ModalityBias(M={len(self.ranges)}, {heads}, dtype={self.dtype}, dense_shape={list(self.shape)})"
 
 
 def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:
@@ -216,22 +228,15 @@ def _segment_expand(src: torch.Tensor, win: WindowIndex) -> torch.Tensor:
     return _SegmentExpand.apply(src, seg, offsets)
 
 
-def _pair(name: str, x):
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"{name} must be a number or a (bev, cam) pair, got {x!r}")
-        return tuple(x)
-    return (x, x)
-
-
 def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
                 cam_weight: Optional[torch.Tensor] = None, scale: Union[float, torch.Tensor] = 1.0,
                 profile: str = "flat", sigma: Union[None, float, Sequence[float]] = None) -> SparseBias:
     """Spread each query's per-modality weight over its windows: ``bias = weight * scale * profile``.
 
     An entry of query ``(b, q)`` in its BEV window gets ``bev_weight[b, q] * scale * f(dy, dx)``, an entry
-    in a camera window ``cam_weight[b, q] * scale * f(dy, dx)``, with ``f = 1`` for the ``"flat"`` profile
-    (the origin design) and ``f = exp(-(dy^2 + dx^2) / (2 sigma^2))`` for ``"gaussian"``.
+    in a camera window ``cam_weight[b, q] * scale * f(dy, dx)``, with ``f`` the profile registered in
+    `sparse_bias.profiles.PROFILES`: ``f = 1`` for ``"flat"`` (the origin design) and
+    ``f = exp(-(dy^2 + dx^2) / (2 sigma^2))`` for ``"gaussian"``.
 
     Args:
         win: the `WindowIndex` from `local_windows`.
@@ -239,8 +244,8 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
             BEV windows, ignored (may be None) otherwise.
         cam_weight: same for the camera windows.
         scale: a float, or a 0-d tensor (may require grad: a learnable scale).
-        profile: ``"flat"`` or ``"gaussian"``.
-        sigma: Gaussian width in cells: a float, a ``(bev, cam)`` pair, or None for half the window's
+        profile: a name in `sparse_bias.profiles.PROFILES`: ``"flat"`` or ``"gaussian"``.
+        sigma: the profile's width in cells (Gaussian: sigma; unused by ``"flat"``): a float, a ``(bev, cam)`` pair, or None for half the window's
             half-size (``max(w // 2, 1) / 2``, per entry, so adaptive windows scale along).
 
     Returns:
@@ -259,8 +264,7 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
     if not isinstance(win, WindowIndex):
         raise TypeError(f"win must be a WindowIndex, got {type(win).__name__}")
     win.validate()            # once per index object (free for local_windows' indexes); the gather relies on it
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    falloff_of = get_profile(profile)
     has = {"bev_weight": win.bev_pos is not None, "cam_weight": win.cam_pos is not None}
     weights = {}
     for name, w in (("bev_weight", bev_weight), ("cam_weight", cam_weight)):
@@ -296,18 +300,14 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
     stacked = torch.stack(stacked, dim=2)                              # [B, Q, 2, (H)]
     values = _segment_expand(stacked.reshape((b * q * 2,) + tail), win)
 
-    if profile == "gaussian":
-        sig_bev, sig_cam = _pair("sigma", sigma)
+    if falloff_of is not flat:                  # flat: f = 1 reads neither the offsets nor sigma, nothing to multiply
+        pair = sigma_pair(sigma)
         # The falloff is computed in at least fp32: squared offsets of large windows overflow fp16.
         fdtype = torch.promote_types(dtype, torch.float32)
-        if sigma is None:
+        if pair is None:
             sig = win.half_size().clamp(min=1).to(fdtype) / 2
         else:
-            for s in (sig_bev, sig_cam):
-                if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
-                    raise ValueError(f"sigma must be a positive number or a (bev, cam) pair, got {sigma!r}")
-            sig = torch.tensor([sig_bev, sig_cam], dtype=fdtype, device=win.device)[win.source.long()]
-        d2 = win.dy.to(fdtype) ** 2 + win.dx.to(fdtype) ** 2
-        falloff = torch.exp(-d2 / (2 * sig * sig)).to(dtype)
+            sig = torch.tensor(pair, dtype=fdtype, device=win.device)[win.source.long()]
+        falloff = falloff_of(win.dy.to(fdtype), win.dx.to(fdtype), sig).to(dtype)
         values = values * (falloff.unsqueeze(-1) if tail else falloff)
     return SparseBias(win, values * scale)

@@ -1,13 +1,15 @@
 """``python -m sparse_bias.selftest``: the self-test on your device (see ``sparse_bias.selftest()``).
 
-The implementation lives in ``sparse_bias._selftest``. Importing this module replaces the package attribute
+The implementation lives in ``sparse_bias.tools.selftest``. Importing this module replaces the package attribute
 ``sparse_bias.selftest`` (the function) with the module, as Python does for every submodule, so the module is
 made callable: ``sb.selftest(...)`` runs the self-test either way.
 """
 import sys
 import types
 
-from ._selftest import main, selftest
+from .tools.selftest import cli, main, selftest
+
+__all__ = ["selftest", "main", "cli"]
 
 
 class _CallableModule(types.ModuleType):
@@ -18,4 +20,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

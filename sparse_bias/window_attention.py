@@ -17,29 +17,30 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._blocks import window_blocks
+from ._call import Call
+from ._reference import dense_window_attention
 from ._validation import (additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
                           zeros_like_output)
 from ._validation import dropout_seed as _call_seed
-from .backends import get_backend
-from .backends.choose import choose_backend
+from ._window_function import _WindowAttention
+from .backends import BACKENDS, backend_names
 from .bias import SparseBias
-from .kernels import compute_dtype, dropout_mask, unit_stride
+from .dispatch import choose_backend
 from .windows import WindowIndex
 
-__all__ = ["window_attention", "select_window_backend"]
+__all__ = ["window_attention", "select_window_backend", "WINDOW_BACKENDS"]
 
 logger = logging.getLogger("sparse_bias")
 
-#: Backends `window_attention` accepts.
-WINDOW_BACKENDS = ("auto", "fused", "sparse", "scatter", "torch", "dense")
+#: The ``backend=`` choices of `window_attention` (from the registry `sparse_bias.backends.BACKENDS`).
+WINDOW_BACKENDS = ("auto",) + backend_names("window") + ("dense",)
 
 
 def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, str]:
     """The backend `window_attention` will use for ``q``, and why: ``(name, reason)``.
 
-    ``"auto"`` takes the first backend of `sparse_bias.backends.AUTO_ORDER` that can run on q's device
-    and dtype and has segment kernels (the fused ``"triton"`` backend has none for window attention yet).
+    ``"auto"`` takes the first backend of `sparse_bias.backends.AUTO_ORDER` that can run window attention on q's
+    device, dtype and head dim (the fused ``"triton"`` backend has no window-attention kernels yet).
     """
     if backend not in WINDOW_BACKENDS:
         raise ValueError(f"backend must be one of {WINDOW_BACKENDS}, got {backend!r}")
@@ -74,70 +75,6 @@ def _check_bias_index(bias, win):
     if not same:
         raise ValueError(f"bias is defined on another window index ({idx!r}) than win ({win!r}); build both "
                          "from the same WindowIndex")
-
-
-class _WindowAttention(torch.autograd.Function):
-    """Forward and exact backward of attention restricted to the window entries."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, values, win, mask, scale, backend, dropout_p, seed):
-        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
-        cdt = compute_dtype(q.dtype)
-        bsz, heads, nq, _ = q.shape
-        nk = k.shape[2]
-        # the state for the backward: the window probabilities [H, nnz], or (fused backends) the log-sum-exp [B, H, Q]
-        p = (torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if backend.saves_p
-             else torch.empty(bsz, heads, nq, dtype=cdt, device=q.device))
-        out = torch.zeros(bsz, heads, nq, v.shape[-1], dtype=cdt, device=q.device)
-        for blk in window_blocks(win, values, backend, heads, nk, mask, dropout_p, seed, cdt):
-            state = p[blk.hs, blk.e0:blk.e1] if backend.saves_p else p[blk.b, blk.hs]
-            backend.window_forward_block(win, blk, q, k, v, scale, state, out[blk.b, blk.hs], cdt)
-        out = out.to(q.dtype)
-        ctx.win, ctx.mask, ctx.scale, ctx.backend, ctx.dropout_p, ctx.seed = win, mask, scale, backend, dropout_p, seed
-        ctx.values_meta = None if values is None else (values.dim() == 1, values.dtype)
-        ctx.values = None if values is None or backend.saves_p else values.detach()   # fused: scores recomputed
-        ctx.save_for_backward(q, k, v, out, p)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, p = ctx.saved_tensors
-        win, backend, scale = ctx.win, ctx.backend, ctx.scale
-        cdt = compute_dtype(q.dtype)
-        heads, nk = q.shape[1], k.shape[2]
-        g = unit_stride(grad_out.to(cdt))
-        go = (g * out.to(cdt)).sum(-1)                                                   # <g, o> [B, H, Q]
-        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-        dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))  # the kernels' layout
-        want_values = ctx.values_meta is not None and ctx.needs_input_grad[3]
-        ds_all = torch.empty(heads, win.nnz, dtype=cdt, device=q.device) if want_values else None
-        for blk in window_blocks(win, ctx.values, backend, heads, nk, ctx.mask, ctx.dropout_p, ctx.seed, cdt):
-            state = p[blk.hs, blk.e0:blk.e1] if backend.saves_p else p[blk.b, blk.hs]
-            ds = backend.window_backward_block(win, blk, q, k, v, g, go[blk.b, blk.hs], state, scale,
-                                               dq[blk.b, blk.hs], dk, dv, cdt)
-            if ds_all is not None:
-                ds_all[blk.hs, blk.e0:blk.e1] = ds
-        dvalues = None
-        if ds_all is not None:
-            shared, vdtype = ctx.values_meta
-            dvalues = (ds_all.sum(0) if shared else ds_all.t()).to(vdtype)
-        return dq.to(q.dtype), dk, dv, dvalues, None, None, None, None, None, None
-
-
-def _dense_window_attention(q, k, v, win, bias, mask, dropout_p, scale, seed):
-    """The reference: the dense ``[B, Q, K]`` mask and bias materialised; fully masked rows give zeros."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        dense = bias.to_dense()
-        scores = scores + (dense.unsqueeze(1) if dense.dim() == 3 else dense).to(scores.dtype)
-    if mask is not None:
-        scores = scores + mask.to(scores.dtype)
-    scores = scores.masked_fill(~win.to_dense_mask().unsqueeze(1), float("-inf"))
-    valid = torch.isfinite(scores).any(-1, keepdim=True)                                 # [B, H, Q, 1]
-    probs = torch.softmax(scores.masked_fill(~valid, 0.0), dim=-1) * valid
-    if dropout_p > 0:
-        probs = probs * dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
-    return torch.matmul(probs, v)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: WindowIndex,
@@ -196,10 +133,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
     mask = additive_mask(q, k, key_padding_mask, None)                         # [B, 1, 1, K] or None
     name, why = select_window_backend(q, backend)
     logger.debug("window_attention: backend %s (%s)", name, why)
-    seed = _call_seed(dropout_p, dropout_seed)
+    call = Call.of(q, scale, mask, dropout_p, _call_seed(dropout_p, dropout_seed))
     if name == "dense":
-        return _dense_window_attention(q, k, v, win, bias, mask, dropout_p, scale, seed)
+        return dense_window_attention(q, k, v, win, bias, call)
     if win.nnz == 0 or q.numel() == 0:  # every window empty, or nothing to attend: zeros (zero gradients)
         return zeros_like_output(q, k, v, None if bias is None else bias.values)
     values = None if bias is None else bias.values
-    return _WindowAttention.apply(q, k, v, values, win, mask, scale, get_backend(name), dropout_p, seed)
+    return _WindowAttention.apply(q, k, v, values, win, call, BACKENDS[name])

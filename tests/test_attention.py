@@ -10,8 +10,9 @@ from helpers import (SMALL, assert_all_close, forward_and_grads, layouts, make_c
                      skip_missing, sparse_fn)
 
 import sparse_bias as sb
-from sparse_bias import _sparse_function as attention_mod
-from sparse_bias import kernels
+from sparse_bias import _sparse_function as sparse_function
+from sparse_bias._call import Call
+from sparse_bias.dense import chunked, lse as dense_lse
 from sparse_bias.backends import gather
 
 BACKENDS = ["fused", "sparse", "scatter", "torch", "dense"]
@@ -148,10 +149,8 @@ def test_chunked_paths(backend, monkeypatch):
     """Tiny chunks: gather backends cross many chunk borders, the dense fallback many blocks."""
     skip_missing(backend)
     monkeypatch.setattr(gather, "CHUNK_ENTRIES", 7)
-    monkeypatch.setattr(kernels, "CHUNK_SCORES", 50)
-    monkeypatch.setattr(kernels, "dense_kernel_name", lambda q, dropout_p=0.0, masked=False, num_keys=1: "chunked")
-    monkeypatch.setattr(attention_mod, "dense_lse_forward",
-                        lambda *a: kernels.dense_lse_forward(*a))
+    monkeypatch.setattr(chunked, "CHUNK_SCORES", 50)
+    monkeypatch.setattr(dense_lse, "dense_kernel_name", lambda q, call, num_keys=1: "chunked")
     win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=9)
     grad = torch.randn_like(q)
     got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win)
@@ -164,14 +163,15 @@ def test_chunked_kernel_matches_cpu_flash():
     q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64) for n in (5, 40, 40))
     mask = torch.zeros(2, 1, 1, 40, dtype=torch.float64)
     mask[1, ..., 30:] = float("-inf")
-    out, lse, state = kernels.dense_lse_forward(q, k, v, mask, 0.3)
+    call = Call.of(q, 0.3, mask)
+    out, lse, state = dense_lse.dense_lse_forward(q, k, v, call)
     assert state.name == "cpu_flash"
-    out2, lse2 = kernels._chunked_forward(q, k, v, mask, 0.3, 0.0, 0)
+    out2, lse2 = chunked.chunked_forward(q, k, v, call)
     torch.testing.assert_close(out, out2)
     torch.testing.assert_close(lse, lse2)
     g = torch.randn_like(out)
-    for a, b in zip(kernels.dense_lse_backward(state, g, q, k, v, out, lse, mask, 0.3),
-                    kernels.dense_lse_backward(kernels.KernelState("chunked"), g, q, k, v, out, lse, mask, 0.3)):
+    for a, b in zip(dense_lse.dense_lse_backward(state, g, (q, k, v), (out, lse), call),
+                    dense_lse.dense_lse_backward(dense_lse.KernelState("chunked"), g, (q, k, v), (out, lse), call)):
         torch.testing.assert_close(a, b)
 
 
@@ -225,8 +225,8 @@ def test_cancellation_regime_float32(backend, bias_value):
 
 def test_cancellation_rows_are_recomputed_densely(monkeypatch):
     calls = []
-    original = attention_mod._rows_forward
-    monkeypatch.setattr(attention_mod, "_rows_forward", lambda *a: calls.append(a[-1].tolist()) or original(*a))
+    original = sparse_function.rows_forward
+    monkeypatch.setattr(sparse_function, "rows_forward", lambda *a: calls.append(a[-1].tolist()) or original(*a))
     win, q, k, v, w = cancellation_case(-14.0)
     sb.sparse_bias_attention(q.float(), k.float(), v.float(), sb.window_bias(win, w.float(), None))
     assert calls == [[0, 2, 3]]                            # query 1 has a mild bias and stays on the fast path
@@ -290,7 +290,7 @@ def test_dropout_is_unbiased_and_seeded():
 
 
 def test_dropout_mask_rate():
-    keep = kernels.dropout_mask(3, (2, 4, 50, 100), 0.25)
+    keep = sb.kernels.dropout_mask(3, (2, 4, 50, 100), 0.25)
     assert abs(float(keep.float().mean()) - 0.75) < 0.01
 
 

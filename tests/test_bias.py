@@ -1,12 +1,13 @@
 """window_bias / SparseBias.to_dense against a brute-force dense bias."""
 import pytest
 import torch
-from brute import dense_bias
+from brute import dense_bias, window_entries
 from hypothesis import given
 from hypothesis import strategies as st
 from helpers import random_positions
 
 import sparse_bias as sb
+from sparse_bias.profiles import PROFILES, get_profile
 
 SMALL = sb.KeyLayout(bev_shape=(12, 10), cam_shape=(3, 6, 8))
 
@@ -111,3 +112,51 @@ def test_sparse_bias_checks_its_values():
     bias = sb.SparseBias(win, torch.ones(9, 4))
     assert bias.num_heads == 4 and bias.shape == (1, 4, 1, SMALL.num_keys)
     assert bias.to(torch.float16).dtype == torch.float16
+
+
+# --- the profile registry (sparse_bias.profiles) ---------------------------------------------------------------
+
+
+def test_registered_profiles_are_the_documented_formulas():
+    assert set(PROFILES) == {"flat", "gaussian"}
+    dy = torch.tensor([0.0, 1.0, -2.0, 3.0], dtype=torch.float64)
+    dx = torch.tensor([0.0, -1.0, 2.0, 0.5], dtype=torch.float64)
+    sigma = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
+    torch.testing.assert_close(get_profile("flat")(dy, dx, sigma), torch.ones_like(dy), rtol=0, atol=0)
+    torch.testing.assert_close(get_profile("gaussian")(dy, dx, sigma),
+                               torch.exp(-(dy ** 2 + dx ** 2) / (2 * sigma ** 2)), rtol=1e-15, atol=0)
+
+
+def test_get_profile_refuses_unknown_names_naming_the_choices():
+    with pytest.raises(ValueError, match=r"profile must be one of \('flat', 'gaussian'\), got 'cosine'"):
+        get_profile("cosine")
+    with pytest.raises(ValueError, match="profile must be one of"):
+        get_profile(["flat"])
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+@pytest.mark.parametrize("sigma", [None, 0.8, (1.5, 2.5)])
+@pytest.mark.parametrize("heads", [None, 2])
+def test_every_registered_profile_through_window_bias_matches_its_formula(name, sigma, heads):
+    """Entry by entry (offsets from the brute-force window enumeration): ``weight * scale * f(dy, dx, sigma)``,
+    sigma per entry as documented (None: ``max(size // 2, 1) / 2`` of the entry's own, here adaptive, window)."""
+    gen = torch.Generator().manual_seed(7)
+    batch, queries = 2, 3
+    bev_pos, cam_pos = random_positions(SMALL, batch, queries, 2, gen)
+    bev_window = 2 * torch.randint(0, 4, (batch, queries), generator=gen) + 1
+    cam_window = 5
+    win = sb.local_windows(SMALL, bev_pos, cam_pos, bev_window, cam_window)
+    wb, wc = weights((batch, queries), gen, heads), weights((batch, queries), gen, heads)
+    bias = sb.window_bias(win, wb, wc, scale=0.6, profile=name, sigma=sigma)
+    fn = PROFILES[name]
+    expected = []
+    for b in range(batch):
+        for q in range(queries):
+            for _, source, dy, dx in window_entries(SMALL, bev_pos, cam_pos, bev_window, cam_window, b, q):
+                size = int(bev_window[b, q]) if source == 0 else cam_window
+                s = (max(size // 2, 1) / 2 if sigma is None
+                     else (sigma[source] if isinstance(sigma, tuple) else sigma))
+                f = fn(*(torch.tensor(float(v), dtype=torch.float64) for v in (dy, dx, s)))
+                expected.append((wb if source == 0 else wc)[b, q] * 0.6 * f)
+    assert len(expected) == win.nnz
+    torch.testing.assert_close(bias.values, torch.stack(expected), rtol=1e-12, atol=1e-12)

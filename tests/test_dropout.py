@@ -1,12 +1,14 @@
 """Attention dropout on the fused CPU dense pass (sparse_bias/csrc/dense_dropout.cpp): the same counter-hash
 decisions as the dense reference, exact gradients, the keep rate, repeatability, the fallback and the modules."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import kernels
+from sparse_bias._call import Call
+from sparse_bias.dense import chunked, kernel_lse, lse as dense_lse
 
 from helpers import SMALL, assert_all_close, forward_and_grads, make_case, reference, skip_missing, sparse_fn
 
@@ -30,10 +32,10 @@ def padding_mask(nk, dtype=torch.float64):
 
 def test_dropout_picks_the_compiled_kernel_and_falls_back_without_it(monkeypatch):
     q = torch.zeros(1, 1, 2, 8)
-    assert kernels.dense_kernel_name(q, 0.1) == "cpu_dropout"
-    assert kernels.dense_kernel_name(q, 0.0) == "cpu_flash"
-    monkeypatch.setattr(kernels, "_compiled", lambda: None)
-    assert kernels.dense_kernel_name(q, 0.1) == "chunked"
+    assert dense_lse.dense_kernel_name(q, Call.of(q, 1.0, None, 0.1)) == "cpu_dropout"
+    assert dense_lse.dense_kernel_name(q, Call.of(q, 1.0)) == "cpu_flash"
+    monkeypatch.setattr(dense_lse, "extension", lambda: (None, "not built"))
+    assert dense_lse.dense_kernel_name(q, Call.of(q, 1.0, None, 0.1)) == "chunked"
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -43,22 +45,24 @@ def test_compiled_dense_pass_equals_the_chunked_kernel(p, masked):
     q, k, v, g = problem()
     mask = padding_mask(k.shape[2]) if masked else None
     seed, key_range = (1 << 40) + 77, (13, k.shape[2] + 40)
-    out, lse, state = kernels.dense_lse_forward(q, k, v, mask, 0.25, p, seed, key_range)
+    call = dataclasses.replace(Call.of(q, 0.25, mask, p, seed), key_range=key_range)
+    out, lse, state = dense_lse.dense_lse_forward(q, k, v, call)
     assert state.name == "cpu_dropout"
-    ref_out, ref_lse = kernels._chunked_forward(q, k, v, mask, 0.25, p, seed, key_range)
+    ref_out, ref_lse = chunked.chunked_forward(q, k, v, call)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
-    grads = kernels.dense_lse_backward(state, g, q, k, v, out, lse, mask, 0.25, p, seed, key_range)
-    for a, b in zip(grads, kernels._chunked_backward(g, q, k, v, out, lse, mask, 0.25, p, seed, key_range)):
+    grads = dense_lse.dense_lse_backward(state, g, (q, k, v), (out, lse), call)
+    for a, b in zip(grads, chunked.chunked_backward(g, q, k, v, out, kernel_lse(lse), call)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_within_the_naive_drift(dtype):
     q, k, v, g = problem(nq=40, nk=600)
-    exact = [kernels._chunked_forward(q, k, v, None, 0.25, 0.2, 9)[0]]
+    exact = [chunked.chunked_forward(q, k, v, Call.of(q, 0.25, None, 0.2, 9))[0]]
     naive = sb.dense_bias_attention(q.to(dtype), k.to(dtype), v.to(dtype), dropout_p=0.2, dropout_seed=9, scale=0.25)
-    out, _, _ = kernels.dense_lse_forward(q.to(dtype), k.to(dtype), v.to(dtype), None, 0.25, 0.2, 9)
+    qd = q.to(dtype)
+    out, _, _ = dense_lse.dense_lse_forward(qd, k.to(dtype), v.to(dtype), Call.of(qd, 0.25, None, 0.2, 9))
     assert out.dtype == dtype
     drift = float((naive.double() - exact[0]).abs().max())
     assert float((out.double() - exact[0]).abs().max()) <= 2 * drift + 1e-6
@@ -71,7 +75,7 @@ def test_keep_rate_is_one_minus_p_within_binomial_error():
     k, v = torch.zeros(2, 3, nk, 4), torch.ones(2, 3, nk, 4)
     kept, n = 0.0, 0
     for seed in range(40):
-        out, _, _ = kernels.dense_lse_forward(q, k, v, None, 1.0, p, seed)
+        out, _, _ = dense_lse.dense_lse_forward(q, k, v, Call.of(q, 1.0, None, p, seed))
         kept += float((out[..., 0] * (1 - p) * nk).round().sum())
         n += rows * nk
     z = (kept - n * (1 - p)) / math.sqrt(n * p * (1 - p))
@@ -83,8 +87,9 @@ def test_gradients_are_bitwise_repeatable():
     mask = padding_mask(k.shape[2], torch.float32)
     runs = []
     for _ in range(2):
-        out, lse, state = kernels.dense_lse_forward(q, k, v, mask, 0.25, 0.1, 5)
-        runs.append((out,) + tuple(kernels.dense_lse_backward(state, g, q, k, v, out, lse, mask, 0.25, 0.1, 5)))
+        call = Call.of(q, 0.25, mask, 0.1, 5)
+        out, lse, state = dense_lse.dense_lse_forward(q, k, v, call)
+        runs.append((out,) + tuple(dense_lse.dense_lse_backward(state, g, (q, k, v), (out, lse), call)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -124,15 +129,15 @@ def test_fallback_without_the_extension_gives_the_same_result(monkeypatch):
     grad = torch.randn_like(q)
     kw = dict(dropout_p=0.2, dropout_seed=3)
     fast = forward_and_grads(sparse_fn("sparse"), q, k, v, wb, wc, grad, win, **kw)
-    monkeypatch.setattr(kernels, "_compiled", lambda: None)
+    monkeypatch.setattr(dense_lse, "extension", lambda: (None, "not built"))
     assert_all_close(forward_and_grads(sparse_fn("sparse"), q, k, v, wb, wc, grad, win, **kw), fast)
 
 
 def test_module_trains_with_dropout_on_the_fast_path_and_never_drops_in_eval(monkeypatch):
     from sparse_bias.nn import SparseBiasMultiheadAttention
     used = []
-    original = kernels.dense_kernel_name
-    monkeypatch.setattr(kernels, "dense_kernel_name", lambda *a, **kw: used.append(original(*a, **kw)) or used[-1])
+    original = dense_lse.dense_kernel_name
+    monkeypatch.setattr(dense_lse, "dense_kernel_name", lambda *a, **kw: used.append(original(*a, **kw)) or used[-1])
     torch.manual_seed(0)
     mha = SparseBiasMultiheadAttention(16, 2, attn_drop=0.1)
     plain = SparseBiasMultiheadAttention(16, 2, attn_drop=0.0)

@@ -126,7 +126,7 @@ def test_debug_mode_warns_on_disagreement(monkeypatch):
 def test_demo_skips_the_dense_variant_without_enough_memory(monkeypatch, capsys, tmp_path):
     from types import SimpleNamespace
 
-    from sparse_bias import benchmark, demo
+    from sparse_bias.tools import benchmark, demo
     calls = []
 
     def fake_main(argv):

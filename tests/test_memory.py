@@ -1,8 +1,8 @@
 """Measured memory: sparse-bias attention costs a small fraction of what the dense-bias version adds.
 
 The 800x320 CMT configuration (BEV 128x128 + 6x20x50 = 22384 keys), 300 queries, 8 heads, B=2, fp32,
-forward + backward. Each variant's peak RSS is measured in a fresh subprocess (sparse_bias.benchmark)."""
-from sparse_bias import benchmark
+forward + backward. Each variant's peak RSS is measured in a fresh subprocess (sparse_bias.tools.benchmark)."""
+from sparse_bias.tools import benchmark
 
 
 def test_sparse_extra_memory_is_a_small_fraction_of_dense():

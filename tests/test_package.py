@@ -17,3 +17,23 @@ def test_imports_without_torch_scatter():
             "win = sb.local_windows(sb.KeyLayout(bev_shape=(9, 9)), torch.tensor([[[4, 4]]]), None, 3)\n"
             "assert sb.window_bias(win, torch.ones(1, 1), None).to_dense().sum() == 9\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tools_keep_their_old_paths():
+    """The tools live in ``sparse_bias.tools``; the old public paths are thin entry modules re-exporting them."""
+    import importlib
+
+    for name in ("benchmark", "aqr_benchmark", "demo", "plotting", "synthetic", "selftest"):
+        old, new = importlib.import_module(f"sparse_bias.{name}"), importlib.import_module(f"sparse_bias.tools.{name}")
+        for attr in old.__all__:
+            assert getattr(old, attr) is getattr(new, attr), (name, attr)
+    assert callable(importlib.import_module("sparse_bias.selftest"))          # sb.selftest(...) either way
+
+
+def test_python_m_entry_points_at_the_old_paths():
+    for name in ("benchmark", "aqr_benchmark", "demo", "selftest"):
+        res = subprocess.run([sys.executable, "-m", f"sparse_bias.{name}", "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and f"usage: python -m sparse_bias.{name}" in res.stdout, res.stderr[-2000:]
+        res = subprocess.run([sys.executable, "-m", f"sparse_bias.{name}", "--no-such-flag"], capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and res.stderr.startswith(f"python -m sparse_bias.{name}: error:"), res.stderr

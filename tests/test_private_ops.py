@@ -4,15 +4,24 @@
 head dim that is not a multiple of 8 and wants its forward's sequence metadata and philox ``(seed, offset)``
 back in its backward; the efficient op returns the log-sum-exp padded to a multiple of 32 queries (with
 garbage in the padding), wants that padded tensor back, and an ``attn_bias`` whose rows are 16-aligned. A
-wrong slice, pad or argument order in :mod:`sparse_bias._private_ops` fails these tests without a GPU.
+wrong slice, pad or argument order in :mod:`sparse_bias.dense.private_ops` fails these tests without a GPU.
 """
 import math
 
 import pytest
 import torch
 
-from sparse_bias import _private_ops as ops_mod
-from sparse_bias.kernels import _chunked_backward, _chunked_forward
+from sparse_bias._call import Call
+from sparse_bias.dense import private_ops as ops_mod
+from sparse_bias.dense.chunked import chunked_backward, chunked_forward
+
+
+def _chunked_forward(q, k, v, mask, scale, p, seed):
+    return chunked_forward(q, k, v, Call.of(q, scale, mask, p, seed))
+
+
+def _chunked_backward(grad_out, q, k, v, out, lse, mask, scale, p, seed):
+    return chunked_backward(grad_out, q, k, v, out, lse, Call.of(q, scale, mask, p, seed))
 
 
 class EmulatedOps:
@@ -87,7 +96,7 @@ def test_flash_adapter_pads_the_head_dim_and_passes_the_state_back(dim):
     ref_out, ref_lse = _chunked_forward(q, k, v, None, 0.3, 0.0, 0)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
-    grads = ops_mod.flash_backward(ops, aux, g, q, k, v, out, lse, 0.3)
+    grads = ops_mod.flash_backward(ops, aux, g, (q, k, v, out, lse), 0.3)
     for got, want in zip(grads, _chunked_backward(g, q, k, v, out, ref_lse, None, 0.3, 0.0, 0)):
         assert got.shape == q.shape[:2] + want.shape[2:]
         torch.testing.assert_close(got, want)
@@ -108,7 +117,7 @@ def test_efficient_adapter_slices_the_padded_lse_and_aligns_the_bias(nq, masked)
     assert lse.shape == q.shape[:3]
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
-    grads = ops_mod.efficient_backward(ops, aux, g, q, k, v, out, mask, 0.25)
+    grads = ops_mod.efficient_backward(ops, aux, g, (q, k, v, out), mask, 0.25)
     for got, want in zip(grads, _chunked_backward(g, q, k, v, out, ref_lse, mask, 0.25, 0.0, 0)):
         torch.testing.assert_close(got, want)
 
@@ -120,7 +129,8 @@ def test_a_wrong_adapter_fails_against_the_emulation():
     with pytest.raises(AssertionError, match="multiple of 8"):
         ops._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=0.3)
     out, lse, (raw, seed, offset) = ops_mod.efficient_forward(ops, *problem(16)[:3], None, 0.3)
+    q, k, v, g = problem(16)
     with pytest.raises(AssertionError, match="padded"):
-        ops_mod.efficient_backward(ops, (lse, seed, offset), *problem(16), out, None, 0.3)
+        ops_mod.efficient_backward(ops, (lse, seed, offset), g, (q, k, v, out), None, 0.3)
     with pytest.raises(AssertionError, match="philox"):
-        ops_mod.efficient_backward(ops, (raw, offset, seed), *problem(16), out, None, 0.3)
+        ops_mod.efficient_backward(ops, (raw, offset, seed), g, (q, k, v, out), None, 0.3)

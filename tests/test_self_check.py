@@ -1,11 +1,12 @@
-"""First-use self-checks of the GPU paths (sparse_bias.backends.choose), exercised on CPU by injecting faults."""
+"""First-use self-checks of the GPU paths (sparse_bias.dispatch), exercised on CPU by injecting faults."""
 import warnings
 
 import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias.backends import BACKENDS, choose
+from sparse_bias import dispatch
+from sparse_bias.backends import BACKENDS
 
 from helpers import SMALL, make_case, skip_missing
 
@@ -13,10 +14,10 @@ from helpers import SMALL, make_case, skip_missing
 @pytest.fixture
 def always(monkeypatch):
     """Check CPU backends too, from a clean slate."""
-    monkeypatch.setenv(choose.SELF_CHECK_ENV, "always")
-    choose.reset_self_checks()
+    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "always")
+    dispatch.reset_self_checks()
     yield
-    choose.reset_self_checks()
+    dispatch.reset_self_checks()
 
 
 def corrupt(monkeypatch, name, method="forward_block"):
@@ -25,7 +26,8 @@ def corrupt(monkeypatch, name, method="forward_block"):
 
     def faulty(*args):
         res = original(*args)
-        args[-2].add_(0.5)                 # out (forward_block / window_forward_block: ..., out, cdt)
+        out = args[-1][1] if method == "forward_block" else args[-1]      # totals = (den, out) / out
+        out.add_(0.5)
         return res
     monkeypatch.setattr(backend, method, faulty)
 
@@ -40,11 +42,11 @@ def test_healthy_backends_pass_and_are_checked_once(always):
     win, q, k, v, bias = case()
     assert sb.select_backend(q, bias)[0] == "fused"
     assert sb.select_window_backend(q)[0] == "fused"
-    results = choose.self_check_results()
+    results = dispatch.self_check_results()
     assert results[("correction", "fused", "cpu", torch.float32, 8)] == (True, "matches the dense reference")
     assert results[("window", "fused", "cpu", torch.float32, 8)][0]
     sb.sparse_bias_attention(q, k, v, bias)
-    assert len(choose.self_check_results()) == 2
+    assert len(dispatch.self_check_results()) == 2
 
 
 def test_faulty_kernel_warns_and_falls_back(always, monkeypatch):
@@ -78,7 +80,7 @@ def test_a_kernel_that_raises_fails_its_check(always, monkeypatch):
         raise RuntimeError("illegal memory access")
     monkeypatch.setattr(BACKENDS["sparse"], "forward_block", broken)
     with pytest.warns(RuntimeWarning, match="illegal memory access"):
-        ok, detail = choose.self_check("sparse", torch.device("cpu"), torch.float32, 8)
+        ok, detail = dispatch.self_check("sparse", torch.device("cpu"), torch.float32, 8)
     assert not ok and "illegal memory access" in detail
 
 
@@ -91,15 +93,15 @@ def test_every_backend_failing_is_an_error(always, monkeypatch):
 
 
 def test_policy(monkeypatch):
-    monkeypatch.setenv(choose.SELF_CHECK_ENV, "gpu")
-    assert not choose.needs_self_check("fused", torch.device("cpu"))
-    assert choose.needs_self_check("triton", torch.device("cpu"))            # Triton: wherever it runs
-    assert choose.needs_self_check("scatter", torch.device("cuda"))
-    monkeypatch.setenv(choose.SELF_CHECK_ENV, "off")
-    assert not choose.needs_self_check("triton", torch.device("cuda"))
-    monkeypatch.setenv(choose.SELF_CHECK_ENV, "sometimes")
+    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "gpu")
+    assert not dispatch.needs_self_check("fused", torch.device("cpu"))
+    assert dispatch.needs_self_check("triton", torch.device("cpu"))            # Triton: wherever it runs
+    assert dispatch.needs_self_check("scatter", torch.device("cuda"))
+    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "off")
+    assert not dispatch.needs_self_check("triton", torch.device("cuda"))
+    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "sometimes")
     with pytest.raises(ValueError, match="SPARSE_BIAS_SELF_CHECK must be one of"):
-        choose.needs_self_check("fused", torch.device("cpu"))
+        dispatch.needs_self_check("fused", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -109,5 +111,5 @@ def test_check_problem_reaches_the_exact_row_path(always, monkeypatch, dtype):
     flagged = []
     original = _sparse_function.flagged_rows
     monkeypatch.setattr(_sparse_function, "flagged_rows", lambda den: flagged.append(original(den)) or flagged[-1])
-    assert choose.self_check("sparse", torch.device("cpu"), dtype, 16)[0]
+    assert dispatch.self_check("sparse", torch.device("cpu"), dtype, 16)[0]
     assert flagged and int(flagged[0].sum()) >= 1

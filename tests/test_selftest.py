@@ -10,7 +10,7 @@ import torch
 import sparse_bias as sb
 from sparse_bias.backends import BACKENDS
 
-selftest_mod = importlib.import_module("sparse_bias._selftest")
+selftest_mod = importlib.import_module("sparse_bias.tools.selftest")
 
 
 def test_quick_cpu_selftest_end_to_end(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias.backends import choose
+from sparse_bias import dispatch
 from sparse_bias.backends import triton_backend
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 
@@ -121,8 +121,8 @@ def test_triton_dropout_matches_reference(dtype):
 @active
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_passes_its_self_check(dtype):
-    choose.reset_self_checks()
-    assert choose.self_check("triton", torch.device(DEVICE), dtype, 24) == (True, "matches the dense reference")
+    dispatch.reset_self_checks()
+    assert dispatch.self_check("triton", torch.device(DEVICE), dtype, 24) == (True, "matches the dense reference")
 
 
 @active
@@ -181,7 +181,7 @@ def test_faulty_triton_kernel_is_caught_and_skipped(monkeypatch):
     kernels = triton_backend._kernels()
     monkeypatch.setitem(kernels, "fwd", _Corrupted(kernels["fwd"]))
     monkeypatch.setitem(sb.backends.AUTO_ORDER, DEVICE, ("triton", "sparse", "torch"))
-    choose.reset_self_checks()
+    dispatch.reset_self_checks()
     win, q, k, v, wb, wc = case(per_head=True, seed=5)
     q, k, v = q.float(), k.float(), v.float()
     bias = sb.window_bias(win, wb.float(), wc.float())
@@ -193,7 +193,7 @@ def test_faulty_triton_kernel_is_caught_and_skipped(monkeypatch):
         assert sb.select_backend(q, bias, backend="triton")[0] == "sparse"
         out = sb.sparse_bias_attention(q, k, v, bias, backend="triton")
     torch.testing.assert_close(out, sb.dense_bias_attention(q, k, v, bias.to_dense()), rtol=2e-5, atol=2e-6)
-    choose.reset_self_checks()
+    dispatch.reset_self_checks()
 
 
 def test_triton_backend_reports_why_it_cannot_run():
@@ -201,7 +201,7 @@ def test_triton_backend_reports_why_it_cannot_run():
     assert not ok and ("float32" in why or "TRITON_INTERPRET" in why)
 
 
-# ---- the dense pass with dropout (sparse_bias.triton_dense) -----------------------------------------
+# ---- the dense pass with dropout (sparse_bias.dense.triton_dense) -----------------------------------------
 
 def dense_problem(dim, nq=45, nk=77, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -219,17 +219,22 @@ def dense_problem(dim, nq=45, nk=77, seed=0):
 def test_triton_dense_dropout_matches_the_chunked_kernel(dtype, dim):
     """Same keep decisions as the reference (a key range and a seed above 2^32 included); output, log-sum-exp and
     gradients within twice the drift of the chunked kernel run in the same dtype."""
-    from sparse_bias import kernels, triton_dense
+    import dataclasses
+    from sparse_bias._call import Call
+    from sparse_bias.dense import chunked, kernel_lse, triton_dense
     q, k, v, g, mask = dense_problem(dim)
-    args = (mask, 0.3, 0.25, (1 << 40) + 9, (5, k.shape[2] + 11))
+
+    def chunked_bwd(gg, inputs, outputs, call):
+        return chunked.chunked_backward(gg, *inputs, outputs[0], kernel_lse(outputs[1]), call)
 
     def run(fn, bwd, dt):
         qq, kk, vv, gg = (t.to(dt) for t in (q, k, v, g))
-        out, lse = fn(qq, kk, vv, *args)
-        return [out, lse] + list(bwd(gg, qq, kk, vv, out, lse, *args))
+        call = dataclasses.replace(Call.of(qq, 0.3, mask, 0.25, (1 << 40) + 9), key_range=(5, k.shape[2] + 11))
+        out, lse = fn(qq, kk, vv, call)
+        return [out, lse] + list(bwd(gg, (qq, kk, vv), (out, lse), call))
 
-    exact = run(kernels._chunked_forward, kernels._chunked_backward, torch.float64)
-    naive = run(kernels._chunked_forward, kernels._chunked_backward, dtype)
+    exact = run(chunked.chunked_forward, chunked_bwd, torch.float64)
+    naive = run(chunked.chunked_forward, chunked_bwd, dtype)
     fast = run(triton_dense.dense_forward, triton_dense.dense_backward, dtype)
     assert fast[0].dtype == dtype and fast[1].dtype == torch.float32
     eps = torch.finfo(dtype).eps
@@ -242,10 +247,10 @@ def test_triton_dense_dropout_matches_the_chunked_kernel(dtype, dim):
 
 @active
 def test_sparse_bias_attention_with_dropout_on_the_triton_dense_pass(monkeypatch):
-    from sparse_bias import kernels
-    original = kernels.dense_kernel_name
-    monkeypatch.setattr(kernels, "dense_kernel_name",
-                        lambda q, dropout_p=0.0, masked=False, num_keys=1: "triton_dropout" if dropout_p > 0 else original(q))
+    from sparse_bias.dense import lse as dense_lse
+    original = dense_lse.dense_kernel_name
+    monkeypatch.setattr(dense_lse, "dense_kernel_name",
+                        lambda q, call, num_keys=1: "triton_dropout" if call.dropout_p > 0 else original(q, call, num_keys))
     win, q, k, v, wb, wc = case(per_head=True, seed=6)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
     kw = dict(dropout_p=0.2, dropout_seed=123, key_padding_mask=padding())
@@ -257,11 +262,12 @@ def test_sparse_bias_attention_with_dropout_on_the_triton_dense_pass(monkeypatch
 
 @active
 def test_triton_dense_kernel_is_checked_before_first_use(monkeypatch):
-    from sparse_bias import kernels, triton_dense
-    monkeypatch.setattr(kernels, "_VERIFIED", {})
+    from sparse_bias.dense import lse as dense_lse, triton_dense
+    dispatch.reset_self_checks()
     q = torch.zeros(1, 2, 5, 16, device=DEVICE)
-    assert kernels._verified("triton_dropout", q)
+    assert dense_lse._checked("triton_dropout", q)
     ker = triton_dense._kernels()
     monkeypatch.setitem(ker, "fwd", _Corrupted(ker["fwd"], out_index=4))
     with pytest.warns(RuntimeWarning, match="dense kernel triton_dropout disagrees"):
-        assert not kernels._verified("triton_dropout", q.half())
+        assert not dense_lse._checked("triton_dropout", q.half())
+    dispatch.reset_self_checks()

@@ -24,30 +24,46 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .base import OPS, Backend, Supports
 from .csr import SparseCSRBackend
 from .fused import FusedCPUBackend, extension_available
 from .gather import ScatterBackend, TorchBackend, torch_scatter_available
 from .triton_backend import TritonBackend
 
-__all__ = ["BACKENDS", "get_backend", "backend_candidates", "torch_scatter_available", "extension_available"]
+__all__ = ["BACKENDS", "AUTO_ORDER", "get_backend", "backend_names", "backend_candidates", "Backend", "Supports",
+           "torch_scatter_available", "extension_available"]
 
-BACKENDS: Dict[str, object] = {
-    "fused": FusedCPUBackend(),
-    "sparse": SparseCSRBackend(),
-    "scatter": ScatterBackend(),
-    "torch": TorchBackend(),
-    "triton": TritonBackend(),
-}
-
-#: ``"auto"`` tries these in order and takes the first that can run (see `backend_candidates`).
-AUTO_ORDER = {"cpu": ("fused", "sparse", "scatter", "torch"), "cuda": ("triton", "scatter", "torch", "sparse")}
+#: The registry: every backend once, by name. The auto order, the ``backend=`` choices of the ops and CLIs, the
+#: benchmark variants and the tests' parametrisation are all derived from it.
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (FusedCPUBackend(), SparseCSRBackend(), ScatterBackend(),
+                                                     TorchBackend(), TritonBackend())}
 
 
-def get_backend(name: str):
+def _auto_order(device_type: str) -> Tuple[str, ...]:
+    ranked = [(b.supports.auto_rank[device_type], n) for n, b in BACKENDS.items() if device_type in b.supports.auto_rank]
+    return tuple(n for _, n in sorted(ranked))
+
+
+#: ``"auto"`` tries these in order, per device type (``"other"``: any other), and takes the first that can run
+#: (derived from each backend's `Supports.auto_rank`; see `backend_candidates`).
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {d: _auto_order(d) for d in ("cpu", "cuda", "other")}
+
+
+def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def backend_candidates(device: torch.device, dtype: torch.dtype, head_dim=None) -> List[Tuple[str, bool, str]]:
-    """``(name, can_run, why)`` for every sparse backend, in ``"auto"``'s order of preference."""
-    order = AUTO_ORDER.get(device.type, ("scatter", "torch", "sparse"))
-    return [(name,) + BACKENDS[name].can_run(device, dtype, head_dim) for name in order]
+def backend_names(op: str) -> Tuple[str, ...]:
+    """The registered backends that evaluate ``op`` (``"correction"`` or ``"window"``), in registry order."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return tuple(n for n, b in BACKENDS.items() if op in b.supports.ops)
+
+
+def backend_candidates(device: torch.device, dtype: torch.dtype, head_dim=None, op=None
+                       ) -> List[Tuple[str, bool, str]]:
+    """``(name, can_run, why)`` for every backend (of ``op``, when given), in ``"auto"``'s order of preference."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, AUTO_ORDER["other"])
+    return [(n,) + BACKENDS[n].can_run(device, dtype, head_dim, op) for n in order
+            if op is None or op in BACKENDS[n].supports.ops]

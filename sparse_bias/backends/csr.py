@@ -5,7 +5,8 @@ import warnings
 
 import torch
 
-from .base import Backend
+from .base import Backend, Supports
+
 
 def _csr(crow, col, values, size):
     # PyTorch prints a beta notice on the first CSR tensor of a process; the kernels used here are stable.
@@ -24,13 +25,10 @@ class SparseCSRBackend(Backend):
     """
 
     name = "sparse"
+    supports = Supports(auto_rank={"cpu": 1, "cuda": 3, "other": 2})
+    description = "torch.sparse CSR kernels (sampled_addmm, CSR @ dense)"
     #: one head per block of the correction: each head's CSR values are one contiguous [n] vector
     head_block = 1
-
-    def can_run(self, device, dtype, head_dim=None):
-        if device.type not in ("cpu", "cuda"):
-            return False, f"no sparse CSR kernels on {device.type}"
-        return True, "torch.sparse CSR kernels (sampled_addmm, CSR @ dense)"
 
     @staticmethod
     def _heads(t, b, hs, cdt):

@@ -13,44 +13,29 @@ When the extension is missing (not built, or ``SPARSE_BIAS_NO_EXT=1`` at run tim
 """
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
 import torch
 
-from .base import Backend
+from .._extension import extension, extension_available
+from ..dense.dropout import seed64
+from .base import Backend, Supports
+
+__all__ = ["FusedCPUBackend", "extension_available", "MAX_HEAD_DIM"]
 
 #: the compiled kernels keep a query row in registers (``kMaxHeadDim`` in csrc/window_terms.cpp)
 MAX_HEAD_DIM = 512
 
 
-@lru_cache(maxsize=None)
-def _extension():
-    """The compiled module, or None (and why) when it is missing."""
-    if os.environ.get("SPARSE_BIAS_NO_EXT") == "1":
-        return None, "disabled by SPARSE_BIAS_NO_EXT=1"
-    try:
-        from .. import _C
-    except ImportError as exc:
-        return None, f"the compiled extension sparse_bias._C is not built ({exc}); reinstall with `make install`"
-    return _C, "fused C++/OpenMP kernels (sparse_bias._C)"
-
-
-def extension_available() -> bool:
-    """True when the fused CPU kernels (``sparse_bias._C``) can be used."""
-    return _extension()[0] is not None
-
-
-def _mask(blk, cdt):
+def _mask(blk):
     """The additive mask, 4-D in the compute dtype (broadcast dims kept at size 1; the kernels read them with
     stride 0), or None."""
-    return None if blk.mask is None else blk.mask.to(cdt)
+    return None if blk.call.mask is None else blk.call.mask.to(blk.call.cdt)
 
 
-def _seed(blk) -> int:
-    """The dropout seed as the kernels take it (`sparse_bias.kernels.seed64`)."""
-    from ..kernels import seed64
-    return seed64(blk.seed)
+def _common(blk):
+    """The arguments every kernel call ends with: (b, h0, h, scale, dropout_p, seed)."""
+    call = blk.call
+    return (blk.b, blk.hs.start, blk.hs.stop - blk.hs.start, float(call.scale), float(call.dropout_p),
+            seed64(call.seed))
 
 
 def _row_order(win, b):
@@ -66,101 +51,82 @@ def _row_order(win, b):
 
 
 class FusedCPUBackend(Backend):
-    """The fused C++/OpenMP kernels: one call per batch element for all heads."""
+    """The fused C++/OpenMP kernels: one call per batch element and block of heads."""
 
     name = "fused"
+    supports = Supports(devices=("cpu",), max_head_dim=MAX_HEAD_DIM, saves={"correction": None, "window": "lse"},
+                        auto_rank={"cpu": 0})
     #: heads per call: the per-head bias gradient of a call is ``[heads, n]``, so blocks of 2 keep it small
     #: (each call still runs (head, query) pairs in parallel)
     head_block = 2
-    saves_p = False
 
-    def can_run(self, device, dtype, head_dim=None):
-        ext, why = _extension()
-        if ext is None:
-            return False, why
-        if device.type != "cpu":
-            return False, f"CPU kernels, got {device.type}"
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            return False, f"no fused kernel for {dtype}"
-        if head_dim is not None and head_dim > MAX_HEAD_DIM:
-            return False, f"the fused kernels take head dims up to {MAX_HEAD_DIM}, got {head_dim}"
-        return True, why
+    def available(self):
+        ext, why = extension()
+        return ext is not None, why
 
     @staticmethod
-    def _rows(t):
-        return t if t.stride(-1) == 1 else t.contiguous()
-
-    def _ebias(self, blk, cdt, n):
+    def _ebias(blk, n):
         """``expm1(bias)`` ``[n, 1]`` (shared) or ``[n, h]`` (per head), vectorised once per block."""
         if blk.bvals is None:
-            return torch.zeros(n, 1, dtype=cdt)
+            return torch.zeros(n, 1, dtype=blk.call.cdt)
         return torch.expm1(blk.bvals.t()).contiguous()
 
-    def forward_block(self, win, blk, q, k, v, lse, scale, p_out, den, out, cdt):
-        ext = _extension()[0]
+    def forward_block(self, win, blk, qkv, lse, state, totals):
         crow, col = win.rows_of(blk.b)                           # the forward needs no transposed structure
         if not col.numel():
             return
-        h = blk.hs.stop - blk.hs.start
-        bv = self._ebias(blk, cdt, col.numel())
+        den, out = totals
         outc, denc = out.contiguous(), den.contiguous()        # [h, Q, D], [h, Q]: copied back if strided
-        ext.window_forward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), crow, col,
-                           _row_order(win, blk.b), bv, _mask(blk, cdt), blk.b, blk.hs.start, h, float(scale),
-                           float(blk.dropout_p), _seed(blk), denc, outc)
+        extension()[0].window_forward(*qkv, lse.contiguous(), crow, col, _row_order(win, blk.b),
+                                      self._ebias(blk, col.numel()), _mask(blk), *_common(blk), denc, outc)
         for buf, dst in ((outc, out), (denc, den)):
             if buf.data_ptr() != dst.data_ptr():
                 dst.copy_(buf)
 
-    def backward_block(self, win, blk, q, k, v, gp, go, p, lse, scale, dq, dk, dv, cdt):
-        ext = _extension()[0]
+    def backward_block(self, win, blk, qkv, upstream, state, grads):
         crow, col, tcrow, trow, perm = win.csr(blk.b)
         h = blk.hs.stop - blk.hs.start
-        db = torch.empty(h, col.numel(), dtype=cdt)
+        db = torch.empty(h, col.numel(), dtype=blk.call.cdt)
         if not col.numel():
             return db
-        eb = self._ebias(blk, cdt, col.numel())
-        gpb = gp[blk.b, blk.hs].contiguous()
+        (gp, go), (_, lse), (dq, dk, dv) = upstream, state, grads
+        eb = self._ebias(blk, col.numel())
         dqc = dq.contiguous()                                    # [h, Q, D]: small; copied back if it was strided
-        ext.window_backward(self._rows(q), self._rows(k), self._rows(v), lse.contiguous(), gpb, go.contiguous(),
-                            crow, col, _row_order(win, blk.b), tcrow, trow, eb, eb[perm].contiguous(), None, None,
-                            False, _mask(blk, cdt), blk.b,
-                            blk.hs.start, h, float(scale), float(blk.dropout_p), _seed(blk),
-                            dqc, dk, dv, db)
+        extension()[0].window_backward(*qkv, lse.contiguous(), gp[blk.b, blk.hs].contiguous(), go.contiguous(),
+                                       crow, col, _row_order(win, blk.b), tcrow, trow, eb, eb[perm].contiguous(),
+                                       None, None, False, _mask(blk), *_common(blk), dqc, dk, dv, db)
         if dqc.data_ptr() != dq.data_ptr():
             dq.copy_(dqc)
         return db
 
     # window attention (the local attention mask): the state kept for the backward is the window log-sum-exp
 
-    def window_forward_block(self, win, blk, q, k, v, scale, p_out, out, cdt):
-        """``p_out`` is this backend's state: the window log-sum-exp ``[h, Q]`` (``-inf`` for an empty window)."""
-        ext = _extension()[0]
+    def window_forward_block(self, win, blk, qkv, state, out):
+        """``state`` is this backend's: the window log-sum-exp ``[h, Q]`` (``-inf`` for an empty window)."""
         crow, col = win.rows_of(blk.b)
-        h = blk.hs.stop - blk.hs.start
         if not col.numel():
-            p_out.fill_(float("-inf"))
+            state.fill_(float("-inf"))
             return
         sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
-        ext.attention_forward(self._rows(q), self._rows(k), self._rows(v), crow, col, _row_order(win, blk.b), sbias,
-                              _mask(blk, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
-                              _seed(blk), p_out, out)
+        extension()[0].attention_forward(*qkv, crow, col, _row_order(win, blk.b), sbias, _mask(blk), *_common(blk),
+                                         state, out)
 
-    def window_backward_block(self, win, blk, q, k, v, g, go, p, scale, dq, dk, dv, cdt):
-        """``p`` is the window log-sum-exp ``[h, Q]`` of `window_forward_block`."""
-        ext = _extension()[0]
+    def window_backward_block(self, win, blk, qkv, upstream, state, grads):
+        """``state`` is the window log-sum-exp ``[h, Q]`` of `window_forward_block`."""
         crow, col, tcrow, trow, perm = win.csr(blk.b)
         h = blk.hs.stop - blk.hs.start
+        cdt = blk.call.cdt
         db = torch.zeros(h, col.numel(), dtype=cdt)      # empty / fully masked windows: zero
         if not col.numel():
             return db
+        (g, go), (dq, dk, dv) = upstream, grads
         sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
         unused = torch.zeros(1, 1, dtype=cdt)
         dqc = dq.contiguous()
-        ext.window_backward(self._rows(q), self._rows(k), self._rows(v), p.contiguous(),
-                            g[blk.b, blk.hs].contiguous(), go.contiguous(), crow, col, _row_order(win, blk.b), tcrow,
-                            trow, unused, unused, sbias, None if sbias is None else sbias[perm].contiguous(), True,
-                            _mask(blk, cdt), blk.b, blk.hs.start, h, float(scale), float(blk.dropout_p),
-                            _seed(blk), dqc, dk, dv, db)
+        extension()[0].window_backward(*qkv, state.contiguous(), g[blk.b, blk.hs].contiguous(), go.contiguous(),
+                                       crow, col, _row_order(win, blk.b), tcrow, trow, unused, unused, sbias,
+                                       None if sbias is None else sbias[perm].contiguous(), True, _mask(blk),
+                                       *_common(blk), dqc, dk, dv, db)
         if dqc.data_ptr() != dq.data_ptr():
             dq.copy_(dqc)
         return db

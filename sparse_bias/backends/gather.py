@@ -7,7 +7,7 @@ from typing import Iterator, Tuple
 
 import torch
 
-from .base import Backend
+from .base import Backend, Supports
 
 #: Window entries per chunk: bounds the gathered ``[H, chunk, D]`` buffers.
 CHUNK_ENTRIES = 1 << 15
@@ -42,8 +42,7 @@ class _GatherBackend(Backend):
     #: heads per block of the correction: all at once, so each window row is gathered once for all heads
     head_block = None
 
-    def can_run(self, device, dtype, head_dim=None):
-        return True, "native PyTorch gather and index_add"
+    description = "native PyTorch gather and index_add"
 
     def _query_sum(self, vals, local_q, local_indptr, num_queries):   # pragma: no cover - abstract
         raise NotImplementedError
@@ -86,6 +85,7 @@ class TorchBackend(_GatherBackend):
     """Native PyTorch: gathers plus ``index_add_`` for the per-query sums."""
 
     name = "torch"
+    supports = Supports(devices=None, auto_rank={"cpu": 3, "cuda": 2, "other": 1})
 
     def _query_sum(self, vals, local_q, local_indptr, num_queries):
         heads, _, d = vals.shape
@@ -96,11 +96,13 @@ class ScatterBackend(_GatherBackend):
     """Gathers reduced per query with torch-scatter's ``segment_csr`` (needs the ``scatter`` extra)."""
 
     name = "scatter"
+    supports = Supports(devices=None, auto_rank={"cpu": 2, "cuda": 1, "other": 0})
+    description = "torch-scatter segment_csr over gathered window rows"
 
-    def can_run(self, device, dtype, head_dim=None):
+    def available(self):
         if not torch_scatter_available():
             return False, "torch-scatter is not installed (pip install sparse_bias[scatter])"
-        return True, "torch-scatter segment_csr over gathered window rows"
+        return True, self.description
 
     def _query_sum(self, vals, local_q, local_indptr, num_queries):
         from torch_scatter import segment_csr

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .base import Backend
+from .base import Backend, Supports
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
@@ -134,21 +134,25 @@ def _rows(t):
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels (CUDA, or the Triton interpreter on CPU tensors)."""
+    """Fused Triton kernels (CUDA, or the Triton interpreter on CPU tensors); the correction only."""
 
     name = "triton"
+    supports = Supports(ops=("correction",), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                        auto_rank={"cuda": 0})
+    description = "fused Triton kernels reading window rows straight from k / v (float32 accumulation)"
     head_block = None
     needs_contiguous = True
     block = 32
 
-    def can_run(self, device, dtype, head_dim=None):
+    def available(self):
         if not TRITON_AVAILABLE:
             return False, "triton is not installed (pip install sparse_bias[triton])"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return True, self.description
+
+    def can_run(self, device, dtype, head_dim=None, op=None):
+        if torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return False, "Triton runs on CUDA (or on CPU tensors under TRITON_INTERPRET=1)"
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return False, f"the fused kernels take float32 / float16 / bfloat16 inputs, got {dtype}"
-        return True, "fused Triton kernels reading window rows straight from k / v (float32 accumulation)"
+        return super().can_run(device, dtype, head_dim, op)
 
     def _common(self, win, b, hs, q, k):
         e_begin, e_end = win.batch_range(b)
@@ -157,29 +161,32 @@ class TritonBackend(Backend):
                                     h0=hs.start, heads=q.shape[1], D=dim, DP=_kernels()["next_power_of_2"](dim),
                                     BLOCK=self.block)
 
-    def forward_block(self, win, blk, q, k, v, lse, scale, p_out, den, out, cdt):
+    def forward_block(self, win, blk, qkv, lse, state, totals):
         b, hs = blk.b, blk.hs
-        e_begin, e_end, common = self._common(win, b, hs, q, k)
+        den, out = totals
+        e_begin, e_end, common = self._common(win, b, hs, *qkv[:2])
         if e_end == e_begin:
             return
         (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.emask), _rows(blk.keep)
-        q, k, v, lse = (t.contiguous() for t in (q, k, v, lse))
+        q, k, v, lse = (t.contiguous() for t in qkv + (lse,))
         if out.stride(-1) != 1 or den.stride(-1) != 1:
             raise RuntimeError("the triton backend writes into outputs with a unit last stride")
         grid = (win.num_queries, hs.stop - hs.start)
         _kernels()["fwd"][grid](q, k, v, lse, win.indptr, win.key, bv, em if em is not None else bv,
-                          kp if kp is not None else bv, p_out, den, out, scale=scale, lse_s=lse.stride(0),
-                          bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=p_out.stride(0), den_s=den.stride(0),
-                          out_s=out.stride(0), out_r=out.stride(1), HAS_EM=em is not None, HAS_KP=kp is not None, **common)
+                                kp if kp is not None else bv, state, den, out, scale=blk.call.scale,
+                                lse_s=lse.stride(0), bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=state.stride(0),
+                                den_s=den.stride(0), out_s=out.stride(0), out_r=out.stride(1), HAS_EM=em is not None,
+                                HAS_KP=kp is not None, **common)
 
-    def backward_block(self, win, blk, q, k, v, gp, go, p, lse, scale, dq, dk, dv, cdt):
+    def backward_block(self, win, blk, qkv, upstream, state, grads):
         b, hs = blk.b, blk.hs
-        e_begin, e_end, common = self._common(win, b, hs, q, k)
-        db = torch.zeros(hs.stop - hs.start, e_end - e_begin, dtype=cdt, device=q.device)
+        (gp, go), (p, _), (dq, dk, dv) = upstream, state, grads
+        e_begin, e_end, common = self._common(win, b, hs, *qkv[:2])
+        db = torch.zeros(hs.stop - hs.start, e_end - e_begin, dtype=blk.call.cdt, device=gp.device)
         if e_end == e_begin:
             return db
         (bv, bv_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.keep)
-        q, k, v, gp = (t.contiguous() for t in (q, k, v, gp))
+        q, k, v, gp = (t.contiguous() for t in qkv + (gp,))
         if not (dk.is_contiguous() and dv.is_contiguous() and dq.stride(-1) == 1):
             raise RuntimeError("the triton backend needs contiguous gradient buffers")
         direct = dk.dtype == torch.float32 and dv.dtype == torch.float32
@@ -191,8 +198,9 @@ class TritonBackend(Backend):
             dkv_bh0 = 0
         grid = (win.num_queries, hs.stop - hs.start)
         _kernels()["bwd"][grid](q, k, v, gp, go, win.indptr, win.key, p, bv, kp if kp is not None else bv, dq, gk, gv,
-                                db, dkv_bh0=dkv_bh0, scale=scale, go_s=go.stride(0), p_s=p.stride(0), bv_s=bv_s,
-                                kp_s=kp_s, dq_s=dq.stride(0), dq_r=dq.stride(1), db_s=db.stride(0), HAS_KP=kp is not None, **common)
+                                db, dkv_bh0=dkv_bh0, scale=blk.call.scale, go_s=go.stride(0), p_s=p.stride(0),
+                                bv_s=bv_s, kp_s=kp_s, dq_s=dq.stride(0), dq_r=dq.stride(1), db_s=db.stride(0),
+                                HAS_KP=kp is not None, **common)
         if not direct:
             dk[b, hs] += gk.to(dk.dtype)
             dv[b, hs] += gv.to(dv.dtype)

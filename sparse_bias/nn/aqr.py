@@ -121,7 +121,7 @@ class AQRWeightGenerator(nn.Module):
         self.use_type_embed, self.type_embed, self.unseen_camera = use_type_embed, type_embed, unseen_camera
         self.batch_first, self.max_views = batch_first, max_views
         if encoder_config is not None:
-            self.encoder = mmcv_cfg.decoder_from_cfg(encoder_config, backend)
+            self.encoder = PETRTransformerDecoder(**mmcv_cfg.decoder_kwargs(encoder_config, backend))
             if self.encoder.layers[0].operation_order[0] != "cross_attn" or len(self.encoder.layers[0].attentions) != 1:
                 raise ValueError(f"encoder_config must describe LAM layers with one cross-attention "
                                  f"(operation_order {LAM_ORDER}), got {self.encoder.layers[0].operation_order}")

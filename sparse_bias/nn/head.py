@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import build_attention_bias
+from .config import build_attention_bias
 from .aqr import CMT_PC_RANGE, AQROutput, AQRWeightGenerator
 
 __all__ = ["AQRAttentionBias"]

@@ -1,7 +1,10 @@
 """The dense versions' mmcv config dicts (``attn_cfgs``, ``ffn_cfgs``, ``transformerlayers``, ``decoder``)
-turned into this library's modules, so an unchanged CMT / CMTTEST / MoME config builds them.
+translated into the constructor keyword arguments of this library's modules, so an unchanged CMT / CMTTEST /
+MoME config builds them.
 
-No mmcv import: the few config types those configs use are mapped here by name.
+A pure translator: dicts in, checked keyword-argument dicts out (or a ValueError / TypeError naming what is not
+supported). It imports no module class; the modules (`sparse_bias.nn.transformer`, `sparse_bias.nn.aqr`) build
+themselves from what it returns. No mmcv import: the few config types those configs use are mapped here by name.
 """
 from __future__ import annotations
 
@@ -26,13 +29,12 @@ def _pop_type(cfg: dict, allowed: Sequence[str], what: str, default: Optional[st
     return cfg
 
 
-def attention_from_cfg(cfg: dict, batch_first: bool, backend: str):
-    """An mmcv ``attn_cfgs`` entry -> `SparseBiasMultiheadAttention`."""
-    from .attention import SparseBiasMultiheadAttention
+def attention_kwargs(cfg: dict, batch_first: bool, backend: str) -> dict:
+    """An mmcv ``attn_cfgs`` entry -> keyword arguments of `SparseBiasMultiheadAttention`."""
     cfg = _pop_type(cfg, ATTENTION_TYPES, "attn_cfgs entry")
     cfg["batch_first"] = batch_first           # mmcv's BaseTransformerLayer sets it from the layer
     cfg.setdefault("backend", backend)
-    return SparseBiasMultiheadAttention(**cfg)
+    return cfg
 
 
 def attention_cfgs(attn_cfgs: Union[dict, List[dict]], num_attn: int) -> List[dict]:
@@ -45,12 +47,12 @@ def attention_cfgs(attn_cfgs: Union[dict, List[dict]], num_attn: int) -> List[di
     return attn_cfgs
 
 
-def ffn_from_cfg(cfg: Optional[dict], embed_dims: int, feedforward_channels: Optional[int],
-                 ffn_dropout: Optional[float], ffn_num_fcs: Optional[int]):
-    """An mmcv ``ffn_cfgs`` dict -> `FFN`. The layer's ``feedforward_channels`` / ``ffn_dropout`` /
+def ffn_kwargs(cfg: Optional[dict], embed_dims: int, feedforward_channels: Optional[int],
+               ffn_dropout: Optional[float], ffn_num_fcs: Optional[int]) -> dict:
+    """An mmcv ``ffn_cfgs`` dict -> keyword arguments of `FFN` (``embed_dims``, ``feedforward_channels``,
+    ``ffn_drop``). The layer's ``feedforward_channels`` / ``ffn_dropout`` /
     ``ffn_num_fcs`` override it, as mmcv's deprecated-argument handling does (PETR's layer always passes
     ``ffn_dropout=0.0``)."""
-    from .transformer import FFN
     cfg = _pop_type(cfg or {}, ("FFN",), "ffn_cfgs", default="FFN")
     for name, value in (("feedforward_channels", feedforward_channels), ("ffn_drop", ffn_dropout),
                         ("num_fcs", ffn_num_fcs)):
@@ -69,7 +71,8 @@ def ffn_from_cfg(cfg: Optional[dict], embed_dims: int, feedforward_channels: Opt
     unknown = set(cfg) - {"embed_dims", "feedforward_channels", "ffn_drop"}
     if unknown:
         raise ValueError(f"ffn_cfgs has unsupported keys {sorted(unknown)}")
-    return FFN(cfg.get("embed_dims", embed_dims), cfg.get("feedforward_channels", 1024), cfg.get("ffn_drop", 0.0))
+    return dict(embed_dims=cfg.get("embed_dims", embed_dims),
+                feedforward_channels=cfg.get("feedforward_channels", 1024), ffn_drop=cfg.get("ffn_drop", 0.0))
 
 
 def check_norm_cfg(norm_cfg: Optional[dict], what: str) -> None:
@@ -89,10 +92,10 @@ def layer_cfgs(transformerlayers: Union[dict, List[dict]], num_layers: Optional[
     return cfgs
 
 
-def decoder_from_cfg(cfg: dict, backend: str = "auto"):
-    """A ``decoder=dict(type='PETRTransformerDecoder', ...)`` config -> `PETRTransformerDecoder`."""
-    from .transformer import PETRTransformerDecoder
+def decoder_kwargs(cfg: dict, backend: str = "auto") -> dict:
+    """A ``decoder=dict(type='PETRTransformerDecoder', ...)`` config -> keyword arguments of
+    `PETRTransformerDecoder`."""
     cfg = _pop_type(cfg, DECODER_TYPES, "decoder")
     cfg.setdefault("backend", backend)
     cfg.setdefault("return_intermediate", False)               # mmcv's TransformerLayerSequence default
-    return PETRTransformerDecoder(**cfg)
+    return cfg

@@ -19,6 +19,8 @@ import logging
 import warnings
 from typing import Dict, List, Optional
 
+from . import aqr, attention, generators, transformer
+
 logger = logging.getLogger("sparse_bias")
 
 #: (registry module, attribute) -> the kinds of module it holds.
@@ -79,7 +81,6 @@ def register_modules(dense_names: bool = False, force: bool = False,
     Raises:
         ValueError: a name is taken by another class and ``force`` is False (nothing is registered then).
     """
-    from . import aqr, attention, generators, transformer
     classes = {name: getattr(mod, name) for mod in (aqr, attention, generators, transformer) for name in mod.__all__}
     targets = _importable_registries() if registries is None else registries
     plan = []

@@ -86,12 +86,13 @@ class PETRTransformerDecoderLayer(nn.Module):
         self.with_cp = bool(attn_cfgs is not None if with_cp is None else with_cp)
         n_attn = sum(op in ("self_attn", "cross_attn") for op in operation_order)
         if attn_cfgs is not None:                                   # built from an mmcv config
-            self.attentions = nn.ModuleList(mmcv_cfg.attention_from_cfg(c, batch_first, backend)
-                                            for c in mmcv_cfg.attention_cfgs(attn_cfgs, n_attn))
+            self.attentions = nn.ModuleList(
+                SparseBiasMultiheadAttention(**mmcv_cfg.attention_kwargs(c, batch_first, backend))
+                for c in mmcv_cfg.attention_cfgs(attn_cfgs, n_attn))
             embed_dims = self.attentions[0].embed_dims if n_attn else embed_dims
             ffn_dropout = 0.0 if ffn_dropout is None else ffn_dropout   # PETR's layer default
             self.ffns = nn.ModuleList(
-                mmcv_cfg.ffn_from_cfg(ffn_cfgs, embed_dims, feedforward_channels, ffn_dropout, ffn_num_fcs)
+                FFN(**mmcv_cfg.ffn_kwargs(ffn_cfgs, embed_dims, feedforward_channels, ffn_dropout, ffn_num_fcs))
                 for _ in range(self.operation_order.count("ffn")))
         else:
             self.attentions = nn.ModuleList(
@@ -99,8 +100,8 @@ class PETRTransformerDecoderLayer(nn.Module):
                                              dropout_layer=dict(type="Dropout", drop_prob=dropout),
                                              batch_first=batch_first, backend=backend) for _ in range(n_attn))
             self.ffns = nn.ModuleList(
-                mmcv_cfg.ffn_from_cfg(ffn_cfgs, embed_dims, feedforward_channels,
-                                      ffn_drop if ffn_dropout is None else ffn_dropout, ffn_num_fcs)
+                FFN(**mmcv_cfg.ffn_kwargs(ffn_cfgs, embed_dims, feedforward_channels,
+                                          ffn_drop if ffn_dropout is None else ffn_dropout, ffn_num_fcs))
                 for _ in range(self.operation_order.count("ffn")))
         self.embed_dims = embed_dims
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(self.operation_order.count("norm")))
@@ -236,7 +237,7 @@ class CmtTransformer(nn.Module):
         if encoder is not None or cross:
             raise ValueError("CmtTransformer has no encoder (encoder=None, cross=False, as CMT's configs set them)")
         if decoder is not None:                 # CMT's config: decoder=dict(type="PETRTransformerDecoder", ...)
-            self.decoder = mmcv_cfg.decoder_from_cfg(decoder, backend)
+            self.decoder = PETRTransformerDecoder(**mmcv_cfg.decoder_kwargs(decoder, backend))
             embed_dims = self.decoder.layers[0].embed_dims
         else:
             self.decoder = PETRTransformerDecoder(num_layers, return_intermediate=return_intermediate,

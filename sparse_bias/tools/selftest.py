@@ -15,7 +15,6 @@ SDPA (when it fits) and FlexAttention with a ``score_mod`` (where it runs). Exit
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
@@ -24,16 +23,23 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._cli import Parser
-from ._memory import available_gib, dense_bias_gb
-from ._precision import tolerance
-from ._validation import additive_mask
-from .backends import BACKENDS, backend_candidates
-from .backends.choose import CORRECTION_BACKENDS, WINDOW_BACKENDS, self_check_results
-from .bias import SparseBias, window_bias
-from .windows import local_windows
+from .._call import Call
+from .._precision import tolerance
+from .._reference import dense_attention, dense_window_attention
+from .._sparse_function import _SparseBiasAttention
+from .._validation import additive_mask
+from .._window_function import _WindowAttention
+from ..attention import sparse_bias_attention
+from ..backends import BACKENDS, backend_candidates
+from ..bias import SparseBias, window_bias
+from ..dispatch import self_check_results
+from ..flex import flex_score_mod
+from ..windows import local_windows
+from .cli import Parser, progress_bar, run_cli, write_json
+from .memory import available_gib, dense_bias_gb
+from .synthetic import synthetic_scene
 
-__all__ = ["selftest", "main"]
+__all__ = ["selftest", "main", "cli"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CASES = ("shared bias", "per-head bias", "key padding", "dropout")
@@ -46,7 +52,6 @@ def _best_device() -> str:
 
 def _problem(device, quick: bool):
     """Inputs in float64: a CMT-like small layout, 2 batch elements, 4 heads, head dim 32."""
-    from .synthetic import synthetic_scene
     scene = synthetic_scene(2, 24 if quick else 64, config="small", seed=3)
     layout = scene.layout
     win = local_windows(layout, scene.bev_pos, scene.cam_pos, 5, 5)
@@ -62,10 +67,6 @@ def _problem(device, quick: bool):
 
 def _evaluate(op, backend, case, prob, device, dtype):
     """Output and gradients; ``backend`` None = the dense reference."""
-    from ._sparse_function import _SparseBiasAttention
-    from .attention import dense_bias_attention
-    from .window_attention import _WindowAttention, _dense_window_attention
-
     win = prob["win"]
     q, k, v, wb, wc = (prob[n].to(device, dtype).requires_grad_() for n in ("q", "k", "v", "wb", "wc"))
     values = window_bias(win, wb, wc).values
@@ -74,18 +75,13 @@ def _evaluate(op, backend, case, prob, device, dtype):
     padded = case in ("key padding", "window + padding")
     kpm = prob["kpm"] if padded else None
     dropout_p, seed = (0.2, 11) if case in ("dropout", "window + dropout") else (0.0, 0)
-    scale = q.shape[-1] ** -0.5
-    mask = additive_mask(q, k, kpm, None)
-    if op == "window":
-        if backend is None:
-            out = _dense_window_attention(q, k, v, win, SparseBias(win, values), mask, dropout_p, scale, seed)
-        else:
-            out = _WindowAttention.apply(q, k, v, values, win, mask, scale, BACKENDS[backend], dropout_p, seed)
-    elif backend is None:
-        out = dense_bias_attention(q, k, v, SparseBias(win, values).to_dense(), key_padding_mask=kpm,
-                                   dropout_p=dropout_p, dropout_seed=seed)
+    call = Call.of(q, q.shape[-1] ** -0.5, additive_mask(q, k, kpm, None), dropout_p, seed)
+    if backend is None:
+        out = (dense_window_attention(q, k, v, win, SparseBias(win, values), call) if op == "window"
+               else dense_attention(q, k, v, SparseBias(win, values).to_dense(), call))
     else:
-        out = _SparseBiasAttention.apply(q, k, v, values, win, mask, scale, BACKENDS[backend], dropout_p, seed)
+        fn = _WindowAttention if op == "window" else _SparseBiasAttention
+        out = fn.apply(q, k, v, values, win, call, BACKENDS[backend])
     grads = torch.autograd.grad(out, (q, k, v, wb, wc), prob["grad"].to(device, dtype))
     return [t.detach().double().cpu() for t in (out,) + grads]
 
@@ -120,21 +116,18 @@ def _check(op, backend, case, prob, device, dtype, refs) -> Dict:
 
 
 def _checks(device, dtypes, quick, progress, log) -> List[Dict]:
-    from tqdm import tqdm
-
     prob = _problem(device, quick)
     plan = []
-    for op, names, cases in (("correction", CORRECTION_BACKENDS, CASES), ("window", WINDOW_BACKENDS, WINDOW_CASES)):
+    for op, cases in (("correction", CASES), ("window", WINDOW_CASES)):
         for dtype in dtypes:
-            runnable = [n for n, ok, _ in backend_candidates(device, dtype) if ok and n in names]
+            runnable = [n for n, ok, _ in backend_candidates(device, dtype, op=op) if ok]
             plan += [(op, name, case, dtype) for name in runnable for case in cases]
     rows, refs = [], {}
-    with tqdm(plan, desc="exactness", unit="check", file=sys.stderr, disable=None if progress else True,
-              leave=False) as bar:
+    with progress_bar(plan, desc="exactness", unit="check", enabled=progress, leave=False) as bar:
         for op, name, case, dtype in bar:
             row = _check(op, name, case, prob, device, dtype, refs)
             rows.append(row)
-            with tqdm.external_write_mode(file=sys.stderr):
+            with bar.external_write_mode(file=sys.stderr):
                 log(_check_line(row))
     return rows
 
@@ -170,12 +163,6 @@ def _timed(step, device, repeats) -> Dict:
 
 
 def _timing(device, dtype, queries, window, layout, repeats, progress, quick) -> List[Dict]:
-    from tqdm import tqdm
-
-    from .attention import sparse_bias_attention
-    from .flex import flex_score_mod
-    from .synthetic import synthetic_scene
-
     scene = synthetic_scene(2, queries, config=layout, seed=0, device=device)
     win = local_windows(scene.layout, scene.bev_pos, scene.cam_pos, window, window)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -208,8 +195,7 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
         variants["flex"] = lambda: flex(q, k, v, score_mod=mod)
     rows = []
     plan = [(n, bwd) for n in variants for bwd in (False, True)]
-    for name, backward in tqdm(plan, desc="timing", unit="run", file=sys.stderr, disable=None if progress else True,
-                               leave=False):
+    for name, backward in progress_bar(plan, desc="timing", unit="run", enabled=progress, leave=False):
         fn = variants[name]
         leaves = (q, k, v) if name == "sdpa" else (q, k, v, wb, wc)
 
@@ -300,13 +286,12 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
     log("\nresult: " + ("PASS" if passed else "FAIL -- please report this output (and --json) with your GPU model, "
                                            "driver and torch version"))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        write_json(json_path, report, default=str)
     return report
 
 
 def _parser() -> Parser:
-    p = Parser("python -m sparse_bias.selftest", __doc__.splitlines()[0])
+    p = Parser.for_tool("selftest", __doc__)
     p.add_argument("--device", default=_best_device(), help="device to test, e.g. cuda:0 or cpu")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="dtypes to check")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (a minute on a CPU)")
@@ -334,5 +319,14 @@ def main(argv=None) -> int:
                       window=args.window, layout=args.layout, timing_dtype=args.timing_dtype, repeats=args.repeats,
                       json_path=args.json)
     return 0 if report["passed"] else 1
+
+
+def cli() -> int:
+    """Console entry point ``sparse-bias-selftest``."""
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
 
 

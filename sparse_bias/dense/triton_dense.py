@@ -3,7 +3,7 @@ when ``dropout_p > 0``).
 
 PyTorch's CUDA attention kernels draw their dropout from philox streams whose layout is private; the exact
 correction needs the *same* keep decision for a score in the dense pass, the window terms and the backward,
-which the counter-hash of `sparse_bias.kernels.dropout_keep` gives as a pure function of the score's
+which the counter-hash of `sparse_bias.dense.dropout.dropout_keep` gives as a pure function of the score's
 flat index. So instead of reproducing the CUDA kernels' decisions, the dense pass with dropout runs these
 kernels: online softmax over key blocks with the keep decision hashed in registers inside the block loop
 (never stored), float32 accumulation for float16 / bfloat16 / float32 inputs, and the log-sum-exp of the
@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
+
+from .._call import Call
+from .dropout import seed_keys
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
@@ -44,8 +47,8 @@ def _kernels():
 
     @triton.jit
     def _keep(flat, seed_lo, seed_hi, p):
-        """The keep decision of `sparse_bias.kernels.dropout_keep` for int64 flat indices (``seed_lo`` /
-        ``seed_hi``: the seed's keys, `sparse_bias.kernels.seed_keys`)."""
+        """The keep decision of `sparse_bias.dense.dropout.dropout_keep` for int64 flat indices (``seed_lo`` /
+        ``seed_hi``: the seed's keys, `sparse_bias.dense.dropout.seed_keys`)."""
         lo = (flat & 0xFFFFFFFF).to(tl.uint32)
         hi = (flat >> 32).to(tl.uint32)
         h = _hash(_hash(lo ^ seed_lo.to(tl.uint32)) ^ hi ^ seed_hi.to(tl.uint32))
@@ -195,11 +198,11 @@ def _float32_dots(q) -> bool:
     return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _common(q, k, mask, scale, dropout_p, seed, key_range):
+def _common(q, k, call: Call):
     bsz, heads, nq, dim = q.shape
-    offset, total = key_range or (0, k.shape[2])
-    from .kernels import seed_keys
-    seed_lo, seed_hi = seed_keys(seed)
+    offset, total = call.key_range or (0, k.shape[2])
+    mask, scale, dropout_p = call.mask, call.scale, call.dropout_p
+    seed_lo, seed_hi = seed_keys(call.seed)
     if mask is not None:
         mask = mask.to(torch.float32)
         strides = [mask.stride(i) if mask.shape[i] > 1 else 0 for i in range(4)]
@@ -213,14 +216,12 @@ def _common(q, k, mask, scale, dropout_p, seed, key_range):
                       DROP=dropout_p > 0, IEEE=_float32_dots(q))
 
 
-def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-                  dropout_p: float, seed: int, key_range: Optional[Tuple[int, int]] = None
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32)`` of ``softmax(scale q k^T + mask) v`` with the
-    counter-hash dropout of `sparse_bias.kernels.dropout_keep` (``key_range = (offset, total)`` when k
-    holds keys ``offset : offset + K`` of ``total``). q, k, v: float32 / float16 / bfloat16, one device."""
+    counter-hash dropout of `sparse_bias.dense.dropout` (the call's scale, mask, dropout, seed and key range).
+    q, k, v: float32 / float16 / bfloat16, one device."""
     q, k, v = (t.contiguous() for t in (q, k, v))
-    mask, args = _common(q, k, mask, scale, dropout_p, seed, key_range)
+    mask, args = _common(q, k, call)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     ker = _kernels()
@@ -229,14 +230,14 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     return out, lse
 
 
-def dense_backward(grad_out, q, k, v, out, lse, mask, scale: float, dropout_p: float, seed: int,
-                   key_range: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of `dense_forward`; ``out`` may be any output tensor (it enters only through
-    ``rowsum(grad_out * out)``)."""
-    q, k, v, g = (t.contiguous() for t in (q, k, v, grad_out.to(q.dtype)))
+def dense_backward(grad_out, inputs, outputs, call: Call) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of `dense_forward`; ``inputs = (q, k, v)``, ``outputs = (out, lse)`` -- ``out`` may be any
+    output tensor (it enters only through ``rowsum(grad_out * out)``)."""
+    q, k, v, g = (t.contiguous() for t in tuple(inputs) + (grad_out.to(inputs[0].dtype),))
+    out, lse = outputs
     delta = (g.float() * out.float()).sum(-1).contiguous()
     lse = lse.float().contiguous()
-    mask, args = _common(q, k, mask, scale, dropout_p, seed, key_range)
+    mask, args = _common(q, k, call)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     ker = _kernels()
     m = mask if mask is not None else lse

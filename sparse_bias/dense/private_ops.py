@@ -14,7 +14,7 @@ slice or argument order fails a CPU test):
   pair; an additive mask goes in as ``attn_bias`` with its rows 16-element aligned in memory.
 
 Dropout is always 0 here: attention dropout uses the counter-hash mask of
-`sparse_bias.kernels.dropout_keep`, which these kernels do not reproduce.
+`sparse_bias.dense.dropout`, which these kernels do not reproduce.
 """
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def flash_forward(ops, q, k, v, scale: float) -> Tuple[torch.Tensor, torch.Tenso
     return out[..., :d], lse, (cum_q, cum_k, max_q, max_k, philox_seed, philox_offset)
 
 
-def flash_backward(ops, aux: tuple, grad_out, q, k, v, out, lse, scale: float):
-    """``(dq, dk, dv)`` of `flash_forward`; ``out`` may be any output tensor ``[B, H, Q, D]``."""
+def flash_backward(ops, aux: tuple, grad_out, tensors, scale: float):
+    """``(dq, dk, dv)`` of `flash_forward`; ``tensors = (q, k, v, out, lse)``, ``out`` any output ``[B, H, Q, D]``."""
+    q, k, v, out, lse = tensors
     cum_q, cum_k, max_q, max_k, philox_seed, philox_offset = aux
     d = q.shape[-1]
     grads = ops._scaled_dot_product_flash_attention_backward(
@@ -73,8 +74,10 @@ def efficient_forward(ops, q, k, v, mask: Optional[torch.Tensor], scale: float):
     return out, lse[..., :nq], (lse, philox_seed, philox_offset)
 
 
-def efficient_backward(ops, aux: tuple, grad_out, q, k, v, out, mask: Optional[torch.Tensor], scale: float):
-    """``(dq, dk, dv)`` of `efficient_forward` (the raw padded log-sum-exp travels in ``aux``)."""
+def efficient_backward(ops, aux: tuple, grad_out, tensors, mask: Optional[torch.Tensor], scale: float):
+    """``(dq, dk, dv)`` of `efficient_forward`; ``tensors = (q, k, v, out)`` (the raw padded log-sum-exp travels
+    in ``aux``)."""
+    q, k, v, out = tensors
     raw_lse, philox_seed, philox_offset = aux
     dq, dk, dv, _ = ops._scaled_dot_product_efficient_attention_backward(
         grad_out.contiguous(), q, k, v, aligned_bias(mask, q, k), out.contiguous(), raw_lse, philox_seed,

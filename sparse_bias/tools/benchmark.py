@@ -1,0 +1,461 @@
+"""Benchmark sparse-bias attention against unbiased SDPA and the dense-bias version.
+
+    python -m sparse_bias.benchmark [--queries 900] [--config fusion] [--repeats 5] [--quick]
+
+One process checks every variant's output and gradients (q, k, v and the AQR weights behind the bias)
+against the dense reference on the same inputs. One process then times the forward and the forward +
+backward of all variants interleaved (per repeat, each variant and pass once, after a warm-up round), so the
+ratios to unbiased SDPA (the floor) are measured side by side; ``dense-bias`` is timed after the others (its
+multi-GB buffers would slow down what runs next). Finally every variant runs one warm-up and one measured
+step in a fresh process of its own for its peak RSS (forward + backward, and forward only).
+
+Variants: ``sdpa`` (no bias, no dropout: the floor), ``sparse-<backend>`` (``auto`` and each backend),
+``dense-bias`` (``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the origin design).
+With ``--dropout P`` every variant but ``sdpa`` runs attention dropout P, and ``sdpa-dropout`` (SDPA with
+dropout) is added; the sparse variants are checked against the dense reference with the same dropout seed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from ..attention import dense_bias_attention, select_backend, sparse_bias_attention
+from ..backends import torch_scatter_available
+from ..bias import window_bias
+from ..windows import local_windows
+from .cli import Parser, progress_bar, report_to_parent, run_cli, run_worker, write_json
+from .memory import dense_bias_gb
+from .synthetic import CMT_CONFIGS, synthetic_scene
+
+__all__ = ["BACKENDS", "DTYPES", "CHECK_TOLERANCE", "LOW_PRECISION_RATIO", "DROPOUT_SEED", "ALL_VARIANTS", "SWEEP",
+           "QUICK_SWEEP", "variants", "format_table", "compare", "sweep", "sweep_markdown", "main", "cli"]
+
+BACKENDS = ("auto", "fused", "sparse", "scatter", "torch")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: fp32 relative error allowed before timing (a naive fp32 implementation drifts about 1e-6 here).
+CHECK_TOLERANCE = 1e-4
+#: bfloat16 / float16: error allowed, as a multiple of the drift of the dense reference at the same precision.
+LOW_PRECISION_RATIO = 2.0
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _inputs(args):
+    dtype = DTYPES[args.dtype]
+    scene = synthetic_scene(args.batch_size, args.queries, config=args.config, seed=0)
+    win = local_windows(scene.layout, scene.bev_pos, scene.cam_pos, args.bev_window, args.cam_window)
+    gen = torch.Generator().manual_seed(0)
+    b, h, q, k, d = args.batch_size, args.heads, args.queries, scene.layout.num_keys, args.head_dim
+    tensors = [torch.randn(b, h, q, d, generator=gen), torch.randn(b, h, k, d, generator=gen),
+               torch.randn(b, h, k, d, generator=gen)]
+    weights = [torch.rand(b, q, generator=gen), torch.rand(b, q, generator=gen)]
+    q_, k_, v_ = (t.to(dtype).requires_grad_() for t in tensors)
+    wb, wc = (w.requires_grad_() for w in weights)
+    return win, q_, k_, v_, wb, wc
+
+
+#: the dropout seed of the sparse variants and the reference (fixed, so the exactness check can compare them)
+DROPOUT_SEED = 1234
+
+
+def _step(variant, win, q, k, v, wb, wc, grad, dropout=0.0):
+    """One forward (and backward when ``grad`` is given) of a variant; ``sdpa`` is always the dropout-free floor."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if variant == "sdpa":
+        out = sdpa(q, k, v)
+    elif variant == "sdpa-dropout":
+        out = sdpa(q, k, v, dropout_p=dropout)
+    elif variant == "dense-bias":
+        dense = window_bias(win, wb, wc).to_dense().unsqueeze(1).to(q.dtype)
+        out = sdpa(q, k, v, attn_mask=dense, dropout_p=dropout)
+    else:
+        out = sparse_bias_attention(q, k, v, window_bias(win, wb, wc), backend=variant.split("-", 1)[1],
+                                    dropout_p=dropout, dropout_seed=DROPOUT_SEED)
+    if grad is not None:
+        out.backward(grad)
+    return out
+
+
+def _grads(out, grad, tensors):
+    got = [out.detach()] + list(torch.autograd.grad(out, tensors, grad))
+    return got
+
+
+def _check_all(args, win, q, k, v, wb, wc, grad) -> Dict:
+    """Max relative error (output and every gradient) of each variant against the dense reference.
+
+    float32: against the dense reference in float32. bfloat16 / float16: against the dense reference in float64
+    on the same (rounded) inputs, divided by how far the dense reference at the input precision drifts from it
+    -- a ratio, so ``CHECK_TOLERANCE`` does not apply; ``LOW_PRECISION_RATIO`` does.
+    """
+    tensors = (q, k, v, wb, wc)
+    drop = dict(dropout_p=args.dropout, dropout_seed=DROPOUT_SEED)
+    if q.dtype == torch.float32:
+        want = _grads(dense_bias_attention(q, k, v, window_bias(win, wb, wc).to_dense(), **drop), grad, tensors)
+        scale = None
+    else:
+        exact = [t.detach().double().requires_grad_() for t in tensors]
+        want = _grads(dense_bias_attention(*exact[:3], window_bias(win, *exact[3:]).to_dense(), **drop), grad.double(),
+                      exact)
+        naive = _grads(dense_bias_attention(q, k, v, window_bias(win, wb, wc).to_dense().to(q.dtype), **drop), grad,
+                       tensors)
+        scale = [float((a.double() - b).abs().max()) for a, b in zip(naive, want)]
+    errors = {}
+    for variant in args.check_variants.split(","):
+        if args.dropout > 0 and not variant.startswith("sparse-"):
+            continue                            # PyTorch's dropout draws other decisions: nothing to compare
+        got = _grads(_step(variant, win, q, k, v, wb, wc, None, args.dropout), grad, tensors)
+        if scale is None:
+            errors[variant] = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                                  for a, b in zip(got, want))
+        else:
+            errors[variant] = max(float((a.double() - b).abs().max()) / max(s, 1e-12)
+                                  for a, b, s in zip(got, want, scale))
+    return errors
+
+
+def _clear_grads(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def _time_all(args, names, win, q, k, v, wb, wc, grad) -> Dict:
+    """Interleaved timing of every variant in this one process: per repeat, each variant once per pass (forward,
+    forward + backward; after one warm-up round), so that drifts of the machine hit all variants alike.
+
+    ``dense-bias`` is timed after the others, on its own: its multi-GB buffers, freed at the end of each step,
+    would slow down whatever runs next and bias the interleaved ratios.
+    """
+    passes = ("forward", "forward+backward") if args.backward else ("forward",)
+    times = {(name, p): [] for name in names for p in passes}
+    light = [n for n in names if n != "dense-bias"]
+    for group in (light, [n for n in names if n == "dense-bias"]):
+        for i in range(args.repeats + 1):
+            for name in group:
+                for p in passes:
+                    start = time.perf_counter()
+                    _step(name, win, q, k, v, wb, wc, grad if p == "forward+backward" else None, args.dropout)
+                    elapsed = time.perf_counter() - start
+                    _clear_grads((q, k, v, wb, wc))
+                    if i:
+                        times[(name, p)].append(elapsed)
+    out = {name: {} for name in names}
+    for name in names:
+        for p in passes:
+            key = "" if p == "forward+backward" or not args.backward else "fwd_"
+            if name in light:
+                ratio = statistics.median(t / b for t, b in zip(times[(name, p)], times[("sdpa", p)]))
+            else:
+                ratio = statistics.median(times[(name, p)]) / statistics.median(times[("sdpa", p)])
+            out[name].update({f"{key}time_s": statistics.median(times[(name, p)]), f"{key}time_ratio": ratio})
+    return out
+
+
+def _worker(args) -> Dict:
+    torch.manual_seed(0)
+    win, q, k, v, wb, wc = _inputs(args)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    if args.mode == "check":                  # exactness against the dense reference
+        return _check_all(args, win, q, k, v, wb, wc, grad)
+    if args.mode == "time":
+        return _time_all(args, args.check_variants.split(","), win, q, k, v, wb, wc, grad)
+    rss_setup = _rss_mib()                    # memory: one warm-up step and one measured step, fresh process
+    for _ in range(2):
+        _step(args.worker, win, q, k, v, wb, wc, grad if args.backward else None, args.dropout)
+        _clear_grads((q, k, v, wb, wc))
+    chosen = select_backend(q, window_bias(win, wb, wc))[0] if args.worker == "sparse-auto" else ""
+    return {"variant": args.worker, "peak_rss_mib": _peak_rss_mib(), "setup_rss_mib": rss_setup,
+            "chosen": chosen, "nnz": win.nnz}
+
+
+def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
+    argv = ["--worker", variant, "--mode", mode, "--queries", str(args.queries),
+            "--config", args.config, "--batch-size", str(args.batch_size), "--heads", str(args.heads),
+            "--head-dim", str(args.head_dim), "--bev-window", str(args.bev_window),
+            "--cam-window", str(args.cam_window), "--repeats", str(args.repeats), "--dtype", args.dtype,
+            "--dropout", str(args.dropout)]
+    if not args.backward:
+        argv.append("--forward-only")
+    if names:
+        argv += ["--check-variants", ",".join(names)]
+    return run_worker("sparse_bias.tools.benchmark", argv, f"benchmark worker ({mode} {variant})")
+
+
+#: every variant name the command line accepts
+ALL_VARIANTS = ["sdpa", "sdpa-dropout"] + [f"sparse-{b}" for b in BACKENDS] + ["dense-bias"]
+
+
+def variants(dropout: float = 0.0) -> List[str]:
+    """The variants of a run; with dropout, ``sdpa-dropout`` (PyTorch's SDPA with dropout) joins the floor."""
+    names = ["sdpa"] + (["sdpa-dropout"] if dropout > 0 else [])
+    names += [f"sparse-{b}" for b in BACKENDS if b != "scatter" or torch_scatter_available()]
+    return names + ["dense-bias"]
+
+
+def format_table(rows: List[Dict]) -> str:
+    """Time (forward, and forward + backward when measured) and peak RSS of every variant, with ratios to SDPA."""
+    base = next(r for r in rows if r["variant"] == "sdpa")
+    both = "fwd_time_s" in base
+    head = f"{'variant':20s} "
+    if both:
+        head += f"{'fwd [s]':>8s} {'x sdpa':>7s} {'fwd+bwd [s]':>12s} {'x sdpa':>7s} "
+    else:
+        head += f"{'time [s]':>9s} {'x sdpa':>7s} "
+    lines = [head + f"{'peak RSS [MiB]':>15s} {'x sdpa':>7s} {'extra over inputs [MiB]':>24s} {'max rel err':>12s}"]
+    base_extra = base["peak_rss_mib"] - base["setup_rss_mib"]
+    for r in rows:
+        extra = r["peak_rss_mib"] - r["setup_rss_mib"]
+        err = "-" if r["max_rel_error"] is None else f"{r['max_rel_error']:.1e}"
+        name = r["variant"] + (f" ({r['chosen']})" if r.get("chosen") else "")
+        line = f"{name:20s} "
+        if both:
+            line += (f"{r['fwd_time_s']:8.3f} {r['fwd_time_ratio']:7.3f} {r['time_s']:12.3f} {r['time_ratio']:7.3f} ")
+        else:
+            line += f"{r['time_s']:9.3f} {r['time_ratio']:7.3f} "
+        lines.append(line + f"{r['peak_rss_mib']:15.0f} {r['peak_rss_mib'] / base['peak_rss_mib']:7.3f} "
+                     f"{extra:17.0f} ({extra / base_extra:4.2f}x) {err:>12s}")
+    if both and "fwd_peak_rss_mib" in base:
+        lines.append("peak RSS of a forward-only step: " + ", ".join(
+            f"{r['variant']} {r['fwd_peak_rss_mib']:.0f} MiB ({r['fwd_peak_rss_mib'] / base['fwd_peak_rss_mib']:.3f}x)"
+            for r in rows))
+    return "\n".join(lines)
+
+
+def _parser() -> Parser:
+    parser = Parser.for_tool("benchmark", __doc__)
+    parser.add_argument("--config", default="fusion", choices=["fusion", "small"], help="CMT memory layout")
+    parser.add_argument("--queries", type=int, default=900, help="object queries Q")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size B")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads H")
+    parser.add_argument("--head-dim", type=int, default=32, help="head dim D")
+    parser.add_argument("--bev-window", type=int, default=15, help="BEV window size (odd)")
+    parser.add_argument("--cam-window", type=int, default=15, help="camera window size (odd)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median), after a warm-up")
+    parser.add_argument("--forward-only", dest="backward", action="store_false",
+                        help="time the forward only (default: forward and forward + backward, side by side)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of q, k, v")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="attention dropout of every variant but sdpa, which stays the dropout-free floor; adds "
+                             "sdpa-dropout")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the exactness check against the dense reference")
+    parser.add_argument("--check-queries", type=int, default=None,
+                        help="check exactness with this many queries (same layout and windows); default all")
+    parser.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANTS, metavar="VARIANT",
+                        help=f"subset of {ALL_VARIANTS} (default: all that run here)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run, used by the tests)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep queries, window size and layout; writes CSV, JSON and PNG plots to --out")
+    parser.add_argument("--out", default="bench_out", help="output folder of --sweep")
+    parser.add_argument("--max-dense-gib", type=float, default=16.0,
+                        help="skip dense-bias where it would need more RAM than this (GB)")
+    parser.add_worker_arguments(["check", "time", "memory"], default="time")
+    parser.add_argument("--check-variants", default="", help=argparse.SUPPRESS)
+    return parser
+
+
+def _dense_gb(args) -> float:
+    """RAM the dense-bias variant needs (for skipping, not reporting)."""
+    return dense_bias_gb(args.batch_size, args.heads, args.queries, CMT_CONFIGS[args.config].layout.num_keys)
+
+
+def compare(args, log=print) -> List[Dict]:
+    """One configuration: exactness check, interleaved timing, fresh-process peak memory of every variant."""
+    names = list(args.variants or variants(args.dropout))
+    if "sdpa" not in names:
+        names = ["sdpa"] + names
+    if "dense-bias" in names and _dense_gb(args) > args.max_dense_gib:
+        names.remove("dense-bias")
+        log(f"  dense-bias skipped: it needs about {_dense_gb(args):.0f} GB")
+    errors = {}
+    if args.check:
+        check_args = copy.copy(args)
+        if args.check_queries:
+            check_args.queries = min(args.queries, args.check_queries)
+        errors = _run(check_args, "check", names=[n for n in names if n != "sdpa"])
+        what = ("max relative error" if args.dtype == "float32" else
+                f"max error / the {args.dtype} dense reference's error, against float64")
+        log(f"  exactness vs the dense reference at Q={check_args.queries} ({what}, output and all gradients): "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        limit = CHECK_TOLERANCE if args.dtype == "float32" else LOW_PRECISION_RATIO
+        bad = {k: v for k, v in errors.items() if not v < limit}
+        if bad:
+            raise RuntimeError(f"variants disagree with the dense reference: {bad}")
+    timing = _run(args, "time", names=names)
+    log("  timed (interleaved, one process): " + ", ".join(f"{k} {v['time_s']:.3f} s" for k, v in timing.items()))
+    rows = []
+    for name in names:
+        row = _run(args, "memory", name)
+        row.update(timing[name], max_rel_error=errors.get(name))
+        if args.backward:                       # the forward-only step's peak too (inference)
+            fwd_args = copy.copy(args)
+            fwd_args.backward = False
+            fwd = _run(fwd_args, "memory", name)
+            row.update(fwd_peak_rss_mib=fwd["peak_rss_mib"], fwd_setup_rss_mib=fwd["setup_rss_mib"])
+        rows.append(row)
+        log(f"  memory of {name}: peak RSS {row['peak_rss_mib']:.0f} MiB")
+    return rows
+
+
+#: The sweep: (swept parameter, values); the other parameters stay at the CMT fusion defaults.
+SWEEP = [("queries", [300, 900, 1800]), ("window", [5, 15, 25]), ("layout", ["small", "fusion"])]
+#: The same, tiny, for ``--quick`` (a dry run).
+QUICK_SWEEP = [("queries", [16, 32]), ("window", [5]), ("layout", ["small"])]
+
+
+def sweep(args, spec=SWEEP) -> List[Dict]:
+    """Run `compare` over ``spec`` (``[(parameter, values)]``), forward and forward + backward; write CSV,
+    JSON, a Markdown table and plots to ``args.out``."""
+    points = []
+    for param, values in spec:
+        for value in values:
+            point = {"queries": args.queries, "window": args.bev_window, "layout": args.config}
+            point[param] = value
+            points.append((param, point))
+    unique = {tuple(sorted(p.items())): p for _, p in points}
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    bar = progress_bar(total=len(unique), desc="benchmark sweep", unit="point")  # TTY only
+    for key, point in unique.items():
+        run_args = copy.copy(args)
+        run_args.queries, run_args.bev_window, run_args.cam_window = point["queries"], point["window"], point["window"]
+        run_args.config, run_args.backward = point["layout"], True
+        bar.set_postfix_str(str(point))
+        rows = compare(run_args, log=lambda m: bar.write(m, file=sys.stdout))   # fwd and fwd+bwd side by side
+        for pass_ in ("forward", "forward+backward"):
+            for row in rows:
+                out = dict(row, **point, pass_=pass_)
+                if pass_ == "forward":
+                    out.update(time_s=row["fwd_time_s"], time_ratio=row["fwd_time_ratio"],
+                               peak_rss_mib=row["fwd_peak_rss_mib"], setup_rss_mib=row["fwd_setup_rss_mib"])
+                results.setdefault(key, []).append(out)
+        bar.update()
+    bar.close()
+    rows = []
+    for param, point in points:
+        for row in results[tuple(sorted(point.items()))]:
+            rows.append(dict(row, swept=param))
+    _write_sweep(args.out, rows)
+    return rows
+
+
+def sweep_markdown(rows: List[Dict]) -> str:
+    """A Markdown table per swept parameter: time and peak RSS of each variant and their ratios to SDPA."""
+    lines = []
+    for param in dict.fromkeys(r["swept"] for r in rows):
+        sel = [r for r in rows if r["swept"] == param]
+        lines += [f"### Sweep over {param}", "",
+                  f"| {param} | pass | variant | time [s] | x sdpa | peak RSS [MiB] | x sdpa | max rel err |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = {(r[param], r["pass_"]): r["peak_rss_mib"] for r in sel if r["variant"] == "sdpa"}
+        for r in sel:
+            err = "-" if r.get("max_rel_error") is None else f"{r['max_rel_error']:.1e}"
+            name = r["variant"] + (f" ({r['chosen']})" if r.get("chosen") else "")
+            lines.append(f"| {r[param]} | {r['pass_']} | {name} | {r['time_s']:.3f} | {r['time_ratio']:.3f} | "
+                         f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base[(r[param], r['pass_'])]:.3f} | {err} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_sweep(out: str, rows: List[Dict]) -> None:
+    import csv
+
+    fields = ["swept", "layout", "queries", "window", "pass_", "variant", "chosen", "time_s", "time_ratio",
+              "peak_rss_mib", "setup_rss_mib", "max_rel_error", "nnz"]
+    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    write_json(os.path.join(out, "sweep.json"), rows)
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write(sweep_markdown(rows))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    for param in dict.fromkeys(r["swept"] for r in rows):
+        sel = [r for r in rows if r["swept"] == param]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+        for color, variant in enumerate(dict.fromkeys(r["variant"] for r in sel)):
+            for pass_, style in (("forward+backward", "-o"), ("forward", "--x")):
+                pts = [r for r in sel if r["variant"] == variant and r["pass_"] == pass_]
+                if not pts:
+                    continue
+                xs = [str(r[param]) for r in pts]
+                label = f"{variant} ({'fwd+bwd' if pass_ == 'forward+backward' else 'fwd'})"
+                axes[0, 0].plot(xs, [r["time_s"] for r in pts], style, color=f"C{color}", label=label)
+                axes[0, 1].plot(xs, [r["time_ratio"] for r in pts], style, color=f"C{color}", label=label)
+                base = {r[param]: r["peak_rss_mib"] for r in sel if r["variant"] == "sdpa" and r["pass_"] == pass_}
+                axes[1, 0].plot(xs, [r["peak_rss_mib"] for r in pts], style, color=f"C{color}", label=label)
+                axes[1, 1].plot(xs, [r["peak_rss_mib"] / base[r[param]] for r in pts], style, color=f"C{color}", label=label)
+        for ax, title in zip(axes.flat, ["time [s]", "time / unbiased SDPA", "peak RSS [MiB]",
+                                         "peak RSS / unbiased SDPA"]):
+            ax.set_title(title)
+            ax.set_xlabel(param)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0, 1].legend(fontsize=7)
+        fig.suptitle(f"sparse_bias benchmark: sweep over {param}")
+        fig.savefig(os.path.join(out, f"sweep_{param}.png"), dpi=90)
+        plt.close(fig)
+
+
+def main(argv=None) -> List[Dict]:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.variants and "sparse-scatter" in args.variants and not torch_scatter_available():
+        parser.error("--variants sparse-scatter: torch-scatter is not installed")
+    if args.variants and "sdpa-dropout" in args.variants and args.dropout == 0:
+        parser.error("--variants sdpa-dropout needs --dropout > 0")
+    if args.quick:
+        args.config, args.queries, args.batch_size, args.heads, args.repeats = "small", 32, 1, 2, 1
+    if args.worker:
+        report_to_parent(_worker(args))
+        return []
+    if args.sweep:
+        if args.quick:
+            args.bev_window = args.cam_window = 5
+        rows = sweep(args, QUICK_SWEEP if args.quick else SWEEP)
+        print(f"sweep: {len(rows)} rows; CSV, JSON and plots in {args.out}")
+        return rows
+    print(f"sparse_bias benchmark: {args.config} layout, B={args.batch_size}, H={args.heads}, D={args.head_dim}, "
+          f"Q={args.queries}, windows {args.bev_window}/{args.cam_window}, {args.dtype}, "
+          + (f"dropout {args.dropout} (sdpa without), " if args.dropout else "")
+          + f"{'forward + backward' if args.backward else 'forward'}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved repeats; peak RSS from a fresh "
+          "process per variant")
+    rows = compare(args, log=lambda m: print(m, flush=True))
+    print(format_table(rows))
+    if args.json:
+        write_json(args.json, rows)
+    return rows
+
+
+def cli() -> int:
+    """Console entry point ``sparse-bias-benchmark``."""
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
