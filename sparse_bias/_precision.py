@@ -1,6 +1,6 @@
 """How far a correct result in a low-precision dtype may be from the float64 reference.
 
-One rule for the first-use self-checks (`sparse_bias.backends.choose`) and the self-test (`sparse_bias.selftest`),
+One rule for the first-use self-checks (`sparse_bias.dispatch`) and the self-test (`sparse_bias.selftest`),
 from a precision analysis rather than from one run:
 
 * the inputs are rounded to the dtype once, for the naive dense computation and for the library alike; the naive

@@ -10,6 +10,7 @@ import torch
 from hypothesis import strategies as st
 
 import sparse_bias as sb
+from sparse_bias.backends import BACKENDS as REGISTRY, backend_names
 
 SMALL = sb.KeyLayout(bev_shape=(9, 11), cam_shape=(3, 5, 7))
 
@@ -43,11 +44,17 @@ def layouts(draw):
     return sb.KeyLayout(bev_shape=bev, cam_shape=cam)
 
 
-def skip_missing(backend):
-    if backend == "scatter" and not sb.torch_scatter_available():
-        pytest.skip("torch-scatter is not installed")
-    if backend == "fused" and not sb.extension_available():
-        pytest.skip("the compiled extension sparse_bias._C is not built")
+#: The registered backends of each operation (`sparse_bias.backends.BACKENDS`): tests parametrise over these, so a
+#: new backend is tested by registering it; `skip_missing` skips those that cannot run here.
+CORRECTION_BACKENDS = list(backend_names("correction"))
+WINDOW_BACKENDS = list(backend_names("window"))
+
+
+def skip_missing(backend, dtype=torch.float64):
+    if backend in REGISTRY:
+        ok, why = REGISTRY[backend].can_run(torch.device("cpu"), dtype)
+        if not ok:
+            pytest.skip(f"backend {backend!r} cannot run here: {why}")
 
 
 def make_case(layout, batch=2, heads=3, queries=7, dim=8, per_head=False, seed=0, bev_window=5, cam_window=3,

@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import (SMALL, assert_all_close, forward_and_grads, layouts, make_case, reference, run_python,
+from helpers import (CORRECTION_BACKENDS, SMALL, assert_all_close, forward_and_grads, layouts, make_case, reference, run_python,
                      skip_missing, sparse_fn)
 
 import sparse_bias as sb
@@ -15,7 +15,7 @@ from sparse_bias._call import Call
 from sparse_bias.dense import chunked, lse as dense_lse
 from sparse_bias.backends import gather
 
-BACKENDS = ["fused", "sparse", "scatter", "torch", "dense"]
+BACKENDS = CORRECTION_BACKENDS + ["dense"]
 
 
 # ---- exactness, float64 ---------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def test_matches_dense_reference(backend, per_head, device):
 @given(layout=layouts(), heads=st.integers(1, 3), queries=st.integers(1, 6), per_head=st.booleans(),
        bev_window=st.sampled_from([1, 3, 5, 7]), cam_window=st.sampled_from([0, 1, 3, 9]), adaptive=st.booleans(),
        mask_kind=st.sampled_from([None, "padding", "bool", "float", "both"]),
-       backend=st.sampled_from(["fused", "sparse", "scatter", "torch"]), seed=st.integers(0, 2**31))
+       backend=st.sampled_from(CORRECTION_BACKENDS), seed=st.integers(0, 2**31))
 def test_random_layouts_windows_and_masks(layout, heads, queries, per_head, bev_window, cam_window, adaptive,
                                           mask_kind, backend, seed):
     if backend == "scatter" and not sb.torch_scatter_available():

@@ -35,11 +35,13 @@ import pytest
 import torch
 
 import sparse_bias as sb
+from sparse_bias.backends import backend_names
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 from sparse_bias.kernels import dropout_mask
 
-SBA_BACKENDS = ("auto", "fused", "sparse", "scatter", "torch", "dense")
-WIN_BACKENDS = ("auto", "fused", "sparse", "scatter", "torch", "dense")
+# every registered backend that runs on CPU tensors (Triton is tested in its interpreter subprocess below)
+SBA_BACKENDS = ("auto",) + tuple(n for n in backend_names("correction") if n != "triton") + ("dense",)
+WIN_BACKENDS = ("auto",) + tuple(n for n in backend_names("window") if n != "triton") + ("dense",)
 LAYOUT_KINDS = ("contig", "perm", "feat", "slice", "expand")
 DIMS = (1, 3, 8, 24, 33, 64)
 INF = float("inf")

@@ -13,9 +13,9 @@ import torch
 import sparse_bias as sb
 from sparse_bias.backends.fused import MAX_HEAD_DIM
 
-from helpers import SMALL, make_case, skip_missing
+from helpers import CORRECTION_BACKENDS, SMALL, WINDOW_BACKENDS, make_case, skip_missing
 
-BACKENDS = ["auto", "fused", "sparse", "scatter", "torch", "dense"]
+BACKENDS = ["auto"] + CORRECTION_BACKENDS + ["dense"]
 NINF = float("-inf")
 
 
@@ -130,7 +130,7 @@ print("ok")
     assert res.returncode == 0 and "ok" in res.stdout, (res.returncode, res.stderr[-2000:])
 
 
-@pytest.mark.parametrize("backend", ["auto", "fused", "sparse", "scatter", "torch", "dense"])
+@pytest.mark.parametrize("backend", ["auto"] + WINDOW_BACKENDS + ["dense"])
 def test_item06_window_attention_backward_with_strided_k_v(backend):
     skip_missing(backend)
     win, q, k, v, wb, wc = make_case(SMALL, batch=2, heads=2, queries=5, dim=3)
@@ -172,7 +172,7 @@ def test_item07_fully_masked_queries_give_zeros_everywhere(backend, dropout_p):
         assert torch.equal(wout[1], torch.zeros_like(wout[1]))
 
 
-@pytest.mark.parametrize("backend", ["fused", "sparse", "scatter", "torch", "dense"])
+@pytest.mark.parametrize("backend", WINDOW_BACKENDS + ["dense"])
 def test_item08_inf_score_gives_nan_as_sdpa(backend):
     skip_missing(backend)
     win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=1, queries=3, dim=2, dtype=torch.float32)

@@ -3,14 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
-from helpers import SMALL, layouts, odd_or_zero, random_positions, skip_missing
+from helpers import SMALL, WINDOW_BACKENDS, layouts, odd_or_zero, random_positions, skip_missing
 from hypothesis import given
 from hypothesis import strategies as st
 
 import sparse_bias as sb
 from sparse_bias import kernels
 
-BACKENDS = ["fused", "sparse", "scatter", "torch", "dense"]
+BACKENDS = WINDOW_BACKENDS + ["dense"]
 NAMES = ["out", "dq", "dk", "dv", "d_bias"]
 
 
