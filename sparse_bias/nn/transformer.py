@@ -116,15 +116,18 @@ class PETRTransformerDecoderLayer(nn.Module):
         window attention; a ``WindowIndex`` in ``attn_masks`` at the cross-attention's place does the same.
         A dense ``attention_bias`` is in the attention's layout (``[Q, B, K]`` unless ``batch_first``).
         """
+        extras = dict(query_pos=query_pos, key_pos=key_pos, attn_masks=attn_masks,
+                      query_key_padding_mask=query_key_padding_mask, key_padding_mask=key_padding_mask,
+                      attention_bias=attention_bias, local_window=local_window)
         if self.with_cp and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, query, key, value, query_pos, key_pos, attn_masks,
-                              query_key_padding_mask, key_padding_mask, attention_bias, local_window,
-                              use_reentrant=False)
-        return self._forward(query, key, value, query_pos, key_pos, attn_masks, query_key_padding_mask,
-                             key_padding_mask, attention_bias, local_window)
+            return checkpoint(self._forward, query, key, value, extras, use_reentrant=False)
+        return self._forward(query, key, value, extras)
 
-    def _forward(self, query, key, value, query_pos, key_pos, attn_masks, query_key_padding_mask, key_padding_mask,
-                 attention_bias, local_window):
+    def _forward(self, query, key, value, extras):
+        """The layer's operations; ``extras`` holds the keyword arguments of `forward` besides q / k / v."""
+        query_pos, key_pos, attn_masks = extras["query_pos"], extras["key_pos"], extras["attn_masks"]
+        query_key_padding_mask, key_padding_mask = extras["query_key_padding_mask"], extras["key_padding_mask"]
+        attention_bias, local_window = extras["attention_bias"], extras["local_window"]
         n_attn = len(self.attentions)
         if attn_masks is None or isinstance(attn_masks, (torch.Tensor, WindowIndex)):
             attn_masks = [attn_masks] * n_attn

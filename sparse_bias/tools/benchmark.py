@@ -28,7 +28,7 @@ from typing import Dict, List
 import torch
 
 from ..attention import dense_bias_attention, select_backend, sparse_bias_attention
-from ..backends import torch_scatter_available
+from ..backends import BACKENDS as REGISTRY, backend_names, torch_scatter_available
 from ..bias import window_bias
 from ..windows import local_windows
 from .cli import Parser, progress_bar, report_to_parent, run_cli, run_worker, write_json
@@ -38,7 +38,8 @@ from .synthetic import CMT_CONFIGS, synthetic_scene
 __all__ = ["BACKENDS", "DTYPES", "CHECK_TOLERANCE", "LOW_PRECISION_RATIO", "DROPOUT_SEED", "ALL_VARIANTS", "SWEEP",
            "QUICK_SWEEP", "variants", "format_table", "compare", "sweep", "sweep_markdown", "main", "cli"]
 
-BACKENDS = ("auto", "fused", "sparse", "scatter", "torch")
+#: ``backend=`` values benchmarked: "auto" and every registered correction backend (`sparse_bias.backends`)
+BACKENDS = ("auto",) + backend_names("correction")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: fp32 relative error allowed before timing (a naive fp32 implementation drifts about 1e-6 here).
@@ -53,6 +54,14 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak RSS: ``VmHWM`` (``ru_maxrss`` would carry a parent's peak into a fresh worker)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -74,8 +83,9 @@ def _inputs(args):
 DROPOUT_SEED = 1234
 
 
-def _step(variant, win, q, k, v, wb, wc, grad, dropout=0.0):
+def _step(variant, inputs, grad, dropout=0.0):
     """One forward (and backward when ``grad`` is given) of a variant; ``sdpa`` is always the dropout-free floor."""
+    win, q, k, v, wb, wc = inputs
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if variant == "sdpa":
         out = sdpa(q, k, v)
@@ -120,7 +130,7 @@ def _check_all(args, win, q, k, v, wb, wc, grad) -> Dict:
     for variant in args.check_variants.split(","):
         if args.dropout > 0 and not variant.startswith("sparse-"):
             continue                            # PyTorch's dropout draws other decisions: nothing to compare
-        got = _grads(_step(variant, win, q, k, v, wb, wc, None, args.dropout), grad, tensors)
+        got = _grads(_step(variant, (win, q, k, v, wb, wc), None, args.dropout), grad, tensors)
         if scale is None:
             errors[variant] = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
                                   for a, b in zip(got, want))
@@ -135,7 +145,7 @@ def _clear_grads(tensors):
         t.grad = None
 
 
-def _time_all(args, names, win, q, k, v, wb, wc, grad) -> Dict:
+def _time_all(args, names, inputs, grad) -> Dict:
     """Interleaved timing of every variant in this one process: per repeat, each variant once per pass (forward,
     forward + backward; after one warm-up round), so that drifts of the machine hit all variants alike.
 
@@ -150,9 +160,9 @@ def _time_all(args, names, win, q, k, v, wb, wc, grad) -> Dict:
             for name in group:
                 for p in passes:
                     start = time.perf_counter()
-                    _step(name, win, q, k, v, wb, wc, grad if p == "forward+backward" else None, args.dropout)
+                    _step(name, inputs, grad if p == "forward+backward" else None, args.dropout)
                     elapsed = time.perf_counter() - start
-                    _clear_grads((q, k, v, wb, wc))
+                    _clear_grads(inputs[1:])
                     if i:
                         times[(name, p)].append(elapsed)
     out = {name: {} for name in names}
@@ -174,10 +184,10 @@ def _worker(args) -> Dict:
     if args.mode == "check":                  # exactness against the dense reference
         return _check_all(args, win, q, k, v, wb, wc, grad)
     if args.mode == "time":
-        return _time_all(args, args.check_variants.split(","), win, q, k, v, wb, wc, grad)
+        return _time_all(args, args.check_variants.split(","), (win, q, k, v, wb, wc), grad)
     rss_setup = _rss_mib()                    # memory: one warm-up step and one measured step, fresh process
     for _ in range(2):
-        _step(args.worker, win, q, k, v, wb, wc, grad if args.backward else None, args.dropout)
+        _step(args.worker, (win, q, k, v, wb, wc), grad if args.backward else None, args.dropout)
         _clear_grads((q, k, v, wb, wc))
     chosen = select_backend(q, window_bias(win, wb, wc))[0] if args.worker == "sparse-auto" else ""
     return {"variant": args.worker, "peak_rss_mib": _peak_rss_mib(), "setup_rss_mib": rss_setup,
@@ -204,7 +214,7 @@ ALL_VARIANTS = ["sdpa", "sdpa-dropout"] + [f"sparse-{b}" for b in BACKENDS] + ["
 def variants(dropout: float = 0.0) -> List[str]:
     """The variants of a run; with dropout, ``sdpa-dropout`` (PyTorch's SDPA with dropout) joins the floor."""
     names = ["sdpa"] + (["sdpa-dropout"] if dropout > 0 else [])
-    names += [f"sparse-{b}" for b in BACKENDS if b != "scatter" or torch_scatter_available()]
+    names += [f"sparse-{b}" for b in BACKENDS if b == "auto" or REGISTRY[b].can_run("cpu", torch.float32)[0]]
     return names + ["dense-bias"]
 
 
