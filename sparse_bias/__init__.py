@@ -16,7 +16,7 @@ from .windows import WindowIndex, local_windows
 from . import nn  # noqa: E402  (modules; imported last, they use the functional API)
 from .nn.config import build_attention_bias  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "KeyLayout",

@@ -32,7 +32,8 @@ logger = logging.getLogger("sparse_bias")
 BACKEND_NAMES = ("auto",) + backend_names("correction") + ("dense",)
 
 
-def select_backend(q: torch.Tensor, bias=None, backend: str = "auto") -> Tuple[str, str]:
+def select_backend(q: torch.Tensor, bias: Union[SparseBias, ModalityBias, torch.Tensor, None] = None,
+                   backend: str = "auto") -> Tuple[str, str]:
     """The backend `sparse_bias_attention` will use, and why.
 
     Args:
@@ -125,7 +126,9 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dropout_p: attention dropout on the final (biased) probabilities, as in the dense reference; each
             (b, h, q, key) is kept or dropped by a counter-based hash of ``dropout_seed`` (drawn from torch's
             RNG when None), so the dense pass, the correction and the backward agree. The dense pass then
-            runs on the chunked PyTorch kernel. Pass 0 at evaluation (modules do this for you).
+            runs on the compiled flash-style CPU kernel (Triton on CUDA; the chunked PyTorch kernel when neither
+            is available; `sparse_bias.dense.dense_kernel_name` says which). Pass 0 at evaluation (modules do
+            this for you).
         scale: softmax scale, default ``1 / sqrt(D)``; a finite number.
         dropout_seed: an int (any 64 bits) or None.
         backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch sparse CSR

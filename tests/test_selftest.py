@@ -43,6 +43,15 @@ def test_a_failing_backend_fails_the_selftest(monkeypatch, capsys):
     fails = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert fails and all(" torch " in line and "correction" in line for line in fails)
     assert "result: FAIL" in out
+    footer = next(line for line in out.splitlines() if line.startswith("result: FAIL"))
+    assert "GPU" not in footer and "CPU" in footer and "torch version" in footer      # a CPU run: no GPU model
+
+
+def test_failure_footer_names_the_device():
+    cuda, cpu = selftest_mod._machine_to_report(torch.device("cuda:0"), "H200"), \
+        selftest_mod._machine_to_report(torch.device("cpu"), "x86_64")
+    assert "GPU model (H200)" in cuda and "driver" in cuda
+    assert "GPU" not in cpu and "CPU model (x86_64)" in cpu
 
 
 def test_function_form_returns_the_report():

@@ -1,11 +1,14 @@
 """Multi-head attention with a sparse local bias, with mmcv 1.x ``MultiheadAttention`` calling conventions."""
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 from einops import rearrange
 from torch import nn
 
@@ -15,9 +18,48 @@ from ..bias import SparseBias
 from ..window_attention import window_attention
 from ..windows import WindowIndex
 
-__all__ = ["SparseBiasMultiheadAttention"]
+__all__ = ["SparseBiasMultiheadAttention", "MMCV_IGNORED_KEYWORDS"]
 
 logger = logging.getLogger("sparse_bias")
+
+#: Extra keywords that `SparseBiasMultiheadAttention.forward`, `PETRTransformerDecoderLayer.forward` and
+#: `PETRTransformerDecoder.forward` accept and ignore, as the dense modules ignore them. They are the data flow
+#: that the dense versions' decoders hand on: CMT's, PETR's, StreamPETR's and MoME's transformers pass
+#: ``reg_branch`` to their decoder (whose layers drop it), and mmcv 1.x's ``BaseTransformerLayer.forward`` hands
+#: its ``**kwargs`` to every attention -- in Deformable-DETR-style decoders ``reference_points``,
+#: ``spatial_shapes`` and ``level_start_index``, which mmcv's ``MultiheadAttention`` ignores. Any other
+#: unexpected keyword is a ``TypeError`` naming it (a misspelt ``attention_bias`` or ``local_window`` would
+#: otherwise change the result silently). StreamPETR's ``temp_memory`` / ``temp_pos`` are deliberately not
+#: here: its decoder layer *uses* them (the temporal memory joins the self-attention keys), so dropping them
+#: would change the result.
+MMCV_IGNORED_KEYWORDS = ("reg_branch", "reference_points", "spatial_shapes", "level_start_index")
+
+
+def _suggest(name: str, accepted: Sequence[str]) -> Optional[str]:
+    """The accepted keyword closest to ``name`` (difflib ratio, plus a bonus for the same last ``_`` word, so
+    ``bias`` -> ``attention_bias`` and ``attention_mask`` -> ``attn_mask``), or None when none is close."""
+    low = name.lower()
+    scored = [(difflib.SequenceMatcher(None, low, c).ratio() + 0.2 * (low.split("_")[-1] == c.split("_")[-1]), c)
+              for c in accepted]
+    best = max(scored, default=(0.0, None))
+    return best[1] if best[0] >= 0.6 else None
+
+
+def check_forward_keywords(owner: str, kwargs: dict, named: Sequence[str]) -> None:
+    """Raise a ``TypeError`` naming ``owner`` and every keyword in ``kwargs`` that is not one of
+    `MMCV_IGNORED_KEYWORDS`, with a "did you mean" over ``named`` (the owner's own keywords) and those."""
+    unexpected = [k for k in kwargs if k not in MMCV_IGNORED_KEYWORDS]
+    if not unexpected:
+        return
+    accepted = tuple(named) + MMCV_IGNORED_KEYWORDS
+    parts = []
+    for k in unexpected:
+        hint = _suggest(k, accepted)
+        parts.append(repr(k) + (f" (did you mean {hint!r}?)" if hint else ""))
+    plural = "s" if len(parts) > 1 else ""
+    raise TypeError(f"{owner}() got unexpected keyword argument{plural} {', '.join(parts)}; it takes "
+                    f"{', '.join(named)}, and accepts and ignores {', '.join(MMCV_IGNORED_KEYWORDS)} as the dense "
+                    f"mmcv modules do")
 
 
 class SparseBiasMultiheadAttention(nn.Module):
@@ -60,8 +102,11 @@ class SparseBiasMultiheadAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.dropout_layer = _build_dropout(dropout_layer)
 
-    def forward(self, query, key=None, value=None, identity=None, query_pos=None, key_pos=None, attn_mask=None,
-                key_padding_mask=None, attention_bias=None, local_window=None, **kwargs):
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                identity: Optional[Tensor] = None, query_pos: Optional[Tensor] = None, key_pos: Optional[Tensor] = None,
+                attn_mask: Union[Tensor, WindowIndex, None] = None, key_padding_mask: Optional[Tensor] = None,
+                attention_bias: Union[SparseBias, Tensor, None] = None, local_window: Optional[WindowIndex] = None,
+                **kwargs) -> Tensor:
         """mmcv's ``MultiheadAttention.forward`` plus ``attention_bias``.
 
         Args:
@@ -86,9 +131,15 @@ class SparseBiasMultiheadAttention(nn.Module):
                 mask. Each query attends only to its window keys (`sparse_bias.window_attention`, exact, no
                 dense mask); a query without window keys gets a zero attention output.
 
+            **kwargs: only `MMCV_IGNORED_KEYWORDS` (accepted and ignored, as the dense modules ignore them) and
+                mmcv's deprecated ``residual`` (= ``identity``, with a ``DeprecationWarning``); any other
+                keyword is a ``TypeError`` naming it, with a "did you mean" for a near miss.
+
         Returns:
             ``[Q, B, C]`` (``[B, Q, C]`` with ``batch_first``): ``identity + dropout(proj(attention))``.
         """
+        if kwargs:
+            identity = self._check_kwargs(kwargs, identity)
         if key is None:
             key = query
         if value is None:
@@ -139,6 +190,21 @@ class SparseBiasMultiheadAttention(nn.Module):
         out = self.attn.out_proj(rearrange(out, f"b h n d -> {layout}"))
         return identity + self.dropout_layer(self.proj_drop(out))
 
+    def _check_kwargs(self, kwargs, identity):
+        """`forward`'s extra keywords: mmcv's deprecated ``residual`` becomes ``identity`` (as mmcv's
+        ``deprecated_api_warning`` does), `MMCV_IGNORED_KEYWORDS` are ignored, anything else raises."""
+        name = f"{type(self).__name__}.forward"
+        if "residual" in kwargs:
+            if identity is not None:
+                raise TypeError(f"{name}() got both 'residual' and 'identity'; 'residual' is mmcv's deprecated "
+                                "name of 'identity': pass only identity")
+            warnings.warn(f"'residual' is deprecated in {name}() (as in mmcv's MultiheadAttention), please use "
+                          "'identity' instead", DeprecationWarning, stacklevel=3)
+            kwargs = dict(kwargs)
+            identity = kwargs.pop("residual")
+        check_forward_keywords(name, kwargs, _FORWARD_KEYWORDS)
+        return identity
+
     def _dense_bias(self, bias, batch, heads, nq, nk):
         """A dense bias in the module's layout (``[Q, B, K]``, or ``[B, Q, K]`` with batch_first; ``[B, H, Q, K]``
         either way) as ``[B, Q, K]`` / ``[B, H, Q, K]``."""
@@ -155,6 +221,11 @@ class SparseBiasMultiheadAttention(nn.Module):
                     f" (batch_first={self.batch_first})")
         raise ValueError(f"a dense attention_bias must be {layout} = {list(want)} (batch_first={self.batch_first}) "
                          f"or [B, H, Q, K] = {[batch, heads, nq, nk]}, got {tuple(bias.shape)}{hint}")
+
+
+#: the keywords `SparseBiasMultiheadAttention.forward` names (for the "did you mean")
+_FORWARD_KEYWORDS = tuple(p for p in inspect.signature(SparseBiasMultiheadAttention.forward).parameters
+                          if p not in ("self", "kwargs"))
 
 
 def _check_inputs(query, key, value, embed_dims, batch_first):

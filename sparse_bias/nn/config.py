@@ -21,7 +21,7 @@ CMTTEST_MARKERS = {"type", "learnable_scale", "min_scale", "max_scale"}
 _KEYS = ORIGIN_KEYS | CMTTEST_KEYS | OWN_KEYS
 
 
-def build_attention_bias(cfg: Optional[dict]):
+def build_attention_bias(cfg: Optional[dict]) -> Optional[AttentionBiasGenerator]:
     """Build an `sparse_bias.nn.AttentionBiasGenerator` from a dense version's ``attention_bias_config``.
 
     Every key of both dense versions keeps its meaning:

@@ -177,7 +177,7 @@ class AttentionBiasGenerator(nn.Module):
 
     def forward(self, lidar_weights: Optional[torch.Tensor], camera_weights: Optional[torch.Tensor],
                 bev_pos: Optional[torch.Tensor] = None, cam_pos: Optional[torch.Tensor] = None,
-                window_size=None, *, pts_bev_indices: Optional[torch.Tensor] = None,
+                window_size: Union[None, int, torch.Tensor] = None, *, pts_bev_indices: Optional[torch.Tensor] = None,
                 pts_pers_indices: Optional[torch.Tensor] = None) -> Union[SparseBias, ModalityBias, torch.Tensor]:
         bev_pos = _alias("bev_pos", bev_pos, "pts_bev_indices", pts_bev_indices)
         cam_pos = _alias("cam_pos", cam_pos, "pts_pers_indices", pts_pers_indices)

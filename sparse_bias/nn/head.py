@@ -1,11 +1,12 @@
 """One call from a detection head: project once, run the AQR, build the local bias."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..bias import SparseBias
 from .config import build_attention_bias
 from .aqr import CMT_PC_RANGE, AQROutput, AQRWeightGenerator
 
@@ -70,7 +71,7 @@ class AQRAttentionBias(nn.Module):
     def forward(self, query_embed: torch.Tensor, memory: torch.Tensor, pos_embed: torch.Tensor,
                 ref_points: torch.Tensor, lidar2img: Optional[torch.Tensor] = None,
                 img_shape: Optional[Sequence[int]] = None, key_padding_mask: Optional[torch.Tensor] = None,
-                return_weights: bool = False):
+                return_weights: bool = False) -> Union[SparseBias, Tuple[SparseBias, AQROutput]]:
         aqr: AQROutput = self.aqr(query_embed, memory, pos_embed, ref_points, lidar2img, img_shape,
                                   key_padding_mask=key_padding_mask)
         proj = aqr.projection

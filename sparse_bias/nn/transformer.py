@@ -1,21 +1,27 @@
 """CMT / PETR decoder modules (mmcv 1.x calling conventions, no mmcv dependency)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+import inspect
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..bias import SparseBias
 from ..windows import WindowIndex
 from . import mmcv_cfg
-from .attention import SparseBiasMultiheadAttention
+from .attention import SparseBiasMultiheadAttention, check_forward_keywords
 
 __all__ = ["FFN", "PETRTransformerDecoderLayer", "PETRTransformerDecoder", "CmtTransformer"]
 
 DEFAULT_ORDER = ("self_attn", "norm", "cross_attn", "norm", "ffn", "norm")
 
+
+#: attention masks of a layer: one for all attentions, or one per attention (a dense mask or a `WindowIndex`)
+Masks = Union[Tensor, WindowIndex, Sequence[Union[Tensor, WindowIndex, None]], None]
 
 class FFN(nn.Module):
     """mmcv's FFN: ``identity + (Linear -> ReLU -> Dropout -> Linear -> Dropout)(x)``; shapes ``[..., C]``.
@@ -30,7 +36,7 @@ class FFN(nn.Module):
             nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True), nn.Dropout(ffn_drop)),
             nn.Linear(feedforward_channels, embed_dims), nn.Dropout(ffn_drop))
 
-    def forward(self, x, identity=None):
+    def forward(self, x: Tensor, identity: Optional[Tensor] = None) -> Tensor:
         return (x if identity is None else identity) + self.layers(x)
 
 
@@ -106,16 +112,24 @@ class PETRTransformerDecoderLayer(nn.Module):
         self.embed_dims = embed_dims
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dims) for _ in range(self.operation_order.count("norm")))
 
-    def forward(self, query, key=None, value=None, query_pos=None, key_pos=None, attn_masks=None,
-                query_key_padding_mask=None, key_padding_mask=None, attention_bias=None, local_window=None,
-                **kwargs):
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                query_pos: Optional[Tensor] = None, key_pos: Optional[Tensor] = None, attn_masks: Masks = None,
+                query_key_padding_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                attention_bias: Union[SparseBias, Tensor, None] = None, local_window: Optional[WindowIndex] = None,
+                **kwargs) -> Tensor:
         """Shapes: query ``[Q, B, C]``, key/value ``[K, B, C]`` (batch-first when asked); ``attn_masks`` a list
         with one mask per attention (or one for all); returns ``[Q, B, C]``.
 
         ``local_window`` (a `sparse_bias.WindowIndex`) makes the cross-attention a local-mask (LAM)
         window attention; a ``WindowIndex`` in ``attn_masks`` at the cross-attention's place does the same.
         A dense ``attention_bias`` is in the attention's layout (``[Q, B, K]`` unless ``batch_first``).
+
+        ``**kwargs``: only `sparse_bias.nn.attention.MMCV_IGNORED_KEYWORDS` (``reg_branch``, which CMT's
+        transformer passes and its layer drops, ...), accepted and ignored as the dense modules ignore them;
+        any other keyword is a ``TypeError`` naming it, with a "did you mean" for a near miss.
         """
+        if kwargs:
+            check_forward_keywords(f"{type(self).__name__}.forward", kwargs, _LAYER_KEYWORDS)
         extras = dict(query_pos=query_pos, key_pos=key_pos, attn_masks=attn_masks,
                       query_key_padding_mask=query_key_padding_mask, key_padding_mask=key_padding_mask,
                       attention_bias=attention_bias, local_window=local_window)
@@ -158,6 +172,12 @@ class PETRTransformerDecoderLayer(nn.Module):
         return query
 
 
+#: the keywords `PETRTransformerDecoderLayer.forward` names, after ``query`` (for the "did you mean")
+_LAYER_KEYWORDS = tuple(p for p in inspect.signature(PETRTransformerDecoderLayer.forward).parameters
+                        if p not in ("self", "query", "kwargs"))
+_LAYER_KEYWORDS_SET = frozenset(_LAYER_KEYWORDS)
+
+
 class PETRTransformerDecoder(nn.Module):
     """A stack of `PETRTransformerDecoderLayer` with an optional post-norm.
 
@@ -194,10 +214,14 @@ class PETRTransformerDecoder(nn.Module):
         self.post_norm = nn.LayerNorm(embed_dims) if post_norm else None
         self.return_intermediate = return_intermediate
 
-    def forward(self, query, *args, **kwargs):
+    def forward(self, query: Tensor, *args, **kwargs) -> Tensor:
         """Shapes as `PETRTransformerDecoderLayer`, except a dense ``attention_bias``: ``[B, Q, K]`` here
         (the origin design's decoder level), handed to the layers in their sequence layout (``[Q, B, K]``
-        unless ``batch_first``), as CMTTEST's decoder does."""
+        unless ``batch_first``), as CMTTEST's decoder does. Keywords are the layer's: any other than
+        `sparse_bias.nn.attention.MMCV_IGNORED_KEYWORDS` is a ``TypeError`` naming the decoder."""
+        if kwargs.keys() - _LAYER_KEYWORDS_SET:
+            check_forward_keywords(f"{type(self).__name__}.forward",
+                                   {k: v for k, v in kwargs.items() if k not in _LAYER_KEYWORDS_SET}, _LAYER_KEYWORDS)
         bias = kwargs.get("attention_bias")
         if isinstance(bias, torch.Tensor) and bias.dim() == 3 and self.layers and not self.layers[0].batch_first:
             kwargs["attention_bias"] = bias.transpose(0, 1)
@@ -271,8 +295,9 @@ class CmtTransformer(nn.Module):
             pos.append(rearrange(rv_pos_embed, "(b v) h w c -> (v h w) b c", b=batch_size))
         return torch.cat(memory, dim=0), torch.cat(pos, dim=0)
 
-    def forward(self, x, x_img, query_embed, bev_pos_embed, rv_pos_embed, attn_masks=None, attention_bias=None,
-                reg_branch=None):
+    def forward(self, x: Tensor, x_img: Tensor, query_embed: Tensor, bev_pos_embed: Tensor, rv_pos_embed: Tensor,
+                attn_masks: Masks = None, attention_bias: Union[SparseBias, Tensor, None] = None,
+                reg_branch: Optional[object] = None) -> Tuple[Tensor, Tensor]:
         memory, pos = self.flatten_memory(x, x_img, bev_pos_embed, rv_pos_embed, query_embed.shape[0])  # [K, B, C]
         query_pos = query_embed.transpose(0, 1)                                           # [Q, B, C]
         target = torch.zeros_like(query_pos)

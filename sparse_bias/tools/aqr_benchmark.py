@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from ..nn import AQRWeightGenerator
 from ..window_attention import select_window_backend, window_attention
 from .benchmark import _peak_rss_mib, _rss_mib
-from .cli import Parser, report_to_parent, run_cli, run_worker, write_json
+from .cli import (Parser, odd_positive_int, positive_int, progress_bar, report_to_parent, run_cli, run_worker,
+                  write_json)
 from .synthetic import synthetic_scene
 
 __all__ = ["VARIANTS", "CHECK_TOLERANCE", "format_table", "main", "cli"]
@@ -173,28 +174,39 @@ def format_table(rows: List[Dict]) -> str:
 
 def _parser() -> Parser:
     parser = Parser.for_tool("aqr_benchmark", __doc__)
-    parser.add_argument("--config", default="fusion", choices=["fusion", "small"], help="CMT memory layout (default fusion)")
-    parser.add_argument("--queries", type=int, default=900, help="object queries Q (default 900)")
-    parser.add_argument("--batch-size", type=int, default=2, help="B (default 2)")
-    parser.add_argument("--heads", type=int, default=4, help="heads of the AQR attention (default 4)")
-    parser.add_argument("--embed-dims", type=int, default=256, help="C (default 256)")
-    parser.add_argument("--bev-window", type=int, default=5, help="BEV window of the LAM (default 5)")
-    parser.add_argument("--cam-window", type=int, default=15, help="camera window of the LAM (default 15)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant, after a warm-up (default 3)")
-    parser.add_argument("--check-queries", type=int, default=64,
-                        help="queries of the exactness check, same layout and windows (default 64)")
+    parser.add_argument("--config", default="fusion", quick="small", choices=["fusion", "small"],
+                        help="CMT memory layout")
+    parser.add_argument("--queries", type=positive_int, default=900, quick=32, help="object queries Q")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="B")
+    parser.add_argument("--heads", type=positive_int, default=4, help="heads of the AQR attention; must divide --embed-dims")
+    parser.add_argument("--embed-dims", type=positive_int, default=256, quick=32, help="C")
+    parser.add_argument("--bev-window", type=odd_positive_int, default=5, help="BEV window of the LAM (odd)")
+    parser.add_argument("--cam-window", type=odd_positive_int, default=15, help="camera window of the LAM (odd)")
+    parser.add_argument("--repeats", type=positive_int, default=3, quick=1,
+                        help="timed steps per variant, after a warm-up")
+    parser.add_argument("--check-queries", type=positive_int, default=64, quick=16,
+                        help="queries of the exactness check, same layout and windows")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                        help="variants to run (default all; lam-mask is the baseline and always runs)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+                        help="variants to run; lam-mask is the baseline and always runs (default: all)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run, used by the tests)")
     parser.add_worker_arguments(["check", "memory", "alone"], default="memory")
     return parser
 
 
 def main(argv=None) -> Dict:
-    args = _parser().parse_args(argv)
-    if args.quick:
-        args.config, args.queries, args.check_queries, args.repeats, args.embed_dims = "small", 32, 16, 1, 32
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.embed_dims % args.heads:
+        if "embed_dims" in args._explicit:
+            dims = f"--embed-dims {args.embed_dims}"
+        elif args.quick:
+            dims = f"--embed-dims, which is {args.embed_dims} with --quick (give --embed-dims to change it)"
+        else:
+            dims = f"--embed-dims, {args.embed_dims} by default"
+        fits = [h for h in range(1, min(args.embed_dims, 64) + 1) if args.embed_dims % h == 0]
+        parser.error(f"--heads {args.heads} must divide {dims}; "
+                     f"heads that divide {args.embed_dims}: {', '.join(map(str, fits))}")
     if args.worker:
         fn = {"check": _check, "memory": _memory_and_time, "alone": _attention_alone}[args.mode]
         report_to_parent(fn(args))
@@ -210,9 +222,14 @@ def main(argv=None) -> Dict:
         raise RuntimeError(f"window attention disagrees with the dense LAM: {check}")
     names = ["lam-mask"] + [v for v in args.variants if v != "lam-mask"]
     rows = []
-    for name in names:
+    bar = progress_bar(names, desc="AQR step (a process per variant)", unit="variant", leave=False)   # TTY only
+    for name in bar:
+        bar.set_postfix_str(name)
         rows.append(_run(args, "memory", name))
+        bar.clear()
         print(f"  {name}: {rows[-1]['time_s']:.3f} s, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+        bar.refresh()
+    bar.close()
     print(format_table(rows))
     alone = _run(args, "alone")
     ratio = {p: alone["window_attention"][p] / alone["sdpa"][p] for p in ("fwd", "fwd+bwd")}

@@ -31,7 +31,8 @@ from ..attention import dense_bias_attention, select_backend, sparse_bias_attent
 from ..backends import BACKENDS as REGISTRY, backend_names, torch_scatter_available
 from ..bias import window_bias
 from ..windows import local_windows
-from .cli import Parser, progress_bar, report_to_parent, run_cli, run_worker, write_json
+from .cli import (Parser, odd_positive_int, positive_float, positive_int, probability, progress_bar,
+                  report_to_parent, run_cli, run_worker, worker_progress, write_json)
 from .memory import dense_bias_gb
 from .synthetic import CMT_CONFIGS, synthetic_scene
 
@@ -127,9 +128,9 @@ def _check_all(args, win, q, k, v, wb, wc, grad) -> Dict:
                        tensors)
         scale = [float((a.double() - b).abs().max()) for a, b in zip(naive, want)]
     errors = {}
-    for variant in args.check_variants.split(","):
-        if args.dropout > 0 and not variant.startswith("sparse-"):
-            continue                            # PyTorch's dropout draws other decisions: nothing to compare
+    checked = [v for v in args.check_variants.split(",")
+               if not (args.dropout > 0 and not v.startswith("sparse-"))]   # PyTorch's dropout: other decisions
+    for variant in worker_progress(checked):
         got = _grads(_step(variant, (win, q, k, v, wb, wc), None, args.dropout), grad, tensors)
         if scale is None:
             errors[variant] = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
@@ -155,25 +156,22 @@ def _time_all(args, names, inputs, grad) -> Dict:
     passes = ("forward", "forward+backward") if args.backward else ("forward",)
     times = {(name, p): [] for name in names for p in passes}
     light = [n for n in names if n != "dense-bias"]
-    for group in (light, [n for n in names if n == "dense-bias"]):
-        for i in range(args.repeats + 1):
-            for name in group:
-                for p in passes:
-                    start = time.perf_counter()
-                    _step(name, inputs, grad if p == "forward+backward" else None, args.dropout)
-                    elapsed = time.perf_counter() - start
-                    _clear_grads(inputs[1:])
-                    if i:
-                        times[(name, p)].append(elapsed)
+    plan = [(i, name, p) for group in (light, [n for n in names if n == "dense-bias"])
+            for i in range(args.repeats + 1) for name in group for p in passes]
+    for i, name, p in worker_progress(plan):
+        start = time.perf_counter()
+        _step(name, inputs, grad if p == "forward+backward" else None, args.dropout)
+        elapsed = time.perf_counter() - start
+        _clear_grads(inputs[1:])
+        if i:
+            times[(name, p)].append(elapsed)
     out = {name: {} for name in names}
     for name in names:
         for p in passes:
             key = "" if p == "forward+backward" or not args.backward else "fwd_"
-            if name in light:
-                ratio = statistics.median(t / b for t, b in zip(times[(name, p)], times[("sdpa", p)]))
-            else:
-                ratio = statistics.median(times[(name, p)]) / statistics.median(times[("sdpa", p)])
-            out[name].update({f"{key}time_s": statistics.median(times[(name, p)]), f"{key}time_ratio": ratio})
+            median = statistics.median(times[(name, p)])
+            # the ratio of the two medians the table prints (recomputable from them), not a median of ratios
+            out[name].update({f"{key}time_s": median, f"{key}time_ratio": median / statistics.median(times[("sdpa", p)])})
     return out
 
 
@@ -194,7 +192,7 @@ def _worker(args) -> Dict:
             "chosen": chosen, "nnz": win.nnz}
 
 
-def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
+def _run(args, mode: str, variant: str = "-", names=(), bar=None) -> Dict:
     argv = ["--worker", variant, "--mode", mode, "--queries", str(args.queries),
             "--config", args.config, "--batch-size", str(args.batch_size), "--heads", str(args.heads),
             "--head-dim", str(args.head_dim), "--bev-window", str(args.bev_window),
@@ -204,7 +202,7 @@ def _run(args, mode: str, variant: str = "-", names=()) -> Dict:
         argv.append("--forward-only")
     if names:
         argv += ["--check-variants", ",".join(names)]
-    return run_worker("sparse_bias.tools.benchmark", argv, f"benchmark worker ({mode} {variant})")
+    return run_worker("sparse_bias.tools.benchmark", argv, f"benchmark worker ({mode} {variant})", bar=bar)
 
 
 #: every variant name the command line accepts
@@ -240,6 +238,8 @@ def format_table(rows: List[Dict]) -> str:
             line += f"{r['time_s']:9.3f} {r['time_ratio']:7.3f} "
         lines.append(line + f"{r['peak_rss_mib']:15.0f} {r['peak_rss_mib'] / base['peak_rss_mib']:7.3f} "
                      f"{extra:17.0f} ({extra / base_extra:4.2f}x) {err:>12s}")
+    lines.append("x sdpa: the value on its left divided by sdpa's in the same column (times: the ratio of the two "
+                 "medians, from the unrounded values)")
     if both and "fwd_peak_rss_mib" in base:
         lines.append("peak RSS of a forward-only step: " + ", ".join(
             f"{r['variant']} {r['fwd_peak_rss_mib']:.0f} MiB ({r['fwd_peak_rss_mib'] / base['fwd_peak_rss_mib']:.3f}x)"
@@ -249,32 +249,36 @@ def format_table(rows: List[Dict]) -> str:
 
 def _parser() -> Parser:
     parser = Parser.for_tool("benchmark", __doc__)
-    parser.add_argument("--config", default="fusion", choices=["fusion", "small"], help="CMT memory layout")
-    parser.add_argument("--queries", type=int, default=900, help="object queries Q")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch size B")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads H")
-    parser.add_argument("--head-dim", type=int, default=32, help="head dim D")
-    parser.add_argument("--bev-window", type=int, default=15, help="BEV window size (odd)")
-    parser.add_argument("--cam-window", type=int, default=15, help="camera window size (odd)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median), after a warm-up")
+    parser.add_argument("--config", default="fusion", quick="small", choices=["fusion", "small"],
+                        help="CMT memory layout")
+    parser.add_argument("--queries", type=positive_int, default=900, quick=32, help="object queries Q")
+    parser.add_argument("--batch-size", type=positive_int, default=2, quick=1, help="batch size B")
+    parser.add_argument("--heads", type=positive_int, default=8, quick=2, help="attention heads H")
+    parser.add_argument("--head-dim", type=positive_int, default=32, help="head dim D")
+    parser.add_argument("--bev-window", type=odd_positive_int, default=None,
+                        help="BEV window size, odd (default: 15; 5 with --quick --sweep)")
+    parser.add_argument("--cam-window", type=odd_positive_int, default=None,
+                        help="camera window size, odd (default: 15; 5 with --quick --sweep)")
+    parser.add_argument("--repeats", type=positive_int, default=5, quick=1,
+                        help="timed repeats per variant (median), after a warm-up")
     parser.add_argument("--forward-only", dest="backward", action="store_false",
-                        help="time the forward only (default: forward and forward + backward, side by side)")
+                        help="time the forward only (otherwise forward and forward + backward, side by side)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of q, k, v")
-    parser.add_argument("--dropout", type=float, default=0.0,
-                        help="attention dropout of every variant but sdpa, which stays the dropout-free floor; adds "
-                             "sdpa-dropout")
+    parser.add_argument("--dropout", type=probability, default=0.0,
+                        help="attention dropout in [0, 1) of every variant but sdpa, which stays the dropout-free "
+                             "floor; adds sdpa-dropout")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the exactness check against the dense reference")
-    parser.add_argument("--check-queries", type=int, default=None,
-                        help="check exactness with this many queries (same layout and windows); default all")
+    parser.add_argument("--check-queries", type=positive_int, default=None,
+                        help="check exactness with this many queries (same layout and windows) (default: all)")
     parser.add_argument("--variants", nargs="+", default=None, choices=ALL_VARIANTS, metavar="VARIANT",
                         help=f"subset of {ALL_VARIANTS} (default: all that run here)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run, used by the tests)")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (default: none)")
     parser.add_argument("--sweep", action="store_true",
                         help="sweep queries, window size and layout; writes CSV, JSON and PNG plots to --out")
     parser.add_argument("--out", default="bench_out", help="output folder of --sweep")
-    parser.add_argument("--max-dense-gib", type=float, default=16.0,
+    parser.add_argument("--max-dense-gib", type=positive_float, default=16.0,
                         help="skip dense-bias where it would need more RAM than this (GB)")
     parser.add_worker_arguments(["check", "time", "memory"], default="time")
     parser.add_argument("--check-variants", default="", help=argparse.SUPPRESS)
@@ -299,7 +303,8 @@ def compare(args, log=print) -> List[Dict]:
         check_args = copy.copy(args)
         if args.check_queries:
             check_args.queries = min(args.queries, args.check_queries)
-        errors = _run(check_args, "check", names=[n for n in names if n != "sdpa"])
+        with progress_bar(desc="exactness check", unit="variant", leave=False) as bar:   # TTY only
+            errors = _run(check_args, "check", names=[n for n in names if n != "sdpa"], bar=bar)
         what = ("max relative error" if args.dtype == "float32" else
                 f"max error / the {args.dtype} dense reference's error, against float64")
         log(f"  exactness vs the dense reference at Q={check_args.queries} ({what}, output and all gradients): "
@@ -308,10 +313,13 @@ def compare(args, log=print) -> List[Dict]:
         bad = {k: v for k, v in errors.items() if not v < limit}
         if bad:
             raise RuntimeError(f"variants disagree with the dense reference: {bad}")
-    timing = _run(args, "time", names=names)
+    with progress_bar(desc="timing (interleaved)", unit="step", leave=False) as bar:
+        timing = _run(args, "time", names=names, bar=bar)
     log("  timed (interleaved, one process): " + ", ".join(f"{k} {v['time_s']:.3f} s" for k, v in timing.items()))
     rows = []
-    for name in names:
+    bar = progress_bar(names, desc="peak memory (a process per variant)", unit="variant", leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
         row = _run(args, "memory", name)
         row.update(timing[name], max_rel_error=errors.get(name))
         if args.backward:                       # the forward-only step's peak too (inference)
@@ -320,7 +328,10 @@ def compare(args, log=print) -> List[Dict]:
             fwd = _run(fwd_args, "memory", name)
             row.update(fwd_peak_rss_mib=fwd["peak_rss_mib"], fwd_setup_rss_mib=fwd["setup_rss_mib"])
         rows.append(row)
+        bar.clear()
         log(f"  memory of {name}: peak RSS {row['peak_rss_mib']:.0f} MiB")
+        bar.refresh()
+    bar.close()
     return rows
 
 
@@ -432,20 +443,17 @@ def _write_sweep(out: str, rows: List[Dict]) -> None:
 def main(argv=None) -> List[Dict]:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    for name in ("bev_window", "cam_window"):
+        if getattr(args, name) is None:
+            setattr(args, name, 5 if args.quick and args.sweep else 15)
     if args.variants and "sparse-scatter" in args.variants and not torch_scatter_available():
         parser.error("--variants sparse-scatter: torch-scatter is not installed")
     if args.variants and "sdpa-dropout" in args.variants and args.dropout == 0:
         parser.error("--variants sdpa-dropout needs --dropout > 0")
-    if args.quick:
-        args.config, args.queries, args.batch_size, args.heads, args.repeats = "small", 32, 1, 2, 1
     if args.worker:
         report_to_parent(_worker(args))
         return []
     if args.sweep:
-        if args.quick:
-            args.bev_window = args.cam_window = 5
         rows = sweep(args, QUICK_SWEEP if args.quick else SWEEP)
         print(f"sweep: {len(rows)} rows; CSV, JSON and plots in {args.out}")
         return rows

@@ -8,30 +8,178 @@ Every tool (`benchmark`, `aqr_benchmark`, `demo`, `selftest`) has a ``main(argv=
 
     if __name__ == "__main__":
         sys.exit(cli())
+
+Numeric options are validated when the command line is parsed (``type=positive_int`` and friends below): a bad
+value is one line on stderr and exit status 2, before anything runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from typing import Any, Callable, Dict, Optional, Sequence
 
-__all__ = ["Parser", "run_cli", "run_worker", "report_to_parent", "write_json", "progress_bar"]
+__all__ = ["Parser", "HelpFormatter", "positive_int", "non_negative_int", "odd_positive_int", "probability",
+           "positive_float", "run_cli", "run_worker", "report_to_parent", "write_json", "progress_bar",
+           "worker_progress"]
+
+
+# ---- argument types (argparse ``type=``): a bad value is "argument --x: <message>", exit status 2 -------------
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1.
+
+    >>> positive_int("3")
+    3
+    >>> positive_int("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be a positive integer (>= 1), got 0
+    """
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0.
+
+    >>> non_negative_int("0")
+    0
+    """
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def odd_positive_int(text: str) -> int:
+    """An odd integer >= 1 (a window size: the window is centred on its cell).
+
+    >>> odd_positive_int("15")
+    15
+    >>> odd_positive_int("4")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be an odd positive integer (a window is centred on its cell: 1, 3, 5, ...), got 4
+    """
+    value = _int(text)
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(
+            f"must be an odd positive integer (a window is centred on its cell: 1, 3, 5, ...), got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value:
+        raise argparse.ArgumentTypeError("expected a number, got nan")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability in [0, 1) (a dropout rate).
+
+    >>> probability("0.1")
+    0.1
+    >>> probability("1")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be in [0, 1), got 1.0
+    """
+    value = _float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0.
+
+    >>> positive_float("16")
+    16.0
+    """
+    value = _float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+# ---- the parser ---------------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help, unless the help already states its default, the option is
+    hidden, or its default is None; an on/off flag (``store_true`` / ``store_false``) reads ``(default: off)``
+    -- it is off unless given, whatever the attribute it sets."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if text == argparse.SUPPRESS or "(default" in text or "%(default)" in text or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text + " (default: off)"
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or action.default in (
+                None, argparse.SUPPRESS):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {default})"
 
 
 class Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` showing every default in ``--help`` and reporting a bad argument in one line
-    on stderr (``prog: error: ... (see --help)``, exit status 2) instead of the usage block."""
+    """``argparse.ArgumentParser`` showing every default in ``--help`` (`HelpFormatter`) and reporting a bad
+    argument in one line on stderr (``prog: error: ... (see --help)``, exit status 2) instead of the usage block.
+
+    ``add_argument(..., quick=VALUE)`` declares an option whose value ``--quick`` changes: the default of the
+    command line is None, and `parse_args` fills in ``default`` (or ``VALUE`` with ``--quick``) only where the
+    user gave no value, so ``--quick`` never overrides a value typed on the command line. The names of the
+    options the user did give are in ``args._explicit``.
+    """
 
     def __init__(self, prog: str, description: str, **kwargs):
-        super().__init__(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         **kwargs)
+        super().__init__(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
+        self._quick_defaults: Dict[str, tuple] = {}
 
     @classmethod
     def for_tool(cls, name: str, doc: str, **kwargs) -> "Parser":
         """The parser of ``python -m sparse_bias.<name>``, described by the first line of the tool's docstring."""
         return cls(f"python -m sparse_bias.{name}", doc.splitlines()[0], **kwargs)
+
+    _NO_QUICK = object()
+
+    def add_argument(self, *args, quick=_NO_QUICK, **kwargs):
+        if quick is self._NO_QUICK:
+            return super().add_argument(*args, **kwargs)
+        default = kwargs.pop("default")
+        show = (lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+        kwargs["help"] = f"{kwargs.get('help', '')} (default: {show(default)}; {show(quick)} with --quick)"
+        action = super().add_argument(*args, default=None, **kwargs)
+        self._quick_defaults[action.dest] = (default, quick)
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        explicit = set(getattr(ns, "_explicit", ()))
+        quick = bool(getattr(ns, "quick", False))
+        for dest, (default, quick_value) in self._quick_defaults.items():
+            if getattr(ns, dest, None) is None:
+                setattr(ns, dest, quick_value if quick else default)
+            else:
+                explicit.add(dest)
+        ns._explicit = explicit
+        return ns, rest
 
     def add_worker_arguments(self, modes: Sequence[str], default: str) -> None:
         """The hidden ``--worker VARIANT --mode MODE`` of a tool that measures each variant in a fresh process of
@@ -58,13 +206,58 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Seque
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
-def run_worker(module: str, argv: Sequence[str], what: str) -> Dict:
+# ---- worker processes and their progress -------------------------------------------------------------------
+
+#: set in a worker's environment when its parent shows a bar: the worker then reports its steps on stderr
+_PROGRESS_ENV = "SPARSE_BIAS_WORKER_PROGRESS"
+_PROGRESS_TAG = "\x1esparse_bias progress "
+
+
+def run_worker(module: str, argv: Sequence[str], what: str, bar=None) -> Dict:
     """Run ``python -m <module> <argv>`` in a fresh process and return the JSON object it printed last (its
-    `report_to_parent`); a failing worker raises ``RuntimeError`` with the end of its stderr, naming ``what``."""
-    res = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    `report_to_parent`); a failing worker raises ``RuntimeError`` with the end of its stderr, naming ``what``.
+
+    ``bar``: a `progress_bar` the worker's `worker_progress` steps advance (its total is set from the worker's).
+    """
+    env = dict(os.environ)
+    show = bar is not None and not getattr(bar, "disable", True)
+    if show:
+        env[_PROGRESS_ENV] = "1"
+    else:
+        env.pop(_PROGRESS_ENV, None)
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=out, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        err = []
+        for line in proc.stderr:
+            if line.startswith(_PROGRESS_TAG):
+                done, total = (int(x) for x in line[len(_PROGRESS_TAG):].split())
+                if show:
+                    bar.total = total
+                    bar.n = done
+                    bar.refresh()
+            else:
+                err.append(line)
+        proc.wait()
+        out.seek(0)
+        stdout = out.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{''.join(err)[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def worker_progress(iterable, total: Optional[int] = None):
+    """Yield the items of ``iterable``, reporting each step to the parent's bar (`run_worker`) when it shows one."""
+    if os.environ.get(_PROGRESS_ENV) != "1":
+        yield from iterable
+        return
+    total = len(iterable) if total is None else total
+    for i, item in enumerate(iterable):
+        sys.stderr.write(f"{_PROGRESS_TAG}{i} {total}\n")
+        sys.stderr.flush()
+        yield item
+    sys.stderr.write(f"{_PROGRESS_TAG}{total} {total}\n")
+    sys.stderr.flush()
 
 
 def report_to_parent(result: Dict) -> None:

@@ -20,7 +20,7 @@ import torch
 from ..bias import window_bias
 from ..windows import local_windows
 from . import benchmark
-from .cli import Parser, run_cli
+from .cli import Parser, non_negative_int, odd_positive_int, positive_int, progress_bar, run_cli
 from .memory import available_gib, dense_bias_gb
 from .plotting import plot_comparison, plot_query_bias
 from .synthetic import CMT_CONFIGS, synthetic_scene
@@ -36,16 +36,16 @@ def main(argv=None) -> dict:
     parser = Parser.for_tool("demo", __doc__)
     parser.add_argument("--out", default="demo_out", help="folder for the PNG")
     parser.add_argument("--quick", action="store_true", help="small sizes (used by the tests)")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch size B of the synthetic scene")
-    parser.add_argument("--queries", type=int, default=900, help="object queries Q")
-    parser.add_argument("--window", type=int, nargs=2, default=(15, 15), metavar=("BEV", "CAM"),
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="batch size B of the synthetic scene")
+    parser.add_argument("--queries", type=positive_int, default=900, quick=64, help="object queries Q")
+    parser.add_argument("--window", type=odd_positive_int, nargs=2, default=(15, 15), metavar=("BEV", "CAM"),
                         help="BEV and camera window sizes (odd)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scene and weights")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthetic scene and weights")
     parser.add_argument("--no-attention", dest="attention", action="store_false",
                         help="skip the attention comparison (part 2)")
     args = parser.parse_args(argv)
     config = "small" if args.quick else "fusion"
-    queries = 64 if args.quick else args.queries
+    queries = args.queries
     os.makedirs(args.out, exist_ok=True)
 
     scene = synthetic_scene(args.batch_size, queries, config=config, seed=args.seed)
@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
 
     bev_w, cam_w = args.window
     times = []
-    for _ in range(5):
+    for _ in progress_bar(range(5), desc="building the windows", unit="build", leave=False):   # TTY only
         start = time.perf_counter()
         win = local_windows(layout, scene.bev_pos, scene.cam_pos, bev_window=bev_w, cam_window=cam_w)
         times.append(time.perf_counter() - start)
@@ -100,11 +100,14 @@ def _plot(args, scene, bias):
 
 def _attention(args):
     print("\n== attention: sparse bias vs unbiased SDPA vs the dense-bias version (fp32, forward + backward) ==")
-    bench_args = ["--quick"] if args.quick else ["--queries", str(args.queries), "--batch-size", str(args.batch_size)]
+    if args.quick:                                   # the benchmark's --quick sizes, but for a --queries typed
+        bench_args = ["--quick"] + (["--queries", str(args.queries)] if "queries" in getattr(args, "_explicit", ()) else [])
+    else:
+        bench_args = ["--queries", str(args.queries), "--batch-size", str(args.batch_size)]
     variants = ["sdpa", "sparse-auto", "dense-bias"]
-    queries = 32 if args.quick else args.queries               # the benchmark's --quick sizes
-    keys = CMT_CONFIGS["small" if args.quick else "fusion"].layout.num_keys
-    need, free = dense_bias_gb(1 if args.quick else args.batch_size, 2 if args.quick else 8, queries, keys), available_gib()
+    sizes = benchmark._parser().parse_args(bench_args)        # the sizes the benchmark will run
+    keys = CMT_CONFIGS[sizes.config].layout.num_keys
+    need, free = dense_bias_gb(sizes.batch_size, sizes.heads, sizes.queries, keys), available_gib()
     print(f"memory      : the dense-bias variant needs about {need:.1f} GB of RAM "
           f"({'unknown' if free is None else f'{free:.1f} GB'} available)")
     if free is not None and free < need:

@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ from ..bias import SparseBias, window_bias
 from ..dispatch import self_check_results
 from ..flex import flex_score_mod
 from ..windows import local_windows
-from .cli import Parser, progress_bar, run_cli, write_json
+from .cli import Parser, odd_positive_int, positive_int, progress_bar, run_cli, write_json
 from .memory import available_gib, dense_bias_gb
 from .synthetic import synthetic_scene
 
@@ -142,8 +142,9 @@ def _check_line(row) -> str:
 
 # ---- timing -----------------------------------------------------------------------------------------
 
-def _timed(step, device, repeats) -> Dict:
+def _timed(step, device, repeats, tick=lambda: None) -> Dict:
     step()                                                                # warm-up (and compilation)
+    tick()
     times, peak = [], None
     for _ in range(repeats):
         if device.type == "cuda":
@@ -159,6 +160,7 @@ def _timed(step, device, repeats) -> Dict:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+        tick()
     return dict(time_ms=statistics.median(times) * 1e3, peak_mib=peak)
 
 
@@ -195,7 +197,10 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
         variants["flex"] = lambda: flex(q, k, v, score_mod=mod)
     rows = []
     plan = [(n, bwd) for n in variants for bwd in (False, True)]
-    for name, backward in progress_bar(plan, desc="timing", unit="run", enabled=progress, leave=False):
+    bar = progress_bar(total=len(plan) * (repeats + 1), desc="timing", unit="step", enabled=progress, leave=False)
+    for name, backward in plan:
+        bar.set_postfix_str(f"{name} {'fwd+bwd' if backward else 'fwd'}")
+        done = bar.n + repeats + 1                # where the bar stands after this variant, even when it fails
         fn = variants[name]
         leaves = (q, k, v) if name == "sdpa" else (q, k, v, wb, wc)
 
@@ -207,12 +212,14 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
             return torch.autograd.grad(out, leaves, torch.ones_like(out))
 
         try:
-            res = _timed(step, device, repeats)
+            res = _timed(step, device, repeats, tick=bar.update)
         except Exception as exc:  # noqa: BLE001 - e.g. FlexAttention without this device's backward
             rows.append(dict(variant=name, pass_="fwd+bwd" if backward else "fwd", time_ms=None, peak_mib=None,
                              note=f"does not run here ({type(exc).__name__})"))
+            bar.update(done - bar.n)
             continue
         rows.append(dict(variant=name, pass_="fwd+bwd" if backward else "fwd", note="", **res))
+    bar.close()
     base = {r["pass_"]: r["time_ms"] for r in rows if r["variant"] == "sdpa"}
     for r in rows:
         r["x_sdpa"] = None if r["time_ms"] is None or not base.get(r["pass_"]) else r["time_ms"] / base[r["pass_"]]
@@ -234,21 +241,22 @@ def format_timing(rows: Sequence[Dict]) -> str:
 
 
 def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES), *, quick: bool = False,
-             timing: bool = True, queries: int = 900, window: int = 15, layout: str = "fusion",
-             timing_dtype: str = "float32", repeats: int = 5, json_path: Optional[str] = None,
-             progress: bool = True, log=print) -> Dict:
+             timing: bool = True, queries: Optional[int] = None, window: Optional[int] = None,
+             layout: Optional[str] = None, timing_dtype: str = "float32", repeats: Optional[int] = None, json_path: Optional[str] = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> Dict:
     """Run the self-test (``python -m sparse_bias.selftest`` is its command line) and return its report.
 
     Args:
         device: e.g. ``"cuda:0"``; default the best available.
         dtypes: names of the dtypes to check (``"float32"``, ``"bfloat16"``, ``"float16"``).
-        quick: small sizes everywhere (timing at 32 queries on the ``small`` layout, one repeat).
+        quick: small sizes everywhere (timing at 32 queries, windows 5, the ``small`` layout, one repeat, for
+            each of those not given).
         timing: also run the timing table.
-        queries: queries of the timing problem.
-        window: BEV and camera window size of the timing problem.
-        layout: key layout of the timing problem, ``"fusion"`` or ``"small"``.
+        queries: queries of the timing problem (default 900; 32 with ``quick``).
+        window: BEV and camera window size of the timing problem, odd (default 15; 5 with ``quick``).
+        layout: key layout of the timing problem, ``"fusion"`` or ``"small"`` (default fusion; small with ``quick``).
         timing_dtype: the dtype of the timing problem.
-        repeats: timing repeats (median).
+        repeats: timing repeats, median (default 5; 1 with ``quick``).
         json_path: also write the report there.
         progress: tqdm progress bars on stderr (off when stderr is not a terminal).
         log: where the lines go.
@@ -268,6 +276,15 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise ValueError(f"dtypes must be among {sorted(DTYPES)}, got {bad}")
+    queries = (32 if quick else 900) if queries is None else queries
+    window = (5 if quick else 15) if window is None else window
+    layout = ("small" if quick else "fusion") if layout is None else layout
+    repeats = (1 if quick else 5) if repeats is None else repeats
+    for what, value, odd in (("queries", queries, False), ("window", window, True), ("repeats", repeats, False)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (odd and value % 2 == 0):
+            raise ValueError(f"{what} must be {'an odd' if odd else 'a'} positive int, got {value!r}")
+    if layout not in ("fusion", "small"):
+        raise ValueError(f"layout must be 'fusion' or 'small', got {layout!r}")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     log(f"sparse_bias self-test on {dev} ({name}); torch {torch.__version__}")
     checks = _checks(dev, [DTYPES[d] for d in dtypes], quick, progress, log)
@@ -277,17 +294,23 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
                   timing=[], self_checks=[dict(op=k[0], backend=k[1], device=k[2], dtype=str(k[3]), head_dim=k[4],
                                                passed=v[0], detail=v[1]) for k, v in self_check_results().items()])
     if timing:
-        if quick:
-            queries, window, layout, repeats = 32, 5, "small", 1
         log(f"\ntiming: {layout} layout, B=2, H=8, D=32, Q={queries}, windows {window}/{window}, {timing_dtype}, "
             f"median of {repeats}")
         report["timing"] = _timing(dev, DTYPES[timing_dtype], queries, window, layout, repeats, progress, quick)
         log(format_timing(report["timing"]))
-    log("\nresult: " + ("PASS" if passed else "FAIL -- please report this output (and --json) with your GPU model, "
-                                           "driver and torch version"))
+    log("\nresult: " + ("PASS" if passed else "FAIL -- please report this output (and --json) with "
+                         + _machine_to_report(dev, name)))
     if json_path:
         write_json(json_path, report, default=str)
     return report
+
+
+def _machine_to_report(dev, name: str) -> str:
+    """What a failure report should name about the machine: the GPU on a CUDA run, the CPU and OS otherwise."""
+    if dev.type == "cuda":
+        return f"your GPU model ({name}), driver and torch version"
+    return (f"your CPU model ({name}), operating system ({platform.system()} {platform.release()}) and torch "
+            "version")
 
 
 def _parser() -> Parser:
@@ -296,12 +319,14 @@ def _parser() -> Parser:
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="dtypes to check")
     p.add_argument("--quick", action="store_true", help="small sizes everywhere (a minute on a CPU)")
     p.add_argument("--no-timing", dest="timing", action="store_false", help="only the exactness checks")
-    p.add_argument("--queries", type=int, default=900, help="queries of the timing problem")
-    p.add_argument("--window", type=int, default=15, help="BEV and camera window size of the timing problem")
-    p.add_argument("--layout", default="fusion", choices=["fusion", "small"], help="key layout of the timing problem")
+    p.add_argument("--queries", type=positive_int, default=900, quick=32, help="queries of the timing problem")
+    p.add_argument("--window", type=odd_positive_int, default=15, quick=5,
+                   help="BEV and camera window size of the timing problem (odd)")
+    p.add_argument("--layout", default="fusion", quick="small", choices=["fusion", "small"],
+                   help="key layout of the timing problem")
     p.add_argument("--timing-dtype", default="float32", choices=list(DTYPES), help="dtype of the timing problem")
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats (median)")
-    p.add_argument("--json", default=None, help="also write the report to this JSON file")
+    p.add_argument("--repeats", type=positive_int, default=5, quick=1, help="timing repeats (median)")
+    p.add_argument("--json", default=None, help="also write the report to this JSON file (default: none)")
     return p
 
 
