@@ -66,4 +66,4 @@ if os.environ.get("SPARSE_BIAS_NO_EXT") != "1":
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass,
       # the kernel sources travel with the package: the first-use compile (sparse_bias/_extension.py) needs them
-      package_data={"sparse_bias": ["csrc/*.cpp", "csrc/*.h"]})
+      package_data={"sparse_bias": ["py.typed", "csrc/*.cpp", "csrc/*.h"]})

@@ -27,6 +27,7 @@ import shutil
 import sys
 import threading
 import time
+from typing import Any, Dict, Tuple
 
 __all__ = ["extension", "extension_available", "SOURCES", "HEADERS", "EXTRA_COMPILE_ARGS", "EXTRA_LINK_ARGS",
            "NO_EXT_ENV", "JIT_ENV", "FIX_COMMAND", "FALLBACK"]
@@ -51,10 +52,10 @@ FALLBACK = ("the pure-PyTorch backends run instead (`sparse` for the window term
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _lock = threading.Lock()
-_cache: dict = {}
+_cache: Dict[str, Tuple[Any, str]] = {}
 
 
-def _off(value) -> bool:
+def _off(value: str) -> bool:
     return str(value).strip().lower() in ("0", "false", "no", "off")
 
 
@@ -92,7 +93,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[:200]}" + (" ..." if len(line) > 200 or len(text) > 1 else "")
 
 
-def _jit_compile():
+def _jit_compile() -> Tuple[Any, str]:
     """``(module, why)``: the kernels compiled (or loaded from torch's extensions cache) with
     ``torch.utils.cpp_extension.load``, or None and the reason."""
     if _off(os.environ.get(JIT_ENV, "1")):
@@ -138,17 +139,18 @@ def _jit_compile():
     return module, f"fused C++/OpenMP kernels (compiled on first use against torch {torch.__version__}, {build_dir})"
 
 
-def _load():
+def _load() -> Tuple[Any, str]:
     if os.environ.get(NO_EXT_ENV) == "1":
         return None, f"disabled by {NO_EXT_ENV}=1; {FALLBACK}"
     try:
-        from . import _C  # built at install time (optional: a build without torch or a compiler has none)
+        # built at install time (optional: a build without torch or a compiler has none)
+        from . import _C  # type: ignore[attr-defined]
     except ImportError:
         return _jit_compile()
     return _C, "fused C++/OpenMP kernels (sparse_bias._C)"
 
 
-def extension():
+def extension() -> Tuple[Any, str]:
     """``(module, why)``: the compiled module, or None and the reason it is missing (with the command that builds
     it and the backend that runs instead). The first call imports ``sparse_bias._C`` or, when the install has none,
     compiles the kernels against the installed torch (once; cached); later calls return the same answer."""
@@ -157,15 +159,6 @@ def extension():
             if "result" not in _cache:
                 _cache["result"] = _load()
     return _cache["result"]
-
-
-def _reset():
-    """Forget the answer of `extension` (tests)."""
-    with _lock:
-        _cache.clear()
-
-
-extension.cache_clear = _reset  # the lru_cache-style name earlier versions had
 
 
 def extension_available() -> bool:

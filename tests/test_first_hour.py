@@ -31,7 +31,7 @@ def test_help_shows_a_default_or_a_flag_for_every_option(module):
     res = subprocess.run([sys.executable, "-m", f"sparse_bias.{module}", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.startswith(f"usage: python -m sparse_bias.{module}")
-    options = [line for line in res.stdout.splitlines() if line.strip().startswith("--")]
+    options = [line for line in res.stdout.splitlines() if line.startswith("  --")]   # not wrapped help lines
     text = res.stdout.replace("\n", " ")
     assert options and text.count("(default:") >= len(options) - 1          # every option but --help has help
 

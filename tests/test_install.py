@@ -147,8 +147,9 @@ def _local_torch_wheel():
     import torch
     version = torch.__version__.split("+")[0]
     dirs = os.environ.get("SPARSE_BIAS_TORCH_WHEELS", os.environ.get("PIP_FIND_LINKS", "/opt/wheels")).split()
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
     for d in dirs:
-        found = sorted(glob.glob(os.path.join(d, f"torch-{version}*-cp{sys.version_info[0]}{sys.version_info[1]}-*.whl")))
+        found = sorted(glob.glob(os.path.join(d, f"torch-{version}*-{tag}-*.whl")))
         if found:
             return found[0]
     return None
