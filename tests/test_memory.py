@@ -6,7 +6,7 @@ from sparse_bias.tools import benchmark
 
 
 def test_sparse_extra_memory_is_a_small_fraction_of_dense():
-    args = benchmark._parser().parse_args(["--config", "small", "--queries", "300", "--heads", "8"])
+    args = benchmark.parse_args(["--config", "small", "--queries", "300", "--heads", "8"])
     peak = {name: benchmark._run(args, "memory", name)["peak_rss_mib"] for name in ("sdpa", "sparse-auto", "dense-bias")}
     sparse_extra = peak["sparse-auto"] - peak["sdpa"]
     dense_extra = peak["dense-bias"] - peak["sdpa"]

@@ -23,7 +23,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -440,12 +440,18 @@ def _write_sweep(out: str, rows: List[Dict]) -> None:
         plt.close(fig)
 
 
-def main(argv=None) -> List[Dict]:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def parse_args(argv=None, parser: Optional[Parser] = None) -> argparse.Namespace:
+    """The command line parsed, every default filled in (the window sizes depend on ``--quick --sweep``)."""
+    args = (parser or _parser()).parse_args(argv)
     for name in ("bev_window", "cam_window"):
         if getattr(args, name) is None:
             setattr(args, name, 5 if args.quick and args.sweep else 15)
+    return args
+
+
+def main(argv=None) -> List[Dict]:
+    parser = _parser()
+    args = parse_args(argv, parser)
     if args.variants and "sparse-scatter" in args.variants and not torch_scatter_available():
         parser.error("--variants sparse-scatter: torch-scatter is not installed")
     if args.variants and "sdpa-dropout" in args.variants and args.dropout == 0:
