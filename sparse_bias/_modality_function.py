@@ -37,7 +37,7 @@ class _ModalityBiasAttention(torch.autograd.Function):
         w = torch.nan_to_num(w, nan=0.0)                                                    # fully masked rows
         out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=cdt, device=q.device)
         for i, o_m in enumerate(outs):
-            out += w[..., i:i + 1] * torch.nan_to_num(o_m.to(cdt))
+            out += w[..., i:i + 1] * o_m.to(cdt)          # a fully masked range: o_m = 0 (dense_lse_forward)
         out = out.to(q.dtype)
         ctx.ranges, ctx.call, ctx.kernels, ctx.shared = ranges, call, kernels_used, values.dim() == 3
         ctx.save_for_backward(q, k, v, out, w, *outs, *lses)
@@ -62,7 +62,7 @@ class _ModalityBiasAttention(torch.autograd.Function):
                 ctx.kernels[i], (wi.unsqueeze(-1) * g).to(q.dtype), (q, k[:, :, start:end], v[:, :, start:end]),
                 (out, lses[i]), call.keys(start, end, nk))
             dq += dq_m.to(cdt)
-            dc.append(wi * ((g * torch.nan_to_num(outs[i].to(cdt))).sum(-1) - go))          # [B, H, Q]
+            dc.append(wi * ((g * outs[i].to(cdt)).sum(-1) - go))                            # [B, H, Q]
         dc = torch.stack(dc, dim=-1)                                                        # [B, H, Q, M]
         dvalues = dc.sum(1) if ctx.shared else dc.permute(0, 2, 3, 1)
         return dq.to(q.dtype), dk, dv, dvalues, None, None

@@ -122,11 +122,12 @@ class Backend:
     #: whether the backward needs contiguous dq / dk / dv buffers
     needs_contiguous = False
 
+    #: what `available` reports when the backend can run
+    description = "the backend primitives"
+
     def available(self) -> Tuple[bool, str]:
         """``(ok, why)``: whether the backend's dependencies (extension, package) are present here."""
         return True, self.description
-
-    description = "the backend primitives"
 
     def saves(self, op: str) -> Optional[str]:
         """What the forward of ``op`` keeps for the backward (`Supports.saves`)."""
