@@ -4,9 +4,11 @@ Each object query attends more strongly to a local window of keys around where i
 lands on the BEV grid and on the camera views. The windows are a sparse index set (`WindowIndex`)
 and the bias a `SparseBias` on it; ``to_dense()`` gives the origin design's dense tensor.
 """
+from ._checks import set_debug_checks
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import extension_available, torch_scatter_available
 from .bias import ModalityBias, SparseBias, window_bias
+from .host_sync import count_host_syncs
 from .layout import KeyLayout
 from .projection import project_points
 from .tools.selftest import selftest
@@ -35,6 +37,8 @@ __all__ = [
     "extension_available",
     "build_attention_bias",
     "selftest",
+    "set_debug_checks",
+    "count_host_syncs",
     "nn",
     "__version__",
 ]

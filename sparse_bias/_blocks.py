@@ -1,4 +1,4 @@
-"""Iteration over the window entries of a `WindowIndex` in (batch element, head block) pieces."""
+"""Iteration over the window entries of an index in blocks of heads (every batch element at once)."""
 from __future__ import annotations
 
 from typing import Iterator, Optional, Tuple
@@ -6,24 +6,33 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from ._call import Call
+from ._entries import Entries
 from .backends.base import WindowBlock
-from .windows import WindowIndex
 
 
-def window_blocks(win: WindowIndex, values: Optional[torch.Tensor], backend, shape: Tuple[int, int, int, int],
+def window_blocks(ent: Entries, values: Optional[torch.Tensor], backend, shape: Tuple[int, int, int, int],
                   call: Call) -> Iterator[WindowBlock]:
-    """One `WindowBlock` per batch element and block of ``backend.head_block`` heads (all when None).
+    """One `WindowBlock` per block of ``backend.head_block`` heads (all when None), over all ``nnz`` entries.
 
     ``values`` are the bias values ``[nnz]`` (shared by heads), ``[nnz, H]`` or None; ``shape`` is ``(B, H, Q, K)``
     of the scores.
     """
     heads = shape[1]
     step = backend.head_block or heads
-    for b in range(win.batch_size):
-        e0, e1 = win.batch_range(b)
-        row = win.row[e0:e1]
-        vals = None if values is None else values[e0:e1].to(call.cdt)
-        for h0 in range(0, heads, step):
-            hs = slice(h0, min(h0 + step, heads))
-            bvals = None if vals is None else (vals.unsqueeze(0) if vals.dim() == 1 else vals[:, hs].t())
-            yield WindowBlock(b, hs, e0, e1, row, win.key[e0:e1], bvals, call, shape)
+    vals = None if values is None else values.to(call.cdt)
+    for h0 in range(0, heads, step):
+        hs = slice(h0, min(h0 + step, heads))
+        bvals = None if vals is None else (vals.unsqueeze(0) if vals.dim() == 1 else vals[:, hs].t())
+        yield WindowBlock(hs, ent, bvals, call, shape)
+
+
+def head_major(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Q(, D)]`` -> a contiguous ``[H, B * Q(, D)]`` copy (the layout of the per-row totals)."""
+    x = x.transpose(0, 1)
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + tuple(x.shape[3:]))
+
+
+def batch_major(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[H, B * Q(, D)]`` -> ``[B, H, Q(, D)]`` (contiguous)."""
+    heads, rows = x.shape[:2]
+    return x.view((heads, batch, rows // max(batch, 1)) + tuple(x.shape[2:])).transpose(0, 1).contiguous()

@@ -4,6 +4,7 @@ Every error names the argument and the offending value, so a user can find the b
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -37,11 +38,39 @@ def check_device(name: str, x: torch.Tensor, device: torch.device, other: str) -
         raise ValueError(f"{name} is on {x.device} but {other} is on {device}")
 
 
+_DEBUG = [os.environ.get("SPARSE_BIAS_DEBUG", "0") not in ("", "0")]
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Turn the debug checks of the attention ops on or off (default: the ``SPARSE_BIAS_DEBUG`` environment
+    variable, off when unset).
+
+    With them on, every call also checks what needs device values -- bias values finite, float masks free of
+    NaN / ``+inf``, a bias on a different index object holding the same entries, more rows in the exact-row regime
+    than its capacity -- and raises a `ValueError` / `RuntimeError` naming the argument. Each check reads a device
+    value (a host synchronisation on a GPU), which is why they are off by default: without them a NaN bias gives a
+    NaN output, never a plausible wrong one (docs/gpu.md)."""
+    _DEBUG[0] = bool(enabled)
+
+
+def debug_checks_enabled() -> bool:
+    """Whether `set_debug_checks` (or ``SPARSE_BIAS_DEBUG=1``) turned the per-call device-value checks on."""
+    return _DEBUG[0]
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
-    """Raise if ``x`` holds NaN (or infinite) values: they would silently poison the softmax."""
+    """Raise if ``x`` holds NaN (or infinite) values: they would silently poison the softmax. Reads a device value:
+    callers on the attention path run it only under `debug_checks_enabled`."""
     if x.numel() and not bool(torch.isfinite(x).all()):
         bad = "NaN" if bool(torch.isnan(x).any()) else "infinite"
         raise ValueError(f"{name} contains {bad} values")
+
+
+def debug_check_finite(name: str, x: torch.Tensor) -> None:
+    """`check_finite` under the debug switch only (`set_debug_checks`): the attention path's values are checked
+    without a host sync by default (a NaN there gives a NaN output, never a plausible wrong one)."""
+    if _DEBUG[0]:
+        check_finite(name, x)
 
 
 def check_window_size(name: str, size) -> None:

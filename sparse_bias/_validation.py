@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_device, check_finite, check_tensor
+from ._checks import check_device, check_tensor, debug_check_finite, debug_checks_enabled
 from .bias import ModalityBias, SparseBias
 from ._call import compute_dtype as _compute_dtype
 
@@ -36,7 +36,7 @@ def check_sparse_bias(bias: SparseBias, q, k):
         raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
     check_device("bias", bias.values, q.device, "q")
     idx.validate()                                    # keys in range, ascending, unique: once per index object
-    check_finite("bias.values", bias.values.detach())
+    debug_check_finite("bias.values", bias.values.detach())
 
 
 def check_modality_bias(bias: ModalityBias, q, k):
@@ -47,7 +47,7 @@ def check_modality_bias(bias: ModalityBias, q, k):
     if bias.num_heads is not None and bias.num_heads != heads:
         raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
     check_device("bias", bias.values, q.device, "q")
-    check_finite("bias.values", bias.values.detach())
+    debug_check_finite("bias.values", bias.values.detach())
 
 
 def check_dense_bias(bias: torch.Tensor, q, k):
@@ -58,13 +58,14 @@ def check_dense_bias(bias: torch.Tensor, q, k):
         raise ValueError(f"a dense bias must be [B, Q, K] = {list(expected[0])} or [B, H, Q, K] = "
                          f"{list(expected[1])}, got shape {tuple(bias.shape)}")
     check_device("bias", bias, q.device, "q")
-    check_finite("bias", bias.detach())
+    debug_check_finite("bias", bias.detach())
 
 
 def normalize_key_padding_mask(key_padding_mask, batch: int, num_keys: int, device) -> Optional[torch.Tensor]:
     """A key padding mask as ``torch.nn.MultiheadAttention`` takes it, made canonical: bool ``[B, K]`` (True =
-    ignore) as is, uint8 (nonzero = ignore) as bool, an additive float mask as is -- or None when it masks
-    nothing (an all-zero float mask, as CMT passes ``memory.new_zeros(bs, K)``, costs nothing extra)."""
+    ignore) as is, uint8 (nonzero = ignore) as bool, an additive float mask as is (an all-zero float mask, as CMT
+    passes ``memory.new_zeros(bs, K)``, is applied as a mask: telling it from a real one would read device
+    values, a host sync per call; pass None or a bool mask for the mask-free kernels)."""
     if key_padding_mask is None:
         return None
     check_tensor("key_padding_mask", key_padding_mask, ndim=(2,))
@@ -76,7 +77,7 @@ def normalize_key_padding_mask(key_padding_mask, batch: int, num_keys: int, devi
         key_padding_mask = key_padding_mask.bool()
     if key_padding_mask.is_floating_point():
         _check_additive("key_padding_mask", key_padding_mask)
-        return key_padding_mask if bool(key_padding_mask.any()) else None
+        return key_padding_mask
     if key_padding_mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be bool (True = ignore), uint8 (nonzero = ignore) or an additive "
                         f"float mask, got {key_padding_mask.dtype}")
@@ -121,7 +122,10 @@ def additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[torch.Tensor]:
 
 def _check_additive(name: str, mask: torch.Tensor) -> None:
     """An additive float mask may hold finite values and ``-inf`` (= masked); NaN and ``+inf`` would poison the
-    softmax (``+inf`` is no mask convention of torch)."""
+    softmax (``+inf`` is no mask convention of torch). Checked under the debug switch only (a device read); without
+    it such a mask gives NaN outputs, as in ``scaled_dot_product_attention``."""
+    if not debug_checks_enabled():
+        return
     bad = torch.isnan(mask) | torch.isposinf(mask)
     if bool(bad.any()):
         what = "NaN" if bool(torch.isnan(mask).any()) else "+inf"

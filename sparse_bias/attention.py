@@ -17,10 +17,10 @@ from ._call import Call
 from ._exact_rows import EXACT_ROW_THRESHOLD
 from ._modality_function import _ModalityBiasAttention
 from ._reference import dense_attention
-from ._sparse_function import _SparseBiasAttention
+from ._ops import sparse_op
 from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
                           check_scale, check_sparse_bias, dropout_seed as _call_seed, zeros_like_output)
-from .backends import BACKENDS, backend_names
+from .backends import backend_names
 from .bias import ModalityBias, SparseBias
 from .dispatch import choose_backend
 
@@ -175,7 +175,7 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.numel() == 0 or k.shape[2] == 0:        # nothing to attend (K = 0: every row fully masked): zeros
         return zeros_like_output(q, k, v, None if bias is None else bias.values)
     if name == "none":
-        return _SparseBiasAttention.apply(q, k, v, None, None, call, None)
+        return sparse_op(q, k, v, None, None, call, None)
     if name == "modality":
         return _ModalityBiasAttention.apply(q, k, v, bias.values, bias.ranges, call)
-    return _SparseBiasAttention.apply(q, k, v, bias.values, bias.index, call, BACKENDS[name])
+    return sparse_op(q, k, v, bias.values, bias.index, call, name)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 
-from ._checks import check_device, check_finite, check_tensor, cuda_device, parse_to
+from ._checks import check_device, check_tensor, cuda_device, debug_check_finite, parse_to
 from .layout import KeyLayout
 from .profiles import PROFILES, flat, get_profile, sigma_pair  # noqa: F401  (PROFILES: the old `bias.PROFILES`)
 from .windows import WindowIndex
@@ -197,7 +197,7 @@ def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:
         raise ValueError(f"{name} must be [B, Q] or [B, Q, H] with [B, Q] = "
                          f"[{index.batch_size}, {index.num_queries}], got shape {tuple(w.shape)}")
     check_device(name, w, index.device, "the window index")
-    check_finite(name, w)
+    debug_check_finite(name, w)
     return w
 
 
@@ -283,7 +283,7 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
         if scale.numel() != 1:
             raise ValueError(f"scale must be a number or a 0-d tensor, got shape {tuple(scale.shape)}")
         check_device("scale", scale, win.device, "the window index")
-        check_finite("scale", scale)
+        debug_check_finite("scale", scale)
         scale = scale.reshape(())
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
         raise ValueError(f"scale must be a finite number or a 0-d tensor, got {scale!r}")

@@ -23,10 +23,9 @@ import torch
 from ._call import Call
 from ._precision import tolerance
 from ._reference import dense_attention, dense_window_attention
-from ._sparse_function import _SparseBiasAttention
+from ._ops import sparse_op, window_op
 from ._validation import additive_mask
 from ._verify import SELF_CHECK_ENV, needs_self_check, results, reset, verified
-from ._window_function import _WindowAttention
 from .backends import AUTO_ORDER, BACKENDS, OPS
 from .bias import SparseBias, window_bias
 from .layout import KeyLayout
@@ -78,8 +77,7 @@ def _evaluate(kind, backend, case, device, dtype):
         out = (dense_attention(q, k, v, SparseBias(win, values).to_dense(), call) if kind == "correction"
                else dense_window_attention(q, k, v, win, SparseBias(win, values), call))
     else:
-        fn = _SparseBiasAttention if kind == "correction" else _WindowAttention
-        out = fn.apply(q, k, v, values, win, call, backend)
+        out = (sparse_op if kind == "correction" else window_op)(q, k, v, values, win, call, backend)
     g = grad.to(device, dtype).transpose(1, 2).contiguous().transpose(1, 2)        # a permuted output gradient
     res = [out] + list(torch.autograd.grad(out, leaves, g))
     return [t.detach().double().cpu() for t in res]
@@ -89,7 +87,7 @@ def _check(kind, name, device, dtype, head_dim) -> Tuple[bool, str]:
     case = _case(head_dim, kind)
     ref = _evaluate(kind, None, case, torch.device("cpu"), torch.float64)
     same = _evaluate(kind, None, case, device, dtype)                 # the dense computation in this dtype
-    got = _evaluate(kind, BACKENDS[name], case, device, dtype)
+    got = _evaluate(kind, name, case, device, dtype)
     labels = ("output", "grad q", "grad k", "grad v", "grad bias")
     for label, g, s, r in zip(labels, got, same, ref):
         size = max(float(r.abs().max()), 1e-12)

@@ -13,6 +13,7 @@ Backward, with ``p`` the window probabilities (times the dropout multipliers ``k
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -22,8 +23,8 @@ from ._reference import dense_window_attention
 from ._validation import (additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
                           zeros_like_output)
 from ._validation import dropout_seed as _call_seed
-from ._window_function import _WindowAttention
-from .backends import BACKENDS, backend_names
+from ._ops import window_op
+from .backends import backend_names
 from .bias import SparseBias
 from .dispatch import choose_backend
 from .windows import WindowIndex
@@ -68,10 +69,14 @@ def _check_bias_index(bias, win):
     if not isinstance(bias, SparseBias):
         raise TypeError(f"bias must be a SparseBias on the window index or None, got {type(bias).__name__}")
     idx = bias.index
-    if idx is win:
+    if idx is win or (idx.indptr is win.indptr and idx.key is win.key):
         return
-    same = (idx.nnz == win.nnz and idx.num_rows == win.num_rows and torch.equal(idx.indptr, win.indptr)
-            and torch.equal(idx.key, win.key))
+    same = idx.nnz == win.nnz and idx.num_rows == win.num_rows and idx.layout == win.layout
+    checked = win._cache.setdefault("same_entries", weakref.WeakSet())
+    if same and idx not in checked:          # compare the entries once per pair of index objects (a host sync)
+        same = bool(torch.equal(idx.indptr, win.indptr) and torch.equal(idx.key, win.key))
+        if same:
+            checked.add(idx)
     if not same:
         raise ValueError(f"bias is defined on another window index ({idx!r}) than win ({win!r}); build both "
                          "from the same WindowIndex")
@@ -139,4 +144,4 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
     if win.nnz == 0 or q.numel() == 0:  # every window empty, or nothing to attend: zeros (zero gradients)
         return zeros_like_output(q, k, v, None if bias is None else bias.values)
     values = None if bias is None else bias.values
-    return _WindowAttention.apply(q, k, v, values, win, call, BACKENDS[name])
+    return window_op(q, k, v, values, win, call, name)

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from ._checks import check_device, check_tensor, check_window_size, cuda_device, parse_to
+from ._entries import Entries, build_entries, entry_rows
 from .layout import KeyLayout
 
 __all__ = ["WindowIndex", "local_windows"]
@@ -160,6 +161,7 @@ class WindowIndex:
                 kind = "camera" if int(key[e]) >= self.layout.num_bev_keys else "BEV"
                 raise ValueError(f"source[{e}] = {int(src[e])} but key[{e}] = {int(key[e])} is a {kind} key "
                                  f"(BEV keys are [0, {self.layout.num_bev_keys}))")
+        self.entries()
         self._cache["validated"] = True
         return self
 
@@ -192,39 +194,28 @@ class WindowIndex:
     def row(self) -> torch.Tensor:
         """LongTensor ``[nnz]``: the CSR row (``b * Q + q``) of every entry. Computed once, then cached."""
         if "row" not in self._cache:
-            counts = self.indptr[1:] - self.indptr[:-1]
-            self._cache["row"] = torch.repeat_interleave(
-                torch.arange(self.num_rows, device=self.device), counts, output_size=self.nnz)
+            self._cache["row"] = entry_rows(self.indptr, self.nnz)
         return self._cache["row"]
 
     def batch_range(self, b: int):
-        """``(e0, e1)``: the entries of batch element ``b``."""
+        """``(e0, e1)``: the entries of batch element ``b`` (reads two device values: a host sync on a GPU; the
+        attention ops never call it)."""
         nq = self.num_queries
         return int(self.indptr[b * nq]), int(self.indptr[(b + 1) * nq])
 
-    def rows_of(self, b: int):
-        """``(crow [Q + 1], col [n])`` of batch element ``b``: its CSR structure, without the transpose (views of
-        ``indptr`` shifted to start at 0, and of ``key``)."""
-        nq = self.num_queries
-        e0, e1 = self.batch_range(b)
-        return self.indptr[b * nq:(b + 1) * nq + 1] - e0, self.key[e0:e1]
-
-    def csr(self, b: int):
-        """``(crow [Q + 1], col [n], tcrow [K + 1], trow [n], perm [n])`` of batch element ``b``: its CSR
-        structure (``[Q, K]``) and that of the transpose (``[K, Q]``; ``perm`` orders its entries by key,
-        stably). Built once, then cached -- used by the sparse CSR backend."""
-        cache = self._cache.setdefault("csr", {})
-        if b not in cache:
-            nq, nk = self.num_queries, self.layout.num_keys
-            e0, e1 = self.batch_range(b)
-            crow = self.indptr[b * nq:(b + 1) * nq + 1] - e0
-            col = self.key[e0:e1]
-            perm = torch.sort(col, stable=True).indices
-            tcrow = torch.zeros(nk + 1, dtype=torch.long, device=self.device)
-            torch.cumsum(torch.bincount(col, minlength=nk), 0, out=tcrow[1:])
-            trow = (self.row[e0:e1] - b * nq)[perm]
-            cache[b] = (crow, col, tcrow, trow, perm)
-        return cache[b]
+    def entries(self) -> Entries:
+        """The `sparse_bias._entries.Entries` the kernels read (the row of each entry, the transposed structure,
+        the fused kernels' row order), derived without a host sync, then cached on the object. Their ``nnz``
+        dimension is marked dynamic for ``torch.compile`` (`torch._dynamo.maybe_mark_dynamic`), so indexes of
+        different sizes share one compiled graph."""
+        if "entries" not in self._cache:
+            ent = build_entries(self.indptr, self.key, self.batch_size, self.num_queries, self.layout.num_keys,
+                                self.row)
+            if not torch.compiler.is_compiling():
+                for t in (ent.key, ent.row, ent.trow, ent.perm, self.key, self.source, self.dy, self.dx):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            self._cache["entries"] = ent
+        return self._cache["entries"]
 
     def counts(self) -> torch.Tensor:
         """LongTensor ``[B, Q]``: window entries per query."""
@@ -466,4 +457,5 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
                       cam_window=cam_window if cam_pos is not None else 0)
     win._cache["row"] = torch.div(seg_id, num_seg, rounding_mode="floor")
     win._cache["validated"] = True                   # keys in range, ascending and unique by construction
+    win.entries()
     return win

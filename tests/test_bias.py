@@ -93,7 +93,7 @@ def test_float32_weights_give_float32_values():
     (dict(profile="gaussian", sigma=(1.0, 2.0, 3.0)), ValueError, r"sigma must be a number or a \(bev, cam\) pair"),
     (dict(win="windows"), TypeError, "win must be a WindowIndex"),
 ])
-def test_bad_input(kwargs, exc, match):
+def test_bad_input(kwargs, exc, match, debug_checks):
     win = sb.local_windows(SMALL, torch.tensor([[[3, 3], [4, 4]]]), torch.tensor([[[0, 2, 2], [1, 1, 1]]]), 3, 3)
     args = dict(win=win, bev_weight=torch.ones(1, 2), cam_weight=torch.ones(1, 2))
     args.update(kwargs)

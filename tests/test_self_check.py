@@ -107,9 +107,9 @@ def test_policy(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_check_problem_reaches_the_exact_row_path(always, monkeypatch, dtype):
     """The check's strongly negative window really takes the exact-row path, in every dtype."""
-    from sparse_bias import _sparse_function
+    from sparse_bias import _exact_rows
     flagged = []
-    original = _sparse_function.flagged_rows
-    monkeypatch.setattr(_sparse_function, "flagged_rows", lambda den: flagged.append(original(den)) or flagged[-1])
+    original = _exact_rows.flagged_rows
+    monkeypatch.setattr(_exact_rows, "flagged_rows", lambda *a: flagged.append(original(*a)) or flagged[-1])
     assert dispatch.self_check("sparse", torch.device("cpu"), dtype, 16)[0]
     assert flagged and int(flagged[0].sum()) >= 1

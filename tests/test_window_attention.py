@@ -222,8 +222,13 @@ def test_bad_inputs_name_the_argument():
         sb.window_attention(q[..., :4], k, v, win)
     nan = values.clone()
     nan[3] = float("nan")
-    with pytest.raises(ValueError, match="bias.values contains NaN"):
-        sb.window_attention(q, k, v, win, bias=sb.SparseBias(win, nan))
+    sb.set_debug_checks(True)                        # a device-value check: under the debug switch
+    try:
+        with pytest.raises(ValueError, match="bias.values contains NaN"):
+            sb.window_attention(q, k, v, win, bias=sb.SparseBias(win, nan))
+    finally:
+        sb.set_debug_checks(False)
+    assert torch.isnan(sb.window_attention(q, k, v, win, bias=sb.SparseBias(win, nan))).any()   # loud, not wrong
     other_win, *_ = case(seed=5)
     with pytest.raises(ValueError, match="another window index"):
         sb.window_attention(q, k, v, win, bias=sb.SparseBias(other_win, torch.zeros(other_win.nnz, dtype=q.dtype)))

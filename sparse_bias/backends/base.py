@@ -1,10 +1,12 @@
-"""The window terms of one (batch element, head block), written once on top of the backend primitives, and what a
+"""The window terms of one block of heads (over every batch element's entries), written once on top of the backend primitives, and what a
 backend declares about itself.
 
 Two uses: the sparse *correction* of `sparse_bias.sparse_bias_attention` (``forward_block`` /
 ``backward_block``) and the local-mask softmax of `sparse_bias.window_attention`
 (``window_forward_block`` / ``window_backward_block``). Tensors travel in small groups: ``qkv = (q, k, v)``
-``[B, H, Q|K, D]``; ``upstream = (g, go)`` (the output gradient and ``<g, o>``); ``grads = (dq, dk, dv)``.
+``[B, H, Q|K, D]``; ``upstream = (g, go)`` (the output gradient and ``<g, o>``); ``grads = (dq, dk, dv)``. Per-row
+statistics and totals are head-major over the global rows ``r = b * Q + q``: ``[h, B * Q]`` and ``[h, B * Q, D]``.
+Nothing here reads a device value on the host (no host sync; docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .._call import Call
+from .._entries import Entries
 from ..dense.dropout import dropout_scale
 
 __all__ = ["WindowBlock", "Backend", "Supports", "entry_mask", "OPS"]
@@ -48,66 +51,67 @@ class Supports:
     auto_rank: Dict[str, int] = field(default_factory=dict)
 
 
-def entry_mask(mask: torch.Tensor, b: int, hs: slice, local_q: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """``[h or 1, n]``: the additive mask at the window entries of batch element ``b`` (no dense expansion)."""
-    m = mask[b if mask.shape[0] > 1 else 0]                                 # [H|1, Q|1, K|1]
-    m = m[hs] if m.shape[0] > 1 else m
-    q = local_q if m.shape[1] > 1 else torch.zeros_like(local_q)
-    k = key if m.shape[2] > 1 else torch.zeros_like(key)
-    return m[:, q, k]
+def entry_mask(mask: torch.Tensor, hs: slice, batch: torch.Tensor, query: torch.Tensor,
+               key: torch.Tensor) -> torch.Tensor:
+    """``[h or 1, n]``: the additive mask ``[B|1, H|1, Q|1, K|1]`` at the entries ``(batch, query, key)`` (no dense
+    expansion; broadcast dims are read at index 0)."""
+    m = mask[:, hs] if mask.shape[1] > 1 else mask
+    idx = [t if size > 1 else torch.zeros_like(t) for t, size in zip((batch, query, key), (m.shape[0], m.shape[2],
+                                                                                          m.shape[3]))]
+    return m[idx[0], :, idx[1], idx[2]].t()                                  # [n, h|1] -> [h|1, n]
 
 
 @dataclass
 class WindowBlock:
-    """The window entries of batch element ``b`` for the heads ``hs`` (``h`` heads, ``n`` entries).
+    """The window entries of every batch element for the heads ``hs`` (``h`` heads, ``nnz`` entries).
 
     Attributes:
-        b: batch element.
         hs: slice of heads.
-        e0, e1: the entries ``e0:e1`` of the `sparse_bias.WindowIndex` (all of ``b``'s).
-        row: LongTensor ``[n]``, the CSR row (``b * Q + q``) of each entry (a view of the index's cache).
-        key: LongTensor ``[n]``, the key of each entry.
-        bvals: bias values ``[h or 1, n]`` in the compute dtype, or None.
+        ent: the `sparse_bias._entries.Entries` of the index (global rows ``r = b * Q + q``).
+        bvals: bias values ``[h or 1, nnz]`` in the compute dtype, or None.
         call: the call record (`sparse_bias._call.Call`: scale, additive mask, dropout, seed, compute dtype).
         shape: ``(B, H, Q, K)`` of the score tensor (dropout decisions index it).
 
-    ``emask`` and ``keep`` (the mask and the dropout multipliers at the entries, ``[h or 1, n]``) are computed
-    on first use: fused backends read ``call.mask`` and ``call.seed`` directly and never materialise them.
+    ``batch`` / ``query`` (each entry's batch element and query), ``emask`` and ``keep`` (the mask and the dropout
+    multipliers at the entries, ``[h or 1, nnz]``) are computed on first use: fused backends read ``call.mask`` and
+    ``call.seed`` directly and never materialise them.
     """
 
-    b: int
     hs: slice
-    e0: int
-    e1: int
-    row: torch.Tensor
-    key: torch.Tensor
+    ent: Entries
     bvals: Optional[torch.Tensor]
     call: Call
     shape: Tuple[int, int, int, int]
 
     @property
-    def num_queries(self) -> int:
-        return self.shape[2]
+    def heads(self) -> int:
+        return self.hs.stop - self.hs.start
 
     @cached_property
-    def local_q(self) -> torch.Tensor:
-        """LongTensor ``[n]``: the query of each entry (``0 <= q < Q``); computed on first use."""
-        return self.row - self.b * self.num_queries
+    def batch(self) -> torch.Tensor:
+        """LongTensor ``[nnz]``: the batch element of each entry."""
+        return self.ent.entry_batch()
+
+    @cached_property
+    def query(self) -> torch.Tensor:
+        """LongTensor ``[nnz]``: the query (``0 <= q < Q``) of each entry."""
+        return self.ent.row - self.batch * self.ent.queries
 
     @cached_property
     def emask(self) -> Optional[torch.Tensor]:
-        """``[h or 1, n]``: the additive mask at the entries, or None."""
+        """``[h or 1, nnz]``: the additive mask at the entries, or None."""
         mask = self.call.mask
-        return None if mask is None else entry_mask(mask, self.b, self.hs, self.local_q, self.key)
+        return None if mask is None else entry_mask(mask, self.hs, self.batch, self.query, self.ent.key)
 
     @cached_property
     def keep(self) -> Optional[torch.Tensor]:
-        """``[h, n]``: dropout multipliers ``keep / (1 - p)`` at the entries, or None without dropout."""
+        """``[h, nnz]``: dropout multipliers ``keep / (1 - p)`` at the entries, or None without dropout."""
         call = self.call
         if call.dropout_p <= 0:
             return None
-        h = torch.arange(self.hs.start, self.hs.stop, device=self.row.device).unsqueeze(1)
-        return dropout_scale(call.seed, call.dropout_p, (self.b, h, self.local_q, self.key), self.shape, call.cdt)
+        h = torch.arange(self.hs.start, self.hs.stop, device=self.ent.key.device).unsqueeze(1)
+        return dropout_scale(call.seed, call.dropout_p, (self.batch, h, self.query, self.ent.key), self.shape,
+                             call.cdt)
 
 
 class Backend:
@@ -147,102 +151,105 @@ class Backend:
             return False, f"takes head dims up to {sup.max_head_dim}, got {head_dim}"
         return self.available()
 
-    # Segment reductions over each query's entries (CSR rows). Measured on [1, 211k] entries, 900 rows (CPU):
-    # max -- scatter_reduce 0.16 ms, torch-scatter segment_csr 0.21 ms, torch.segment_reduce 0.53 ms;
-    # sum -- torch.segment_reduce 0.12 ms, index_add_ 0.53 ms, segment_csr 0.57 ms. The scatter backend
-    # overrides both with segment_csr.
+    # Segment reductions over each row's entries: scatter_reduce (max) and torch.segment_reduce (sum) over the
+    # global CSR rows. The scatter backend overrides both with torch-scatter's segment_csr.
 
-    def segment_max(self, win, blk: WindowBlock, vals):
-        """``[h, Q]``: the maximum of ``vals [h, n]`` over each query's entries (``-inf`` for none)."""
-        out = torch.full((vals.shape[0], win.num_queries), float("-inf"), dtype=vals.dtype, device=vals.device)
-        return out.scatter_reduce_(1, blk.local_q.expand_as(vals), vals, reduce="amax", include_self=True)
+    def segment_max(self, blk: WindowBlock, vals):
+        """``[h, B * Q]``: the maximum of ``vals [h, nnz]`` over each row's entries (``-inf`` for none)."""
+        out = torch.full((vals.shape[0], blk.ent.rows), float("-inf"), dtype=vals.dtype, device=vals.device)
+        return out.scatter_reduce_(1, blk.ent.row.expand_as(vals), vals, reduce="amax", include_self=True)
 
-    def segment_sum(self, win, blk: WindowBlock, vals):
-        """``[h, Q]``: the sum of ``vals [h, n]`` over each query's entries (0 for none)."""
-        nq = win.num_queries
-        offsets = win.indptr[blk.b * nq:(blk.b + 1) * nq + 1] - blk.e0
-        return torch.segment_reduce(vals, "sum", offsets=offsets.expand(vals.shape[0], -1), axis=1)
+    def segment_sum(self, blk: WindowBlock, vals):
+        """``[h, B * Q]``: the sum of ``vals [h, nnz]`` over each row's entries (0 for none)."""
+        return torch.segment_reduce(vals, "sum", offsets=blk.ent.indptr.expand(vals.shape[0], -1), axis=1)
 
     # window attention: softmax over each query's entries only
 
-    def window_forward_block(self, win, blk: WindowBlock, qkv, state, out):
-        """Local-mask attention of one block: ``p = softmax`` over each query's entries of
-        ``scale <q, k_j> + bias_j + mask_j``, written into ``state [h, n]``; ``sum_j p_j keep_j v_j`` into
-        ``out [h, Q, D]``. A query without an unmasked entry gets ``p = 0`` (a zero output)."""
+    def window_forward_block(self, blk: WindowBlock, qkv, state, out):
+        """Local-mask attention of one block: ``p = softmax`` over each row's entries of
+        ``scale <q, k_j> + bias_j + mask_j``, written into ``state [h, nnz]``; ``sum_j p_j keep_j v_j`` into
+        ``out [h, B * Q, D]``. A row without an unmasked entry gets ``p = 0`` (a zero output)."""
         q, k, v = qkv
-        cdt = blk.call.cdt
-        s = self.sddmm(win, blk.b, blk.hs, q, k, cdt).mul_(blk.call.scale)
+        row = blk.ent.row
+        s = self.sddmm(blk, q, k).mul_(blk.call.scale)
         if blk.bvals is not None:
             s += blk.bvals
         if blk.emask is not None:
             s += blk.emask
-        m = self.segment_max(win, blk, s)
+        m = self.segment_max(blk, s)
         m = torch.where(m == float("-inf"), torch.zeros_like(m), m)                     # empty / masked rows
-        s -= m[:, blk.local_q]
+        s -= m[:, row]
         e = s.exp_()
-        den = self.segment_sum(win, blk, e)
+        den = self.segment_sum(blk, e)
         inv = torch.where(den == 0, torch.zeros_like(den), 1.0 / den)
-        torch.mul(e, inv[:, blk.local_q], out=state)
-        out += self.spmm(win, blk.b, blk.hs, state if blk.keep is None else state * blk.keep, v, cdt)
+        torch.mul(e, inv[:, row], out=state)
+        out += self.spmm(blk, state if blk.keep is None else state * blk.keep, v)
 
-    def window_backward_block(self, win, blk: WindowBlock, qkv, upstream, state, grads):
-        """Backward of `window_forward_block`: ``upstream = (g [B, H, Q, D], go = <g, o> [h, Q])``, ``state``
-        the probabilities ``[h, n]``, ``grads = (dq [h, Q, D] (a slice), dk, dv [B, H, K, D])``.
+    def window_backward_block(self, blk: WindowBlock, qkv, upstream, state, grads):
+        """Backward of `window_forward_block`: ``upstream = (g [B, H, Q, D], go = <g, o> [h, B * Q])``, ``state``
+        the probabilities ``[h, nnz]``, ``grads = (dq [h, B * Q, D], dk, dv [B, H, K, D])``.
 
         With ``ds_j = p_j (keep_j <g, v_j> - <g, o>)``: adds ``scale sum_j ds_j k_j`` into ``dq``,
-        ``scale ds_j q`` and ``p_j keep_j g`` into ``dk``, ``dv``; returns ``ds [h, n]`` (the gradient of the bias
+        ``scale ds_j q`` and ``p_j keep_j g`` into ``dk``, ``dv``; returns ``ds [h, nnz]`` (the gradient of the bias
         values).
         """
         (q, k, v), (g, go), (dq, dk, dv), p = qkv, upstream, grads, state
-        cdt, scale = blk.call.cdt, blk.call.scale
-        self.spmm_t(win, blk.b, blk.hs, p if blk.keep is None else p * blk.keep, g, dv, cdt)
-        diff = self.sddmm(win, blk.b, blk.hs, g, v, cdt)                                 # <g, v_j>
+        scale = blk.call.scale
+        self.spmm_t(blk, p if blk.keep is None else p * blk.keep, g, dv)
+        diff = self.sddmm(blk, g, v)                                                      # <g, v_j>
         if blk.keep is not None:
             diff.mul_(blk.keep)
-        diff.sub_(go[:, blk.local_q])
+        diff.sub_(go[:, blk.ent.row])
         ds = diff.mul_(p)
-        dq += self.spmm(win, blk.b, blk.hs, ds, k, cdt) * scale
-        self.spmm_t(win, blk.b, blk.hs, ds * scale, q, dk, cdt)
+        dq += self.spmm(blk, ds, k) * scale
+        self.spmm_t(blk, ds * scale, q, dk)
         return ds
 
     # the sparse correction of sparse_bias_attention
 
-    def forward_block(self, win, blk: WindowBlock, qkv, lse, state, totals):
+    def forward_block(self, blk: WindowBlock, qkv, lse, state, totals):
         """Window terms of the correction for one block.
 
-        ``lse [h, Q]`` (as `sparse_bias.dense.kernel_lse` gives it); writes ``p_j = exp(s_j - L)`` into
-        ``state [h, n]`` (backends whose correction saves ``"p"``; None for the others); ``totals = (den [h, Q],
-        out [h, Q, D])``: adds ``S`` into ``den`` and ``C`` into ``out``.
+        ``lse [h, B * Q]`` (as `sparse_bias.dense.kernel_lse` gives it); writes ``p_j = exp(s_j - L)`` into
+        ``state [h, nnz]`` (backends whose correction saves ``"p"``; None for the others); ``totals = (den [h, B * Q],
+        out [h, B * Q, D])``: adds ``S`` into ``den`` and ``C`` into ``out``.
         """
         q, k, v = qkv
         den, out = totals
-        cdt = blk.call.cdt
-        s = self.sddmm(win, blk.b, blk.hs, q, k, cdt).mul_(blk.call.scale)                # s_j
+        row = blk.ent.row
+        s = self.sddmm(blk, q, k).mul_(blk.call.scale)                                    # s_j
         if blk.emask is not None:
             s += blk.emask
-        s -= lse[:, blk.local_q]
+        s -= lse[:, row]
+        if state is None:
+            state = torch.empty_like(s)
         torch.exp(s, out=state)                                                           # p_j
         del s
         a = state * torch.expm1(blk.bvals)                                                # a_j
-        den.index_add_(1, blk.local_q, a)                                                 # S
-        out += self.spmm(win, blk.b, blk.hs, a if blk.keep is None else a * blk.keep, v, cdt)   # C
+        den.index_add_(1, row, a)                                                         # S
+        out += self.spmm(blk, a if blk.keep is None else a * blk.keep, v)                 # C
 
-    def backward_block(self, win, blk: WindowBlock, qkv, upstream, state, grads):
+    def backward_block(self, blk: WindowBlock, qkv, upstream, state, grads):
         """Window terms of the backward for one block.
 
-        ``upstream = (gp, go)``: ``gp = g / (1 + S)`` ``[B, H, Q, D]`` and ``go = <g', o>`` ``[h, Q]``; ``state =
-        (p [h, n] or None, lse [h, Q])``; ``grads = (dq [h, Q, D] (a slice), dk, dv [B, H, K, D])``, added into.
-        Returns the bias gradient ``[h, n]``.
+        ``upstream = (gp, go)``: ``gp = g / (1 + S)`` ``[B, H, Q, D]`` and ``go = <g', o>`` ``[h, B * Q]``; ``state =
+        (p [h, nnz] or None, lse [h, B * Q])``; ``grads = (dq [h, B * Q, D], dk, dv [B, H, K, D])``, added into.
+        Returns the bias gradient ``[h, nnz]``.
         """
-        (q, k, v), (gp, go), (p, _), (dq, dk, dv) = qkv, upstream, state, grads
-        b, hs, cdt, scale = blk.b, blk.hs, blk.call.cdt, blk.call.scale
+        (q, k, v), (gp, go), (p, lse), (dq, dk, dv) = qkv, upstream, state, grads
+        scale = blk.call.scale
+        if p is None:                                      # recompute p_j = exp(s_j - L)
+            s = self.sddmm(blk, q, k).mul_(scale)
+            if blk.emask is not None:
+                s += blk.emask
+            p = s.sub_(lse[:, blk.ent.row]).exp_()
         a = p * torch.expm1(blk.bvals)
-        self.spmm_t(win, b, hs, a if blk.keep is None else a * blk.keep, gp, dv, cdt)    # dv_j += a_j g'
-        diff = self.sddmm(win, b, hs, gp, v, cdt)                                          # <g', v_j>
+        self.spmm_t(blk, a if blk.keep is None else a * blk.keep, gp, dv)                  # dv_j += a_j g'
+        diff = self.sddmm(blk, gp, v)                                                      # <g', v_j>
         if blk.keep is not None:
             diff.mul_(blk.keep)
-        diff.sub_(go[:, blk.local_q])                                                      # - <g', o>
+        diff.sub_(go[:, blk.ent.row])                                                      # - <g', o>
         d = a.mul_(diff)                                                                   # d_j = a_j (...)
-        dq += self.spmm(win, b, hs, d, k, cdt) * scale
-        self.spmm_t(win, b, hs, d.mul_(scale), q, dk, cdt)
+        dq += self.spmm(blk, d, k) * scale
+        self.spmm_t(blk, d.mul_(scale), q, dk)
         return diff.mul_(p).add_(d, alpha=1.0 / scale)                                     # p_j e^b_j (...)

@@ -16,54 +16,56 @@ def _csr(crow, col, values, size):
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-class SparseCSRBackend(Backend):
-    """Per batch element and head: one ``sampled_addmm`` or one CSR @ dense product.
+def _flat(t, h, cdt):
+    """Head ``h`` of ``t [B, H, N, D]`` as ``[B * N, D]`` in the compute dtype (a copy only when needed)."""
+    x = t[:, h]
+    return x.reshape(-1, x.shape[-1]).to(cdt)
 
-    The CSR structure of each batch element (and its transpose, for the key-side sums) is built once
-    per `WindowIndex` and cached on it. Head slices of low-precision inputs are upcast to float32
-    one at a time (MKL has no bfloat16 CSR kernels), so the extra memory is one ``[K, D]`` slice.
+
+class SparseCSRBackend(Backend):
+    """Per head: one ``sampled_addmm`` or one CSR @ dense product over the block-diagonal ``[B * Q, B * K]`` CSR
+    matrix of the whole batch (row ``b * Q + q``, column ``b * K + key``).
+
+    The structure and its transpose come from the index's `sparse_bias._entries.Entries` (built once per index,
+    without a host sync). Head slices of low-precision inputs are upcast to float32 one at a time (MKL has no
+    bfloat16 CSR kernels), so the extra memory is one ``[B * K, D]`` slice.
     """
 
     name = "sparse"
     supports = Supports(auto_rank={"cpu": 1, "cuda": 3, "other": 2})
     description = "torch.sparse CSR kernels (sampled_addmm, CSR @ dense)"
-    #: one head per block of the correction: each head's CSR values are one contiguous [n] vector
+    #: one head per block of the correction: each head's CSR values are one contiguous [nnz] vector
     head_block = 1
 
     @staticmethod
-    def _heads(t, b, hs, cdt):
-        """The head slices ``t[b, h]`` for h in hs, upcast one at a time when needed."""
-        for h in range(hs.start, hs.stop):
-            yield h - hs.start, (t[b, h].to(cdt) if t.dtype != cdt else t[b, h])
+    def _cols(blk):
+        """LongTensor ``[nnz]``: the global column ``b * K + key`` of each entry."""
+        return blk.batch * blk.ent.keys + blk.ent.key
 
-    def sddmm(self, win, b, hs, x, y, cdt):
-        crow, col, _, _, _ = win.csr(b)
-        n = col.numel()
-        out = torch.empty(hs.stop - hs.start, n, dtype=cdt, device=x.device)
-        if n:
-            pattern = _csr(crow, col, torch.zeros(n, dtype=cdt, device=x.device), (x.shape[2], y.shape[2]))
-            for (i, xh), (_, yh) in zip(self._heads(x, b, hs, cdt), self._heads(y, b, hs, cdt)):
-                out[i] = torch.sparse.sampled_addmm(pattern, xh, yh.t(), beta=0.0).values()
+    def sddmm(self, blk, x, y):
+        cdt, ent = blk.call.cdt, blk.ent
+        out = torch.empty(blk.heads, ent.nnz, dtype=cdt, device=x.device)
+        if ent.nnz:
+            pattern = _csr(ent.indptr, self._cols(blk), torch.zeros(ent.nnz, dtype=cdt, device=x.device),
+                           (ent.rows, ent.batch * y.shape[2]))
+            for i, h in enumerate(range(blk.hs.start, blk.hs.stop)):
+                out[i] = torch.sparse.sampled_addmm(pattern, _flat(x, h, cdt), _flat(y, h, cdt).t(), beta=0.0).values()
         return out
 
-    def spmm(self, win, b, hs, w, y, cdt):
-        crow, col, _, _, _ = win.csr(b)
-        nk, d = y.shape[2:]
-        out = torch.zeros(hs.stop - hs.start, win.num_queries, d, dtype=cdt, device=y.device)
-        if col.numel():
-            for i, yh in self._heads(y, b, hs, cdt):
-                out[i].addmm_(_csr(crow, col, w[i], (win.num_queries, nk)), yh)
+    def spmm(self, blk, w, y):
+        cdt, ent = blk.call.cdt, blk.ent
+        out = torch.zeros(blk.heads, ent.rows, y.shape[-1], dtype=cdt, device=y.device)
+        if ent.nnz:
+            cols = self._cols(blk)
+            for i, h in enumerate(range(blk.hs.start, blk.hs.stop)):
+                out[i].addmm_(_csr(ent.indptr, cols, w[i], (ent.rows, ent.batch * y.shape[2])), _flat(y, h, cdt))
         return out
 
-    def spmm_t(self, win, b, hs, w, x, out, cdt):
-        _, col, tcrow, trow, perm = win.csr(b)
-        if not col.numel():
+    def spmm_t(self, blk, w, x, out):
+        cdt, ent = blk.call.cdt, blk.ent
+        if not ent.nnz:
             return
-        nk = out.shape[2]
-        for i, xh in self._heads(x, b, hs, cdt):
-            mat = _csr(tcrow, trow, w[i][perm], (nk, win.num_queries))       # values in key order
-            h = hs.start + i
-            if out.dtype == cdt:
-                out[b, h].addmm_(mat, xh)
-            else:       # low precision: accumulate this head in float32, then add
-                out[b, h] += (mat @ xh).to(out.dtype)
+        bsz, _, nk, d = out.shape
+        for i, h in enumerate(range(blk.hs.start, blk.hs.stop)):
+            mat = _csr(ent.tcrow, ent.trow, w[i][ent.perm], (bsz * nk, ent.rows))     # values in key order
+            out[:, h] += (mat @ _flat(x, h, cdt)).view(bsz, nk, d).to(out.dtype)

@@ -31,23 +31,35 @@ def _mask(blk):
     return None if blk.call.mask is None else blk.call.mask.to(blk.call.cdt)
 
 
-def _common(blk):
+def _common(blk, b):
     """The arguments every kernel call ends with: (b, h0, h, scale, dropout_p, seed)."""
     call = blk.call
-    return (blk.b, blk.hs.start, blk.hs.stop - blk.hs.start, float(call.scale), float(call.dropout_p),
-            seed64(call.seed))
+    return (b, blk.hs.start, blk.heads, float(call.scale), float(call.dropout_p), seed64(call.seed))
 
 
-def _row_order(win, b):
-    """Rows of batch element ``b`` sorted by their first window key (cached on the index): consecutive queries
-    then share window keys, which stay in cache."""
-    cache = win._cache.setdefault("fused_order", {})
-    if b not in cache:
-        crow, col = win.rows_of(b)
-        first = torch.where(crow[1:] > crow[:-1], col[crow[:-1].clamp(max=max(col.numel() - 1, 0))],
-                            torch.full_like(crow[:-1], -1)) if col.numel() else torch.zeros_like(crow[:-1])
-        cache[b] = torch.argsort(first, stable=True)
-    return cache[b]
+def _batches(ent):
+    """Per batch element with entries: ``(b, rows, entries, structure)`` -- ``rows`` / ``entries`` the slices of its
+    rows and entries, ``structure = (crow, col, order, tcrow, trow, perm)`` shifted to the element's own numbering.
+    CPU only, so reading the entry offsets from ``indptr`` costs no device synchronisation."""
+    nq, nk = ent.queries, ent.keys
+    offsets = ent.indptr[::nq].tolist() if nq else [0] * (ent.batch + 1)
+    for b in range(ent.batch):
+        e0, e1 = offsets[b], offsets[b + 1]
+        if e1 == e0:
+            continue
+        rows = slice(b * nq, (b + 1) * nq)
+        crow = ent.indptr[b * nq:(b + 1) * nq + 1] - e0
+        yield b, rows, slice(e0, e1), (crow, ent.key[e0:e1], ent.order[rows] - b * nq,
+                                       ent.tcrow[b * nk:(b + 1) * nk + 1] - e0, ent.trow[e0:e1] - b * nq,
+                                       ent.perm[e0:e1] - e0)
+
+
+def _into(dst, fn):
+    """Run ``fn(buf)`` on a contiguous ``buf`` for ``dst`` (``dst`` itself when contiguous), copying back."""
+    buf = dst if dst.is_contiguous() else dst.contiguous()
+    fn(buf)
+    if buf.data_ptr() != dst.data_ptr():
+        dst.copy_(buf)
 
 
 class FusedCPUBackend(Backend):
@@ -65,68 +77,70 @@ class FusedCPUBackend(Backend):
         return ext is not None, why
 
     @staticmethod
-    def _ebias(blk, n):
-        """``expm1(bias)`` ``[n, 1]`` (shared) or ``[n, h]`` (per head), vectorised once per block."""
+    def _ebias(blk):
+        """``expm1(bias)`` ``[nnz, 1]`` (shared) or ``[nnz, h]`` (per head), vectorised once per block."""
         if blk.bvals is None:
-            return torch.zeros(n, 1, dtype=blk.call.cdt)
+            return torch.zeros(blk.ent.nnz, 1, dtype=blk.call.cdt)
         return torch.expm1(blk.bvals.t()).contiguous()
 
-    def forward_block(self, win, blk, qkv, lse, state, totals):
-        crow, col = win.rows_of(blk.b)                           # the forward needs no transposed structure
-        if not col.numel():
-            return
+    def forward_block(self, blk, qkv, lse, state, totals):
         den, out = totals
-        outc, denc = out.contiguous(), den.contiguous()        # [h, Q, D], [h, Q]: copied back if strided
-        extension()[0].window_forward(*qkv, lse.contiguous(), crow, col, _row_order(win, blk.b),
-                                      self._ebias(blk, col.numel()), _mask(blk), *_common(blk), denc, outc)
-        for buf, dst in ((outc, out), (denc, den)):
-            if buf.data_ptr() != dst.data_ptr():
-                dst.copy_(buf)
+        eb = self._ebias(blk)
+        mask = _mask(blk)
+        for b, rows, ents, (crow, col, order, _, _, _) in _batches(blk.ent):
+            def run(outc, b=b, rows=rows, ents=ents, crow=crow, col=col, order=order):
+                denc = den[:, rows].contiguous()
+                extension()[0].window_forward(*qkv, lse[:, rows].contiguous(), crow, col, order, eb[ents], mask,
+                                              *_common(blk, b), denc, outc)
+                den[:, rows] = denc
+            _into(out[:, rows], run)
 
-    def backward_block(self, win, blk, qkv, upstream, state, grads):
-        crow, col, tcrow, trow, perm = win.csr(blk.b)
-        h = blk.hs.stop - blk.hs.start
-        db = torch.empty(h, col.numel(), dtype=blk.call.cdt)
-        if not col.numel():
-            return db
+    def backward_block(self, blk, qkv, upstream, state, grads):
         (gp, go), (_, lse), (dq, dk, dv) = upstream, state, grads
-        eb = self._ebias(blk, col.numel())
-        dqc = dq.contiguous()                                    # [h, Q, D]: small; copied back if it was strided
-        extension()[0].window_backward(*qkv, lse.contiguous(), gp[blk.b, blk.hs].contiguous(), go.contiguous(),
-                                       crow, col, _row_order(win, blk.b), tcrow, trow, eb, eb[perm].contiguous(),
-                                       None, None, False, _mask(blk), *_common(blk), dqc, dk, dv, db)
-        if dqc.data_ptr() != dq.data_ptr():
-            dq.copy_(dqc)
+        db = torch.zeros(blk.heads, blk.ent.nnz, dtype=blk.call.cdt)
+        eb = self._ebias(blk)
+        mask = _mask(blk)
+        for b, rows, ents, (crow, col, order, tcrow, trow, perm) in _batches(blk.ent):
+            ebb = eb[ents]
+            dbb = torch.empty(blk.heads, ents.stop - ents.start, dtype=blk.call.cdt)
+            _into(dq[:, rows], lambda dqc, b=b, rows=rows, crow=crow, col=col, order=order, tcrow=tcrow, trow=trow,
+                  perm=perm, ebb=ebb, dbb=dbb: extension()[0].window_backward(
+                      *qkv, lse[:, rows].contiguous(), gp[b, blk.hs].contiguous(), go[:, rows].contiguous(), crow,
+                      col, order, tcrow, trow, ebb, ebb[perm].contiguous(), None, None, False, mask,
+                      *_common(blk, b), dqc, dk, dv, dbb))
+            db[:, ents] = dbb
         return db
 
     # window attention (the local attention mask): the state kept for the backward is the window log-sum-exp
 
-    def window_forward_block(self, win, blk, qkv, state, out):
-        """``state`` is this backend's: the window log-sum-exp ``[h, Q]`` (``-inf`` for an empty window)."""
-        crow, col = win.rows_of(blk.b)
-        if not col.numel():
-            state.fill_(float("-inf"))
-            return
+    def window_forward_block(self, blk, qkv, state, out):
+        """``state`` is this backend's: the window log-sum-exp ``[h, B * Q]`` (``-inf`` for an empty window)."""
+        state.fill_(float("-inf"))
         sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
-        extension()[0].attention_forward(*qkv, crow, col, _row_order(win, blk.b), sbias, _mask(blk), *_common(blk),
-                                         state, out)
+        mask = _mask(blk)
+        for b, rows, ents, (crow, col, order, _, _, _) in _batches(blk.ent):
+            def run(outc, b=b, rows=rows, ents=ents, crow=crow, col=col, order=order):
+                st = state[:, rows].contiguous()
+                extension()[0].attention_forward(*qkv, crow, col, order, None if sbias is None else sbias[ents],
+                                                 mask, *_common(blk, b), st, outc)
+                state[:, rows] = st
+            _into(out[:, rows], run)
 
-    def window_backward_block(self, win, blk, qkv, upstream, state, grads):
-        """``state`` is the window log-sum-exp ``[h, Q]`` of `window_forward_block`."""
-        crow, col, tcrow, trow, perm = win.csr(blk.b)
-        h = blk.hs.stop - blk.hs.start
+    def window_backward_block(self, blk, qkv, upstream, state, grads):
+        """``state`` is the window log-sum-exp ``[h, B * Q]`` of `window_forward_block`."""
         cdt = blk.call.cdt
-        db = torch.zeros(h, col.numel(), dtype=cdt)      # empty / fully masked windows: zero
-        if not col.numel():
-            return db
         (g, go), (dq, dk, dv) = upstream, grads
+        db = torch.zeros(blk.heads, blk.ent.nnz, dtype=cdt)      # empty / fully masked windows: zero
         sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
         unused = torch.zeros(1, 1, dtype=cdt)
-        dqc = dq.contiguous()
-        extension()[0].window_backward(*qkv, state.contiguous(), g[blk.b, blk.hs].contiguous(), go.contiguous(),
-                                       crow, col, _row_order(win, blk.b), tcrow, trow, unused, unused, sbias,
-                                       None if sbias is None else sbias[perm].contiguous(), True, _mask(blk),
-                                       *_common(blk), dqc, dk, dv, db)
-        if dqc.data_ptr() != dq.data_ptr():
-            dq.copy_(dqc)
+        mask = _mask(blk)
+        for b, rows, ents, (crow, col, order, tcrow, trow, perm) in _batches(blk.ent):
+            sb = None if sbias is None else sbias[ents]
+            dbb = torch.zeros(blk.heads, ents.stop - ents.start, dtype=cdt)
+            _into(dq[:, rows], lambda dqc, b=b, rows=rows, crow=crow, col=col, order=order, tcrow=tcrow, trow=trow,
+                  perm=perm, sb=sb, dbb=dbb: extension()[0].window_backward(
+                      *qkv, state[:, rows].contiguous(), g[b, blk.hs].contiguous(), go[:, rows].contiguous(), crow,
+                      col, order, tcrow, trow, unused, unused, sb, None if sb is None else sb[perm].contiguous(), True,
+                      mask, *_common(blk, b), dqc, dk, dv, dbb))
+            db[:, ents] = dbb
         return db

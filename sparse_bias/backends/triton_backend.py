@@ -36,35 +36,35 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def _entries(KEY, e0, end, e_begin, kv_base, d, dm, D: tl.constexpr, BLOCK: tl.constexpr):
-        """A block of window entries: validity, index into the batch element's entries (int64), the key of
-        each entry (int64), the offsets of their k/v rows and the 2-D load mask."""
+    def _entries(KEY, e0, end, kv_base, d, dm, D: tl.constexpr, BLOCK: tl.constexpr):
+        """A block of window entries: validity, entry index (int64), the key of each entry (int64), the offsets of
+        their k/v rows and the 2-D load mask."""
         e = e0 + tl.arange(0, BLOCK)
         m = e < end
         key = tl.load(KEY + e, mask=m, other=0).to(tl.int64)
-        return m, (e - e_begin).to(tl.int64), key, (kv_base + key)[:, None] * D + d[None, :], m[:, None] & dm[None, :]
+        return m, e.to(tl.int64), key, (kv_base + key)[:, None] * D + d[None, :], m[:, None] & dm[None, :]
 
     @triton.jit
     def _fwd_kernel(Q, K, V, LSE, INDPTR, KEY, BV, EM, KP, P, DEN, OUT,
-                    row0, e_begin, nq, nk, h0, heads, scale,
+                    nq, nk, h0, heads, scale,
                     lse_s, bv_s, em_s, kp_s, p_s, den_s, out_s, out_r,
                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_EM: tl.constexpr,
                     HAS_KP: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)          # query within the batch element
+        r = tl.program_id(0).to(tl.int64)          # global row b * Q + q
         i = tl.program_id(1).to(tl.int64)          # head within the block
-        b = row0 // nq
+        b = r // nq
         bh = b * heads + h0 + i                    # int64 (i is): offsets below cannot overflow
         kv_base = bh * nk
-        start = tl.load(INDPTR + row0 + r)
-        end = tl.load(INDPTR + row0 + r + 1)
+        start = tl.load(INDPTR + r)
+        end = tl.load(INDPTR + r + 1)
         d = tl.arange(0, DP)
         dm = d < D
-        qrow = tl.load(Q + (bh * nq + r) * D + d, mask=dm, other=0.0).to(tl.float32)
+        qrow = tl.load(Q + (bh * nq + r - b * nq) * D + d, mask=dm, other=0.0).to(tl.float32)
         lse = tl.load(LSE + i * lse_s + r)
         s_tot = tl.zeros([BLOCK], dtype=tl.float32)
         c_acc = tl.zeros([DP], dtype=tl.float32)
         for e0 in range(start, end, BLOCK):
-            m, local, key, rows, mm = _entries(KEY, e0, end, e_begin, kv_base, d, dm, D, BLOCK)
+            m, local, key, rows, mm = _entries(KEY, e0, end, kv_base, d, dm, D, BLOCK)
             krows = tl.load(K + rows, mask=mm, other=0.0).to(tl.float32)
             s = tl.sum(krows * qrow[None, :], axis=1) * scale
             if HAS_EM:
@@ -82,18 +82,18 @@ def _kernels():
 
     @triton.jit
     def _bwd_kernel(Q, K, V, GP, GO, INDPTR, KEY, P, BV, KP, DQ, DK, DV, DB,
-                    row0, e_begin, nq, nk, h0, heads, dkv_bh0, scale,
+                    nq, nk, h0, heads, dkv_heads, dkv_h0, scale,
                     go_s, p_s, bv_s, kp_s, dq_s, dq_r, db_s,
                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_KP: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(0).to(tl.int64)          # global row b * Q + q
         i = tl.program_id(1).to(tl.int64)
-        b = row0 // nq
+        b = r // nq
         bh = b * heads + h0 + i
-        qk = bh * nq + r
+        qk = bh * nq + r - b * nq
         kv_base = bh * nk
-        dkv_base = (dkv_bh0 + i) * nk             # the gradients' (or the float32 scratch's) rows of this head
-        start = tl.load(INDPTR + row0 + r)
-        end = tl.load(INDPTR + row0 + r + 1)
+        dkv_base = (b * dkv_heads + dkv_h0 + i) * nk      # the gradients' (or the float32 scratch's) rows
+        start = tl.load(INDPTR + r)
+        end = tl.load(INDPTR + r + 1)
         d = tl.arange(0, DP)
         dm = d < D
         qrow = tl.load(Q + qk * D + d, mask=dm, other=0.0).to(tl.float32)
@@ -101,7 +101,7 @@ def _kernels():
         go = tl.load(GO + i * go_s + r)
         dq_acc = tl.zeros([DP], dtype=tl.float32)
         for e0 in range(start, end, BLOCK):
-            m, local, key, rows, mm = _entries(KEY, e0, end, e_begin, kv_base, d, dm, D, BLOCK)
+            m, local, key, rows, mm = _entries(KEY, e0, end, kv_base, d, dm, D, BLOCK)
             grows = (dkv_base + key)[:, None] * D + d[None, :]
             p = tl.load(P + i * p_s + local, mask=m, other=0.0)
             a = p * (tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0)) - 1.0)
@@ -154,54 +154,52 @@ class TritonBackend(Backend):
             return False, "Triton runs on CUDA (or on CPU tensors under TRITON_INTERPRET=1)"
         return super().can_run(device, dtype, head_dim, op)
 
-    def _common(self, win, b, hs, q, k):
-        e_begin, e_end = win.batch_range(b)
+    def _common(self, blk, q, k):
         dim = q.shape[-1]
-        return e_begin, e_end, dict(row0=b * win.num_queries, e_begin=e_begin, nq=win.num_queries, nk=k.shape[2],
-                                    h0=hs.start, heads=q.shape[1], D=dim, DP=_kernels()["next_power_of_2"](dim),
-                                    BLOCK=self.block)
+        return dict(nq=blk.ent.queries, nk=k.shape[2], h0=blk.hs.start, heads=q.shape[1], D=dim,
+                    DP=_kernels()["next_power_of_2"](dim), BLOCK=self.block)
 
-    def forward_block(self, win, blk, qkv, lse, state, totals):
-        b, hs = blk.b, blk.hs
+    def forward_block(self, blk, qkv, lse, state, totals):
         den, out = totals
-        e_begin, e_end, common = self._common(win, b, hs, *qkv[:2])
-        if e_end == e_begin:
+        if blk.ent.nnz == 0 or blk.ent.rows == 0:
             return
+        common = self._common(blk, *qkv[:2])
         (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.emask), _rows(blk.keep)
-        q, k, v, lse = (t.contiguous() for t in qkv + (lse,))
+        q, k, v = (t.contiguous() for t in qkv)
+        lse = lse if lse.stride(-1) == 1 else lse.contiguous()
         if out.stride(-1) != 1 or den.stride(-1) != 1:
             raise RuntimeError("the triton backend writes into outputs with a unit last stride")
-        grid = (win.num_queries, hs.stop - hs.start)
-        _kernels()["fwd"][grid](q, k, v, lse, win.indptr, win.key, bv, em if em is not None else bv,
+        grid = (blk.ent.rows, blk.heads)
+        _kernels()["fwd"][grid](q, k, v, lse, blk.ent.indptr, blk.ent.key, bv, em if em is not None else bv,
                                 kp if kp is not None else bv, state, den, out, scale=blk.call.scale,
                                 lse_s=lse.stride(0), bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=state.stride(0),
                                 den_s=den.stride(0), out_s=out.stride(0), out_r=out.stride(1), HAS_EM=em is not None,
                                 HAS_KP=kp is not None, **common)
 
-    def backward_block(self, win, blk, qkv, upstream, state, grads):
-        b, hs = blk.b, blk.hs
+    def backward_block(self, blk, qkv, upstream, state, grads):
         (gp, go), (p, _), (dq, dk, dv) = upstream, state, grads
-        e_begin, e_end, common = self._common(win, b, hs, *qkv[:2])
-        db = torch.zeros(hs.stop - hs.start, e_end - e_begin, dtype=blk.call.cdt, device=gp.device)
-        if e_end == e_begin:
+        db = torch.zeros(blk.heads, blk.ent.nnz, dtype=blk.call.cdt, device=gp.device)
+        if blk.ent.nnz == 0 or blk.ent.rows == 0:
             return db
+        common = self._common(blk, *qkv[:2])
         (bv, bv_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.keep)
         q, k, v, gp = (t.contiguous() for t in qkv + (gp,))
+        go = go if go.stride(-1) == 1 else go.contiguous()
         if not (dk.is_contiguous() and dv.is_contiguous() and dq.stride(-1) == 1):
             raise RuntimeError("the triton backend needs contiguous gradient buffers")
         direct = dk.dtype == torch.float32 and dv.dtype == torch.float32
         if direct:                                   # atomic adds straight into the float32 gradients
-            gk, gv, dkv_bh0 = dk, dv, b * q.shape[1] + hs.start
+            gk, gv, dkv_heads, dkv_h0 = dk, dv, q.shape[1], blk.hs.start
         else:                                        # half precision: a float32 scratch of this block's heads
-            gk, gv = (torch.zeros((hs.stop - hs.start,) + dk.shape[2:], dtype=torch.float32, device=dk.device)
+            gk, gv = (torch.zeros((dk.shape[0], blk.heads) + dk.shape[2:], dtype=torch.float32, device=dk.device)
                       for _ in range(2))
-            dkv_bh0 = 0
-        grid = (win.num_queries, hs.stop - hs.start)
-        _kernels()["bwd"][grid](q, k, v, gp, go, win.indptr, win.key, p, bv, kp if kp is not None else bv, dq, gk, gv,
-                                db, dkv_bh0=dkv_bh0, scale=blk.call.scale, go_s=go.stride(0), p_s=p.stride(0),
-                                bv_s=bv_s, kp_s=kp_s, dq_s=dq.stride(0), dq_r=dq.stride(1), db_s=db.stride(0),
-                                HAS_KP=kp is not None, **common)
+            dkv_heads, dkv_h0 = blk.heads, 0
+        grid = (blk.ent.rows, blk.heads)
+        _kernels()["bwd"][grid](q, k, v, gp, go, blk.ent.indptr, blk.ent.key, p, bv, kp if kp is not None else bv, dq,
+                                gk, gv, db, dkv_heads=dkv_heads, dkv_h0=dkv_h0, scale=blk.call.scale, go_s=go.stride(0),
+                                p_s=p.stride(0), bv_s=bv_s, kp_s=kp_s, dq_s=dq.stride(0), dq_r=dq.stride(1),
+                                db_s=db.stride(0), HAS_KP=kp is not None, **common)
         if not direct:
-            dk[b, hs] += gk.to(dk.dtype)
-            dv[b, hs] += gv.to(dv.dtype)
+            dk[:, blk.hs] += gk.to(dk.dtype)
+            dv[:, blk.hs] += gv.to(dv.dtype)
         return db

@@ -49,10 +49,11 @@ _CUDA_OPS = {"cuda_flash": "_scaled_dot_product_flash_attention",
 
 @dataclass
 class KernelState:
-    """What `dense_lse_backward` needs besides the tensors: the kernel's name and its extra outputs."""
+    """What `dense_lse_backward` needs besides the tensors: the kernel's name. (The CUDA ops' extra outputs are
+    rebuilt from the sizes and the log-sum-exp, `sparse_bias.dense.private_ops.flash_aux` / ``efficient_aux``, so a
+    backward runs from tensors a custom op can save.)"""
 
     name: str
-    aux: tuple = ()
 
 
 def _has_op(name: str) -> bool:
@@ -118,10 +119,10 @@ def _run_gpu(name, q, k, v, call: Call):
         out, lse = triton_dense.dense_forward(q, k, v, call)
         return out, lse, KernelState(name)
     if name == "cuda_flash":  # pragma: no cover - exercised on GPU machines only
-        out, lse, aux = private_ops.flash_forward(torch.ops.aten, q, k, v, call.scale)
+        out, lse, _ = private_ops.flash_forward(torch.ops.aten, q, k, v, call.scale)
     else:  # pragma: no cover - exercised on GPU machines only
-        out, lse, aux = private_ops.efficient_forward(torch.ops.aten, q, k, v, call.mask, call.scale)
-    return out, lse, KernelState(name, aux)
+        out, lse, _ = private_ops.efficient_forward(torch.ops.aten, q, k, v, call.mask, call.scale)
+    return out, lse, KernelState(name)
 
 
 def _mask_for(call: Call, dtype: torch.dtype):
@@ -202,9 +203,10 @@ def dense_lse_backward(state: KernelState, grad_out, inputs, outputs, call: Call
     if name == "triton_dropout":
         return triton_dense.dense_backward(grad_out, (q, k, v), (out, lse), call)
     if name == "cuda_flash":  # pragma: no cover - exercised on GPU machines only
-        return private_ops.flash_backward(torch.ops.aten, state.aux, grad_out, (q, k, v, out, lse), call.scale)
+        return private_ops.flash_backward(torch.ops.aten, private_ops.flash_aux(q, k), grad_out,
+                                          (q, k, v, out, outputs[1]), call.scale)
     if name == "cuda_efficient":  # pragma: no cover - exercised on GPU machines only
-        return private_ops.efficient_backward(torch.ops.aten, state.aux, grad_out, (q, k, v, out), call.mask,
-                                              call.scale)
+        aux = private_ops.efficient_aux(outputs[1], hip=torch.version.hip is not None)
+        return private_ops.efficient_backward(torch.ops.aten, aux, grad_out, (q, k, v, out), call.mask, call.scale)
     return chunked_backward(grad_out, q, k, v, out, lse, call)
 

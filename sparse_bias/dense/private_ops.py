@@ -83,3 +83,22 @@ def efficient_backward(ops, aux: tuple, grad_out, tensors, mask: Optional[torch.
         grad_out.contiguous(), q, k, v, aligned_bias(mask, q, k), out.contiguous(), raw_lse, philox_seed,
         philox_offset, 0.0, [True, True, True, False], False, scale=scale)
     return dq, dk, dv
+
+
+def flash_aux(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """The ``aux`` of `flash_backward` without dropout, rebuilt from the sizes: no cumulative sequence lengths,
+    ``max_q = Q``, ``max_k = K`` and unused philox state (``uint64 [2]`` / ``uint64 []``, as the op's meta
+    registration declares). Lets a backward run from ``(q, k, v, out, lse)`` alone (a custom op saves tensors it
+    declares, not the kernel's private outputs)."""
+    seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    return None, None, q.shape[2], k.shape[2], seed, torch.zeros((), dtype=torch.uint64, device=q.device)
+
+
+def efficient_aux(lse: torch.Tensor, hip: bool = False) -> tuple:
+    """The ``aux`` of `efficient_backward` without dropout, rebuilt from the log-sum-exp ``[B, H, Q]``: the raw
+    log-sum-exp padded to a multiple of 32 queries (not on ROCm), and unused ``long`` philox seed / offset."""
+    nq = lse.shape[-1]
+    pad = 0 if hip else -nq % 32
+    raw = torch.nn.functional.pad(lse.float(), (0, pad)) if pad else lse.float()
+    zero = torch.zeros((), dtype=torch.long, device=lse.device)
+    return raw.contiguous(), zero, zero.clone()

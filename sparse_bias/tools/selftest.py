@@ -26,9 +26,8 @@ import torch
 from .._call import Call
 from .._precision import tolerance
 from .._reference import dense_attention, dense_window_attention
-from .._sparse_function import _SparseBiasAttention
 from .._validation import additive_mask
-from .._window_function import _WindowAttention
+from .._ops import sparse_op, window_op
 from ..attention import sparse_bias_attention
 from ..backends import BACKENDS, backend_candidates
 from ..bias import SparseBias, window_bias
@@ -80,8 +79,7 @@ def _evaluate(op, backend, case, prob, device, dtype):
         out = (dense_window_attention(q, k, v, win, SparseBias(win, values), call) if op == "window"
                else dense_attention(q, k, v, SparseBias(win, values).to_dense(), call))
     else:
-        fn = _WindowAttention if op == "window" else _SparseBiasAttention
-        out = fn.apply(q, k, v, values, win, call, BACKENDS[backend])
+        out = (window_op if op == "window" else sparse_op)(q, k, v, values, win, call, backend)
     grads = torch.autograd.grad(out, (q, k, v, wb, wc), prob["grad"].to(device, dtype))
     return [t.detach().double().cpu() for t in (out,) + grads]
 

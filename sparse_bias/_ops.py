@@ -1,0 +1,206 @@
+"""The library's operations registered with ``torch.library``: raw op, then autograd, then the Python entry.
+
+Layered as flash-attention's interface is: ``torch.ops.sparse_bias.sparse_attention`` /
+``torch.ops.sparse_bias.window_attention`` (and their ``*_backward`` ops) take only tensors, floats and a backend
+name; each has a fake (meta) implementation giving its output shapes from the input shapes -- ``nnz`` is the length
+of the index tensors, a dynamic size under ``torch.compile`` -- and its autograd formula registered with
+`torch.library.register_autograd`. `sparse_op` / `window_op` unpack a `sparse_bias.WindowIndex` and a
+`sparse_bias._call.Call` into those arguments; the public functions (`sparse_bias.sparse_bias_attention`,
+`sparse_bias.window_attention`) validate and call them. ``torch.compile(fullgraph=True)`` therefore sees one opaque
+node per attention (forward and backward) instead of the Python around the kernels.
+
+The ops live in the library's own ``sparse_bias`` namespace of ``torch.library`` (as torch-scatter's live in
+``torch_scatter``); nothing else is registered.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._call import Call, compute_dtype
+from ._entries import Entries
+from ._exact_rows import exact_row_capacity
+from ._sparse_function import sparse_backward, sparse_forward
+from ._window_function import window_backward, window_forward
+from .backends import BACKENDS
+from .dense.boundary import unit_stride
+from .dense.dropout import seed64
+
+__all__ = ["sparse_op", "window_op", "seed_tensor"]
+
+_INDEX = ("indptr", "key", "row", "tcrow", "trow", "perm", "order")
+
+
+def seed_tensor(seed) -> Tensor:
+    """The dropout seed as the ops take it: a CPU int64 scalar (an int is mapped to the int64 with the same low 64
+    bits; a tensor -- drawn inside a compiled graph -- passes as is)."""
+    if isinstance(seed, Tensor):
+        return seed
+    return torch.tensor(seed64(seed), dtype=torch.int64)
+
+
+def _call(q: Tensor, mask: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor) -> Call:
+    """The call record inside an op (the seed read on the host: a CPU tensor, never a device synchronisation)."""
+    return Call(scale, mask, dropout_p, int(seed.tolist()) if dropout_p > 0 else 0, compute_dtype(q.dtype))
+
+
+def _entries(q: Tensor, k: Tensor, index: Sequence[Optional[Tensor]]) -> Optional[Entries]:
+    if index[0] is None:
+        return None
+    return Entries(*index, q.shape[0], q.shape[2], k.shape[2])
+
+
+def _index(win) -> List[Optional[Tensor]]:
+    if win is None:
+        return [None] * len(_INDEX)
+    ent = win.entries()
+    return [getattr(ent, name) for name in _INDEX]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparse_bias_attention: dense pass plus sparse correction
+
+
+@torch.library.custom_op("sparse_bias::sparse_attention", mutates_args=())
+def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Optional[Tensor],
+                      key: Optional[Tensor], row: Optional[Tensor], tcrow: Optional[Tensor], trow: Optional[Tensor],
+                      perm: Optional[Tensor], order: Optional[Tensor], mask: Optional[Tensor], scale: float,
+                      dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
+    """``[out, lse, den, p, sel, valid]`` of `sparse_bias._sparse_function.sparse_forward`."""
+    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
+    return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
+                               BACKENDS[backend] if backend else None))
+
+
+@_sparse_attention.register_fake
+def _sparse_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed,
+                           backend):
+    cdt = compute_dtype(q.dtype)
+    bsz, heads, nq = q.shape[:3]
+    biased = values is not None
+    saves_p = biased and BACKENDS[backend].saves("correction") == "p"
+    cap = exact_row_capacity(nq, k.shape[2]) if biased else 0
+    return [q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(q.shape[:3], dtype=cdt),
+            q.new_empty((heads, bsz * nq) if biased else (0,), dtype=cdt),
+            q.new_empty((heads, key.shape[0]) if saves_p else (0,), dtype=cdt),
+            q.new_empty((bsz, cap), dtype=torch.long), q.new_empty((bsz, cap), dtype=torch.bool)]
+
+
+@torch.library.custom_op("sparse_bias::sparse_attention_backward", mutates_args=())
+def _sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
+                               indptr: Optional[Tensor], key: Optional[Tensor], row: Optional[Tensor],
+                               tcrow: Optional[Tensor], trow: Optional[Tensor], perm: Optional[Tensor],
+                               order: Optional[Tensor], mask: Optional[Tensor], out: Tensor, lse: Tensor, den: Tensor,
+                               p: Tensor, sel: Tensor, valid: Tensor, scale: float, dropout_p: float, seed: Tensor,
+                               backend: str, want_values: bool) -> List[Tensor]:
+    """``[dq, dk, dv, dvalues]`` (``dvalues`` empty when not wanted)."""
+    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
+    call = _call(q, mask, scale, dropout_p, seed)
+    dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, sel, valid), ent, call,
+                                          BACKENDS[backend] if backend else None, want_values)
+    return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
+
+
+@_sparse_attention_backward.register_fake
+def _sparse_attention_backward_fake(grad_out, q, k, v, values, *rest):
+    want_values = rest[-1]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(values) if want_values and values is not None else q.new_empty(0)]
+
+
+def _sparse_setup(ctx, inputs, output):
+    q, k, v, values, *index_mask_scale = inputs
+    *index, mask, scale, dropout_p, seed, backend = index_mask_scale
+    ctx.save_for_backward(q, k, v, values, *index, mask, *output, seed)
+    ctx.params = (scale, dropout_p, backend)
+
+
+def _sparse_backward(ctx, grads):
+    q, k, v, values, *rest = ctx.saved_tensors
+    index, (mask, out, lse, den, p, sel, valid, seed) = rest[:len(_INDEX)], rest[len(_INDEX):]
+    scale, dropout_p, backend = ctx.params
+    want_values = values is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dvalues = _sparse_attention_backward(grads[0].contiguous(), q, k, v, values, *index, mask, out, lse,
+                                                     den, p, sel, valid, scale, dropout_p, seed, backend, want_values)
+    return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
+
+
+torch.library.register_autograd("sparse_bias::sparse_attention", _sparse_backward, setup_context=_sparse_setup)
+
+
+def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call,
+              backend: Optional[str]) -> Tensor:
+    """``[B, H, Q, D]``: biased attention through ``torch.ops.sparse_bias.sparse_attention`` (``values`` and
+    ``win`` None: plain attention through the dense pass)."""
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
+    return _sparse_attention(q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p,
+                             seed_tensor(call.seed), backend or "")[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# window_attention: softmax over each query's window entries
+
+
+@torch.library.custom_op("sparse_bias::window_attention", mutates_args=())
+def _window_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Tensor, key: Tensor,
+                      row: Tensor, tcrow: Tensor, trow: Tensor, perm: Tensor, order: Tensor, mask: Optional[Tensor],
+                      scale: float, dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
+    """``[out, state]`` of `sparse_bias._window_function.window_forward`."""
+    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
+    return list(window_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed), BACKENDS[backend]))
+
+
+@_window_attention.register_fake
+def _window_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed,
+                           backend):
+    saves_p = BACKENDS[backend].saves("window") == "p"
+    cols = key.shape[0] if saves_p else q.shape[0] * q.shape[2]
+    return [q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty((q.shape[1], cols), dtype=compute_dtype(q.dtype))]
+
+
+@torch.library.custom_op("sparse_bias::window_attention_backward", mutates_args=())
+def _window_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
+                               indptr: Tensor, key: Tensor, row: Tensor, tcrow: Tensor, trow: Tensor, perm: Tensor,
+                               order: Tensor, mask: Optional[Tensor], out: Tensor, state: Tensor, scale: float,
+                               dropout_p: float, seed: Tensor, backend: str, want_values: bool) -> List[Tensor]:
+    """``[dq, dk, dv, dvalues]`` (``dvalues`` empty when not wanted)."""
+    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
+    dq, dk, dv, dvalues = window_backward(grad_out, (q, k, v, values, out, state), ent,
+                                          _call(q, mask, scale, dropout_p, seed), BACKENDS[backend], want_values)
+    return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
+
+
+@_window_attention_backward.register_fake
+def _window_attention_backward_fake(grad_out, q, k, v, values, *rest):
+    want_values = rest[-1]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(values) if want_values and values is not None else q.new_empty(0)]
+
+
+def _window_setup(ctx, inputs, output):
+    q, k, v, values, *index_mask_scale = inputs
+    *index, mask, scale, dropout_p, seed, backend = index_mask_scale
+    ctx.save_for_backward(q, k, v, values, *index, mask, *output, seed)
+    ctx.params = (scale, dropout_p, backend)
+
+
+def _window_backward(ctx, grads):
+    q, k, v, values, *rest = ctx.saved_tensors
+    index, (mask, out, state, seed) = rest[:len(_INDEX)], rest[len(_INDEX):]
+    scale, dropout_p, backend = ctx.params
+    want_values = values is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dvalues = _window_attention_backward(grads[0].contiguous(), q, k, v, values, *index, mask, out, state,
+                                                     scale, dropout_p, seed, backend, want_values)
+    return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
+
+
+torch.library.register_autograd("sparse_bias::window_attention", _window_backward, setup_context=_window_setup)
+
+
+def window_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call, backend: str) -> Tensor:
+    """``[B, H, Q, D]``: window attention through ``torch.ops.sparse_bias.window_attention``."""
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+    return _window_attention(q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p,
+                             seed_tensor(call.seed), backend)[0]
