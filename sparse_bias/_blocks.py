@@ -29,7 +29,7 @@ def window_blocks(ent: Entries, values: Optional[torch.Tensor], backend, shape: 
 def head_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, H, Q(, D)]`` -> a contiguous ``[H, B * Q(, D)]`` copy (the layout of the per-row totals)."""
     x = x.transpose(0, 1)
-    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + tuple(x.shape[3:]))
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + tuple(x.shape[3:])).contiguous()
 
 
 def batch_major(x: torch.Tensor, batch: int) -> torch.Tensor:

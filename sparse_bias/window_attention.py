@@ -41,7 +41,7 @@ def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, 
     """The backend `window_attention` will use for ``q``, and why: ``(name, reason)``.
 
     ``"auto"`` takes the first backend of `sparse_bias.backends.AUTO_ORDER` that can run window attention on q's
-    device, dtype and head dim (the fused ``"triton"`` backend has no window-attention kernels yet).
+    device, dtype and head dim (on CUDA the fused ``"triton"`` kernels first, after their first-use self-check).
     """
     if backend not in WINDOW_BACKENDS:
         raise ValueError(f"backend must be one of {WINDOW_BACKENDS}, got {backend!r}")
@@ -109,8 +109,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
             `sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
             ``dropout_seed``; drawn from torch's RNG when None). Pass 0 at evaluation.
         scale: softmax scale, default ``1 / sqrt(D)``; a finite number.
-        backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"sparse"`` (PyTorch CSR kernels:
-            ``sampled_addmm``, CSR @ dense), ``"scatter"``
+        backend: ``"auto"``, ``"fused"`` (the compiled C++/OpenMP kernels, CPU), ``"triton"`` (fused Triton
+            kernels, CUDA), ``"sparse"`` (PyTorch CSR kernels: ``sampled_addmm``, CSR @ dense), ``"scatter"``
             (gathered rows reduced with torch-scatter ``segment_csr``), ``"torch"`` (gathers, ``index_add_``,
             ``scatter_reduce``) or ``"dense"`` (the materialised mask; the reference).
             `select_window_backend` says what ``"auto"`` picks and why.

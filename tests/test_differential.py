@@ -931,9 +931,10 @@ TRITON_ACTIVE = TRITON_AVAILABLE and (INTERPRETED or torch.cuda.is_available())
 
 def triton_specs():
     out = []
-    for i in range(6):
-        s = gen_spec("sba", 500 + i, "f32")
-        s = replace(s, bias="sparse", lq="perm", B=min(s.B, 2), H=min(s.H, 2), Q=max(1, min(s.Q, 6)),
+    for i in range(10):
+        entry = "sba" if i < 6 else "win"
+        s = gen_spec(entry, 500 + i, "f32")
+        s = replace(s, bias="sparse" if entry == "sba" else ("sparse", "none")[i % 2], lq="perm", B=min(s.B, 2), H=min(s.H, 2), Q=max(1, min(s.Q, 6)),
                     D=(3, 8, 33)[i % 3], bev=s.bev or (4, 5), cam=s.cam if i % 2 else (2, 3, 4),
                     attn_mask="none", kpm=("none", "random", "pad_cam")[i % 3], dropout=(0.0, 0.1)[i % 2])
         out.append(s)
@@ -958,10 +959,14 @@ def test_triton_case(spec):
     d = build(spec)
     device = "cpu" if INTERPRETED else "cuda"
     q = torch.zeros(spec.B, spec.H, spec.Q, spec.D, dtype=torch.float32, device=device)
-    name, why = sb.select_backend(q, sb.SparseBias(d.win.to(device), torch.zeros(d.win.nnz, device=device)),
-                                  "triton")
+    if spec.entry == "sba":
+        name, why = sb.select_backend(q, sb.SparseBias(d.win.to(device), torch.zeros(d.win.nnz, device=device)),
+                                      "triton")
+    else:
+        name, why = sb.select_window_backend(q, "triton")
     assert name == "triton", why
     got = evaluate(spec, d, "triton", device=device)
     want = reference(spec)
-    compare(got, want, RTOL32, ATOL32, f"sparse_bias_attention backend=triton case={spec.name}", spec.lq,
+    entry = "sparse_bias_attention" if spec.entry == "sba" else "window_attention"
+    compare(got, want, RTOL32, ATOL32, f"{entry} backend=triton case={spec.name}", spec.lq,
             float32_floors(spec, want))

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from . import triton_window
 from .base import Backend, Supports
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
@@ -134,11 +135,12 @@ def _rows(t):
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels (CUDA, or the Triton interpreter on CPU tensors); the correction only."""
+    """Fused Triton kernels (CUDA, or the Triton interpreter on CPU tensors): the correction's (this module) and
+    window attention's (`sparse_bias.backends.triton_window`)."""
 
     name = "triton"
-    supports = Supports(ops=("correction",), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                        auto_rank={"cuda": 0})
+    supports = Supports(dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                        saves={"correction": "p", "window": "lse"}, auto_rank={"cuda": 0})
     description = "fused Triton kernels reading window rows straight from k / v (float32 accumulation)"
     head_block = None
     needs_contiguous = True
@@ -202,4 +204,19 @@ class TritonBackend(Backend):
         if not direct:
             dk[:, blk.hs] += gk.to(dk.dtype)
             dv[:, blk.hs] += gv.to(dv.dtype)
+        return db
+
+    # window attention: the state kept for the backward is the window log-sum-exp [h, B * Q]
+
+    def window_forward_block(self, blk, qkv, state, out):
+        q, k, v = (t.contiguous() for t in qkv)
+        triton_window.window_forward(q, k, v, blk.ent.indptr, blk.ent.key, blk.bvals, blk.emask, blk.keep,
+                                     blk.call.scale, blk.hs.start, out, state)
+
+    def window_backward_block(self, blk, qkv, upstream, state, grads):
+        (g, go), (dq, dk, dv) = upstream, grads
+        q, k, v = (t.contiguous() for t in qkv)
+        db = torch.zeros(blk.heads, blk.ent.nnz, dtype=torch.float32, device=q.device)
+        triton_window.window_backward(q, k, v, blk.ent.indptr, blk.ent.key, blk.bvals, blk.emask, blk.keep,
+                                      blk.call.scale, blk.hs.start, g.contiguous(), go, state, dq, dk, dv, db)
         return db
