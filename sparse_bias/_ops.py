@@ -46,6 +46,12 @@ def _call(q: Tensor, mask: Optional[Tensor], scale: float, dropout_p: float, see
     return Call(scale, mask, dropout_p, int(seed.tolist()) if dropout_p > 0 else 0, compute_dtype(q.dtype))
 
 
+def _dense(tensors) -> List[Tensor]:
+    """The op's outputs, contiguous (as its fake implementation declares them; the dense kernels return some in
+    other layouts, e.g. the CPU flash op's ``[B, K, H, D]``-ordered gradients)."""
+    return [t.contiguous() for t in tensors]
+
+
 def _entries(q: Tensor, k: Tensor, index: Sequence[Optional[Tensor]]) -> Optional[Entries]:
     if index[0] is None:
         return None
@@ -70,8 +76,8 @@ def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
                       dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
     """``[out, lse, den, p, sel, valid]`` of `sparse_bias._sparse_function.sparse_forward`."""
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
-                               BACKENDS[backend] if backend else None))
+    return _dense(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
+                                 BACKENDS[backend] if backend else None))
 
 
 @_sparse_attention.register_fake
@@ -100,7 +106,7 @@ def _sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     call = _call(q, mask, scale, dropout_p, seed)
     dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, sel, valid), ent, call,
                                           BACKENDS[backend] if backend else None, want_values)
-    return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
+    return _dense((dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues))
 
 
 @_sparse_attention_backward.register_fake
@@ -149,7 +155,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
                       scale: float, dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
     """``[out, state]`` of `sparse_bias._window_function.window_forward`."""
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    return list(window_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed), BACKENDS[backend]))
+    return _dense(window_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed), BACKENDS[backend]))
 
 
 @_window_attention.register_fake
@@ -169,7 +175,7 @@ def _window_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
     dq, dk, dv, dvalues = window_backward(grad_out, (q, k, v, values, out, state), ent,
                                           _call(q, mask, scale, dropout_p, seed), BACKENDS[backend], want_values)
-    return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
+    return _dense((dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues))
 
 
 @_window_attention_backward.register_fake

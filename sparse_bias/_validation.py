@@ -172,7 +172,13 @@ def zeros_like_output(q, k, v, values=None) -> torch.Tensor:
     return q.new_zeros(q.shape[:3] + (v.shape[-1],)) + zero.to(q.dtype)
 
 
-def draw_seed() -> int:
-    return int(torch.randint(0, 2**62, (1,)).item())
+def draw_seed():
+    """A fresh dropout seed from torch's CPU generator (reproducible under ``torch.manual_seed``). Read with
+    ``tolist``: a CPU tensor, so never a device synchronisation. Inside a compiled graph the seed stays a CPU
+    tensor the op reads when it runs (a Python int there would be frozen into the graph)."""
+    seed = torch.randint(0, 2**62, (1,))
+    if torch.compiler.is_compiling():
+        return seed.view(())
+    return seed.tolist()[0]
 
 

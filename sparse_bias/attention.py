@@ -8,7 +8,6 @@ paths, by `sparse_bias.dispatch`).
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional, Tuple, Union
 
 import torch
@@ -25,8 +24,6 @@ from .bias import ModalityBias, SparseBias
 from .dispatch import choose_backend
 
 __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD", "BACKEND_NAMES"]
-
-logger = logging.getLogger("sparse_bias")
 
 #: The ``backend=`` choices of `sparse_bias_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 BACKEND_NAMES = ("auto",) + backend_names("correction") + ("dense",)
@@ -165,8 +162,7 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_sparse_bias(bias, q, k)
     if isinstance(bias, ModalityBias):
         check_modality_bias(bias, q, k)
-    name, why = select_backend(q, bias, backend)
-    logger.debug("sparse_bias_attention: backend %s (%s)", name, why)
+    name, _ = select_backend(q, bias, backend)
     seed = _call_seed(dropout_p, dropout_seed)
     if name == "dense":
         dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()

@@ -277,7 +277,8 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
     heads = {w.shape[2] for w in weights.values() if w.dim() == 3}
     if len(heads) > 1:
         raise ValueError(f"bev_weight and cam_weight disagree on the number of heads: {sorted(heads)}")
-    dtype = torch.result_type(*weights.values()) if len(weights) == 2 else next(iter(weights.values())).dtype
+    dtypes = [w.dtype for w in weights.values()]
+    dtype = torch.promote_types(*dtypes) if len(dtypes) == 2 else dtypes[0]
     if isinstance(scale, torch.Tensor):
         check_tensor("scale", scale, floating=True)
         if scale.numel() != 1:

@@ -16,6 +16,7 @@ what ran; `reset_self_checks` forgets it.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, Tuple
 
 import torch
@@ -30,6 +31,8 @@ from .backends import AUTO_ORDER, BACKENDS, OPS
 from .bias import SparseBias, window_bias
 from .layout import KeyLayout
 from .windows import local_windows
+
+logger = logging.getLogger("sparse_bias")
 
 __all__ = ["choose_backend", "self_check", "self_check_results", "reset_self_checks", "needs_self_check",
            "SELF_CHECK_ENV"]
@@ -125,6 +128,7 @@ def _passes(name, device, dtype, head_dim, kind) -> bool:
     return not needs_self_check(name, device) or self_check(name, device, dtype, head_dim, kind)[0]
 
 
+@torch.compiler.assume_constant_result       # a compiled graph takes the choice made (and checked) at trace time
 def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requested: str = "auto",
                    kind: str = "correction") -> Tuple[str, str]:
     """The backend for the window terms and why: ``(name, reason)``.
@@ -139,7 +143,16 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
 
     Raises:
         RuntimeError: a requested backend that cannot run here, or no backend that can.
+
+    The choice is logged (logger ``"sparse_bias"``, level DEBUG). Under ``torch.compile`` it is made once, at trace
+    time (`torch.compiler.assume_constant_result`): the graph holds the backend chosen and checked then.
     """
+    name, why = _choose_backend(device, dtype, head_dim, requested, kind)
+    logger.debug("%s backend for %s / %s / head dim %d: %s (%s)", kind, device, dtype, head_dim, name, why)
+    return name, why
+
+
+def _choose_backend(device, dtype, head_dim, requested, kind):
     if kind not in OPS:
         raise ValueError(f"kind must be one of {OPS}, got {kind!r}")
     order = AUTO_ORDER.get(device.type, AUTO_ORDER["other"])

@@ -12,7 +12,6 @@ Backward, with ``p`` the window probabilities (times the dropout multipliers ``k
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import Optional, Tuple
 
@@ -30,8 +29,6 @@ from .dispatch import choose_backend
 from .windows import WindowIndex
 
 __all__ = ["window_attention", "select_window_backend", "WINDOW_BACKENDS"]
-
-logger = logging.getLogger("sparse_bias")
 
 #: The ``backend=`` choices of `window_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 WINDOW_BACKENDS = ("auto",) + backend_names("window") + ("dense",)
@@ -136,8 +133,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
         _check_bias_index(bias, win)
         check_sparse_bias(bias, q, k)
     mask = additive_mask(q, k, key_padding_mask, None)                         # [B, 1, 1, K] or None
-    name, why = select_window_backend(q, backend)
-    logger.debug("window_attention: backend %s (%s)", name, why)
+    name, _ = select_window_backend(q, backend)
     call = Call.of(q, scale, mask, dropout_p, _call_seed(dropout_p, dropout_seed))
     if name == "dense":
         return dense_window_attention(q, k, v, win, bias, call)

@@ -1,0 +1,190 @@
+"""No host synchronisation inside an attention call (issue 23, docs/gpu.md "No host sync, torch.compile, CUDA graphs").
+
+A `sparse_bias.count_host_syncs` dispatch mode counts the aten ops that make a GPU host wait (``.item()`` /
+``bool(tensor)`` = ``_local_scalar_dense``, ``nonzero``, ``unique``, ``masked_select``, ``bincount``, ``equal``,
+``is_nonzero``, ``repeat_interleave`` without ``output_size``) -- on CPU tensors, where the same aten ops reach the
+dispatcher -- including inside the library's own custom ops. Every entry point, forward + backward, second call
+(the index already built, first-use self-checks done), on every backend that runs on CUDA: zero. The Triton backend
+runs under the interpreter in a subprocess.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import sparse_bias as sb
+from sparse_bias import _exact_rows
+from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
+from sparse_bias.nn import PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
+from helpers import run_python, skip_missing
+
+LAYOUT = sb.KeyLayout(bev_shape=(12, 12), cam_shape=(2, 6, 8))
+B, Q, H, D, C = 2, 20, 4, 16, 16
+GPU_BACKENDS = ["sparse", "scatter", "torch"]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def scene(seed=0, exact=False, dtype=torch.float32):
+    """A small CMT-like scene: windows on the BEV grid and the camera views, padded keys, per-head weights. With
+    ``exact``, queries 1 and 4 of each sample look at their window keys under a strongly negative bias: their
+    normaliser cancels and they take the exact-row path."""
+    g = torch.Generator().manual_seed(seed)
+    bev = torch.stack([torch.randint(0, 12, (B, Q), generator=g), torch.randint(0, 12, (B, Q), generator=g)], -1)
+    cam = torch.stack([torch.randint(0, 2, (B, Q), generator=g), torch.randint(0, 6, (B, Q), generator=g),
+                       torch.randint(0, 8, (B, Q), generator=g)], -1)[:, :, None]
+    win = sb.local_windows(LAYOUT, bev, cam, 5, 3)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=dtype) for n in (Q, LAYOUT.num_keys, LAYOUT.num_keys))
+    wb, wc = (torch.randn(B, Q, H, generator=g, dtype=dtype) for _ in range(2))
+    if exact:
+        for b in range(B):
+            for i in (1, 4):
+                keys = win.key[int(win.indptr[b * Q + i]):int(win.indptr[b * Q + i + 1])]
+                q[b, :, i] = 16 * k[b, :, keys].mean(1)
+                wb[b, i] = wc[b, i] = -12.0
+    kpm = torch.zeros(B, LAYOUT.num_keys, dtype=torch.bool)
+    kpm[1, -9:] = True
+    return win, [t.requires_grad_() for t in (q, k, v, wb, wc)], kpm
+
+
+def entry(name, backend, win, leaves, kpm, dropout_p=0.0):
+    q, k, v, wb, wc = leaves
+    if name == "sparse_bias_attention":
+        return sb.sparse_bias_attention(q, k, v, sb.window_bias(win, wb, wc), key_padding_mask=kpm, backend=backend,
+                                        dropout_p=dropout_p)
+    if name == "window_attention":
+        return sb.window_attention(q, k, v, win, sb.window_bias(win, wb, wc), key_padding_mask=kpm, backend=backend,
+                                   dropout_p=dropout_p)
+    if name == "plain":
+        return sb.sparse_bias_attention(q, k, v, None, key_padding_mask=kpm, dropout_p=dropout_p)
+    assert name == "modality"
+    bias = sb.ModalityBias(LAYOUT, torch.stack([wb, wc], 2))
+    return sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm, dropout_p=dropout_p)
+
+
+def syncs_of(fn):
+    """Host syncs of the second run of ``fn`` (forward + backward), as ``{op: count}``."""
+    fn().sum().backward()
+    with sb.count_host_syncs() as syncs:
+        fn().sum().backward()
+    return dict(syncs.ops)
+
+
+ENTRIES = [("sparse_bias_attention", b) for b in GPU_BACKENDS] + [("window_attention", b) for b in GPU_BACKENDS] \
+    + [("plain", "auto"), ("modality", "auto")]
+
+
+def test_the_counter_sees_syncs():
+    with sb.count_host_syncs() as syncs:
+        torch.ones(3).sum().item()
+        bool(torch.ones(1))
+        torch.arange(3).nonzero()
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([1, 2]), output_size=3)   # not counted
+        torch.equal(torch.ones(2), torch.ones(2))
+    assert syncs.ops == {"_local_scalar_dense": 2, "nonzero": 1, "repeat_interleave": 1, "equal": 1}, syncs.ops
+
+
+@pytest.mark.parametrize("name, backend", ENTRIES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_no_host_sync(name, backend, dropout_p):
+    skip_missing(backend, torch.float32) if backend != "auto" else None
+    win, leaves, kpm = scene()
+    assert syncs_of(lambda: entry(name, backend, win, leaves, kpm, dropout_p)) == {}
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["fused"])
+def test_no_host_sync_in_the_exact_row_regime(backend, monkeypatch):
+    """Rows whose normaliser cancels are recomputed densely, chosen on the device: still zero syncs, and exact."""
+    skip_missing(backend, torch.float64)
+    win, leaves, kpm = scene(exact=True, dtype=torch.float64)
+    seen = []
+    original = _exact_rows.select_rows
+    monkeypatch.setattr(_exact_rows, "select_rows", lambda *a: seen.append(original(*a)) or seen[-1])
+    assert syncs_of(lambda: entry("sparse_bias_attention", backend, win, leaves, kpm)) == {}
+    sel, valid = seen[-1]
+    assert set(sel[valid].tolist()) == {1, 4} and int(valid.sum()) >= 3    # queries 1 and 4 (3 of the 4 cancel)
+    q, k, v, wb, wc = leaves
+    out = entry("sparse_bias_attention", backend, win, leaves, kpm)
+    ref = sb.dense_bias_attention(q, k, v, sb.window_bias(win, wb, wc).to_dense(), key_padding_mask=kpm)
+    got = torch.autograd.grad(out.square().sum(), leaves)
+    want = torch.autograd.grad(ref.square().sum(), leaves)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("local", [False, True])
+def test_no_host_sync_in_the_modules(backend, local):
+    """SparseBiasMultiheadAttention (training, dropout) and a PETR decoder layer with the AQR's window bias or its
+    local window (LAM)."""
+    skip_missing(backend, torch.float32)
+    torch.manual_seed(0)
+    win, (_, _, _, wb, wc), kpm = scene()
+    mha = SparseBiasMultiheadAttention(C, H, attn_drop=0.1, backend=backend).train()
+    layer = PETRTransformerDecoderLayer(C, H, 32, operation_order=("cross_attn", "norm", "ffn", "norm"),
+                                        backend=backend).train()
+    query = torch.randn(Q, B, C, requires_grad=True)
+    memory = torch.randn(LAYOUT.num_keys, B, C, requires_grad=True)
+    extra = dict(local_window=win) if local else {}
+
+    def run_mha():
+        return mha(query, memory, memory, key_padding_mask=kpm, attention_bias=sb.window_bias(win, wb, wc), **extra)
+
+    def run_layer():
+        return layer(torch.zeros_like(query), memory, memory, query_pos=query, key_padding_mask=kpm,
+                     attention_bias=sb.window_bias(win, wb, wc), **extra)
+    assert syncs_of(run_mha) == {}
+    assert syncs_of(run_layer) == {}
+
+
+def test_debug_checks_do_synchronise():
+    """The debug switch is where device-value checks went: it reads values (and says so by raising)."""
+    win, leaves, kpm = scene()
+    sb.set_debug_checks(True)
+    try:
+        syncs = syncs_of(lambda: entry("sparse_bias_attention", "sparse", win, leaves, kpm))
+    finally:
+        sb.set_debug_checks(False)
+    assert syncs.get("_local_scalar_dense", 0) > 0
+
+
+# ---- Triton, under the interpreter -------------------------------------------------------------------------
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="runs in a subprocess")
+def test_no_host_sync_with_triton_under_the_interpreter():
+    code = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import test_host_sync as t
+res = {{}}
+for name in ("sparse_bias_attention", "window_attention"):
+    for p in (0.0, 0.1):
+        win, leaves, kpm = t.scene()
+        res[f"{{name}} {{p}}"] = t.syncs_of(lambda: t.entry(name, "triton", win, leaves, kpm, p))
+print(json.dumps(res))
+"""
+    out = run_python(code, TRITON_INTERPRET="1")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res and all(v == {} for v in res.values()), res
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["triton"] + GPU_BACKENDS)
+def test_no_host_sync_on_cuda(backend):
+    """On a GPU: torch's own sync detector agrees (``set_sync_debug_mode("error")`` raises on a synchronising op)."""
+    win, leaves, kpm = scene()
+    win = win.cuda()
+    leaves = [t.detach().cuda().requires_grad_() for t in leaves]
+    kpm = kpm.cuda()
+    for name in ("sparse_bias_attention", "window_attention"):
+        entry(name, backend, win, leaves, kpm).sum().backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            entry(name, backend, win, leaves, kpm).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
