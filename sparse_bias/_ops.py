@@ -52,6 +52,13 @@ def _dense(tensors) -> List[Tensor]:
     return [t.contiguous() for t in tensors]
 
 
+def _fake_grads(q, k, v, values, want_values):
+    """The backward ops' outputs: contiguous, like the real ones (`_dense`) -- not ``empty_like``, which would keep
+    the inputs' (often permuted) strides."""
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            values.new_empty(values.shape) if want_values and values is not None else q.new_empty(0)]
+
+
 def _entries(q: Tensor, k: Tensor, index: Sequence[Optional[Tensor]]) -> Optional[Entries]:
     if index[0] is None:
         return None
@@ -112,8 +119,7 @@ def _sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 @_sparse_attention_backward.register_fake
 def _sparse_attention_backward_fake(grad_out, q, k, v, values, *rest):
     want_values = rest[-1]
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(values) if want_values and values is not None else q.new_empty(0)]
+    return _fake_grads(q, k, v, values, want_values)
 
 
 def _sparse_setup(ctx, inputs, output):
@@ -181,8 +187,7 @@ def _window_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 @_window_attention_backward.register_fake
 def _window_attention_backward_fake(grad_out, q, k, v, values, *rest):
     want_values = rest[-1]
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(values) if want_values and values is not None else q.new_empty(0)]
+    return _fake_grads(q, k, v, values, want_values)
 
 
 def _window_setup(ctx, inputs, output):

@@ -8,7 +8,7 @@ the mask is a `sparse_bias.WindowIndex` and the cross-attention is
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -214,7 +214,21 @@ class AQRWeightGenerator(nn.Module):
         if win.batch_size != bsz or win.num_queries != query_embed.shape[0]:
             raise ValueError(f"the projection is for [B, Q] = [{win.batch_size}, {win.num_queries}] but query_embed "
                              f"gives [{bsz}, {query_embed.shape[0]}]")
+        lidar, camera = self._weights(query_embed, memory, pos_embed, win, key_padding_mask, dense_mask)
+        return AQROutput(lidar, camera, Projection(bev_pos, cam_pos, win))
 
+    def weights(self, query_embed: torch.Tensor, memory: torch.Tensor, pos_embed: torch.Tensor, win: WindowIndex,
+                key_padding_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The weights of `forward` for a window index built already (``win``, e.g. ``forward(...).projection.win``
+        or `local_window`): ``(lidar_weights [B, Q], camera_weights [B, Q])``. Reads no device value on the host, so
+        it compiles with ``torch.compile(fullgraph=True)`` (building the index, in `forward`, cannot: its size comes
+        from the data). Shapes as in `forward` (``[N, B, C]``, or ``[B, N, C]`` with ``batch_first``)."""
+        query_embed, memory, pos_embed = (t if not self.batch_first else t.transpose(0, 1)
+                                          for t in (query_embed, memory, pos_embed))
+        return self._weights(query_embed, memory, pos_embed, win, key_padding_mask, False)
+
+    def _weights(self, query_embed, memory, pos_embed, win, key_padding_mask, dense_mask):
+        nk, _, c = memory.shape
         if self.use_type_embed and self.type_embed == "keys":
             nb = self.layout.num_bev_keys
             type_pos = torch.cat([self.bev_type_embed.expand(nb, c), self.rv_type_embed.expand(nk - nb, c)])
@@ -230,7 +244,7 @@ class AQRWeightGenerator(nn.Module):
         out = self.encoder(target, memory, memory, query_pos=query_embed, key_pos=pos_embed, attn_masks=[mask],
                            key_padding_mask=key_padding_mask)[-1]                            # [Q, B, C]
         weights = torch.tanh(self.weight_predictor(out.transpose(0, 1)))                    # [B, Q, 2]
-        return AQROutput(weights[..., 0], weights[..., 1], Projection(bev_pos, cam_pos, win))
+        return weights[..., 0], weights[..., 1]
 
     def extra_repr(self) -> str:
         return (f"window_sizes={list(self.window_sizes)} (camera, bev), type_embed={self.type_embed!r}, "
