@@ -6,12 +6,12 @@ errors by about ``1 / (1 + S)``. Non-finite normalisers (overflowing biases) too
 
 Nothing here reads a device value on the host: the rows are chosen on the device among a *static* number of
 candidate rows per batch element, `exact_row_capacity` (``topk`` of the flags: flagged rows first), always
-recomputed, and written back only where flagged. The capacity is every row when ``Q * K <= 2**22`` (a small problem:
-the dense recomputation costs no more than the problem) and `EXACT_ROW_CAPACITY` rows per batch element otherwise
-(``SPARSE_BIAS_EXACT_ROWS`` overrides it). With AQR weights in [-1, 1] and scale 1 the normaliser stays above
-e^-1, so no row is flagged in practice; more flagged rows than the capacity in one batch element keep the
-correction's result for the surplus (amplified rounding), which the debug switch (`sparse_bias.set_debug_checks`)
-turns into an error.
+recomputed, and written back only where flagged. The capacity (`exact_row_capacity`) is ``2**18 // K`` rows per
+batch element, at least 4 -- every row of a small problem, 4 rows at the CMT shape (K = 56,400), where the
+recomputation then costs about 0.5% of the attention -- and ``SPARSE_BIAS_EXACT_ROWS`` overrides it. With AQR
+weights in [-1, 1] (tanh) and scale 1 the normaliser stays above e^-1, so no row is flagged in practice; more flagged
+rows than the capacity in one batch element keep the correction's result for the surplus (amplified rounding),
+which the debug switch (`sparse_bias.set_debug_checks`) turns into an error.
 """
 from __future__ import annotations
 
@@ -28,18 +28,20 @@ from .dense.dropout import dropout_scale
 #: Rows whose normaliser ``1 + S`` falls below this are recomputed densely (see the module docstring).
 EXACT_ROW_THRESHOLD = 0.25
 
-#: Rows per batch element recomputed densely on large problems (``SPARSE_BIAS_EXACT_ROWS`` overrides it).
-EXACT_ROW_CAPACITY = int(os.environ.get("SPARSE_BIAS_EXACT_ROWS", "16"))
+#: Scores per batch element and head the exact path may recompute densely: the capacity is this many scores' worth
+#: of rows (``2**18 // K``; every row of a small problem), but at least `EXACT_ROW_MIN` rows.
+EXACT_ROW_BUDGET = 1 << 18
 
-#: Problems with ``Q * K`` up to this recompute every flagged row, whatever their number.
-SMALL_PROBLEM = 1 << 22
+#: The least number of rows per batch element the exact path recomputes.
+EXACT_ROW_MIN = 4
 
 
 def exact_row_capacity(num_queries: int, num_keys: int) -> int:
-    """Rows per batch element the exact path recomputes (static: from the sizes alone)."""
-    if num_queries * num_keys <= SMALL_PROBLEM:
-        return num_queries
-    return min(num_queries, max(EXACT_ROW_CAPACITY, 0))
+    """Rows per batch element the exact path recomputes (static: from the sizes alone). ``SPARSE_BIAS_EXACT_ROWS``
+    overrides it (read at each call's trace / run)."""
+    env = os.environ.get("SPARSE_BIAS_EXACT_ROWS")
+    rows = int(env) if env else max(EXACT_ROW_MIN, EXACT_ROW_BUDGET // max(num_keys, 1))
+    return min(num_queries, max(rows, 0))
 
 
 def flagged_rows(den: torch.Tensor, batch: int) -> torch.Tensor:

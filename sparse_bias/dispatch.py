@@ -128,7 +128,6 @@ def _passes(name, device, dtype, head_dim, kind) -> bool:
     return not needs_self_check(name, device) or self_check(name, device, dtype, head_dim, kind)[0]
 
 
-@torch.compiler.assume_constant_result       # a compiled graph takes the choice made (and checked) at trace time
 def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requested: str = "auto",
                    kind: str = "correction") -> Tuple[str, str]:
     """The backend for the window terms and why: ``(name, reason)``.
@@ -148,8 +147,13 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
     time (`torch.compiler.assume_constant_result`): the graph holds the backend chosen and checked then.
     """
     name, why = _choose_backend(device, dtype, head_dim, requested, kind)
-    logger.debug("%s backend for %s / %s / head dim %d: %s (%s)", kind, device, dtype, head_dim, name, why)
+    logger.debug("%s: backend %s on %s / %s / head dim %d (%s)", kind, name, device, dtype, head_dim, why)
     return name, why
+
+
+# A compiled graph takes the choice made (and self-checked) at trace time: what torch.compiler.assume_constant_result
+# marks, set directly so that importing the library does not import torch._dynamo (tests/test_compile.py).
+choose_backend._dynamo_marked_constant = True
 
 
 def _choose_backend(device, dtype, head_dim, requested, kind):

@@ -158,3 +158,33 @@ def test_opcheck():
         args = (q, k, v, bias.values.detach().requires_grad_(), *index, None, call.scale, 0.0, seed, backend)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                     "test_aot_dispatch_dynamic"))
+
+
+def test_export():
+    """torch.export of the attention module: the index enters as tensors (a `WindowIndex` is built from them in the
+    exported forward; an exported program trusts them -- validate an index before feeding it) and nnz is dynamic."""
+    torch.manual_seed(0)
+
+    class Exported(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = SparseBiasMultiheadAttention(C, H)
+
+        def forward(self, query, memory, wb, wc, indptr, key, source, dy, dx):
+            win = sb.WindowIndex(LAYOUT, B, Q, indptr, key, source, dy, dx)
+            return self.mha(query, memory, memory, key_padding_mask=KPM,
+                            attention_bias=sb.window_bias(win, wb, wc))
+
+    module = Exported().eval()
+
+    def args(win):
+        return (torch.randn(Q, B, C, generator=torch.Generator().manual_seed(1)),
+                torch.randn(LAYOUT.num_keys, B, C, generator=torch.Generator().manual_seed(2)),
+                torch.randn(B, Q), torch.randn(B, Q), win.indptr, win.key, win.source, win.dy, win.dx)
+    first, second = windows(0), windows(1, bev_window=3, cam_window=5)
+    assert first.nnz != second.nnz
+    program = torch.export.export(module, args(first))
+    assert "torch.ops.sparse_bias.sparse_attention" in program.graph_module.code
+    for win in (first, second):
+        a = args(win)
+        torch.testing.assert_close(program.module()(*a), module(*a))

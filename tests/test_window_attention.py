@@ -1,4 +1,6 @@
 """window_attention against scaled_dot_product_attention with the dense local attention mask."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,7 +205,10 @@ def test_backend_selection():
     assert name == ("fused" if sb.extension_available() else "sparse") and "auto" in why
     assert sb.select_window_backend(q, "torch")[0] == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
-        sb.select_window_backend(q, "triton")
+        sb.select_window_backend(q, "flash")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run here"):
+            sb.select_window_backend(q, "triton")
 
 
 # ---- bad input ------------------------------------------------------------------------------------
