@@ -6,14 +6,15 @@ C++/OpenMP codegen), and the compiled extension sparse_bias._C. Run: python benc
 """
 import time, torch, sparse_bias as sb
 from sparse_bias.synthetic import synthetic_scene
-from sparse_bias.kernels import dense_lse_forward
-from sparse_bias.backends.fused import _row_order
+from sparse_bias.dense import dense_lse_forward
+from sparse_bias._call import Call
 from sparse_bias import _C
 sc = synthetic_scene(2, 900, config="fusion", seed=0)
 win = sb.local_windows(sc.layout, sc.bev_pos, sc.cam_pos, 15, 15)
 B, H, D, K, Q = 2, 8, 32, sc.layout.num_keys, 900
 q = torch.randn(B, H, Q, D); k = torch.randn(B, H, K, D); v = torch.randn(B, H, K, D)
-o, lse, _ = dense_lse_forward(q, k, v, None, D**-0.5, 0.0, 0)
+o, lse, _ = dense_lse_forward(q, k, v, Call.of(q, D**-0.5))
+order = win.entries().order
 eb = torch.expm1(torch.rand(win.nnz))
 def terms(qb, kb, vb, lseb, row, key, ebb):
     s = (qb[:, row] * kb[:, key]).sum(-1) * (D ** -0.5) - lseb[:, row]
@@ -29,8 +30,8 @@ def run(fn):
 def fused():
     den = torch.ones(B, H, Q); out = o.clone()
     for b in range(B):
-        crow, col = win.rows_of(b); e0, e1 = win.batch_range(b)
-        _C.window_forward(q, k, v, lse[b].contiguous(), crow, col, _row_order(win, b), eb[e0:e1, None].contiguous(), None, b, 0, H, D**-0.5, 0.0, 0, den[b], out[b])
+        e0, e1 = win.batch_range(b); crow, col = win.indptr[b * Q:(b + 1) * Q + 1] - e0, win.key[e0:e1]
+        _C.window_forward(q, k, v, lse[b].contiguous(), crow, col, order[b * Q:(b + 1) * Q] - b * Q, eb[e0:e1, None].contiguous(), None, b, 0, H, D**-0.5, 0.0, 0, den[b], out[b])
 t0 = time.perf_counter(); run(compiled); print(f"compile + first call {time.perf_counter() - t0:.1f} s")
 for name, f in (("eager gather", lambda: run(terms)), ("torch.compile", lambda: run(compiled)), ("fused C++", fused)):
     f(); ts = []

@@ -62,93 +62,86 @@ def select_rows(flagged: torch.Tensor, capacity: int) -> Tuple[torch.Tensor, tor
     return sel, vals > 0
 
 
-def _slots(ent: Entries, sel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """LongTensor ``[nnz]``: the slot ``0 <= r < R`` of each entry's row among ``sel`` (``R`` for entries of rows not
-    selected, or selected but not flagged: a dummy slot)."""
-    bsz, cap = sel.shape
-    slot = torch.where(valid, torch.arange(cap, device=sel.device).expand(bsz, cap), cap)
-    pos = torch.full((ent.rows,), cap, dtype=torch.long, device=sel.device)
-    pos = pos.scatter(0, row_positions(sel, ent.queries), slot.flatten())
-    return pos[ent.row]
+def _row_entries(ent: Entries, b: int, rows: torch.Tensor):
+    """The window entries of rows ``rows [R]`` of batch element ``b`` as a static ``[R, K]`` grid (a row has at most
+    K entries): ``(entry [R, K], valid [R, K])`` -- entry ``indptr[r] + j`` for ``j`` below the row's count, a
+    clamped dummy (invalid) beyond. No ``nnz``-long scan, no host sync."""
+    r = b * ent.queries + rows
+    start, count = ent.indptr[r], ent.indptr[r + 1] - ent.indptr[r]
+    j = torch.arange(ent.keys, device=rows.device)
+    valid = j < count.unsqueeze(1)
+    return (start.unsqueeze(1) + j).clamp(max=max(ent.nnz - 1, 0)), valid
 
 
-def _row_bias(values: torch.Tensor, ent: Entries, slots: torch.Tensor, cap: int, cdt) -> torch.Tensor:
-    """``[B, H|1, R, K]``: the bias of the selected rows densely (0 outside their windows). Entries of other rows go
-    to the dummy slot, which is dropped (static shapes)."""
-    vals = values.to(cdt)
-    vals = vals.unsqueeze(1) if vals.dim() == 1 else vals                                     # [nnz, H|1]
-    buf = torch.zeros(ent.batch, cap + 1, ent.keys, vals.shape[1], dtype=cdt, device=vals.device)
-    buf = buf.index_put((ent.entry_batch(), slots, ent.key), vals, accumulate=True)
-    return buf[:, :cap].permute(0, 3, 1, 2)                                                 # [B, H|1, R, K]
+def _row_bias(values: torch.Tensor, ent: Entries, entry: torch.Tensor, valid: torch.Tensor, cdt) -> torch.Tensor:
+    """``[H|1, R, K]``: the bias of the rows densely (0 outside their windows)."""
+    vals = values.to(cdt)[entry]                                                            # [R, K(, H)]
+    vals = (vals.unsqueeze(-1) if vals.dim() == 2 else vals).masked_fill(~valid.unsqueeze(-1), 0.0)
+    keys = ent.key[entry].unsqueeze(0).expand(vals.shape[-1], -1, -1)                       # [H|1, R, K]
+    bias = torch.zeros(keys.shape, dtype=cdt, device=vals.device)
+    return bias.scatter_add_(2, keys, vals.permute(2, 0, 1))        # keys are unique per row; invalid ones add 0
 
 
-def _probabilities(qs, k, values, ent: Entries, call: Call, sel, valid):
-    """``(p, keep)``: the biased softmax ``[B, H, R, K]`` of the selected rows (a fully masked head: zeros) and the
-    dropout multipliers (or None)."""
+def _probabilities(qs, kb, values, ent: Entries, call: Call, b: int, rows, grid):
+    """``(p, keep)``: the biased softmax ``[H, R, K]`` of rows ``rows`` of batch element ``b`` (a fully masked head:
+    zeros) and the dropout multipliers (or None)."""
     cdt, mask = call.cdt, call.mask
-    bsz, heads = qs.shape[:2]
-    nk = k.shape[2]
-    bidx = torch.arange(bsz, device=qs.device).unsqueeze(1)
-    s = torch.matmul(qs, k.to(cdt).transpose(-1, -2)) * call.scale                         # [B, H, R, K]
+    heads, nk = qs.shape[0], kb.shape[1]
+    s = torch.matmul(qs, kb.to(cdt).transpose(-1, -2)).mul_(call.scale)                    # [H, R, K]
     if mask is not None:
-        mb = bidx if mask.shape[0] > 1 else torch.zeros_like(bidx)
-        ms = sel if mask.shape[2] > 1 else torch.zeros_like(sel)
-        s = s + mask[mb, :, ms].permute(0, 2, 1, 3)
-    s = s + _row_bias(values, ent, _slots(ent, sel, valid), sel.shape[1], cdt)
+        m = mask[b if mask.shape[0] > 1 else 0]                                             # [H|1, Q|1, K|1]
+        s += m[:, rows] if m.shape[1] > 1 else m
+    s += _row_bias(values, ent, *grid, cdt)
     empty = torch.isneginf(s).all(-1, keepdim=True)                    # a fully masked head: zeros (conventions)
-    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    p = torch.softmax(s.masked_fill_(empty, 0.0), dim=-1).masked_fill_(empty, 0.0)
     keep = None
     if call.dropout_p > 0:
-        index = (bidx.view(-1, 1, 1, 1), torch.arange(heads, device=qs.device).view(1, -1, 1, 1),
-                 sel.view(bsz, 1, -1, 1), torch.arange(nk, device=qs.device))
-        keep = dropout_scale(call.seed, call.dropout_p, index, (bsz, heads, ent.queries, nk), cdt)
+        index = (b, torch.arange(heads, device=qs.device).view(-1, 1, 1), rows.view(1, -1, 1),
+                 torch.arange(nk, device=qs.device))
+        keep = dropout_scale(call.seed, call.dropout_p, index, (None, heads, ent.queries, nk), cdt)
     return p, keep
 
 
-def _gather_rows(q, sel, cdt):
-    bidx = torch.arange(q.shape[0], device=q.device).unsqueeze(1)
-    return q[bidx, :, sel].permute(0, 2, 1, 3).to(cdt)                                      # [B, H, R, D]
-
-
-def rows_forward(qkv, values: torch.Tensor, ent: Entries, call: Call, sel: torch.Tensor,
-                 valid: torch.Tensor) -> torch.Tensor:
-    """Dense biased attention of the rows ``sel [B, R]``: ``[B, H, R, D]`` in the compute dtype. A fully masked head
-    of a row gives zeros (docs/conventions.md)."""
-    q, k, v = qkv
-    p, keep = _probabilities(_gather_rows(q, sel, call.cdt), k, values, ent, call, sel, valid)
-    return torch.matmul(p if keep is None else p * keep, v.to(call.cdt))
-
-
-def rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, sel: torch.Tensor,
-                  valid: torch.Tensor):
-    """Gradients of `rows_forward` for the upstream ``grad_rows [B, H, R, D]``: ``(dq [B, H, Q, D], dk, dv
-    [B, H, K, D], dvalues like values)`` in the compute dtype (written out: custom-op kernels run below autograd).
-
-    With ``pd = p keep``: ``dv = pd^T g``, ``ds = p (keep (g v^T) - <g, o>)``, ``dq = scale ds k``,
-    ``dk = scale ds^T q``, ``d bias = ds`` at the window entries of the flagged rows."""
+def rows_forward(qkv, values: torch.Tensor, ent: Entries, call: Call, b: int, rows: torch.Tensor) -> torch.Tensor:
+    """Dense biased attention of rows ``rows [R]`` of batch element ``b``: ``[H, R, D]`` in the compute dtype. A
+    fully masked head of a row gives zeros (docs/conventions.md)."""
     q, k, v = qkv
     cdt = call.cdt
-    qs = _gather_rows(q, sel, cdt)
-    p, keep = _probabilities(qs, k, values, ent, call, sel, valid)
+    p, keep = _probabilities(q[b][:, rows].to(cdt), k[b], values, ent, call, b, rows, _row_entries(ent, b, rows))
+    return torch.matmul(p if keep is None else p.mul_(keep), v[b].to(cdt))
+
+
+def rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, b: int,
+                  rows: torch.Tensor, grads) -> None:
+    """Adds the gradients of `rows_forward` for the upstream ``grad_rows [H, R, D]`` into ``grads = (dq [B, H, Q, D]
+    and dvalues (or None) in the compute dtype, dk, dv [B, H, K, D])`` (written out: custom-op kernels run below
+    autograd).
+
+    With ``pd = p keep``: ``dv = pd^T g``, ``ds = p (keep (g v^T) - <g, o>)``, ``dq = scale ds k``,
+    ``dk = scale ds^T q``, ``d bias = ds`` at the rows' window entries."""
+    q, k, v = qkv
+    dq, dvalues, dk, dv = grads
+    cdt = call.cdt
+    grid = _row_entries(ent, b, rows)
+    qs, kb, vb = q[b][:, rows].to(cdt), k[b].to(cdt), v[b].to(cdt)
+    p, keep = _probabilities(qs, kb, values, ent, call, b, rows, grid)
     pd = p if keep is None else p * keep
-    vc, kc = v.to(cdt), k.to(cdt)
-    dv = torch.matmul(pd.transpose(-1, -2), grad_rows)                                      # [B, H, K, D]
-    dp = torch.matmul(grad_rows, vc.transpose(-1, -2))                                      # [B, H, R, K]
+    dv[b] += torch.matmul(pd.transpose(-1, -2), grad_rows).to(dv.dtype)                      # [H, K, D]
+    del pd
+    dp = torch.matmul(grad_rows, vb.transpose(-1, -2))                                      # [H, R, K]
     if keep is not None:
-        dp = dp * keep
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))                    # sum_i p_i keep_i <g, v_i> = <g, o>
-    dqs = torch.matmul(ds, kc) * call.scale                                                 # [B, H, R, D]
-    dk = torch.matmul(ds.transpose(-1, -2), qs) * call.scale
-    bsz, heads, nq = q.shape[:3]
-    dq = torch.zeros(bsz, nq, heads, q.shape[-1], dtype=cdt, device=q.device)
-    dq = dq.index_put((torch.arange(bsz, device=q.device).unsqueeze(1), sel), dqs.permute(0, 2, 1, 3),
-                      accumulate=True).transpose(1, 2)
-    slots = _slots(ent, sel, valid)                                                         # [nnz]
-    cap = sel.shape[1]
-    dsb = torch.nn.functional.pad(ds, (0, 0, 0, 1))                                         # the dummy slot: 0
-    dvals = dsb[ent.entry_batch(), :, slots, ent.key]                                       # [nnz, H]
-    dvalues = dvals.sum(1) if values.dim() == 1 else dvals
-    return dq, dk, dv, dvalues
+        dp.mul_(keep)
+    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)        # sum_i p_i keep_i <g, v_i> = <g, o>
+    del p
+    dq[b].index_add_(1, rows, torch.matmul(ds, kb).mul_(call.scale))
+    dk[b] += torch.matmul(ds.transpose(-1, -2), qs).mul_(call.scale).to(dk.dtype)
+    if dvalues is not None:
+        entry, valid = grid
+        keys = ent.key[entry]                                                               # [R, K]
+        dvals = ds.gather(2, keys.unsqueeze(0).expand(ds.shape[0], -1, -1))                 # [H, R, K]
+        dvals = dvals.masked_fill_(~valid, 0.0).permute(1, 2, 0)                            # [R, K, H]
+        dvalues.index_add_(0, entry.flatten(), dvals.reshape(-1, dvals.shape[-1]).sum(1) if dvalues.dim() == 1
+                           else dvals.reshape(-1, dvals.shape[-1]))
 
 
 def row_positions(sel: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -170,9 +163,8 @@ def apply_exact_rows(out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries,
     if cap == 0 or ent.batch == 0:
         return None
     sel, valid = select_rows(flagged_rows(den, ent.batch), cap)
-    with torch.no_grad():
-        rows = rows_forward(qkv, values, ent, call, sel, valid)                                # [B, H, R, D]
-    flat = row_positions(sel, ent.queries)
-    new = rows.transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])                    # [H, B * R, D]
-    out[:, flat] = torch.where(valid.flatten()[None, :, None], new, out[:, flat])
+    for b in range(ent.batch):                          # one batch element at a time: buffers [H, R, K]
+        rows = rows_forward(qkv, values, ent, call, b, sel[b])                               # [H, R, D]
+        flat = b * ent.queries + sel[b]
+        out[:, flat] = torch.where(valid[b][None, :, None], rows, out[:, flat])
     return sel, valid

@@ -91,13 +91,8 @@ def sparse_backward(grad_out, saved, ent: Optional[Entries], call: Call, backend
                 dvalues[:, blk.hs] = db.t()
     dq = batch_major(dq, bsz)
     if exact is not None:       # the exact rows (zero upstream at rows selected but not flagged)
-        bidx = torch.arange(bsz, device=q.device).unsqueeze(1)
-        g_rows = (grad_out[bidx, :, sel].to(cdt) * valid[..., None, None]).permute(0, 2, 1, 3)
-        gq, gk, gv, gval = rows_backward(g_rows, (q, k, v), values.detach(), ent, call, sel, valid)
-        dq += gq
-        dk += gk.to(dk.dtype)
-        dv += gv.to(dv.dtype)
-        if dvalues is not None:
-            dvalues += gval
+        for b in range(bsz):
+            g_rows = grad_out[b][:, sel[b]].to(cdt) * valid[b][None, :, None]                # [H, R, D]
+            rows_backward(g_rows, (q, k, v), values.detach(), ent, call, b, sel[b], (dq, dvalues, dk, dv))
     dvalues = None if dvalues is None else dvalues.to(values.dtype)
     return dq.to(q.dtype), dk, dv, dvalues

@@ -188,3 +188,15 @@ def test_export():
     for win in (first, second):
         a = args(win)
         torch.testing.assert_close(program.module()(*a), module(*a))
+
+
+def test_compile_benchmark_quick(capsys):
+    """benchmarks/compile_benchmark.py runs (tiny sizes, aot_eager) and checks compiled against eager itself."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "compile_benchmark.py"
+    spec = importlib.util.spec_from_file_location("compile_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    med = module.main(["--quick"])
+    assert set(med) == {"eager", "compiled"} and "compiled / eager" in capsys.readouterr().out
