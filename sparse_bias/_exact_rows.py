@@ -111,6 +111,15 @@ def rows_forward(qkv, values: torch.Tensor, ent: Entries, call: Call, b: int, ro
     return torch.matmul(p if keep is None else p.mul_(keep), v[b].to(cdt))
 
 
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``out += alpha * (a @ b)`` for ``[H, K, D]`` outputs: in place when the dtypes agree (one pass over ``out``,
+    no ``[H, K, D]`` temporary), else through a temporary in ``out``'s dtype."""
+    if out.dtype == a.dtype:
+        out.baddbmm_(a, b, alpha=alpha)
+    else:
+        out += torch.matmul(a, b).mul_(alpha).to(out.dtype)
+
+
 def rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, b: int,
                   rows: torch.Tensor, grads) -> None:
     """Adds the gradients of `rows_forward` for the upstream ``grad_rows [H, R, D]`` into ``grads = (dq [B, H, Q, D]
@@ -126,7 +135,7 @@ def rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entri
     qs, kb, vb = q[b][:, rows].to(cdt), k[b].to(cdt), v[b].to(cdt)
     p, keep = _probabilities(qs, kb, values, ent, call, b, rows, grid)
     pd = p if keep is None else p * keep
-    dv[b] += torch.matmul(pd.transpose(-1, -2), grad_rows).to(dv.dtype)                      # [H, K, D]
+    _add_product(dv[b], pd.transpose(-1, -2), grad_rows, 1.0)                               # dv += pd^T g
     del pd
     dp = torch.matmul(grad_rows, vb.transpose(-1, -2))                                      # [H, R, K]
     if keep is not None:
@@ -134,7 +143,7 @@ def rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entri
     ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)        # sum_i p_i keep_i <g, v_i> = <g, o>
     del p
     dq[b].index_add_(1, rows, torch.matmul(ds, kb).mul_(call.scale))
-    dk[b] += torch.matmul(ds.transpose(-1, -2), qs).mul_(call.scale).to(dk.dtype)
+    _add_product(dk[b], ds.transpose(-1, -2), qs, call.scale)                                # dk += scale ds^T q
     if dvalues is not None:
         entry, valid = grid
         keys = ent.key[entry]                                                               # [R, K]

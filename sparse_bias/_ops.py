@@ -76,15 +76,29 @@ def _index(win) -> List[Optional[Tensor]]:
 # sparse_bias_attention: dense pass plus sparse correction
 
 
+def _sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed, backend):
+    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
+    return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
+                               BACKENDS[backend] if backend else None))
+
+
+def _sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, out, lse, den,
+                          p, sel, valid, scale, dropout_p, seed, backend, want_values):
+    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
+    call = _call(q, mask, scale, dropout_p, seed)
+    dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, sel, valid), ent, call,
+                                          BACKENDS[backend] if backend else None, want_values)
+    return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
+
+
 @torch.library.custom_op("sparse_bias::sparse_attention", mutates_args=())
 def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Optional[Tensor],
                       key: Optional[Tensor], row: Optional[Tensor], tcrow: Optional[Tensor], trow: Optional[Tensor],
                       perm: Optional[Tensor], order: Optional[Tensor], mask: Optional[Tensor], scale: float,
                       dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
     """``[out, lse, den, p, sel, valid]`` of `sparse_bias._sparse_function.sparse_forward`."""
-    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    return _dense(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
-                                 BACKENDS[backend] if backend else None))
+    return _dense(_sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p,
+                               seed, backend))
 
 
 @_sparse_attention.register_fake
@@ -109,11 +123,8 @@ def _sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                p: Tensor, sel: Tensor, valid: Tensor, scale: float, dropout_p: float, seed: Tensor,
                                backend: str, want_values: bool) -> List[Tensor]:
     """``[dq, dk, dv, dvalues]`` (``dvalues`` empty when not wanted)."""
-    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    call = _call(q, mask, scale, dropout_p, seed)
-    dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, sel, valid), ent, call,
-                                          BACKENDS[backend] if backend else None, want_values)
-    return _dense((dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues))
+    return _dense(_sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask,
+                                        out, lse, den, p, sel, valid, scale, dropout_p, seed, backend, want_values))
 
 
 @_sparse_attention_backward.register_fake
@@ -129,26 +140,46 @@ def _sparse_setup(ctx, inputs, output):
     ctx.params = (scale, dropout_p, backend)
 
 
-def _sparse_backward(ctx, grads):
+def _sparse_backward(ctx, grads, backward_fn=_sparse_attention_backward):
     q, k, v, values, *rest = ctx.saved_tensors
     index, (mask, out, lse, den, p, sel, valid, seed) = rest[:len(_INDEX)], rest[len(_INDEX):]
     scale, dropout_p, backend = ctx.params
     want_values = values is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dvalues = _sparse_attention_backward(grads[0].contiguous(), q, k, v, values, *index, mask, out, lse,
-                                                     den, p, sel, valid, scale, dropout_p, seed, backend, want_values)
+    dq, dk, dv, dvalues = backward_fn(grads[0].contiguous(), q, k, v, values, *index, mask, out, lse, den, p, sel,
+                                      valid, scale, dropout_p, seed, backend, want_values)
     return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
 
 
 torch.library.register_autograd("sparse_bias::sparse_attention", _sparse_backward, setup_context=_sparse_setup)
 
 
+class _EagerSparse(torch.autograd.Function):
+    """The eager path of the same op: the same implementation and autograd formula, without the contiguous-output
+    contract the compiled path needs (the CPU flash kernel's gradients come key-major; copying them would cost two
+    passes over k / v per backward)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _sparse_impl(*inputs)
+        _sparse_setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _sparse_backward(ctx, grads, _sparse_backward_impl)
+
+
 def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call,
               backend: Optional[str]) -> Tensor:
     """``[B, H, Q, D]``: biased attention through ``torch.ops.sparse_bias.sparse_attention`` (``values`` and
-    ``win`` None: plain attention through the dense pass)."""
+    ``win`` None: plain attention through the dense pass); eagerly through `_EagerSparse`, the same implementation."""
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
-    return _sparse_attention(q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p,
-                             seed_tensor(call.seed), backend or "")[0]
+    args = (q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p, seed_tensor(call.seed),
+            backend or "")
+    if torch.compiler.is_compiling():
+        return _sparse_attention(*args)[0]
+    return _EagerSparse.apply(*args)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

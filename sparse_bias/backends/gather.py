@@ -24,12 +24,18 @@ def _chunks(nnz: int):
     return [(e0, min(e0 + CHUNK_ENTRIES, nnz)) for e0 in range(0, nnz, CHUNK_ENTRIES)]
 
 
+def _rows_view(t: torch.Tensor):
+    """``t [B, H, K, D]`` as a ``[B * H * K, D]`` tensor of its rows in memory order, when ``t`` is contiguous or
+    key-major (``[B, K, H, D]`` in memory, as the flash kernels' gradients are); else None."""
+    if t.is_contiguous() or t.transpose(1, 2).is_contiguous():
+        return t.as_strided((t.numel() // max(t.shape[-1], 1), t.shape[-1]), (t.shape[-1], 1))
+    return None
+
+
 class _GatherBackend(Backend):
     name = "gather"
     #: heads per block of the correction: all at once, so each window row is gathered once for all heads
     head_block = None
-    #: spmm_t adds into a flat view of the gradient buffers
-    needs_contiguous = True
 
     description = "native PyTorch gather and index_add"
 
@@ -61,14 +67,14 @@ class _GatherBackend(Backend):
 
     def spmm_t(self, blk, w, x, out):
         cdt = blk.call.cdt
-        bsz, heads, nk, d = out.shape
-        direct = out.dtype == cdt            # else accumulate in the compute dtype, then add once
+        d = out.shape[-1]
+        direct = out.dtype == cdt and _rows_view(out) is not None  # else accumulate in the compute dtype, then add
         acc = out if direct else torch.zeros(out.shape, dtype=cdt, device=out.device)
-        flat = acc.view(-1, d)
+        flat, (sb, sh, sk) = _rows_view(acc), (st // max(d, 1) for st in acc.stride()[:3])
         h = torch.arange(blk.hs.start, blk.hs.stop, device=x.device)
         for e0, e1 in _chunks(blk.ent.nnz):
             vals = self._gather(blk, x, e0, e1, False).to(cdt) * w[:, e0:e1].t().unsqueeze(-1)     # [n, h, D]
-            target = (blk.batch[e0:e1, None] * heads + h) * nk + blk.ent.key[e0:e1, None]          # [n, h]
+            target = blk.batch[e0:e1, None] * sb + h * sh + blk.ent.key[e0:e1, None] * sk          # [n, h]
             flat.index_add_(0, target.reshape(-1), vals.reshape(-1, d))
         if not direct:
             out += acc.to(out.dtype)
