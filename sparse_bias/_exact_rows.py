@@ -28,6 +28,10 @@ from .dense.dropout import dropout_scale
 #: Rows whose normaliser ``1 + S`` falls below this are recomputed densely (see the module docstring).
 EXACT_ROW_THRESHOLD = 0.25
 
+#: Device types whose eager calls count the flagged rows on the host (reading a CPU tensor waits for no device) and
+#: recompute exactly those; on the others, and inside a compiled graph, the static capacity applies.
+HOST_DEVICES = ("cpu",)
+
 #: Scores per batch element and head the exact path may recompute densely: the capacity is this many scores' worth
 #: of rows (``2**18 // K``; every row of a small problem), but at least `EXACT_ROW_MIN` rows.
 EXACT_ROW_BUDGET = 1 << 18
@@ -164,14 +168,24 @@ def exact_rows_mask(sel: torch.Tensor, valid: torch.Tensor, num_queries: int) ->
     return out.scatter(0, row_positions(sel, num_queries), valid.flatten()).view(sel.shape[0], num_queries)
 
 
-def apply_exact_rows(out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, den: torch.Tensor
-                     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def apply_exact_rows(out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, den: torch.Tensor,
+                     on_host: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """Overwrite the flagged rows of ``out [H, B * Q, D]`` (compute dtype) with their dense evaluation; returns
-    ``(sel, valid)`` for the backward, or None when the problem has no rows."""
-    cap = exact_row_capacity(ent.queries, ent.keys)
-    if cap == 0 or ent.batch == 0:
+    ``(sel, valid)`` for the backward, or None when no row is recomputed.
+
+    ``on_host`` (eager calls on CPU tensors, `HOST_DEVICES`): the number of flagged rows is read on the host -- a
+    CPU tensor, so nothing waits for a device -- and exactly those rows are recomputed (none: no cost at all, and no
+    capacity limit). Otherwise the static capacity of `exact_row_capacity`, decided on the device."""
+    if ent.batch == 0:
         return None
-    sel, valid = select_rows(flagged_rows(den, ent.batch), cap)
+    flagged = flagged_rows(den, ent.batch)
+    if on_host:
+        cap = max(flagged.sum(1).tolist())       # read from CPU memory: no device synchronisation
+    else:
+        cap = exact_row_capacity(ent.queries, ent.keys)
+    if cap == 0:
+        return None
+    sel, valid = select_rows(flagged, cap)
     for b in range(ent.batch):                          # one batch element at a time: buffers [H, R, K]
         rows = rows_forward(qkv, values, ent, call, b, sel[b])                               # [H, R, D]
         flat = b * ent.queries + sel[b]

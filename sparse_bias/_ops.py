@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._call import Call, compute_dtype
 from ._entries import Entries
-from ._exact_rows import exact_row_capacity
+from . import _exact_rows
 from ._sparse_function import sparse_backward, sparse_forward
 from ._window_function import window_backward, window_forward
 from .backends import BACKENDS
@@ -76,10 +76,11 @@ def _index(win) -> List[Optional[Tensor]]:
 # sparse_bias_attention: dense pass plus sparse correction
 
 
-def _sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed, backend):
+def _sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed, backend,
+                 exact_on_host=False):
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
     return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
-                               BACKENDS[backend] if backend else None))
+                               BACKENDS[backend] if backend else None, exact_on_host))
 
 
 def _sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, out, lse, den,
@@ -108,7 +109,7 @@ def _sparse_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm,
     bsz, heads, nq = q.shape[:3]
     biased = values is not None
     saves_p = biased and BACKENDS[backend].saves("correction") == "p"
-    cap = exact_row_capacity(nq, k.shape[2]) if biased else 0
+    cap = _exact_rows.exact_row_capacity(nq, k.shape[2]) if biased else 0
     return [q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(q.shape[:3], dtype=cdt),
             q.new_empty((heads, bsz * nq) if biased else (0,), dtype=cdt),
             q.new_empty((heads, key.shape[0]) if saves_p else (0,), dtype=cdt),
@@ -140,11 +141,11 @@ def _sparse_setup(ctx, inputs, output):
     ctx.params = (scale, dropout_p, backend)
 
 
-def _sparse_backward(ctx, grads, backward_fn=_sparse_attention_backward):
+def _sparse_backward(ctx, grads, backward_fn=_sparse_attention_backward, want_values=None):
     q, k, v, values, *rest = ctx.saved_tensors
     index, (mask, out, lse, den, p, sel, valid, seed) = rest[:len(_INDEX)], rest[len(_INDEX):]
     scale, dropout_p, backend = ctx.params
-    want_values = values is not None and ctx.needs_input_grad[3]
+    want_values = values is not None and (ctx.needs_input_grad[3] if want_values is None else want_values)
     dq, dk, dv, dvalues = backward_fn(grads[0].contiguous(), q, k, v, values, *index, mask, out, lse, den, p, sel,
                                       valid, scale, dropout_p, seed, backend, want_values)
     return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
@@ -159,15 +160,15 @@ class _EagerSparse(torch.autograd.Function):
     passes over k / v per backward)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _sparse_impl(*inputs)
+    def forward(ctx, exact_on_host, *inputs):
+        output = _sparse_impl(*inputs, exact_on_host=exact_on_host)
         _sparse_setup(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
         return tuple(output)
 
     @staticmethod
     def backward(ctx, *grads):
-        return _sparse_backward(ctx, grads, _sparse_backward_impl)
+        return (None,) + _sparse_backward(ctx, grads, _sparse_backward_impl, want_values=ctx.needs_input_grad[4])
 
 
 def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call,
@@ -179,7 +180,7 @@ def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, ca
             backend or "")
     if torch.compiler.is_compiling():
         return _sparse_attention(*args)[0]
-    return _EagerSparse.apply(*args)[0]
+    return _EagerSparse.apply(q.device.type in _exact_rows.HOST_DEVICES, *args)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from .dense import dense_kernel_name, dense_lse_backward, dense_lse_forward, ker
 from .dense.lse import KernelState
 
 
-def sparse_forward(q, k, v, values: Optional[torch.Tensor], ent: Optional[Entries], call: Call, backend
-                   ) -> Tuple[torch.Tensor, ...]:
+def sparse_forward(q, k, v, values: Optional[torch.Tensor], ent: Optional[Entries], call: Call, backend,
+                   exact_on_host: bool = False) -> Tuple[torch.Tensor, ...]:
     """``(out [B, H, Q, D], lse [B, H, Q], den [H, B * Q], p [H, nnz] or [0], sel [B, R], valid [B, R])``.
 
     q, k, v with a unit last stride; ``values`` ``[nnz]`` / ``[nnz, H]`` or None (no bias, then ``ent`` and
@@ -43,7 +43,7 @@ def sparse_forward(q, k, v, values: Optional[torch.Tensor], ent: Optional[Entrie
     saves_p = backend.saves("correction") == "p"
     p = q.new_empty((heads, ent.nnz) if saves_p else (0,), dtype=cdt)
     den = torch.ones(heads, ent.rows, dtype=cdt, device=q.device)
-    cap = exact_row_capacity(nq, k.shape[2])
+    cap = 0 if exact_on_host else exact_row_capacity(nq, k.shape[2])
     no_rows = torch.zeros(bsz, cap, dtype=torch.long, device=q.device)
     if ent.nnz == 0:
         return o_d, lse, den, p, no_rows, no_rows.bool()
@@ -53,7 +53,7 @@ def sparse_forward(q, k, v, values: Optional[torch.Tensor], ent: Optional[Entrie
         backend.forward_block(blk, (q, k, v), klse[blk.hs], p[blk.hs] if saves_p else None,
                               (den[blk.hs], out[blk.hs]))
     out /= den.unsqueeze(-1)
-    rows = apply_exact_rows(out, (q, k, v), values, ent, call, den)
+    rows = apply_exact_rows(out, (q, k, v), values, ent, call, den, exact_on_host)
     sel, valid = rows if rows is not None else (no_rows, no_rows.bool())       # no rows: nothing recomputed
     return batch_major(out, bsz).to(q.dtype), lse, den, p, sel, valid
 

@@ -1,6 +1,7 @@
 """Per-query local windows on the BEV grid and the camera views, as a CSR index set over queries."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
 
@@ -208,13 +209,14 @@ class WindowIndex:
 
     def entries(self) -> Entries:
         """The `sparse_bias._entries.Entries` the kernels read (the row of each entry, the transposed structure,
-        the fused kernels' row order), derived without a host sync, then cached on the object. Their ``nnz``
-        dimension is marked dynamic for ``torch.compile`` (`torch._dynamo.maybe_mark_dynamic`), so indexes of
-        different sizes share one compiled graph."""
+        the fused kernels' row order), derived without a host sync, then cached on the object. When ``torch.compile``
+        is in use (dynamo imported), their ``nnz`` dimension is marked dynamic (`torch._dynamo.maybe_mark_dynamic`),
+        so indexes of different sizes share one compiled graph (an index built before dynamo was imported costs one
+        recompile, after which the size is dynamic anyway)."""
         if "entries" not in self._cache:
             ent = build_entries(self.indptr, self.key, self.batch_size, self.num_queries, self.layout.num_keys,
                                 self.row)
-            if not torch.compiler.is_compiling():
+            if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():   # never import dynamo here
                 for t in (ent.key, ent.row, ent.trow, ent.perm, self.key, self.source, self.dy, self.dx):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
             self._cache["entries"] = ent

@@ -94,10 +94,14 @@ def test_no_host_sync(name, backend, dropout_p):
     assert syncs_of(lambda: entry(name, backend, win, leaves, kpm, dropout_p)) == {}
 
 
+@pytest.mark.parametrize("policy", ["device", "host"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS + ["fused"])
-def test_no_host_sync_in_the_exact_row_regime(backend, monkeypatch):
-    """Rows whose normaliser cancels are recomputed densely, chosen on the device: still zero syncs, and exact."""
+def test_no_host_sync_in_the_exact_row_regime(backend, policy, monkeypatch):
+    """Rows whose normaliser cancels are recomputed densely, chosen on the device (the static capacity: what runs on
+    a GPU, forced here on CPU tensors) or counted from CPU memory (eager CPU calls): zero syncs, and exact."""
     skip_missing(backend, torch.float64)
+    if policy == "device":
+        monkeypatch.setattr(_exact_rows, "HOST_DEVICES", ())
     win, leaves, kpm = scene(exact=True, dtype=torch.float64)
     seen = []
     original = _exact_rows.select_rows

@@ -14,6 +14,7 @@ When the extension is missing (not built, or ``SPARSE_BIAS_NO_EXT=1`` at run tim
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._extension import extension, extension_available
 from ..dense.dropout import seed64
@@ -37,10 +38,22 @@ def _common(blk, b):
     return (b, blk.hs.start, blk.heads, float(call.scale), float(call.dropout_p), seed64(call.seed))
 
 
+#: per index (keyed weakly by its ``key`` tensor): the structures of `_batches`, computed once
+_PER_BATCH = WeakIdKeyDictionary()
+
+
 def _batches(ent):
     """Per batch element with entries: ``(b, rows, entries, structure)`` -- ``rows`` / ``entries`` the slices of its
     rows and entries, ``structure = (crow, col, order, tcrow, trow, perm)`` shifted to the element's own numbering.
-    CPU only, so reading the entry offsets from ``indptr`` costs no device synchronisation."""
+    CPU only, so reading the entry offsets from ``indptr`` costs no device synchronisation. Computed once per index
+    (the kernels run once per block of heads)."""
+    cached = _PER_BATCH.get(ent.key)
+    if cached is None or cached[0] is not ent.indptr:
+        cached = _PER_BATCH[ent.key] = (ent.indptr, list(_split(ent)))
+    return cached[1]
+
+
+def _split(ent):
     nq, nk = ent.queries, ent.keys
     offsets = ent.indptr[::nq].tolist() if nq else [0] * (ent.batch + 1)
     for b in range(ent.batch):
