@@ -318,3 +318,17 @@ def test_launches_do_not_synchronise():
         tw.window_backward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, g, go, lse, *grads)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@active
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_first_use_self_check_passes_and_auto_picks_triton(dtype):
+    """The window-attention self-check of `sparse_bias.dispatch` (key padding, per-head bias, the modules' layouts)
+    passes for the Triton kernels in every dtype, and `auto` then takes them (as on CUDA)."""
+    import sparse_bias as sb
+    from sparse_bias import dispatch
+    dispatch.reset_self_checks()
+    ok, detail = dispatch.self_check("triton", torch.device(DEVICE), dtype, 16, "window")
+    assert ok, detail
+    if DEVICE == "cuda":
+        assert sb.select_window_backend(torch.zeros(1, 1, 1, 16, device="cuda", dtype=dtype))[0] == "triton"

@@ -1,16 +1,17 @@
 """Backends evaluating the window terms of the sparse correction.
 
-Every backend implements three primitives over the ``n`` window entries of one batch element ``b``
-of a `WindowIndex` (entries ``win.batch_range(b)``) and a block of heads ``hs`` (a slice of
-``h`` heads), accumulated in the compute dtype (float32, or float64 for float64 input):
+Every backend implements three primitives over all ``nnz`` window entries of a `WindowIndex` -- every batch
+element at once, entry ``e`` in global row ``r = b * Q + q`` (`sparse_bias.backends.base.WindowBlock`: the index's
+`sparse_bias._entries.Entries`) -- for a block of heads ``hs`` (a slice of ``h`` heads), accumulated in the compute
+dtype (float32, or float64 for float64 input), without reading a device value on the host:
 
-* ``sddmm(win, b, hs, x [B, H, Q, D], y [B, H, K, D]) -> [h, n]``: ``<x[b, h, q_e], y[b, h, key_e]>``;
-* ``spmm(win, b, hs, w [h, n], y) -> [h, Q, D]``: window sums ``sum_e w[h, e] y[b, h, key_e]``;
-* ``spmm_t(win, b, hs, w [h, n], x, out [B, H, K, D])``: adds ``w[h, e] x[b, h, q_e]`` into ``out[b, hs]``.
+* ``sddmm(blk, x [B, H, Q, D], y [B, H, K, D]) -> [h, nnz]``: ``<x[b_e, h, q_e], y[b_e, h, key_e]>``;
+* ``spmm(blk, w [h, nnz], y) -> [h, B * Q, D]``: window sums ``sum_e w[h, e] y[b_e, h, key_e]`` per row;
+* ``spmm_t(blk, w [h, nnz], x, out [B, H, K, D])``: adds ``w[h, e] x[b_e, h, q_e]`` into ``out[b_e, h, key_e]``.
 
 ``head_block`` says how many heads a block holds (None = all): the gather backends gather each window
-row once for all heads; the CSR backend works one head at a time, so the correction's temporaries are
-a few ``[n]`` vectors.
+row once for all heads; the CSR backend works one head at a time (over the block-diagonal ``[B * Q, B * K]``
+matrix of the batch), so the correction's temporaries are a few ``[nnz]`` vectors.
 
 ``"fused"`` (CPU) and ``"triton"`` (CUDA) override the block methods of `sparse_bias.backends.base.Backend` with fused kernels
 (see `sparse_bias.backends.triton_backend`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
