@@ -9,6 +9,11 @@ of the index tensors, a dynamic size under ``torch.compile`` -- and its autograd
 `sparse_bias.window_attention`) validate and call them. ``torch.compile(fullgraph=True)`` therefore sees one opaque
 node per attention (forward and backward) instead of the Python around the kernels.
 
+Eager calls of `sparse_op` take `_EagerSparse`, an ``autograd.Function`` over the same implementation and backward:
+the registered op must return contiguous gradients (Inductor relies on it), and the CPU flash kernel's come
+key-major, so the op copies them -- a cost the eager path does not pay. Eager CPU calls also count the exact rows on
+the host (`sparse_bias._exact_rows.HOST_DEVICES`).
+
 The ops live in the library's own ``sparse_bias`` namespace of ``torch.library`` (as torch-scatter's live in
 ``torch_scatter``); nothing else is registered.
 """
@@ -20,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ._call import Call, compute_dtype
-from ._entries import Entries
 from . import _exact_rows
+from ._entries import Entries
 from ._sparse_function import sparse_backward, sparse_forward
 from ._window_function import window_backward, window_forward
 from .backends import BACKENDS
