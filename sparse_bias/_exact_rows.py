@@ -54,15 +54,19 @@ def flagged_rows(den: torch.Tensor, batch: int) -> torch.Tensor:
     return flag.view(batch, -1)
 
 
+def check_capacity(flagged: torch.Tensor, capacity: int) -> None:
+    """Under the debug switch: raise when a batch element has more flagged rows than ``capacity`` (a device read)."""
+    if debug_checks_enabled() and flagged.numel():
+        over = int((flagged.sum(1) - capacity).clamp(min=0).max())
+        if over:
+            raise RuntimeError(f"sparse_bias: {over} rows of a batch element need the exact path beyond its "
+                               f"capacity of {capacity} rows (raise SPARSE_BIAS_EXACT_ROWS)")
+
+
 def select_rows(flagged: torch.Tensor, capacity: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(sel [B, R], valid [B, R])``: ``R = capacity`` distinct rows per batch element, flagged ones first, and
     whether each is flagged (static shapes: no host sync)."""
     vals, sel = flagged.to(torch.float32).topk(capacity, dim=1)
-    if debug_checks_enabled():
-        over = int((flagged.sum(1) - capacity).clamp(min=0).max()) if flagged.numel() else 0
-        if over:
-            raise RuntimeError(f"sparse_bias: {over} rows of a batch element need the exact path beyond its "
-                               f"capacity of {capacity} rows (raise SPARSE_BIAS_EXACT_ROWS)")
     return sel, vals > 0
 
 
@@ -183,6 +187,7 @@ def apply_exact_rows(out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries,
         cap = max(flagged.sum(1).tolist())       # read from CPU memory: no device synchronisation
     else:
         cap = exact_row_capacity(ent.queries, ent.keys)
+    check_capacity(flagged, cap)
     if cap == 0:
         return None
     sel, valid = select_rows(flagged, cap)

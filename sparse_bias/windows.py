@@ -176,6 +176,7 @@ class WindowIndex:
         no host sync), then cached; used for the deterministic gradient of the per-query weights."""
         if "modality_segments" not in self._cache:
             seg = self.row * 2 + self.source.long()
+            _mark_dynamic(seg)
             bounds = torch.arange(self.num_rows * 2 + 1, device=self.device)
             self._cache["modality_segments"] = (seg, torch.searchsorted(seg, bounds))
         return self._cache["modality_segments"]
@@ -216,9 +217,7 @@ class WindowIndex:
         if "entries" not in self._cache:
             ent = build_entries(self.indptr, self.key, self.batch_size, self.num_queries, self.layout.num_keys,
                                 self.row)
-            if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():   # never import dynamo here
-                for t in (ent.key, ent.row, ent.trow, ent.perm, self.key, self.source, self.dy, self.dx):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            _mark_dynamic(ent.key, ent.row, ent.trow, ent.perm, self.key, self.source, self.dy, self.dx)
             self._cache["entries"] = ent
         return self._cache["entries"]
 
@@ -278,6 +277,14 @@ class WindowIndex:
         return (f"WindowIndex(B={self.batch_size}, Q={self.num_queries}, nnz={self.nnz}, "
                 f"bev_window={_size_repr(self.bev_window)}, cam_window={_size_repr(self.cam_window)}, "
                 f"layout={self.layout!r})")
+
+
+def _mark_dynamic(*tensors: torch.Tensor) -> None:
+    """Mark the ``nnz`` dimension of an index's cached tensors dynamic for ``torch.compile``, so that indexes of
+    other sizes reuse a compiled graph -- only when dynamo is already imported (never import it here)."""
+    if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def _size_repr(size: WindowSize) -> str:

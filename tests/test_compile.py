@@ -200,3 +200,20 @@ def test_compile_benchmark_quick(capsys):
     spec.loader.exec_module(module)
     med = module.main(["--quick"])
     assert set(med) == {"eager", "compiled"} and "compiled / eager" in capsys.readouterr().out
+
+
+def test_indexes_used_eagerly_first_reuse_the_graph():
+    """An index used eagerly before the compiled call (its cached per-index tensors then exist) still shares the one
+    graph: every cached ``nnz``-long tensor is marked dynamic (regression: one recompile, "win.key size mismatch")."""
+    q, k, v, wb, wc = leaves()
+
+    def fn(q, k, v, win, wb, wc):
+        return sb.sparse_bias_attention(q, k, v, sb.window_bias(win, wb, wc), key_padding_mask=KPM, backend="torch")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for s in range(3):
+        win = windows(s)
+        ref = fn(q, k, v, win, wb, wc)
+        torch.testing.assert_close(compiled(q, k, v, win, wb, wc), ref)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -227,3 +227,17 @@ def test_cuda_graph_capture(name, backend):
     torch.cuda.synchronize()
     for a, b in zip([out] + [t.grad for t in leaves], want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", ["0", "1"])
+def test_debug_switch_reports_rows_beyond_the_capacity(capacity, monkeypatch):
+    """GPU policy with a capacity below the flagged rows: the debug switch raises (capacity 0 included)."""
+    monkeypatch.setattr(_exact_rows, "HOST_DEVICES", ())
+    monkeypatch.setenv("SPARSE_BIAS_EXACT_ROWS", capacity)
+    win, leaves, kpm = scene(exact=True, dtype=torch.float64)
+    sb.set_debug_checks(True)
+    try:
+        with pytest.raises(RuntimeError, match=f"beyond its capacity of {capacity} rows"):
+            entry("sparse_bias_attention", "sparse", win, leaves, kpm)
+    finally:
+        sb.set_debug_checks(False)
