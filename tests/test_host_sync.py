@@ -9,7 +9,6 @@ runs under the interpreter in a subprocess.
 """
 import json
 import os
-import sys
 
 import pytest
 import torch

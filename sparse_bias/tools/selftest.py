@@ -29,7 +29,7 @@ from .._reference import dense_attention, dense_window_attention
 from .._validation import additive_mask
 from .._ops import sparse_op, window_op
 from ..attention import sparse_bias_attention
-from ..backends import BACKENDS, backend_candidates
+from ..backends import backend_candidates
 from ..bias import SparseBias, window_bias
 from ..dispatch import self_check_results
 from ..flex import flex_score_mod
