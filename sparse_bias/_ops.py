@@ -19,6 +19,7 @@ The ops live in the library's own ``sparse_bias`` namespace of ``torch.library``
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Sequence
 
 import torch
@@ -139,24 +140,28 @@ def _sparse_attention_backward_fake(grad_out, q, k, v, values, *rest):
     return _fake_grads(q, k, v, values, want_values)
 
 
-def _sparse_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
+    """Both ops' autograd context: the tensors (inputs, index, mask, every output, seed) and the scalars."""
     q, k, v, values, *index_mask_scale = inputs
     *index, mask, scale, dropout_p, seed, backend = index_mask_scale
     ctx.save_for_backward(q, k, v, values, *index, mask, *output, seed)
     ctx.params = (scale, dropout_p, backend)
 
 
-def _sparse_backward(ctx, grads, backward_fn=_sparse_attention_backward, want_values=None):
+def _backward(backward_fn, ctx, grads, want_values=None):
+    """Both ops' autograd formula: ``backward_fn`` (a backward op, or its implementation) takes the output gradient,
+    the saved tensors in their order and the scalars (the backward ops' common signature)."""
     q, k, v, values, *rest = ctx.saved_tensors
-    index, (mask, out, lse, den, p, sel, valid, seed) = rest[:len(_INDEX)], rest[len(_INDEX):]
+    index, mask, outputs, seed = rest[:len(_INDEX)], rest[len(_INDEX)], rest[len(_INDEX) + 1:-1], rest[-1]
     scale, dropout_p, backend = ctx.params
     want_values = values is not None and (ctx.needs_input_grad[3] if want_values is None else want_values)
-    dq, dk, dv, dvalues = backward_fn(grads[0].contiguous(), q, k, v, values, *index, mask, out, lse, den, p, sel,
-                                      valid, scale, dropout_p, seed, backend, want_values)
+    dq, dk, dv, dvalues = backward_fn(grads[0].contiguous(), q, k, v, values, *index, mask, *outputs, scale,
+                                      dropout_p, seed, backend, want_values)
     return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
 
 
-torch.library.register_autograd("sparse_bias::sparse_attention", _sparse_backward, setup_context=_sparse_setup)
+torch.library.register_autograd("sparse_bias::sparse_attention", partial(_backward, _sparse_attention_backward),
+                               setup_context=_setup)
 
 
 class _EagerSparse(torch.autograd.Function):
@@ -167,13 +172,13 @@ class _EagerSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, exact_on_host, *inputs):
         output = _sparse_impl(*inputs, exact_on_host=exact_on_host)
-        _sparse_setup(ctx, inputs, output)
+        _setup(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
         return tuple(output)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None,) + _sparse_backward(ctx, grads, _sparse_backward_impl, want_values=ctx.needs_input_grad[4])
+        return (None,) + _backward(_sparse_backward_impl, ctx, grads, want_values=ctx.needs_input_grad[4])
 
 
 def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call,
@@ -227,24 +232,8 @@ def _window_attention_backward_fake(grad_out, q, k, v, values, *rest):
     return _fake_grads(q, k, v, values, want_values)
 
 
-def _window_setup(ctx, inputs, output):
-    q, k, v, values, *index_mask_scale = inputs
-    *index, mask, scale, dropout_p, seed, backend = index_mask_scale
-    ctx.save_for_backward(q, k, v, values, *index, mask, *output, seed)
-    ctx.params = (scale, dropout_p, backend)
-
-
-def _window_backward(ctx, grads):
-    q, k, v, values, *rest = ctx.saved_tensors
-    index, (mask, out, state, seed) = rest[:len(_INDEX)], rest[len(_INDEX):]
-    scale, dropout_p, backend = ctx.params
-    want_values = values is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dvalues = _window_attention_backward(grads[0].contiguous(), q, k, v, values, *index, mask, out, state,
-                                                     scale, dropout_p, seed, backend, want_values)
-    return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
-
-
-torch.library.register_autograd("sparse_bias::window_attention", _window_backward, setup_context=_window_setup)
+torch.library.register_autograd("sparse_bias::window_attention", partial(_backward, _window_attention_backward),
+                               setup_context=_setup)
 
 
 def window_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call, backend: str) -> Tensor:
