@@ -102,3 +102,13 @@ def run_python(code: str, **env) -> str:
                          env=dict(os.environ, **env))
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
+
+
+def pytest_under_the_interpreter(test_file: str, *args: str) -> None:
+    """Run ``test_file`` (its tests selected by ``args``, e.g. ``-k name``) with pytest in a fresh process under the
+    Triton interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported); fail unless all pass."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, *args],
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900,
+                         cwd=os.path.dirname(test_file))
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and " failed" not in res.stdout

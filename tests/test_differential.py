@@ -38,6 +38,7 @@ import sparse_bias as sb
 from sparse_bias.backends import backend_names
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 from sparse_bias.kernels import dropout_mask
+from helpers import pytest_under_the_interpreter
 
 # every registered backend that runs on CPU tensors (Triton is tested in its interpreter subprocess below)
 SBA_BACKENDS = ("auto",) + tuple(n for n in backend_names("correction") if n != "triton") + ("dense",)
@@ -944,12 +945,7 @@ def triton_specs():
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="runs the interpreted cases in a subprocess")
 def test_triton_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "triton_case"], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=os.path.dirname(__file__))
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and " failed" not in res.stdout
+    pytest_under_the_interpreter(__file__, "-k", "triton_case")
 
 
 @pytest.mark.skipif(not TRITON_ACTIVE, reason="runs in the interpreter subprocess of "

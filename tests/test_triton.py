@@ -6,8 +6,6 @@ again in a subprocess with the variable set. With CUDA the kernels run on the GP
 results are held to the float64 reference within twice the drift of the dense computation in the same dtype.
 """
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -18,7 +16,7 @@ from sparse_bias import dispatch
 from sparse_bias.backends import triton_backend
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 
-from helpers import make_case, reference, sparse_fn
+from helpers import make_case, pytest_under_the_interpreter, reference, sparse_fn
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,11 +29,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="runs the interpreted checks in a subprocess")
 def test_kernels_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                         capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and " failed" not in res.stdout
+    pytest_under_the_interpreter(__file__)
 
 
 LAYOUT = sb.KeyLayout(bev_shape=(6, 7), cam_shape=(2, 4, 5))

@@ -13,14 +13,13 @@ float32 results are held to 1e-5 of each tensor's largest magnitude; bfloat16 / 
 drift of the same dense computation run in that dtype (from the same rounded inputs) plus a small slack.
 """
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
 
+from helpers import pytest_under_the_interpreter
 from sparse_bias.backends import triton_window as tw
 
 pytestmark = pytest.mark.skipif(not tw.TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
@@ -35,11 +34,7 @@ NEG = float("-inf")
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="runs the interpreted checks in a subprocess")
 def test_kernels_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                         capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and " failed" not in res.stdout
+    pytest_under_the_interpreter(__file__)
 
 
 # ---- problems ------------------------------------------------------------------------------------------------
