@@ -274,3 +274,26 @@ def test_aqr_takes_cmttests_img_metas():
     assert torch.equal(got.projection.cam_pos, want.projection.cam_pos)
     with pytest.raises(TypeError, match="img_metas"):
         aqr(query, memory, pos, ref, [dict(lidar2img=None)])
+
+
+@pytest.mark.parametrize("type_embed", ["keys", "queries"])
+def test_aqr_weights_for_a_built_index_equal_the_dense_lam(type_embed):
+    """`AQRWeightGenerator.weights` (the compilable part: an index built already) against the dense-LAM forward,
+    outputs and gradients (parameters, queries, memory), with key padding."""
+    torch.manual_seed(0)
+    aqr = AQRWeightGenerator(C, layout=LAYOUT, type_embed=type_embed, window_sizes=[5, 3]).double().eval()
+    query, memory, pos = (t.requires_grad_() for t in memory_inputs())
+    bev_pos, cam_pos = positions()
+    kpm = torch.zeros(2, LAYOUT.num_keys, dtype=torch.bool)
+    kpm[1, -5:] = True
+    want = aqr(query, memory, pos, bev_pos=bev_pos, cam_pos=cam_pos, key_padding_mask=kpm, dense_mask=True)
+    got = aqr.weights(query, memory, pos, want.projection.local_window, key_padding_mask=kpm)
+    leaves = [query, memory] + list(aqr.parameters())
+    for a, b in zip(got, want[:2]):
+        close(a, b)
+    g_got = torch.autograd.grad(sum(w.square().sum() for w in got), leaves, allow_unused=True)
+    g_want = torch.autograd.grad(sum(w.square().sum() for w in want[:2]), leaves, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            close(a, b)

@@ -219,8 +219,8 @@ class AQRWeightGenerator(nn.Module):
 
     def weights(self, query_embed: torch.Tensor, memory: torch.Tensor, pos_embed: torch.Tensor, win: WindowIndex,
                 key_padding_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The weights of `forward` for a window index built already (``win``, e.g. ``forward(...).projection.win``
-        or `local_window`): ``(lidar_weights [B, Q], camera_weights [B, Q])``. Reads no device value on the host, so
+        """The weights of `forward` for a window index built already (``win``: `local_window`, or
+        ``forward(...).projection.local_window``): ``(lidar_weights [B, Q], camera_weights [B, Q])``. Reads no device value on the host, so
         it compiles with ``torch.compile(fullgraph=True)`` (building the index, in `forward`, cannot: its size comes
         from the data). Shapes as in `forward` (``[N, B, C]``, or ``[B, N, C]`` with ``batch_first``)."""
         query_embed, memory, pos_embed = (t if not self.batch_first else t.transpose(0, 1)
