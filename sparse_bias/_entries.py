@@ -54,10 +54,6 @@ class Entries(NamedTuple):
         """LongTensor ``[nnz]``: the batch element of each entry."""
         return torch.div(self.row, max(self.queries, 1), rounding_mode="floor")
 
-    def entry_query(self) -> torch.Tensor:
-        """LongTensor ``[nnz]``: the query (within its batch element) of each entry."""
-        return self.row - self.entry_batch() * self.queries
-
     def counts(self) -> torch.Tensor:
         """LongTensor ``[B * Q]``: entries per row."""
         return self.indptr[1:] - self.indptr[:-1]
