@@ -67,14 +67,6 @@ def _split(ent):
                                        ent.perm[e0:e1] - e0)
 
 
-def _into(dst, fn):
-    """Run ``fn(buf)`` on a contiguous ``buf`` for ``dst`` (``dst`` itself when contiguous), copying back."""
-    buf = dst if dst.is_contiguous() else dst.contiguous()
-    fn(buf)
-    if buf.data_ptr() != dst.data_ptr():
-        dst.copy_(buf)
-
-
 class FusedCPUBackend(Backend):
     """The fused C++/OpenMP kernels: one call per batch element and block of heads."""
 
@@ -96,17 +88,18 @@ class FusedCPUBackend(Backend):
             return torch.zeros(blk.ent.nnz, 1, dtype=blk.call.cdt)
         return torch.expm1(blk.bvals.t()).contiguous()
 
+    # Per batch element, the kernels write into contiguous [h, Q(, D)] buffers: the rows of the head-major
+    # totals (strided slices of [h, B * Q(, D)]) are copied in and back.
+
     def forward_block(self, blk, qkv, lse, state, totals):
         den, out = totals
         eb = self._ebias(blk)
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, _, _, _) in _batches(blk.ent):
-            def run(outc, b=b, rows=rows, ents=ents, crow=crow, col=col, order=order):
-                denc = den[:, rows].contiguous()
-                extension()[0].window_forward(*qkv, lse[:, rows].contiguous(), crow, col, order, eb[ents], mask,
-                                              *_common(blk, b), denc, outc)
-                den[:, rows] = denc
-            _into(out[:, rows], run)
+            denc, outc = den[:, rows].contiguous(), out[:, rows].contiguous()
+            extension()[0].window_forward(*qkv, lse[:, rows].contiguous(), crow, col, order, eb[ents], mask,
+                                          *_common(blk, b), denc, outc)
+            den[:, rows], out[:, rows] = denc, outc
 
     def backward_block(self, blk, qkv, upstream, state, grads):
         (gp, go), (_, lse), (dq, dk, dv) = upstream, state, grads
@@ -114,14 +107,13 @@ class FusedCPUBackend(Backend):
         eb = self._ebias(blk)
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, tcrow, trow, perm) in _batches(blk.ent):
-            ebb = eb[ents]
+            ebb, dqc = eb[ents], dq[:, rows].contiguous()
             dbb = torch.empty(blk.heads, ents.stop - ents.start, dtype=blk.call.cdt)
-            _into(dq[:, rows], lambda dqc, b=b, rows=rows, crow=crow, col=col, order=order, tcrow=tcrow, trow=trow,
-                  perm=perm, ebb=ebb, dbb=dbb: extension()[0].window_backward(
-                      *qkv, lse[:, rows].contiguous(), gp[b, blk.hs].contiguous(), go[:, rows].contiguous(), crow,
-                      col, order, tcrow, trow, ebb, ebb[perm].contiguous(), None, None, False, mask,
-                      *_common(blk, b), dqc, dk, dv, dbb))
-            db[:, ents] = dbb
+            extension()[0].window_backward(*qkv, lse[:, rows].contiguous(), gp[b, blk.hs].contiguous(),
+                                           go[:, rows].contiguous(), crow, col, order, tcrow, trow, ebb,
+                                           ebb[perm].contiguous(), None, None, False, mask, *_common(blk, b), dqc, dk,
+                                           dv, dbb)
+            dq[:, rows], db[:, ents] = dqc, dbb
         return db
 
     # window attention (the local attention mask): the state kept for the backward is the window log-sum-exp
@@ -132,12 +124,10 @@ class FusedCPUBackend(Backend):
         sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, _, _, _) in _batches(blk.ent):
-            def run(outc, b=b, rows=rows, ents=ents, crow=crow, col=col, order=order):
-                st = state[:, rows].contiguous()
-                extension()[0].attention_forward(*qkv, crow, col, order, None if sbias is None else sbias[ents],
-                                                 mask, *_common(blk, b), st, outc)
-                state[:, rows] = st
-            _into(out[:, rows], run)
+            st, outc = state[:, rows].contiguous(), out[:, rows].contiguous()
+            extension()[0].attention_forward(*qkv, crow, col, order, None if sbias is None else sbias[ents], mask,
+                                             *_common(blk, b), st, outc)
+            state[:, rows], out[:, rows] = st, outc
 
     def window_backward_block(self, blk, qkv, upstream, state, grads):
         """``state`` is the window log-sum-exp ``[h, B * Q]`` of `window_forward_block`."""
@@ -149,11 +139,11 @@ class FusedCPUBackend(Backend):
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, tcrow, trow, perm) in _batches(blk.ent):
             sb = None if sbias is None else sbias[ents]
+            dqc = dq[:, rows].contiguous()
             dbb = torch.zeros(blk.heads, ents.stop - ents.start, dtype=cdt)
-            _into(dq[:, rows], lambda dqc, b=b, rows=rows, crow=crow, col=col, order=order, tcrow=tcrow, trow=trow,
-                  perm=perm, sb=sb, dbb=dbb: extension()[0].window_backward(
-                      *qkv, state[:, rows].contiguous(), g[b, blk.hs].contiguous(), go[:, rows].contiguous(), crow,
-                      col, order, tcrow, trow, unused, unused, sb, None if sb is None else sb[perm].contiguous(), True,
-                      mask, *_common(blk, b), dqc, dk, dv, dbb))
-            db[:, ents] = dbb
+            extension()[0].window_backward(*qkv, state[:, rows].contiguous(), g[b, blk.hs].contiguous(),
+                                           go[:, rows].contiguous(), crow, col, order, tcrow, trow, unused, unused, sb,
+                                           None if sb is None else sb[perm].contiguous(), True, mask, *_common(blk, b),
+                                           dqc, dk, dv, dbb)
+            dq[:, rows], db[:, ents] = dqc, dbb
         return db
