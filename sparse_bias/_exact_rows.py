@@ -1,92 +1,84 @@
-"""The exact-row path of the correction: a dense evaluation of the rows where it would cancel, with static shapes.
+"""The exact-row path of the correction: the rows where the additive correction would cancel, evaluated densely.
 
-Rows whose normaliser ``1 + S`` falls below `EXACT_ROW_THRESHOLD` in some head (a negative bias removes more than
-3/4 of the attention mass) are recomputed densely: there ``o_d + C`` and ``1 + S`` cancel and would amplify rounding
-errors by about ``1 / (1 + S)``. Non-finite normalisers (overflowing biases) too.
+The correction writes ``o = (o_d + C) / (1 + S)``: a negative bias subtracts the window's unbiased share from the
+dense pass. Where the window holds much of a row's attention and the bias removes it, that is a difference of
+nearly equal numbers: the dense pass's rounding (and that of ``p_j = exp(s_j - L)``) is amplified by up to
+``(1 + R) / (1 + S)`` in the output and, per key, by ``e^{-b}`` in ``dk`` / ``dv`` -- where ``R = sum_W p_j
+max(0, -expm1(b_j))`` is the unbiased mass the bias removes. So a row is *flagged* when ``R > EXACT_ROW_RATIO (1 +
+S)`` in some head (the bias removes more than 1/16 of what remains; random q / k put about 1 % of the mass on a
+window, so they never get there), or ``1 + S`` is not finite and positive (an overflowing bias). Flagged rows are
+recomputed by a dense evaluation of just those rows with the bias in the scores -- the dense version's own
+arithmetic, so its precision -- and their gradients likewise; the correction serves every other row.
 
-Nothing here reads a device value on the host: the rows are chosen on the device among a *static* number of
-candidate rows per batch element, `exact_row_capacity` (``topk`` of the flags: flagged rows first), always
-recomputed, and written back only where flagged. The capacity (`exact_row_capacity`) is ``2**18 // K`` rows per
-batch element, at least 4 -- every row of a small problem, 4 rows at the CMT shape (K = 56,400), where the
-recomputation then costs about 0.5% of the attention -- and ``SPARSE_BIAS_EXACT_ROWS`` overrides it. With AQR
-weights in [-1, 1] (tanh) and scale 1 the normaliser stays above e^-1, so no row is flagged in practice; more flagged
-rows than the capacity in one batch element keep the correction's result for the surplus (amplified rounding),
-which the debug switch (`sparse_bias.set_debug_checks`) turns into an error.
+There is no capacity: every flagged row is recomputed, on every path.
+
+* CPU tensors (eager or inside a compiled graph: the op's implementation runs on real tensors): the flagged rows
+  are counted from CPU memory -- nothing waits for a device -- and evaluated in chunks of rows whose ``[H, R, K]``
+  scores stay within `EXACT_ROW_BUDGET` elements (``softmax`` over the rows' scores with the bias scattered in).
+* CUDA with Triton: `sparse_bias.backends.triton_exact`, a flash-style kernel per (row, head) over every row whose
+  program returns at once when its row is not flagged: decided on the device, no host read, no capacity.
+* CUDA without Triton: the CPU path's chunks after one read of the flagged-row count (a host synchronisation,
+  the only one; docs/gpu.md).
 """
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
+from typing import List, Optional
 
 import torch
 
 from ._call import Call
-from ._checks import debug_checks_enabled
 from ._entries import Entries
+from .backends import triton_exact
 from .dense.dropout import dropout_scale
 
-#: Rows whose normaliser ``1 + S`` falls below this are recomputed densely (see the module docstring).
-EXACT_ROW_THRESHOLD = 0.25
+#: A row takes the exact path when the mass its bias removes exceeds this fraction of its biased normaliser.
+EXACT_ROW_RATIO = 1.0 / 16
 
-#: Device types whose eager calls count the flagged rows on the host (reading a CPU tensor waits for no device) and
-#: recompute exactly those; on the others, and inside a compiled graph, the static capacity applies.
+#: Device types whose flagged rows are counted on the host without a device synchronisation.
 HOST_DEVICES = ("cpu",)
 
-#: Scores per batch element and head the exact path may recompute densely: the capacity is this many scores' worth
-#: of rows (``2**18 // K``; every row of a small problem), but at least `EXACT_ROW_MIN` rows.
-EXACT_ROW_BUDGET = 1 << 18
-
-#: The least number of rows per batch element the exact path recomputes.
-EXACT_ROW_MIN = 4
+#: Scores ``[H, R, K]`` one chunk of the dense row evaluation may hold (2**22 floats: 16 MB in float32).
+EXACT_ROW_BUDGET = 1 << 22
 
 
-def exact_row_capacity(num_queries: int, num_keys: int) -> int:
-    """Rows per batch element the exact path recomputes (static: from the sizes alone). ``SPARSE_BIAS_EXACT_ROWS``
-    overrides it (read at each call's trace / run)."""
-    env = os.environ.get("SPARSE_BIAS_EXACT_ROWS")
-    rows = int(env) if env else max(EXACT_ROW_MIN, EXACT_ROW_BUDGET // max(num_keys, 1))
-    return min(num_queries, max(rows, 0))
+def flagged_rows(den: torch.Tensor, removed: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, Q]`` bool: the rows that take the exact path, from the normaliser ``den = 1 + S`` and the removed mass
+    ``removed = R`` (both ``[H, B * Q]``)."""
+    ok = (removed <= EXACT_ROW_RATIO * den.clamp(max=1.0)) & torch.isfinite(den) & (den > 0)
+    return (~ok.all(dim=0)).view(batch, -1)
 
 
-def flagged_rows(den: torch.Tensor, batch: int) -> torch.Tensor:
-    """``[B, Q]`` bool: the rows of the normaliser ``den [H, B * Q]`` that take the exact path."""
-    flag = ~(den > EXACT_ROW_THRESHOLD).all(dim=0) | ~torch.isfinite(den).all(dim=0)
-    return flag.view(batch, -1)
+def _host_rows(flags: torch.Tensor) -> List[torch.Tensor]:
+    """Per batch element, the flagged rows (LongTensor ``[n_b]``, ascending). Reads the counts on the host: free for
+    CPU tensors, one synchronisation on a device."""
+    counts = flags.sum(1).tolist()
+    order = torch.argsort((~flags).to(torch.uint8), dim=1, stable=True)          # flagged rows first, in order
+    return [order[b, :n] for b, n in enumerate(counts)]
 
 
-def check_capacity(flagged: torch.Tensor, capacity: int) -> None:
-    """Under the debug switch: raise when a batch element has more flagged rows than ``capacity`` (a device read)."""
-    if debug_checks_enabled() and flagged.numel():
-        over = int((flagged.sum(1) - capacity).clamp(min=0).max())
-        if over:
-            raise RuntimeError(f"sparse_bias: {over} rows of a batch element need the exact path beyond its "
-                               f"capacity of {capacity} rows (raise SPARSE_BIAS_EXACT_ROWS)")
-
-
-def select_rows(flagged: torch.Tensor, capacity: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(sel [B, R], valid [B, R])``: ``R = capacity`` distinct rows per batch element, flagged ones first, and
-    whether each is flagged (static shapes: no host sync)."""
-    vals, sel = flagged.to(torch.float32).topk(capacity, dim=1)
-    return sel, vals > 0
+def _chunks(rows: torch.Tensor, heads: int, keys: int):
+    step = max(1, EXACT_ROW_BUDGET // max(heads * keys, 1))
+    return [rows[i:i + step] for i in range(0, rows.numel(), step)]
 
 
 def _row_entries(ent: Entries, b: int, rows: torch.Tensor):
-    """The window entries of rows ``rows [R]`` of batch element ``b`` as a static ``[R, K]`` grid (a row has at most
-    K entries): ``(entry [R, K], valid [R, K])`` -- entry ``indptr[r] + j`` for ``j`` below the row's count, a
-    clamped dummy (invalid) beyond. No ``nnz``-long scan, no host sync."""
+    """The window entries of rows ``rows [R]`` of batch element ``b`` as a ``[R, W]`` grid, ``W`` the longest of
+    those rows: ``(entry [R, W], valid [R, W])`` -- entry ``indptr[r] + j`` for ``j`` below the row's count, a
+    clamped dummy (invalid) beyond."""
     r = b * ent.queries + rows
     start, count = ent.indptr[r], ent.indptr[r + 1] - ent.indptr[r]
-    j = torch.arange(ent.keys, device=rows.device)
+    width = count.max().tolist() if count.numel() else 0        # host rows: CPU memory, or after the host read
+    j = torch.arange(width, device=rows.device)
     valid = j < count.unsqueeze(1)
     return (start.unsqueeze(1) + j).clamp(max=max(ent.nnz - 1, 0)), valid
 
 
 def _row_bias(values: torch.Tensor, ent: Entries, entry: torch.Tensor, valid: torch.Tensor, cdt) -> torch.Tensor:
     """``[H|1, R, K]``: the bias of the rows densely (0 outside their windows)."""
-    vals = values.to(cdt)[entry]                                                            # [R, K(, H)]
+    vals = values.to(cdt)[entry]                                                            # [R, W(, H)]
     vals = (vals.unsqueeze(-1) if vals.dim() == 2 else vals).masked_fill(~valid.unsqueeze(-1), 0.0)
-    keys = ent.key[entry].unsqueeze(0).expand(vals.shape[-1], -1, -1)                       # [H|1, R, K]
-    bias = torch.zeros(keys.shape, dtype=cdt, device=vals.device)
+    keys = ent.key[entry].unsqueeze(0).expand(vals.shape[-1], -1, -1)                       # [H|1, R, W]
+    bias = torch.zeros(keys.shape[:2] + (ent.keys,), dtype=cdt, device=vals.device)
     return bias.scatter_add_(2, keys, vals.permute(2, 0, 1))        # keys are unique per row; invalid ones add 0
 
 
@@ -110,7 +102,7 @@ def _probabilities(qs, kb, values, ent: Entries, call: Call, b: int, rows, grid)
     return p, keep
 
 
-def rows_forward(qkv, values: torch.Tensor, ent: Entries, call: Call, b: int, rows: torch.Tensor) -> torch.Tensor:
+def _rows_forward(qkv, values: torch.Tensor, ent: Entries, call: Call, b: int, rows: torch.Tensor) -> torch.Tensor:
     """Dense biased attention of rows ``rows [R]`` of batch element ``b``: ``[H, R, D]`` in the compute dtype. A
     fully masked head of a row gives zeros (docs/conventions.md)."""
     q, k, v = qkv
@@ -128,11 +120,10 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
         out += torch.matmul(a, b).mul_(alpha).to(out.dtype)
 
 
-def rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, b: int,
-                  rows: torch.Tensor, grads) -> None:
-    """Adds the gradients of `rows_forward` for the upstream ``grad_rows [H, R, D]`` into ``grads = (dq [B, H, Q, D]
-    and dvalues (or None) in the compute dtype, dk, dv [B, H, K, D])`` (written out: custom-op kernels run below
-    autograd).
+def _rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, b: int,
+                   rows: torch.Tensor, grads) -> None:
+    """Adds the gradients of `_rows_forward` for the upstream ``grad_rows [H, R, D]`` into ``grads = (dq [B, H, Q,
+    D] and dvalues (or None) in the compute dtype, dk, dv [B, H, K, D])``.
 
     With ``pd = p keep``: ``dv = pd^T g``, ``ds = p (keep (g v^T) - <g, o>)``, ``dq = scale ds k``,
     ``dk = scale ds^T q``, ``d bias = ds`` at the rows' window entries."""
@@ -154,45 +145,51 @@ def rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entri
     _add_product(dk[b], ds.transpose(-1, -2), qs, call.scale)                                # dk += scale ds^T q
     if dvalues is not None:
         entry, valid = grid
-        keys = ent.key[entry]                                                               # [R, K]
-        dvals = ds.gather(2, keys.unsqueeze(0).expand(ds.shape[0], -1, -1))                 # [H, R, K]
-        dvals = dvals.masked_fill_(~valid, 0.0).permute(1, 2, 0)                            # [R, K, H]
+        keys = ent.key[entry]                                                               # [R, W]
+        dvals = ds.gather(2, keys.unsqueeze(0).expand(ds.shape[0], -1, -1))                 # [H, R, W]
+        dvals = dvals.masked_fill_(~valid, 0.0).permute(1, 2, 0)                            # [R, W, H]
         dvalues.index_add_(0, entry.flatten(), dvals.reshape(-1, dvals.shape[-1]).sum(1) if dvalues.dim() == 1
                            else dvals.reshape(-1, dvals.shape[-1]))
 
 
-def row_positions(sel: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """LongTensor ``[B * R]``: the global rows ``b * Q + sel``."""
-    return (torch.arange(sel.shape[0], device=sel.device).unsqueeze(1) * num_queries + sel).flatten()
+def _triton_exact(q: torch.Tensor, backend) -> Optional[object]:
+    """The Triton exact-row kernels when they serve this call (a non-host device with Triton, or the triton
+    backend under the interpreter), else None."""
+    if backend is not None and backend.name == "triton":
+        return triton_exact
+    if q.device.type not in HOST_DEVICES and triton_exact.runs_on(q.device):
+        return triton_exact
+    return None
 
 
-def exact_rows_mask(sel: torch.Tensor, valid: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """``[B, Q]`` bool: the rows that took the exact path."""
-    out = torch.zeros(sel.shape[0] * num_queries, dtype=torch.bool, device=sel.device)
-    return out.scatter(0, row_positions(sel, num_queries), valid.flatten()).view(sel.shape[0], num_queries)
+def exact_forward(out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, flags: torch.Tensor,
+                  backend=None) -> None:
+    """Overwrite the flagged rows (``flags [B, Q]``) of ``out [H, B * Q, D]`` (compute dtype) with their dense
+    evaluation."""
+    if ent.batch == 0 or ent.queries == 0:
+        return
+    kernels = _triton_exact(qkv[0], backend)
+    if kernels is not None:
+        kernels.exact_forward(qkv, values, ent, call, flags, out)
+        return
+    heads = qkv[0].shape[1]
+    for b, rows in enumerate(_host_rows(flags)):
+        for chunk in _chunks(rows, heads, ent.keys):
+            out[:, b * ent.queries + chunk] = _rows_forward(qkv, values, ent, call, b, chunk)
 
 
-def apply_exact_rows(out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call, den: torch.Tensor,
-                     on_host: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """Overwrite the flagged rows of ``out [H, B * Q, D]`` (compute dtype) with their dense evaluation; returns
-    ``(sel, valid)`` for the backward, or None when no row is recomputed.
-
-    ``on_host`` (eager calls on CPU tensors, `HOST_DEVICES`): the number of flagged rows is read on the host -- a
-    CPU tensor, so nothing waits for a device -- and exactly those rows are recomputed (none: no cost at all, and no
-    capacity limit). Otherwise the static capacity of `exact_row_capacity`, decided on the device."""
-    if ent.batch == 0:
-        return None
-    flagged = flagged_rows(den, ent.batch)
-    if on_host:
-        cap = max(flagged.sum(1).tolist())       # read from CPU memory: no device synchronisation
-    else:
-        cap = exact_row_capacity(ent.queries, ent.keys)
-    check_capacity(flagged, cap)
-    if cap == 0:
-        return None
-    sel, valid = select_rows(flagged, cap)
-    for b in range(ent.batch):                          # one batch element at a time: buffers [H, R, K]
-        rows = rows_forward(qkv, values, ent, call, b, sel[b])                               # [H, R, D]
-        flat = b * ent.queries + sel[b]
-        out[:, flat] = torch.where(valid[b][None, :, None], rows, out[:, flat])
-    return sel, valid
+def exact_backward(grad_out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call,
+                   flags: torch.Tensor, grads, backend=None) -> None:
+    """Add the flagged rows' gradients for the upstream ``grad_out [B, H, Q, D]`` into ``grads = (dq [B, H, Q, D]
+    and dvalues (or None) in the compute dtype, dk, dv [B, H, K, D])``."""
+    if ent.batch == 0 or ent.queries == 0:
+        return
+    kernels = _triton_exact(qkv[0], backend)
+    if kernels is not None:
+        kernels.exact_backward(grad_out, qkv, values, ent, call, flags, grads)
+        return
+    heads = qkv[0].shape[1]
+    for b, rows in enumerate(_host_rows(flags)):
+        for chunk in _chunks(rows, heads, ent.keys):
+            g_rows = grad_out[b][:, chunk].to(call.cdt)                                    # [H, R, D]
+            _rows_backward(g_rows, qkv, values, ent, call, b, chunk, grads)

@@ -11,8 +11,7 @@ node per attention (forward and backward) instead of the Python around the kerne
 
 Eager calls of `sparse_op` take `_EagerSparse`, an ``autograd.Function`` over the same implementation and backward:
 the registered op must return contiguous gradients (Inductor relies on it), and the CPU flash kernel's come
-key-major, so the op copies them -- a cost the eager path does not pay. Eager CPU calls also count the exact rows on
-the host (`sparse_bias._exact_rows.HOST_DEVICES`).
+key-major, so the op copies them -- a cost the eager path does not pay.
 
 The ops live in the library's own ``sparse_bias`` namespace of ``torch.library`` (as torch-scatter's live in
 ``torch_scatter``); nothing else is registered.
@@ -26,7 +25,6 @@ import torch
 from torch import Tensor
 
 from ._call import Call, compute_dtype
-from . import _exact_rows
 from ._entries import Entries
 from ._sparse_function import sparse_backward, sparse_forward
 from ._window_function import window_backward, window_forward
@@ -82,18 +80,17 @@ def _index(win) -> List[Optional[Tensor]]:
 # sparse_bias_attention: dense pass plus sparse correction
 
 
-def _sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed, backend,
-                 exact_on_host=False):
+def _sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed, backend):
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
     return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
-                               BACKENDS[backend] if backend else None, exact_on_host))
+                               BACKENDS[backend] if backend else None))
 
 
 def _sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, out, lse, den,
-                          p, sel, valid, scale, dropout_p, seed, backend, want_values):
+                          p, exact, scale, dropout_p, seed, backend, want_values):
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
     call = _call(q, mask, scale, dropout_p, seed)
-    dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, sel, valid), ent, call,
+    dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, exact), ent, call,
                                           BACKENDS[backend] if backend else None, want_values)
     return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
 
@@ -103,7 +100,7 @@ def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
                       key: Optional[Tensor], row: Optional[Tensor], tcrow: Optional[Tensor], trow: Optional[Tensor],
                       perm: Optional[Tensor], order: Optional[Tensor], mask: Optional[Tensor], scale: float,
                       dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
-    """``[out, lse, den, p, sel, valid]`` of `sparse_bias._sparse_function.sparse_forward`."""
+    """``[out, lse, den, p, exact]`` of `sparse_bias._sparse_function.sparse_forward`."""
     return _dense(_sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p,
                                seed, backend))
 
@@ -115,11 +112,10 @@ def _sparse_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm,
     bsz, heads, nq = q.shape[:3]
     biased = values is not None
     saves_p = biased and BACKENDS[backend].saves("correction") == "p"
-    cap = _exact_rows.exact_row_capacity(nq, k.shape[2]) if biased else 0
     return [q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(q.shape[:3], dtype=cdt),
             q.new_empty((heads, bsz * nq) if biased else (0,), dtype=cdt),
             q.new_empty((heads, key.shape[0]) if saves_p else (0,), dtype=cdt),
-            q.new_empty((bsz, cap), dtype=torch.long), q.new_empty((bsz, cap), dtype=torch.bool)]
+            q.new_empty((bsz, nq if biased else 0), dtype=torch.bool)]
 
 
 @torch.library.custom_op("sparse_bias::sparse_attention_backward", mutates_args=())
@@ -127,11 +123,11 @@ def _sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                indptr: Optional[Tensor], key: Optional[Tensor], row: Optional[Tensor],
                                tcrow: Optional[Tensor], trow: Optional[Tensor], perm: Optional[Tensor],
                                order: Optional[Tensor], mask: Optional[Tensor], out: Tensor, lse: Tensor, den: Tensor,
-                               p: Tensor, sel: Tensor, valid: Tensor, scale: float, dropout_p: float, seed: Tensor,
+                               p: Tensor, exact: Tensor, scale: float, dropout_p: float, seed: Tensor,
                                backend: str, want_values: bool) -> List[Tensor]:
     """``[dq, dk, dv, dvalues]`` (``dvalues`` empty when not wanted)."""
     return _dense(_sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask,
-                                        out, lse, den, p, sel, valid, scale, dropout_p, seed, backend, want_values))
+                                        out, lse, den, p, exact, scale, dropout_p, seed, backend, want_values))
 
 
 @_sparse_attention_backward.register_fake
@@ -170,15 +166,15 @@ class _EagerSparse(torch.autograd.Function):
     passes over k / v per backward)."""
 
     @staticmethod
-    def forward(ctx, exact_on_host, *inputs):
-        output = _sparse_impl(*inputs, exact_on_host=exact_on_host)
+    def forward(ctx, *inputs):
+        output = _sparse_impl(*inputs)
         _setup(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
         return tuple(output)
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None,) + _backward(_sparse_backward_impl, ctx, grads, want_values=ctx.needs_input_grad[4])
+        return _backward(_sparse_backward_impl, ctx, grads, want_values=ctx.needs_input_grad[3])
 
 
 def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call,
@@ -190,7 +186,7 @@ def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, ca
             backend or "")
     if torch.compiler.is_compiling():
         return _sparse_attention(*args)[0]
-    return _EagerSparse.apply(q.device.type in _exact_rows.HOST_DEVICES, *args)[0]
+    return _EagerSparse.apply(*args)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

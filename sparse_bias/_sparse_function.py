@@ -20,48 +20,47 @@ import torch
 from ._blocks import batch_major, head_major, window_blocks
 from ._call import Call
 from ._entries import Entries
-from ._exact_rows import apply_exact_rows, exact_row_capacity, exact_rows_mask, rows_backward
+from ._exact_rows import exact_backward, exact_forward, flagged_rows
 from .dense import dense_kernel_name, dense_lse_backward, dense_lse_forward, kernel_lse
 from .dense.lse import KernelState
 
 
-def sparse_forward(q, k, v, values: Optional[torch.Tensor], ent: Optional[Entries], call: Call, backend,
-                   exact_on_host: bool = False) -> Tuple[torch.Tensor, ...]:
-    """``(out [B, H, Q, D], lse [B, H, Q], den [H, B * Q], p [H, nnz] or [0], sel [B, R], valid [B, R])``.
+def sparse_forward(q, k, v, values: Optional[torch.Tensor], ent: Optional[Entries], call: Call,
+                   backend) -> Tuple[torch.Tensor, ...]:
+    """``(out [B, H, Q, D], lse [B, H, Q], den [H, B * Q], p [H, nnz] or [0], exact [B, Q] bool)``.
 
     q, k, v with a unit last stride; ``values`` ``[nnz]`` / ``[nnz, H]`` or None (no bias, then ``ent`` and
-    ``backend`` are None). ``den``, ``p``, ``sel`` / ``valid`` (the exact rows) are what the backward needs; empty
-    tensors when there is no bias.
+    ``backend`` are None). ``den``, ``p`` and ``exact`` (the rows evaluated densely, `._exact_rows`) are what the
+    backward needs; empty tensors when there is no bias.
     """
     cdt = call.cdt
     bsz, heads, nq = q.shape[:3]
     o_d, lse, _ = dense_lse_forward(q, k, v, call)
+    exact = torch.zeros(bsz, nq if values is not None else 0, dtype=torch.bool, device=q.device)
     if values is None:
-        no_rows = torch.empty(bsz, 0, dtype=torch.long, device=q.device)
-        return o_d, lse, q.new_empty(0, dtype=cdt), q.new_empty(0, dtype=cdt), no_rows, no_rows.bool()
+        return o_d, lse, q.new_empty(0, dtype=cdt), q.new_empty(0, dtype=cdt), exact
     shape = (bsz, heads, nq, k.shape[2])
     saves_p = backend.saves("correction") == "p"
     p = q.new_empty((heads, ent.nnz) if saves_p else (0,), dtype=cdt)
     den = torch.ones(heads, ent.rows, dtype=cdt, device=q.device)
-    cap = 0 if exact_on_host else exact_row_capacity(nq, k.shape[2])
-    no_rows = torch.zeros(bsz, cap, dtype=torch.long, device=q.device)
     if ent.nnz == 0:
-        return o_d, lse, den, p, no_rows, no_rows.bool()
+        return o_d, lse, den, p, exact
+    removed = torch.zeros(heads, ent.rows, dtype=cdt, device=q.device)
     out = head_major(o_d.to(cdt))                                                    # [H, B * Q, D]
     klse = head_major(kernel_lse(lse.to(cdt)))           # fully masked rows: p_j = 0 at their window keys
     for blk in window_blocks(ent, values, backend, shape, call):
         backend.forward_block(blk, (q, k, v), klse[blk.hs], p[blk.hs] if saves_p else None,
-                              (den[blk.hs], out[blk.hs]))
+                              (den[blk.hs], removed[blk.hs], out[blk.hs]))
     out /= den.unsqueeze(-1)
-    rows = apply_exact_rows(out, (q, k, v), values, ent, call, den, exact_on_host)
-    sel, valid = rows if rows is not None else (no_rows, no_rows.bool())       # no rows: nothing recomputed
-    return batch_major(out, bsz).to(q.dtype), lse, den, p, sel, valid
+    exact = flagged_rows(den, removed, bsz)
+    exact_forward(out, (q, k, v), values, ent, call, exact, backend)
+    return batch_major(out, bsz).to(q.dtype), lse, den, p, exact
 
 
 def sparse_backward(grad_out, saved, ent: Optional[Entries], call: Call, backend, want_values: bool):
-    """``(dq, dk, dv, dvalues or None)`` of `sparse_forward`; ``saved = (q, k, v, values, out, lse, den, p, sel,
-    valid)``."""
-    q, k, v, values, out, lse, den, p, sel, valid = saved
+    """``(dq, dk, dv, dvalues or None)`` of `sparse_forward`; ``saved = (q, k, v, values, out, lse, den, p,
+    exact)``."""
+    q, k, v, values, out, lse, den, p, exact = saved
     kernel = KernelState(dense_kernel_name(q, call, num_keys=k.shape[2]))
     if values is None or ent.nnz == 0:
         dq, dk, dv = dense_lse_backward(kernel, grad_out, (q, k, v), (out, lse), call)
@@ -71,9 +70,7 @@ def sparse_backward(grad_out, saved, ent: Optional[Entries], call: Call, backend
     bsz, heads, nq = q.shape[:3]
     shape = (bsz, heads, nq, k.shape[2])
     gp = grad_out.to(cdt) / batch_major(den, bsz).unsqueeze(-1)                        # g' = g / (1 + S)
-    exact = exact_rows_mask(sel, valid, nq) if sel.shape[1] else None
-    if exact is not None:
-        gp = gp.masked_fill(exact.view(bsz, 1, nq, 1), 0.0)
+    gp = gp.masked_fill(exact.view(bsz, 1, nq, 1), 0.0)          # the exact rows' gradients come from below
     dq, dk, dv = dense_lse_backward(kernel, gp.to(q.dtype), (q, k, v), (out, lse), call)
     dq = head_major(dq.to(cdt))                                                        # [H, B * Q, D]
     if backend.needs_contiguous:             # kernels that address the gradient buffers directly
@@ -90,9 +87,6 @@ def sparse_backward(grad_out, saved, ent: Optional[Entries], call: Call, backend
             else:
                 dvalues[:, blk.hs] = db.t()
     dq = batch_major(dq, bsz)
-    if exact is not None:       # the exact rows (zero upstream at rows selected but not flagged)
-        for b in range(bsz):
-            g_rows = grad_out[b][:, sel[b]].to(cdt) * valid[b][None, :, None]                # [H, R, D]
-            rows_backward(g_rows, (q, k, v), values.detach(), ent, call, b, sel[b], (dq, dvalues, dk, dv))
+    exact_backward(grad_out, (q, k, v), values.detach(), ent, call, exact, (dq, dvalues, dk, dv), backend)
     dvalues = None if dvalues is None else dvalues.to(values.dtype)
     return dq.to(q.dtype), dk, dv, dvalues

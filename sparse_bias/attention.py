@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ._call import Call
-from ._exact_rows import EXACT_ROW_THRESHOLD
+from ._exact_rows import EXACT_ROW_RATIO
 from ._modality_function import _ModalityBiasAttention
 from ._reference import dense_attention
 from ._ops import sparse_op
@@ -23,7 +23,7 @@ from .backends import backend_names
 from .bias import ModalityBias, SparseBias
 from .dispatch import choose_backend
 
-__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_THRESHOLD", "BACKEND_NAMES"]
+__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_RATIO", "BACKEND_NAMES"]
 
 #: The ``backend=`` choices of `sparse_bias_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 BACKEND_NAMES = ("auto",) + backend_names("correction") + ("dense",)

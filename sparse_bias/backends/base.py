@@ -212,10 +212,11 @@ class Backend:
 
         ``lse [h, B * Q]`` (as `sparse_bias.dense.kernel_lse` gives it); writes ``p_j = exp(s_j - L)`` into
         ``state [h, nnz]`` (backends whose correction saves ``"p"``; None for the others); ``totals = (den [h, B * Q],
-        out [h, B * Q, D])``: adds ``S`` into ``den`` and ``C`` into ``out``.
+        removed [h, B * Q], out [h, B * Q, D])``: adds ``S`` into ``den``, the removed mass ``R = sum_j max(0, -a_j)``
+        into ``removed`` (`sparse_bias._exact_rows` flags rows by it) and ``C`` into ``out``.
         """
         q, k, v = qkv
-        den, out = totals
+        den, removed, out = totals
         row = blk.ent.row
         s = self.sddmm(blk, q, k).mul_(blk.call.scale)                                    # s_j
         if blk.emask is not None:
@@ -227,6 +228,7 @@ class Backend:
         del s
         a = state * torch.expm1(blk.bvals)                                                # a_j
         den.index_add_(1, row, a)                                                         # S
+        removed.index_add_(1, row, a.clamp(max=0.0), alpha=-1)                            # R
         out += self.spmm(blk, a if blk.keep is None else a * blk.keep, v)                 # C
 
     def backward_block(self, blk: WindowBlock, qkv, upstream, state, grads):
@@ -252,4 +254,4 @@ class Backend:
         d = a.mul_(diff)                                                                   # d_j = a_j (...)
         dq += self.spmm(blk, d, k) * scale
         self.spmm_t(blk, d.mul_(scale), q, dk)
-        return diff.mul_(p).add_(d, alpha=1.0 / scale)                                     # p_j e^b_j (...)
+        return diff.mul_(p).mul_(torch.exp(blk.bvals))              # p_j e^b_j (...): e^b, never 1 + expm1(b)

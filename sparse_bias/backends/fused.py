@@ -92,14 +92,14 @@ class FusedCPUBackend(Backend):
     # totals (strided slices of [h, B * Q(, D)]) are copied in and back.
 
     def forward_block(self, blk, qkv, lse, state, totals):
-        den, out = totals
+        den, removed, out = totals
         eb = self._ebias(blk)
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, _, _, _) in _batches(blk.ent):
-            denc, outc = den[:, rows].contiguous(), out[:, rows].contiguous()
+            denc, remc, outc = den[:, rows].contiguous(), removed[:, rows].contiguous(), out[:, rows].contiguous()
             extension()[0].window_forward(*qkv, lse[:, rows].contiguous(), crow, col, order, eb[ents], mask,
-                                          *_common(blk, b), denc, outc)
-            den[:, rows], out[:, rows] = denc, outc
+                                          *_common(blk, b), denc, remc, outc)
+            den[:, rows], removed[:, rows], out[:, rows] = denc, remc, outc
 
     def backward_block(self, blk, qkv, upstream, state, grads):
         (gp, go), (_, lse), (dq, dk, dv) = upstream, state, grads
@@ -114,7 +114,7 @@ class FusedCPUBackend(Backend):
                                            ebb[perm].contiguous(), None, None, False, mask, *_common(blk, b), dqc, dk,
                                            dv, dbb)
             dq[:, rows], db[:, ents] = dqc, dbb
-        return db
+        return db.mul_(torch.exp(blk.bvals))                        # p e^b (...): e^b, never 1 + expm1(b)
 
     # window attention (the local attention mask): the state kept for the backward is the window log-sum-exp
 
@@ -146,4 +146,4 @@ class FusedCPUBackend(Backend):
                                            None if sb is None else sb[perm].contiguous(), True, mask, *_common(blk, b),
                                            dqc, dk, dv, dbb)
             dq[:, rows], db[:, ents] = dqc, dbb
-        return db
+        return db.mul_(torch.exp(blk.bvals))                        # p e^b (...): e^b, never 1 + expm1(b)

@@ -46,7 +46,7 @@ def _kernels():
         return m, e.to(tl.int64), key, (kv_base + key)[:, None] * D + d[None, :], m[:, None] & dm[None, :]
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, LSE, INDPTR, KEY, BV, EM, KP, P, DEN, OUT,
+    def _fwd_kernel(Q, K, V, LSE, INDPTR, KEY, BV, EM, KP, P, DEN, REM, OUT,
                     nq, nk, h0, heads, scale,
                     lse_s, bv_s, em_s, kp_s, p_s, den_s, out_s, out_r,
                     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_EM: tl.constexpr,
@@ -63,6 +63,7 @@ def _kernels():
         qrow = tl.load(Q + (bh * nq + r - b * nq) * D + d, mask=dm, other=0.0).to(tl.float32)
         lse = tl.load(LSE + i * lse_s + r)
         s_tot = tl.zeros([BLOCK], dtype=tl.float32)
+        r_tot = tl.zeros([BLOCK], dtype=tl.float32)
         c_acc = tl.zeros([DP], dtype=tl.float32)
         for e0 in range(start, end, BLOCK):
             m, local, key, rows, mm = _entries(KEY, e0, end, kv_base, d, dm, D, BLOCK)
@@ -74,10 +75,12 @@ def _kernels():
             tl.store(P + i * p_s + local, p, mask=m)
             a = p * (tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0)) - 1.0)
             s_tot += a
+            r_tot += tl.maximum(-a, 0.0)                  # the removed mass R (sparse_bias._exact_rows)
             if HAS_KP:
                 a = a * tl.load(KP + i * kp_s + local, mask=m, other=0.0)
             c_acc += tl.sum(a[:, None] * tl.load(V + rows, mask=mm, other=0.0).to(tl.float32), axis=0)
         tl.store(DEN + i * den_s + r, tl.load(DEN + i * den_s + r) + tl.sum(s_tot, axis=0))
+        tl.store(REM + i * den_s + r, tl.load(REM + i * den_s + r) + tl.sum(r_tot, axis=0))
         optr = OUT + i * out_s + r * out_r + d      # the output's own strides (a view of the dense pass's)
         tl.store(optr, tl.load(optr, mask=dm, other=0.0) + c_acc, mask=dm)
 
@@ -105,7 +108,8 @@ def _kernels():
             m, local, key, rows, mm = _entries(KEY, e0, end, kv_base, d, dm, D, BLOCK)
             grows = (dkv_base + key)[:, None] * D + d[None, :]
             p = tl.load(P + i * p_s + local, mask=m, other=0.0)
-            a = p * (tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0)) - 1.0)
+            eb = tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0))
+            a = p * (eb - 1.0)
             gv = tl.sum(tl.load(V + rows, mask=mm, other=0.0).to(tl.float32) * grow[None, :], axis=1)  # <g', v_j>
             ak = a
             if HAS_KP:
@@ -118,7 +122,7 @@ def _kernels():
             dq_acc += tl.sum(dd[:, None] * krows, axis=0) * scale
             tl.atomic_add(DK + grows, (dd * scale)[:, None] * qrow[None, :], mask=mm)
             tl.atomic_add(DV + grows, ak[:, None] * grow[None, :], mask=mm)
-            tl.store(DB + i * db_s + local, (p + a) * diff, mask=m)
+            tl.store(DB + i * db_s + local, p * eb * diff, mask=m)      # e^b, not 1 + (e^b - 1)
         dptr = DQ + i * dq_s + r * dq_r + d
         tl.store(dptr, tl.load(dptr, mask=dm, other=0.0) + dq_acc, mask=dm)
 
@@ -162,18 +166,18 @@ class TritonBackend(Backend):
                     DP=_kernels()["next_power_of_2"](dim), BLOCK=self.block)
 
     def forward_block(self, blk, qkv, lse, state, totals):
-        den, out = totals
+        den, removed, out = totals
         if blk.ent.nnz == 0 or blk.ent.rows == 0:
             return
         common = self._common(blk, *qkv[:2])
         (bv, bv_s), (em, em_s), (kp, kp_s) = _rows(blk.bvals), _rows(blk.emask), _rows(blk.keep)
         q, k, v = (t.contiguous() for t in qkv)
         lse = lse if lse.stride(-1) == 1 else lse.contiguous()
-        if out.stride(-1) != 1 or den.stride(-1) != 1:
+        if out.stride(-1) != 1 or den.stride(-1) != 1 or removed.stride() != den.stride():
             raise RuntimeError("the triton backend writes into outputs with a unit last stride")
         grid = (blk.ent.rows, blk.heads)
         _kernels()["fwd"][grid](q, k, v, lse, blk.ent.indptr, blk.ent.key, bv, em if em is not None else bv,
-                                kp if kp is not None else bv, state, den, out, scale=blk.call.scale,
+                                kp if kp is not None else bv, state, den, removed, out, scale=blk.call.scale,
                                 lse_s=lse.stride(0), bv_s=bv_s, em_s=em_s, kp_s=kp_s, p_s=state.stride(0),
                                 den_s=den.stride(0), out_s=out.stride(0), out_r=out.stride(1), HAS_EM=em is not None,
                                 HAS_KP=kp is not None, **common)

@@ -102,7 +102,8 @@ inline void row_keep(const int64_t* col_p, int64_t e0, int64_t e1, const Common&
 template <int DC, typename T, typename acc_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                   const at::Tensor& crow, const at::Tensor& col, const at::Tensor& order, const at::Tensor& ebias,
-                  const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& den, at::Tensor& out) {
+                  const c10::optional<at::Tensor>& mask, const Common& c, at::Tensor& den, at::Tensor& removed,
+                  at::Tensor& out) {
   const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
@@ -113,6 +114,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t hb = ebias.size(1);
   const acc_t* lse_p = lse.data_ptr<acc_t>();   // [heads, Q] contiguous
   acc_t* den_p = den.data_ptr<acc_t>();         // [heads, Q] contiguous
+  acc_t* rem_p = removed.data_ptr<acc_t>();     // [heads, Q] contiguous
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D] contiguous
   const bool drop = c.dropout_p > 0;
   const int64_t max_row = longest_segment(crow_p, c.nq);
@@ -130,11 +132,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         load(qv, Q.at(c.b, h, r), d);
         row_probs<DC>(qv, K, M, col_p, e0, e1, c, h, r, lse_p[hi * c.nq + r], buf.data());   // p_e
         const acc_t* ebr = eb + e0 * hb + (hb > 1 ? hi : 0);
-        acc_t S = 0;
-#pragma omp simd reduction(+ : S)
+        acc_t S = 0, R = 0;
+#pragma omp simd reduction(+ : S, R)
         for (int64_t i = 0; i < n; ++i) {
           buf[i] *= ebr[i * hb];                                                        // a_e
           S += buf[i];
+          R += buf[i] < 0 ? -buf[i] : acc_t(0);                                         // removed mass
         }
         if (drop) {
           row_keep(col_p, e0, e1, c, h, r, keep.data());
@@ -144,6 +147,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         for (int64_t i = 0; i < n; ++i)
           if (buf[i] != 0) axpy(acc, buf[i], V.at(c.b, h, col_p[e0 + i]), d);           // C
         den_p[hi * c.nq + r] += S;
+        rem_p[hi * c.nq + r] += R;
         acc_t* o = out_p + (hi * c.nq + r) * d;
         for (int64_t i = 0; i < d; ++i) o[i] += acc[i];
       }
@@ -207,7 +211,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const acc_t kp = drop ? keep[i] : acc_t(1);
         const acc_t diff = (kp != 0 ? dot(gv, V.at(c.b, h, key), d) * kp : acc_t(0)) - go_r;
         const acc_t dj = (c.window ? p[i] : p[i] * ebr[i * hb]) * diff;
-        dbr[i] = c.window ? dj : p[i] * diff + dj;                  // correction: p e^b (keep <g', v_j> - <g', o>)
+        dbr[i] = c.window ? dj : p[i] * diff;       // correction: p (keep <g', v_j> - <g', o>), times e^b by the caller
         if (dj != 0) axpy(acc, dj, K.at(c.b, h, key), d);
       }
       acc_t* dqr = dq_p + (hi * c.nq + r) * d;
@@ -337,22 +341,24 @@ Common make_common(const at::Tensor& q, const at::Tensor& k, int64_t b, int64_t 
 
 }  // namespace
 
-// Adds S into den [heads, Q] and C into out [heads, Q, D] for batch element b, heads h0 .. h0 + heads.
+// Adds S into den [heads, Q], the removed mass R = sum max(0, -a_e) into removed [heads, Q] and C into
+// out [heads, Q, D] for batch element b, heads h0 .. h0 + heads.
 // ebias = expm1(bias values) [n, 1 or heads] in the compute dtype.
 void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& order, const at::Tensor& ebias,
                     const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
-                    double dropout_p, int64_t seed, at::Tensor den, at::Tensor out) {
+                    double dropout_p, int64_t seed, at::Tensor den, at::Tensor removed, at::Tensor out) {
   const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
   check_rows(v, "v");
-  TORCH_CHECK(den.is_contiguous() && out.is_contiguous() && lse.is_contiguous() && ebias.is_contiguous(),
-              "den, out, lse and ebias must be contiguous");
+  TORCH_CHECK(den.is_contiguous() && removed.is_contiguous() && out.is_contiguous() && lse.is_contiguous() &&
+                  ebias.is_contiguous(),
+              "den, removed, out, lse and ebias must be contiguous");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     switch (c.d) {  // the common head dims get fully unrolled row operations
-      case 32: forward_impl<32, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, out); break;
-      case 64: forward_impl<64, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, out); break;
-      default: forward_impl<0, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, out);
+      case 32: forward_impl<32, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, removed, out); break;
+      case 64: forward_impl<64, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, removed, out); break;
+      default: forward_impl<0, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, removed, out);
     }
   });
 }
