@@ -155,6 +155,8 @@ def _rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entr
 def _triton_exact(q: torch.Tensor, backend) -> Optional[object]:
     """The Triton exact-row kernels when they serve this call (a non-host device with Triton, or the triton
     backend under the interpreter), else None."""
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
     if backend is not None and backend.name == "triton":
         return triton_exact
     if q.device.type not in HOST_DEVICES and triton_exact.runs_on(q.device):

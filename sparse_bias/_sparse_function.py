@@ -6,8 +6,9 @@ Per query and head, with scores ``s_j`` over all keys and a bias ``b_j`` on the 
 * sparse pass over ``W``: ``a_j = p_j expm1(b_j)``, ``S = sum_W a_j``, ``C = sum_W a_j v_j``;
 * output ``o = (o_d + C) / (1 + S)`` -- exactly ``softmax(s + b) v``.
 
-The backward calls the dense kernel's own backward with ``g / (1 + S)`` and the final output, which is exact outside
-the windows, then adds the window terms (design brief, section 3). The window terms run on a backend of
+The backward calls the dense kernel's own backward with ``g``, the final output and the biased log-normaliser
+``L + log(1 + S)`` (the same as ``g / (1 + S)`` with ``L``, without rounding ``g / (1 + S)`` to the input dtype), which
+is exact outside the windows, then adds the window terms (design brief, section 3). The window terms run on a backend of
 `sparse_bias.backends`; rows where the correction would cancel take `._exact_rows`. Plain functions of tensors: the
 registered op of `sparse_bias._ops` wraps them (forward, fake, autograd). Nothing here reads a device value.
 """
@@ -69,9 +70,14 @@ def sparse_backward(grad_out, saved, ent: Optional[Entries], call: Call, backend
     cdt = call.cdt
     bsz, heads, nq = q.shape[:3]
     shape = (bsz, heads, nq, k.shape[2])
-    gp = grad_out.to(cdt) / batch_major(den, bsz).unsqueeze(-1)                        # g' = g / (1 + S)
-    gp = gp.masked_fill(exact.view(bsz, 1, nq, 1), 0.0)          # the exact rows' gradients come from below
-    dq, dk, dv = dense_lse_backward(kernel, gp.to(q.dtype), (q, k, v), (out, lse), call)
+    rows_exact = exact.view(bsz, 1, nq)
+    g = grad_out.masked_fill(rows_exact.unsqueeze(-1), 0.0)      # the exact rows' gradients come from below
+    den_b = batch_major(den, bsz)                                                       # [B, H, Q]
+    gp = g.to(cdt) / den_b.unsqueeze(-1)                                               # g' = g / (1 + S)
+    # The dense backward takes g itself (in its dtype: no rounding of g') with the biased log-normaliser
+    # L + log(1 + S): its p_j / (1 + S) is then the biased probability outside the window, the same gradients.
+    lse_b = torch.where(rows_exact, lse.to(cdt), lse.to(cdt) + torch.log(den_b))
+    dq, dk, dv = dense_lse_backward(kernel, g, (q, k, v), (out, lse_b), call)
     dq = head_major(dq.to(cdt))                                                        # [H, B * Q, D]
     if backend.needs_contiguous:             # kernels that address the gradient buffers directly
         dk, dv = dk.contiguous(), dv.contiguous()
