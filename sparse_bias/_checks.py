@@ -46,8 +46,8 @@ def set_debug_checks(enabled: bool) -> None:
     variable, off when unset).
 
     With them on, every call also checks what needs device values -- bias values finite, float masks free of
-    NaN / ``+inf``, a bias on a different index object holding the same entries, more rows in the exact-row regime
-    than its capacity -- and raises a `ValueError` / `RuntimeError` naming the argument. Each check reads a device
+    NaN / ``+inf``, a bias on a different index object holding the same entries -- and raises a `ValueError`
+    naming the argument. Each check reads a device
     value (a host synchronisation on a GPU), which is why they are off by default: without them a NaN bias gives a
     NaN output, never a plausible wrong one (docs/gpu.md)."""
     _DEBUG[0] = bool(enabled)

@@ -3,7 +3,8 @@
 `choose_backend` walks `sparse_bias.backends.AUTO_ORDER` for the input's device and takes the first backend that can
 run the operation there (its declared `sparse_bias.backends.Supports`) *and* passes its self-check. A self-check runs
 once per (operation, backend, device, dtype, head dim) through the one verifier (`sparse_bias._verify`): a tiny
-problem with key padding, a per-head bias and one strongly negative window (the exact-row regime), in the memory
+problem with key padding, a per-head bias and attention concentrated in the windows under biases of +-5 of both
+signs (rows on the correction and rows in the exact-row regime; `sparse_bias._concentrated`), in the memory
 layouts modules produce (q permuted from ``[B, Q, H, D]``, k with a strided last dim, a permuted output gradient),
 computed by the candidate and by the dense reference in float64; output and every gradient (q, k, v, bias values)
 must agree within the bound of `sparse_bias._precision` (twice the error of a dense computation in the same dtype
@@ -22,6 +23,7 @@ from typing import Dict, Tuple
 import torch
 
 from ._call import Call
+from ._concentrated import concentrated_qk, signed_bias
 from ._precision import tolerance
 from ._reference import dense_attention, dense_window_attention
 from ._ops import sparse_op, window_op
@@ -50,11 +52,10 @@ def _case(head_dim: int, kind: str):
     win = local_windows(layout, bev, cam, 3, 3)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen, dtype=torch.float64) for n in (nq, nk, nk))
     wb, wc = (2 * torch.rand(batch, nq, heads, generator=gen, dtype=torch.float64) - 1 for _ in range(2))
-    if kind == "correction":   # query 1 of batch 0 looks at its window keys; a strongly negative window there
-        keys = win.key[int(win.indptr[1]):int(win.indptr[2])]            # removes most of its mass: exact rows
-        q[0, :, 1] = 12 * k[0, :, keys].mean(1)
-        wb[0, 1] = wc[0, 1] = -4.0
     values = window_bias(win, wb, wc, scale=1.5).values.detach()                                # [nnz, H]
+    if kind == "correction":   # attention concentrated in the windows (share 0.9), biases +-5 of both signs: rows
+        q, k = concentrated_qk(win, heads, head_dim, 0.9, generator=gen)     # the correction serves and exact rows
+        values = signed_bias(win, 5.0, 0.5, heads=heads, generator=gen).values.detach()
     kpm = torch.zeros(batch, nk, dtype=torch.bool)
     kpm[1, -7:] = True                                                   # padded keys at the end of the range
     grad = torch.randn(batch, heads, nq, head_dim, generator=gen, dtype=torch.float64)

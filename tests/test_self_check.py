@@ -6,6 +6,7 @@ import torch
 
 import sparse_bias as sb
 from sparse_bias import dispatch
+from sparse_bias._concentrated import window_share
 from sparse_bias.backends import BACKENDS
 
 from helpers import SMALL, make_case, skip_missing
@@ -26,7 +27,7 @@ def corrupt(monkeypatch, name, method="forward_block"):
 
     def faulty(*args):
         res = original(*args)
-        out = args[-1][1] if method == "forward_block" else args[-1]      # totals = (den, out) / out
+        out = args[-1][-1] if method == "forward_block" else args[-1]     # totals = (den, removed, out) / out
         out.add_(0.5)
         return res
     monkeypatch.setattr(backend, method, faulty)
@@ -105,11 +106,15 @@ def test_policy(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_check_problem_reaches_the_exact_row_path(always, monkeypatch, dtype):
-    """The check's strongly negative window really takes the exact-row path, in every dtype."""
-    from sparse_bias import _exact_rows
+def test_check_problem_covers_both_paths(always, monkeypatch, dtype):
+    """The check's concentrated attention puts rows on the exact-row path and rows on the correction, in every
+    dtype, with window shares around 0.9 and biases of both signs."""
+    from sparse_bias import _sparse_function
     flagged = []
-    original = _exact_rows.flagged_rows
-    monkeypatch.setattr(_exact_rows, "flagged_rows", lambda *a: flagged.append(original(*a)) or flagged[-1])
+    original = _sparse_function.flagged_rows
+    monkeypatch.setattr(_sparse_function, "flagged_rows", lambda *a: flagged.append(original(*a)) or flagged[-1])
     assert dispatch.self_check("sparse", torch.device("cpu"), dtype, 16)[0]
-    assert flagged and int(flagged[0].sum()) >= 1
+    assert flagged and 1 <= int(flagged[0].sum()) < flagged[0].numel()
+    win, (q, k, _, values), _, _ = dispatch._case(16, "correction")
+    assert window_share(q, k, win).median() > 0.8
+    assert float(values.min()) < -4 and float(values.max()) > 4
