@@ -31,7 +31,7 @@ def fused():
     den = torch.ones(B, H, Q); out = o.clone()
     for b in range(B):
         e0, e1 = win.batch_range(b); crow, col = win.indptr[b * Q:(b + 1) * Q + 1] - e0, win.key[e0:e1]
-        _C.window_forward(q, k, v, lse[b].contiguous(), crow, col, order[b * Q:(b + 1) * Q] - b * Q, eb[e0:e1, None].contiguous(), None, b, 0, H, D**-0.5, 0.0, 0, den[b], out[b])
+        _C.window_forward(q, k, v, lse[b].contiguous(), crow, col, order[b * Q:(b + 1) * Q] - b * Q, eb[e0:e1, None].contiguous(), None, b, 0, H, D**-0.5, 0.0, 0, den[b], torch.zeros(H, Q), out[b])
 t0 = time.perf_counter(); run(compiled); print(f"compile + first call {time.perf_counter() - t0:.1f} s")
 for name, f in (("eager gather", lambda: run(terms)), ("torch.compile", lambda: run(compiled)), ("fused C++", fused)):
     f(); ts = []

@@ -5,8 +5,9 @@
     python -m sparse_bias.selftest --quick              # small sizes everywhere (what the test suite runs)
 
 Part 1 (exactness): for every backend that can run on the device, every dtype (float32, bfloat16, float16),
-and each case -- shared bias, per-head bias, key padding, dropout with a fixed seed, and ``window_attention``
-plain, with padding and with dropout -- output and gradients (q, k, v, bias values) against the dense reference in
+and each case -- shared bias, per-head bias, key padding, dropout with a fixed seed, concentrated attention (windows
+holding 90 % of the mass, weights of +-5 of both signs: where an additive correction would cancel), and
+``window_attention`` plain, with padding and with dropout -- output and gradients (q, k, v, bias values) against the dense reference in
 float64, within the bound of `sparse_bias._precision` (twice the error of the naive dense computation in the same
 dtype plus the roundings only the library's path makes). One PASS/FAIL line per check.
 Part 2 (timing): forward and forward + backward at the CMT fusion shape (or ``--queries`` / ``--window`` /
@@ -24,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .._call import Call
+from .._concentrated import concentrated_qk
 from .._precision import tolerance
 from .._reference import dense_attention, dense_window_attention
 from .._validation import additive_mask
@@ -41,7 +43,7 @@ from .synthetic import synthetic_scene
 __all__ = ["selftest", "main", "cli"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CASES = ("shared bias", "per-head bias", "key padding", "dropout")
+CASES = ("shared bias", "per-head bias", "key padding", "dropout", "concentrated")
 WINDOW_CASES = ("window", "window + padding", "window + dropout")
 
 
@@ -61,13 +63,19 @@ def _problem(device, quick: bool):
     kpm = torch.zeros(2, layout.num_keys, dtype=torch.bool)
     kpm[1, -layout.num_keys // 5:] = True
     grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
-    return dict(win=win.to(device), q=q, k=k, v=v, wb=wb, wc=wc, kpm=kpm.to(device), grad=grad)
+    # a trained detector's regime: attention concentrated in the windows (share 0.9), weights of +-5, both signs
+    qc, kc = concentrated_qk(win, 4, 32, 0.9, generator=gen)
+    wbc, wcc = (5 * torch.where(torch.rand(2, win.num_queries, 4, generator=gen) < 0.5, -1.0, 1.0).double()
+                * (0.8 + 0.2 * torch.rand(2, win.num_queries, 4, generator=gen, dtype=torch.float64)) for _ in range(2))
+    return dict(win=win.to(device), q=q, k=k, v=v, wb=wb, wc=wc, kpm=kpm.to(device), grad=grad,
+                concentrated=dict(q=qc, k=kc, wb=wbc, wc=wcc))
 
 
 def _evaluate(op, backend, case, prob, device, dtype):
     """Output and gradients; ``backend`` None = the dense reference."""
     win = prob["win"]
-    q, k, v, wb, wc = (prob[n].to(device, dtype).requires_grad_() for n in ("q", "k", "v", "wb", "wc"))
+    src = dict(prob, **prob["concentrated"]) if case == "concentrated" else prob
+    q, k, v, wb, wc = (src[n].to(device, dtype).requires_grad_() for n in ("q", "k", "v", "wb", "wc"))
     values = window_bias(win, wb, wc).values
     if case == "shared bias":
         values = values.mean(1)

@@ -1,0 +1,155 @@
+"""Concentrated attention at the CMT shape: precision against float64 and cost against unbiased SDPA, in one run.
+
+    python benchmarks/concentrated.py                 # CMT fusion layout (K = 56,400), H=8, D=32, windows 15/15
+    python benchmarks/concentrated.py --quick         # small sizes (the test suite runs this)
+
+Part 1 (precision, Q = 300 as measured for the dense version): window keys leaning towards their query so that
+the window holds a median share of 0.29 / 0.89 / 0.999 of the unbiased mass, a flat bias of 5 x w with |w| in
+[0.8, 1] (all, half or none of the queries negative); the largest per-row error relative to the row's largest
+value (|x - ref| / max |ref row|), output and gradients, of the dense version (SDPA with the dense bias in that
+dtype) and of ``sparse_bias_attention`` (auto backend), both against float64, and the share of rows the exact
+path evaluated. Part 2 (cost, Q = 900): forward + backward medians, interleaved per repeat, of unbiased SDPA
+(the flash kernel), ``sparse_bias_attention`` on random q / k (the window holds ~1 % of the mass) and on
+concentrated q / k (share 0.9, half the queries negative), with their ratios to SDPA.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import sparse_bias as sb
+from sparse_bias import _sparse_function
+from sparse_bias._concentrated import concentrated_qk, signed_bias, window_share
+from sparse_bias.tools.synthetic import synthetic_scene
+
+NAMES = ("out", "dq", "dk", "dv", "dbias")
+
+
+def row_error(got, ref):
+    err = (got - ref).abs().amax(-1)
+    size = ref.abs().amax(-1).clamp(min=1e-6 * float(ref.abs().max()))
+    return float((err / size).max())
+
+
+def evaluate(fn, q, k, v, bias, grad, dtype):
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, bias.values)]
+    out = fn(*leaves[:3], sb.SparseBias(bias.index, leaves[3]))
+    grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+    dense_db = sb.SparseBias(bias.index, grads[3].double()).to_dense()
+    return [out.detach().double()] + [g.double() for g in grads[:3]] + [dense_db]
+
+
+def sdpa_dense(q, k, v, bias):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to_dense())
+
+
+def library(q, k, v, bias):
+    return sb.sparse_bias_attention(q, k, v, bias)
+
+
+def flagged_share(q, k, v, bias, dtype):
+    seen = []
+    original = _sparse_function.flagged_rows
+    _sparse_function.flagged_rows = lambda *a: seen.append(original(*a)) or seen[-1]
+    try:
+        sb.sparse_bias_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias.to(dtype))
+    finally:
+        _sparse_function.flagged_rows = original
+    return float(seen[0].float().mean())
+
+
+def precision(win, heads, dim, dtypes, shares):
+    print("| dtype | window share (median) | negative weights | rows exact | dense SDPA, same dtype "
+          "(out / dq / dk / dv / dbias) | sparse_bias (out / dq / dk / dv / dbias) | worst ratio |")
+    print("|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for share in shares:
+        q, k = concentrated_qk(win, heads, dim, share, generator=gen)
+        v = torch.randn(k.shape, generator=gen, dtype=torch.float64)
+        grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        median = float(window_share(q, k, win).median())
+        for negative, label in ((1.0, "all"), (0.5, "half"), (0.0, "none")):
+            bias = signed_bias(win, 5.0, negative, generator=gen)
+            mask = win.to_dense_mask()
+            ref = evaluate(sdpa_dense, q, k, v, bias, grad, torch.float64)
+            ref[4] = ref[4] * mask
+            for dtype in dtypes:
+                dense = evaluate(sdpa_dense, q, k, v, bias, grad, dtype)
+                dense[4] = dense[4] * mask
+                ours = evaluate(library, q, k, v, bias, grad, dtype)
+                ed = [row_error(a, r) for a, r in zip(dense, ref)]
+                eo = [row_error(a, r) for a, r in zip(ours, ref)]
+                worst = max(o / d for o, d in zip(eo, ed))
+                rows = flagged_share(q, k, v, bias, dtype)
+                print(f"| {str(dtype).replace('torch.', '')} | {median:.3f} | {label} | {rows:.0%} | "
+                      f"{' / '.join(f'{e:.1e}' for e in ed)} | {' / '.join(f'{e:.1e}' for e in eo)} | {worst:.1f}x |",
+                      flush=True)
+
+
+def cost(win, heads, dim, repeats):
+    gen = torch.Generator().manual_seed(1)
+    nk = win.layout.num_keys
+    rand_q = torch.randn(1, heads, win.num_queries, dim, generator=gen)
+    rand_k = torch.randn(1, heads, nk, dim, generator=gen)
+    conc_q, conc_k = (t.float() for t in concentrated_qk(win, heads, dim, 0.9, generator=gen))
+    v = torch.randn(1, heads, nk, dim, generator=gen)
+    bias = signed_bias(win, 5.0, 0.5, generator=gen, dtype=torch.float32)
+    steps = {
+        "SDPA, no bias (flash)": (rand_q, rand_k, None),
+        "sparse_bias, random q / k": (rand_q, rand_k, bias),
+        "sparse_bias, concentrated (share 0.9)": (conc_q, conc_k, bias),
+    }
+    rows = {name: flagged_share(q, k, v, b, torch.float32) for name, (q, k, b) in steps.items() if b is not None}
+
+    def step(q, k, b):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        values = b.values.detach().requires_grad_() if b is not None else None
+        out = (torch.nn.functional.scaled_dot_product_attention(*leaves) if b is None else
+               sb.sparse_bias_attention(*leaves, sb.SparseBias(b.index, values)))
+        out.sum().backward()
+
+    times = {name: [] for name in steps}
+    for name, args in steps.items():
+        step(*args)                                                        # warm-up
+    for _ in range(repeats):
+        for name, args in steps.items():
+            t0 = time.perf_counter()
+            step(*args)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["SDPA, no bias (flash)"])
+    print(f"\nforward + backward, B=1, H={heads}, D={dim}, Q={win.num_queries}, K={nk}, nnz={win.nnz}, "
+          f"median of {repeats} interleaved repeats, {torch.get_num_threads()} threads:")
+    print("| step | rows exact | time | / SDPA |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        exact = f"{rows[name]:.0%}" if name in rows else "--"
+        print(f"| {name} | {exact} | {med * 1000:.0f} ms | {med / base:.2f}x |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-precision", action="store_true")
+    p.add_argument("--skip-cost", action="store_true")
+    args = p.parse_args(argv)
+    config, heads, dim, window, (nq_prec, nq_cost) = "fusion", 8, 32, 15, (300, 900)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if args.quick:
+        config, heads, dim, window, (nq_prec, nq_cost), args.repeats = "small", 2, 16, 5, (16, 32), 2
+        dtypes = (torch.float32, torch.bfloat16)
+    for part, nq in (("precision", nq_prec), ("cost", nq_cost)):
+        if getattr(args, f"skip_{part}"):
+            continue
+        scene = synthetic_scene(1, nq, config=config, seed=0)
+        win = sb.local_windows(scene.layout, scene.bev_pos, scene.cam_pos, window, window)
+        if part == "precision":
+            precision(win, heads, dim, dtypes, (0.29, 0.89, 0.999))
+        else:
+            cost(win, heads, dim, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
