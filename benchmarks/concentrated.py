@@ -5,12 +5,13 @@
 
 Part 1 (precision, Q = 300 as measured for the dense version): window keys leaning towards their query so that
 the window holds a median share of 0.29 / 0.89 / 0.999 of the unbiased mass, a flat bias of 5 x w with |w| in
-[0.8, 1] (all, half or none of the queries negative); the largest per-row error relative to the row's largest
+[0.8, 1] (all, half or none of the queries negative; `PRECISION_CASES`); the largest per-row error relative to the row's largest
 value (|x - ref| / max |ref row|), output and gradients, of the dense version (SDPA with the dense bias in that
 dtype) and of ``sparse_bias_attention`` (auto backend), both against float64, and the share of rows the exact
 path evaluated. Part 2 (cost, Q = 900): forward + backward medians, interleaved per repeat, of unbiased SDPA
-(the flash kernel), ``sparse_bias_attention`` on random q / k (the window holds ~1 % of the mass) and on
-concentrated q / k (share 0.9, half the queries negative), with their ratios to SDPA.
+(the flash kernel), the dense version (SDPA with the dense bias, its gradient included), ``sparse_bias_attention``
+on random q / k (the window holds ~1 % of the mass) and on concentrated q / k (share 0.9, half the queries
+negative), with their ratios to SDPA.
 """
 import argparse
 import statistics
@@ -59,32 +60,43 @@ def flagged_share(q, k, v, bias, dtype):
     return float(seen[0].float().mean())
 
 
-def precision(win, heads, dim, dtypes, shares):
+#: (window share, fraction of negative queries, dtypes): the dense version's measured configurations, and 0.999
+PRECISION_CASES = ((0.29, 1.0, ("float32", "bfloat16")), (0.89, 1.0, ("float32", "float16")),
+                   (0.89, 0.5, ("float32", "bfloat16")), (0.89, 0.0, ("float32",)),
+                   (0.999, 1.0, ("float32", "bfloat16")), (0.999, 0.5, ("float32",)))
+
+
+def precision(win, heads, dim, cases):
     print("| dtype | window share (median) | negative weights | rows exact | dense SDPA, same dtype "
           "(out / dq / dk / dv / dbias) | sparse_bias (out / dq / dk / dv / dbias) | worst ratio |")
     print("|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
-    for share in shares:
+    mask = win.to_dense_mask()
+    for share, negative, dtypes in cases:
         q, k = concentrated_qk(win, heads, dim, share, generator=gen)
         v = torch.randn(k.shape, generator=gen, dtype=torch.float64)
         grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
         median = float(window_share(q, k, win).median())
-        for negative, label in ((1.0, "all"), (0.5, "half"), (0.0, "none")):
-            bias = signed_bias(win, 5.0, negative, generator=gen)
-            mask = win.to_dense_mask()
-            ref = evaluate(sdpa_dense, q, k, v, bias, grad, torch.float64)
-            ref[4] = ref[4] * mask
-            for dtype in dtypes:
-                dense = evaluate(sdpa_dense, q, k, v, bias, grad, dtype)
-                dense[4] = dense[4] * mask
+        label = {1.0: "all", 0.5: "half", 0.0: "none"}[negative]
+        bias = signed_bias(win, 5.0, negative, generator=gen)
+        ref = evaluate(sdpa_dense, q, k, v, bias, grad, torch.float64)
+        ref[4] = ref[4] * mask
+        for dtype in (getattr(torch, d) for d in dtypes):
+            dense = evaluate(sdpa_dense, q, k, v, bias, grad, dtype)
+            dense[4] = dense[4] * mask
+            seen = []
+            original = _sparse_function.flagged_rows
+            _sparse_function.flagged_rows = lambda *a: seen.append(original(*a)) or seen[-1]
+            try:
                 ours = evaluate(library, q, k, v, bias, grad, dtype)
-                ed = [row_error(a, r) for a, r in zip(dense, ref)]
-                eo = [row_error(a, r) for a, r in zip(ours, ref)]
-                worst = max(o / d for o, d in zip(eo, ed))
-                rows = flagged_share(q, k, v, bias, dtype)
-                print(f"| {str(dtype).replace('torch.', '')} | {median:.3f} | {label} | {rows:.0%} | "
-                      f"{' / '.join(f'{e:.1e}' for e in ed)} | {' / '.join(f'{e:.1e}' for e in eo)} | {worst:.1f}x |",
-                      flush=True)
+            finally:
+                _sparse_function.flagged_rows = original
+            ed = [row_error(a, r) for a, r in zip(dense, ref)]
+            eo = [row_error(a, r) for a, r in zip(ours, ref)]
+            worst = max(o / d for o, d in zip(eo, ed))
+            print(f"| {str(dtype).replace('torch.', '')} | {median:.3f} | {label} | {float(seen[0].float().mean()):.0%} | "
+                  f"{' / '.join(f'{e:.1e}' for e in ed)} | {' / '.join(f'{e:.1e}' for e in eo)} | {worst:.1f}x |",
+                  flush=True)
 
 
 def cost(win, heads, dim, repeats):
@@ -97,16 +109,23 @@ def cost(win, heads, dim, repeats):
     bias = signed_bias(win, 5.0, 0.5, generator=gen, dtype=torch.float32)
     steps = {
         "SDPA, no bias (flash)": (rand_q, rand_k, None),
+        "dense version: SDPA with the dense bias": (conc_q, conc_k, "dense"),
         "sparse_bias, random q / k": (rand_q, rand_k, bias),
         "sparse_bias, concentrated (share 0.9)": (conc_q, conc_k, bias),
     }
-    rows = {name: flagged_share(q, k, v, b, torch.float32) for name, (q, k, b) in steps.items() if b is not None}
+    rows = {name: flagged_share(q, k, v, b, torch.float32) for name, (q, k, b) in steps.items()
+            if isinstance(b, sb.SparseBias)}
 
     def step(q, k, b):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        values = b.values.detach().requires_grad_() if b is not None else None
-        out = (torch.nn.functional.scaled_dot_product_attention(*leaves) if b is None else
-               sb.sparse_bias_attention(*leaves, sb.SparseBias(b.index, values)))
+        if b is None:
+            out = torch.nn.functional.scaled_dot_product_attention(*leaves)
+        elif b == "dense":                       # the bias is learnable: it needs its gradient
+            values = bias.values.detach().requires_grad_()
+            out = torch.nn.functional.scaled_dot_product_attention(
+                *leaves, attn_mask=sb.SparseBias(bias.index, values).to_dense().unsqueeze(1))
+        else:
+            out = sb.sparse_bias_attention(*leaves, sb.SparseBias(b.index, b.values.detach().requires_grad_()))
         out.sum().backward()
 
     times = {name: [] for name in steps}
@@ -136,17 +155,17 @@ def main(argv=None):
     p.add_argument("--skip-cost", action="store_true")
     args = p.parse_args(argv)
     config, heads, dim, window, (nq_prec, nq_cost) = "fusion", 8, 32, 15, (300, 900)
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    cases = PRECISION_CASES
     if args.quick:
         config, heads, dim, window, (nq_prec, nq_cost), args.repeats = "small", 2, 16, 5, (16, 32), 2
-        dtypes = (torch.float32, torch.bfloat16)
+        cases = cases[:3]
     for part, nq in (("precision", nq_prec), ("cost", nq_cost)):
         if getattr(args, f"skip_{part}"):
             continue
         scene = synthetic_scene(1, nq, config=config, seed=0)
         win = sb.local_windows(scene.layout, scene.bev_pos, scene.cam_pos, window, window)
         if part == "precision":
-            precision(win, heads, dim, dtypes, (0.29, 0.89, 0.999))
+            precision(win, heads, dim, cases)
         else:
             cost(win, heads, dim, args.repeats)
 

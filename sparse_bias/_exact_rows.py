@@ -37,8 +37,8 @@ EXACT_ROW_RATIO = 1.0 / 16
 #: Device types whose flagged rows are counted on the host without a device synchronisation.
 HOST_DEVICES = ("cpu",)
 
-#: Scores ``[H, R, K]`` one chunk of the dense row evaluation may hold (2**22 floats: 16 MB in float32).
-EXACT_ROW_BUDGET = 1 << 22
+#: Scores ``[H, R, K]`` one chunk of the dense row evaluation may hold (2**23 floats: 32 MB in float32).
+EXACT_ROW_BUDGET = 1 << 23
 
 
 def flagged_rows(den: torch.Tensor, removed: torch.Tensor, batch: int) -> torch.Tensor:
