@@ -73,7 +73,8 @@ def sparse_backward(grad_out, saved, ent: Optional[Entries], call: Call, backend
     rows_exact = exact.view(bsz, 1, nq)
     g = grad_out.masked_fill(rows_exact.unsqueeze(-1), 0.0)      # the exact rows' gradients come from below
     den_b = batch_major(den, bsz)                                                       # [B, H, Q]
-    gp = g.to(cdt) / den_b.unsqueeze(-1)                                               # g' = g / (1 + S)
+    gp = (g.to(cdt) / den_b.unsqueeze(-1)).masked_fill(rows_exact.unsqueeze(-1), 0.0)  # g' = g / (1 + S); their
+    # 1 + S may be NaN / inf (what flagged them)
     # The dense backward takes g itself (in its dtype: no rounding of g') with the biased log-normaliser
     # L + log(1 + S): its p_j / (1 + S) is then the biased probability outside the window, the same gradients.
     lse_b = torch.where(rows_exact, lse.to(cdt), lse.to(cdt) + torch.log(den_b))
@@ -84,7 +85,11 @@ def sparse_backward(grad_out, saved, ent: Optional[Entries], call: Call, backend
     dvalues = torch.zeros_like(values, dtype=cdt) if want_values else None
     go = head_major((gp * out.to(cdt)).sum(-1))                                        # <g', o> [H, B * Q]
     klse = head_major(kernel_lse(lse.to(cdt)))
-    for blk in window_blocks(ent, values.detach(), backend, shape, call):
+    # The exact rows' window terms must vanish: their g is 0, and a bias of 0 keeps a = p expm1(b) finite where
+    # expm1(b) overflowed (an overflowing bias is what flagged some of them): no inf * 0 = NaN.
+    in_exact = exact.view(-1)[ent.row]
+    wvals = values.detach().masked_fill(in_exact.view((-1,) + (1,) * (values.dim() - 1)), 0.0)
+    for blk in window_blocks(ent, wvals, backend, shape, call):
         db = backend.backward_block(blk, (q, k, v), (gp, go[blk.hs]), (p[blk.hs] if p.numel() else None,
                                                                        klse[blk.hs]), (dq[blk.hs], dk, dv))
         if dvalues is not None:
