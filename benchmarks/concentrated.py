@@ -6,9 +6,10 @@
 Part 1 (precision, Q = 300 as measured for the dense version): window keys leaning towards their query so that
 the window holds a median share of 0.29 / 0.89 / 0.999 of the unbiased mass, a flat bias of 5 x w with |w| in
 [0.8, 1] (all, half or none of the queries negative; `PRECISION_CASES`); the largest per-row error relative to the row's largest
-value (|x - ref| / max |ref row|), output and gradients, of the dense version (SDPA with the dense bias in that
-dtype) and of ``sparse_bias_attention`` (auto backend), both against float64, and the share of rows the exact
-path evaluated. Part 2 (cost, Q = 900): forward + backward medians, interleaved per repeat, of unbiased SDPA
+value (|x - ref| / max |ref row|), output and gradients, of the dense version in that dtype -- SDPA with the dense
+bias (its math path: the bias has a gradient) and a flash-style kernel (PyTorch's CPU flash kernel, gradients with
+``<g, o>`` from its rounded output, as CUDA's efficient attention computes them) -- and of
+``sparse_bias_attention`` (auto backend), all against float64, and the share of rows the exact path evaluated. Part 2 (cost, Q = 900): forward + backward medians, interleaved per repeat, of unbiased SDPA
 (the flash kernel), the dense version (SDPA with the dense bias, its gradient included), ``sparse_bias_attention``
 on random q / k (the window holds ~1 % of the mass) and on concentrated q / k (share 0.9, half the queries
 negative), with their ratios to SDPA.
@@ -34,11 +35,26 @@ def row_error(got, ref):
 
 
 def evaluate(fn, q, k, v, bias, grad, dtype):
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, bias.values)]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, bias.values)]
     out = fn(*leaves[:3], sb.SparseBias(bias.index, leaves[3]))
     grads = torch.autograd.grad(out, leaves, grad.to(dtype))
     dense_db = sb.SparseBias(bias.index, grads[3].double()).to_dense()
     return [out.detach().double()] + [g.double() for g in grads[:3]] + [dense_db]
+
+
+def flash_style(q, k, v, bias, grad, dtype):
+    """The dense version on a flash-style kernel (CUDA's efficient attention, FlexAttention, the CPU flash kernel):
+    the output of PyTorch's CPU flash kernel with the dense bias, the gradients of ``ds = p (dp - <g, o>)`` with
+    that rounded output, float32 arithmetic on the inputs rounded to ``dtype``. float64, as `evaluate`."""
+    qd, kd, vd, gd = (t.to(dtype) for t in (q, k, v, grad))
+    bd = bias.to_dense().detach().unsqueeze(1)
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qd, kd, vd, attn_mask=bd.to(dtype))[0]
+    qf, kf, vf, gf = (t.float() for t in (qd, kd, vd, gd))
+    scale = q.shape[-1] ** -0.5
+    p = torch.softmax(qf @ kf.transpose(-1, -2) * scale + bd.to(dtype).float(), -1)
+    ds = p * (gf @ vf.transpose(-1, -2) - (gf * out.float()).sum(-1, keepdim=True))
+    grads = [ds @ kf * scale, ds.transpose(-1, -2) @ qf * scale, p.transpose(-1, -2) @ gf, ds.sum(1)]
+    return [out.double()] + [t.to(dtype).double() for t in grads]
 
 
 def sdpa_dense(q, k, v, bias):
@@ -67,9 +83,9 @@ PRECISION_CASES = ((0.29, 1.0, ("float32", "bfloat16")), (0.89, 1.0, ("float32",
 
 
 def precision(win, heads, dim, cases):
-    print("| dtype | window share (median) | negative weights | rows exact | dense SDPA, same dtype "
-          "(out / dq / dk / dv / dbias) | sparse_bias (out / dq / dk / dv / dbias) | worst ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | window share (median) | negative weights | rows exact | dense SDPA (math), same dtype "
+          "(out / dq / dk / dv / dbias) | dense, flash-style | sparse_bias | worst ratio to the larger dense |")
+    print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     mask = win.to_dense_mask()
     for share, negative, dtypes in cases:
@@ -84,6 +100,8 @@ def precision(win, heads, dim, cases):
         for dtype in (getattr(torch, d) for d in dtypes):
             dense = evaluate(sdpa_dense, q, k, v, bias, grad, dtype)
             dense[4] = dense[4] * mask
+            flash = flash_style(q, k, v, bias, grad, dtype)
+            flash[4] = flash[4] * mask
             seen = []
             original = _sparse_function.flagged_rows
             _sparse_function.flagged_rows = lambda *a: seen.append(original(*a)) or seen[-1]
@@ -92,10 +110,12 @@ def precision(win, heads, dim, cases):
             finally:
                 _sparse_function.flagged_rows = original
             ed = [row_error(a, r) for a, r in zip(dense, ref)]
+            ef = [row_error(a, r) for a, r in zip(flash, ref)]
             eo = [row_error(a, r) for a, r in zip(ours, ref)]
-            worst = max(o / d for o, d in zip(eo, ed))
+            worst = max(o / max(d, f) for o, d, f in zip(eo, ed, ef))
             print(f"| {str(dtype).replace('torch.', '')} | {median:.3f} | {label} | {float(seen[0].float().mean()):.0%} | "
-                  f"{' / '.join(f'{e:.1e}' for e in ed)} | {' / '.join(f'{e:.1e}' for e in eo)} | {worst:.1f}x |",
+                  f"{' / '.join(f'{e:.1e}' for e in ed)} | {' / '.join(f'{e:.1e}' for e in ef)} | "
+                  f"{' / '.join(f'{e:.1e}' for e in eo)} | {worst:.1f}x |",
                   flush=True)
 
 
