@@ -13,8 +13,10 @@ arithmetic, so its precision -- and their gradients likewise; the correction ser
 There is no capacity: every flagged row is recomputed, on every path.
 
 * CPU tensors (eager or inside a compiled graph: the op's implementation runs on real tensors): the flagged rows
-  are counted from CPU memory -- nothing waits for a device -- and evaluated in chunks of rows whose ``[H, R, K]``
-  scores stay within `EXACT_ROW_BUDGET` elements (``softmax`` over the rows' scores with the bias scattered in).
+  are counted from CPU memory -- nothing waits for a device -- and evaluated in chunks of rows whose dense bias
+  ``[H|1, R, K]`` stays within `EXACT_ROW_BUDGET` elements: the dense kernel (PyTorch's CPU flash kernel) with the
+  chunk's bias as its mask, forward and backward, in the compute dtype (float32 for half inputs), and the bias
+  gradient at the window entries; with dropout, the rows' scores written out (this library's keep decisions).
 * CUDA with Triton: `sparse_bias.backends.triton_exact`, a flash-style kernel per (row, head) over every row whose
   program returns at once when its row is not flagged: decided on the device, no host read, no capacity.
 * CUDA without Triton: the CPU path's chunks after one read of the flagged-row count (a host synchronisation,
@@ -22,6 +24,7 @@ There is no capacity: every flagged row is recomputed, on every path.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional
 
 import torch
@@ -29,6 +32,7 @@ import torch
 from ._call import Call
 from ._entries import Entries
 from .backends import triton_exact
+from .dense import dense_lse_backward, dense_lse_forward, kernel_lse
 from .dense.dropout import dropout_scale
 
 #: A row takes the exact path when the mass its bias removes exceeds this fraction of ``min(1, 1 + S)``: 1/16 left
@@ -59,6 +63,7 @@ def _host_rows(flags: torch.Tensor) -> List[torch.Tensor]:
 
 
 def _chunks(rows: torch.Tensor, heads: int, keys: int):
+    """``rows`` in chunks whose ``[heads, R, keys]`` buffers stay within `EXACT_ROW_BUDGET` elements."""
     step = max(1, EXACT_ROW_BUDGET // max(heads * keys, 1))
     return [rows[i:i + step] for i in range(0, rows.numel(), step)]
 
@@ -154,6 +159,63 @@ def _rows_backward(grad_rows: torch.Tensor, qkv, values: torch.Tensor, ent: Entr
                            else dvals.reshape(-1, dvals.shape[-1]))
 
 
+def _mask_heads(values: torch.Tensor, call: Call) -> int:
+    """Heads of the rows' additive mask: 1 when the bias is shared and the call's mask broadcasts over heads."""
+    if values.dim() == 2:
+        return values.shape[1]
+    return call.mask.shape[1] if call.mask is not None else 1
+
+
+def _rows_problem(q, values: torch.Tensor, ent: Entries, call: Call, b: int, rows: torch.Tensor):
+    """Rows ``rows`` of batch element ``b`` as a dense attention problem of their own: ``(q_rows [1, H, R, D], the
+    call with the rows' bias (and mask) as its additive mask [1, H|1, R, K], the entry grid)``, compute dtype."""
+    cdt = call.cdt
+    grid = _row_entries(ent, b, rows)
+    mask = _row_bias(values, ent, *grid, cdt).unsqueeze(0)                                   # [1, H|1, R, K]
+    if call.mask is not None:
+        m = call.mask[b:b + 1] if call.mask.shape[0] > 1 else call.mask
+        mask = mask + (m[:, :, rows] if m.shape[2] > 1 else m).to(cdt)
+    return q[b:b + 1, :, rows].to(cdt), replace(call, mask=mask), grid
+
+
+def _kernel_forward(qkv_b, values, ent, call, b, rows, out) -> None:
+    """The rows through the dense kernel with their bias as its mask (`sparse_bias.dense`: PyTorch's CPU flash
+    kernel): written into ``out [H, B * Q, D]``."""
+    qr, call_r, _ = _rows_problem(qkv_b[0], values, ent, call, b, rows)
+    o, _, _ = dense_lse_forward(qr, qkv_b[1], qkv_b[2], call_r)
+    out[:, b * ent.queries + rows] = o[0]
+
+
+def _kernel_backward(grad_out, qkv_b, values, ent, call, b, rows, grads) -> None:
+    """The rows' gradients through the dense kernel's own backward (``dq``; ``dk`` / ``dv`` into the buffers of
+    ``grads``) and, at their window entries, the bias gradient ``p (<g, v_j> - <g, o>)``."""
+    dq, dvalues, dk_b, dv_b = grads
+    q, kb, vb = qkv_b
+    qr, call_r, (entry, valid) = _rows_problem(q, values, ent, call, b, rows)
+    o, lse, state = dense_lse_forward(qr, kb, vb, call_r)
+    gr = grad_out[b:b + 1, :, rows].to(call.cdt)
+    dq_r, dk_r, dv_r = dense_lse_backward(state, gr, (qr, kb, vb), (o, lse), call_r)
+    dq[b].index_add_(1, rows, dq_r[0].to(dq.dtype))
+    dk_b += dk_r[0]
+    dv_b += dv_r[0]
+    if dvalues is None:
+        return
+    step = max(1, EXACT_ROW_BUDGET // max(q.shape[1] * entry.shape[1] * q.shape[-1], 1))
+    lse = kernel_lse(lse[0])
+    delta = (gr[0] * o[0]).sum(-1, keepdim=True)                                            # <g, o>
+    for i in range(0, rows.numel(), step):       # [H, r, W, D] gathers within the budget
+        sl = slice(i, i + step)
+        keys = ent.key[entry[sl]]                                                           # [r, W]
+        mask = call_r.mask[0][:, sl]                                                        # [H|1, r, K]
+        s = (qr[0][:, sl].unsqueeze(2) * kb[0][:, keys]).sum(-1).mul_(call.scale)           # [H, r, W]
+        s += mask.gather(2, keys.unsqueeze(0).expand(mask.shape[0], -1, -1))
+        p = s.sub_(lse[:, sl].unsqueeze(-1)).exp_()
+        dp = (gr[0][:, sl].unsqueeze(2) * vb[0][:, keys]).sum(-1)                           # <g, v_j>
+        ds = p.mul_(dp.sub_(delta[:, sl])).masked_fill_(~valid[sl], 0.0)
+        ds = ds.permute(1, 2, 0).reshape(-1, ds.shape[0])
+        dvalues.index_add_(0, entry[sl].flatten(), ds.sum(1) if dvalues.dim() == 1 else ds)
+
+
 def _triton_exact(q: torch.Tensor, backend) -> Optional[object]:
     """The Triton exact-row kernels when they serve this call (a non-host device with Triton, or the triton
     backend under the interpreter), else None."""
@@ -178,8 +240,15 @@ def exact_forward(out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, ca
         return
     heads = qkv[0].shape[1]
     for b, rows in enumerate(_host_rows(flags)):
-        for chunk in _chunks(rows, heads, ent.keys):
-            out[:, b * ent.queries + chunk] = _rows_forward(qkv, values, ent, call, b, chunk)
+        if not rows.numel():
+            continue
+        if call.dropout_p > 0:            # this library's dropout decisions: the dense rows written out
+            for chunk in _chunks(rows, heads, ent.keys):
+                out[:, b * ent.queries + chunk] = _rows_forward(qkv, values, ent, call, b, chunk)
+            continue
+        qkv_b = (qkv[0], qkv[1][b:b + 1].to(call.cdt), qkv[2][b:b + 1].to(call.cdt))
+        for chunk in _chunks(rows, _mask_heads(values, call), ent.keys):
+            _kernel_forward(qkv_b, values, ent, call, b, chunk, out)
 
 
 def exact_backward(grad_out: torch.Tensor, qkv, values: torch.Tensor, ent: Entries, call: Call,
@@ -193,7 +262,20 @@ def exact_backward(grad_out: torch.Tensor, qkv, values: torch.Tensor, ent: Entri
         kernels.exact_backward(grad_out, qkv, values, ent, call, flags, grads)
         return
     heads = qkv[0].shape[1]
+    dq, dvalues, dk, dv = grads
     for b, rows in enumerate(_host_rows(flags)):
-        for chunk in _chunks(rows, heads, ent.keys):
-            g_rows = grad_out[b][:, chunk].to(call.cdt)                                    # [H, R, D]
-            _rows_backward(g_rows, qkv, values, ent, call, b, chunk, grads)
+        if not rows.numel():
+            continue
+        if call.dropout_p > 0:            # this library's dropout decisions: the dense rows written out
+            for chunk in _chunks(rows, heads, ent.keys):
+                _rows_backward(grad_out[b][:, chunk].to(call.cdt), qkv, values, ent, call, b, chunk, grads)
+            continue
+        qkv_b = (qkv[0], qkv[1][b:b + 1].to(call.cdt), qkv[2][b:b + 1].to(call.cdt))
+        direct = dk.dtype == call.cdt     # half inputs: the rows' dk / dv summed in the compute dtype, cast once
+        dk_b, dv_b = (dk[b], dv[b]) if direct else (torch.zeros_like(dk[b], dtype=call.cdt),
+                                                    torch.zeros_like(dv[b], dtype=call.cdt))
+        for chunk in _chunks(rows, _mask_heads(values, call), ent.keys):
+            _kernel_backward(grad_out, qkv_b, values, ent, call, b, chunk, (dq, dvalues, dk_b, dv_b))
+        if not direct:
+            dk[b] += dk_b.to(dk.dtype)
+            dv[b] += dv_b.to(dv.dtype)
