@@ -7,10 +7,11 @@ from a precision analysis rather than from one run:
   computation in the same dtype (`sparse_bias.dense_bias_attention`) shows what that rounding costs on this
   problem (``naive_err``, measured against float64). A second, equally correct summation order can be off by as
   much again in the other direction: ``2 * naive_err``;
-* on top of that, the library's path rounds to the input dtype where the naive one does not: ``g / (1 + S)`` and
-  the output before the dense kernel's backward, the probabilities and ``dS`` inside that kernel, the kernel's
-  ``dq`` before the correction is added, and the final cast -- at most `EXTRA_ROUNDINGS` roundings of half an
-  ``eps`` each, of terms no larger than the result's magnitude;
+* on top of that, the library's path rounds to the input dtype where the naive one does not: the output before
+  the dense kernel's backward, the probabilities and ``dS`` inside that kernel, the kernel's ``dq`` / ``dk`` /
+  ``dv`` before the window terms are added, and the final cast -- at most `EXTRA_ROUNDINGS` roundings of half an
+  ``eps`` each, of terms no larger than the result's magnitude (rows where the correction would cancel are
+  evaluated densely instead, `sparse_bias._exact_rows`, so no term is larger than that);
 * a floor for sums over thousands of keys, where rounding errors of float32 accumulators add up
   (``1e-5`` relative; ``1e-9`` for float64).
 

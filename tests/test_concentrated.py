@@ -308,3 +308,13 @@ def test_beyond_five(magnitude, share, signs):
     sc["values"] = signed_bias(sc["win"], magnitude, SIGNS[signs], heads=H,
                                generator=torch.Generator().manual_seed(5)).values.detach()
     check(sc, torch.float32, library("auto"), f"x{magnitude} share {share} {signs}")
+
+
+def test_benchmark_script_runs():
+    """benchmarks/concentrated.py (its quick mode): the precision table and the cost table come out."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "concentrated.py")
+    res = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "worst ratio" in res.stdout and "sparse_bias, concentrated" in res.stdout
