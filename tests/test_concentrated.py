@@ -8,6 +8,8 @@ flash kernels, measured in the same test on the same inputs; `baseline`) plus a 
 (half).
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -312,8 +314,6 @@ def test_beyond_five(magnitude, share, signs):
 
 def test_benchmark_script_runs():
     """benchmarks/concentrated.py (its quick mode): the precision table and the cost table come out."""
-    import subprocess
-    import sys
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "concentrated.py")
     res = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
