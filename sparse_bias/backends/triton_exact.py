@@ -39,7 +39,7 @@ def runs_on(device: torch.device) -> bool:
 
 def _kernels():
     """Compile-on-first-use (Triton is a heavy import)."""
-    global triton, tl, _keep, _tile_scores  # module globals: jitted functions resolve names through them
+    global triton, tl, _keep, _tile_scores, _row_pass  # module globals: jitted functions resolve names through them
     if _KERNELS:
         return _KERNELS
     import triton
@@ -70,6 +70,32 @@ def _kernels():
         return s, k, cols, cm, e, hit, inb, ptr + tl.sum(inb.to(tl.int64), axis=0)
 
     @triton.jit
+    def _row_pass(q, K, V, M, KEY, BV, b, hh, qi, bh, nq, nk, ptr, end, total, offset, scale, p, seed_lo, seed_hi,
+                  bv_s, m_sb, m_sh, m_sq, m_sk, d, dm, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
+                  HAS_M: tl.constexpr, DROP: tl.constexpr):
+        """The online softmax of one row over every key block, bias inside: ``(max, sum, sum of p keep v)``."""
+        m_i = tl.max(tl.full([BN], float("-inf"), tl.float32), axis=0)
+        l_i = tl.sum(tl.zeros([BN], tl.float32), axis=0)
+        acc = tl.zeros([DP], tl.float32)
+        inv = 1.0 / (1.0 - p)
+        for k0 in range(0, nk, BN):
+            s, k, cols, cm, e, hit, inb, ptr = _tile_scores(q, K, M, KEY, BV, b, hh, qi, bh, nk, k0, ptr, end,
+                                                            scale, bv_s, m_sb, m_sh, m_sq, m_sk, d, dm, D, BN, HAS_M)
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            pe = tl.exp(s - m_safe)
+            l_i = l_i * alpha + tl.sum(pe, axis=0)
+            if DROP:
+                flat = (bh * nq + qi) * total + offset + cols
+                pe = tl.where(_keep(flat, seed_lo, seed_hi, p), pe * inv, 0.0)
+            v = tl.load(V + (bh * nk + cols)[:, None] * D + d[None, :], mask=cm[:, None] & dm[None, :],
+                        other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(pe[:, None] * v, axis=0)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _fwd(Q, K, V, M, INDPTR, KEY, BV, FLAGS, OUT, nq, nk, heads, total, offset, scale, p, seed_lo, seed_hi,
              bv_s, m_sb, m_sh, m_sq, m_sk, out_s, out_r,
              D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, HAS_M: tl.constexpr, DROP: tl.constexpr):
@@ -82,28 +108,9 @@ def _kernels():
             d = tl.arange(0, DP)
             dm = d < D
             q = tl.load(Q + (bh * nq + qi) * D + d, mask=dm, other=0.0).to(tl.float32)
-            ptr = tl.load(INDPTR + r)
-            end = tl.load(INDPTR + r + 1)
-            m_i = tl.max(tl.full([BN], float("-inf"), tl.float32), axis=0)
-            l_i = tl.sum(tl.zeros([BN], tl.float32), axis=0)
-            acc = tl.zeros([DP], tl.float32)
-            inv = 1.0 / (1.0 - p)
-            for k0 in range(0, nk, BN):
-                s, k, cols, cm, e, hit, inb, ptr = _tile_scores(q, K, M, KEY, BV, b, hh, qi, bh, nk, k0, ptr, end,
-                                                                scale, bv_s, m_sb, m_sh, m_sq, m_sk, d, dm, D, BN,
-                                                                HAS_M)
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                pe = tl.exp(s - m_safe)
-                l_i = l_i * alpha + tl.sum(pe, axis=0)
-                if DROP:
-                    flat = (bh * nq + qi) * total + offset + cols
-                    pe = tl.where(_keep(flat, seed_lo, seed_hi, p), pe * inv, 0.0)
-                v = tl.load(V + (bh * nk + cols)[:, None] * D + d[None, :], mask=cm[:, None] & dm[None, :],
-                            other=0.0).to(tl.float32)
-                acc = acc * alpha + tl.sum(pe[:, None] * v, axis=0)
-                m_i = m_new
+            m_i, l_i, acc = _row_pass(q, K, V, M, KEY, BV, b, hh, qi, bh, nq, nk, tl.load(INDPTR + r),
+                                      tl.load(INDPTR + r + 1), total, offset, scale, p, seed_lo, seed_hi, bv_s, m_sb,
+                                      m_sh, m_sq, m_sk, d, dm, D, DP, BN, HAS_M, DROP)
             o = tl.where(l_i == 0, 0.0, acc / l_i)              # a fully masked row: zeros
             tl.store(OUT + hh * out_s + r * out_r + d, o, mask=dm)
 
@@ -125,26 +132,9 @@ def _kernels():
             end = tl.load(INDPTR + r + 1)
             inv = 1.0 / (1.0 - p)
             # pass 1: the row's log-sum-exp and <g, o>
-            m_i = tl.max(tl.full([BN], float("-inf"), tl.float32), axis=0)
-            l_i = tl.sum(tl.zeros([BN], tl.float32), axis=0)
-            acc = tl.zeros([DP], tl.float32)
-            ptr = start
-            for k0 in range(0, nk, BN):
-                s, k, cols, cm, e, hit, inb, ptr = _tile_scores(q, K, M, KEY, BV, b, hh, qi, bh, nk, k0, ptr, end,
-                                                                scale, bv_s, m_sb, m_sh, m_sq, m_sk, d, dm, D, BN,
-                                                                HAS_M)
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                pe = tl.exp(s - m_safe)
-                l_i = l_i * alpha + tl.sum(pe, axis=0)
-                if DROP:
-                    flat = (bh * nq + qi) * total + offset + cols
-                    pe = tl.where(_keep(flat, seed_lo, seed_hi, p), pe * inv, 0.0)
-                v = tl.load(V + (bh * nk + cols)[:, None] * D + d[None, :], mask=cm[:, None] & dm[None, :],
-                            other=0.0).to(tl.float32)
-                acc = acc * alpha + tl.sum(pe[:, None] * v, axis=0)
-                m_i = m_new
+            m_i, l_i, acc = _row_pass(q, K, V, M, KEY, BV, b, hh, qi, bh, nq, nk, start, end, total, offset, scale,
+                                      p, seed_lo, seed_hi, bv_s, m_sb, m_sh, m_sq, m_sk, d, dm, D, DP, BN, HAS_M,
+                                      DROP)
             if l_i > 0:                                   # a fully masked row has no gradient
                 lse = m_i + tl.log(l_i)
                 delta = tl.sum(g * acc, axis=0) / l_i                                   # <g, o>
