@@ -15,6 +15,7 @@ on random q / k (the window holds ~1 % of the mass) and on concentrated q / k (s
 negative), with their ratios to SDPA.
 """
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -65,14 +66,21 @@ def library(q, k, v, bias):
     return sb.sparse_bias_attention(q, k, v, bias)
 
 
-def flagged_share(q, k, v, bias, dtype):
+@contextlib.contextmanager
+def flags_seen():
+    """The exact-row flags ``[B, Q]`` of the attention calls made inside, in a list."""
     seen = []
     original = _sparse_function.flagged_rows
     _sparse_function.flagged_rows = lambda *a: seen.append(original(*a)) or seen[-1]
     try:
-        sb.sparse_bias_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias.to(dtype))
+        yield seen
     finally:
         _sparse_function.flagged_rows = original
+
+
+def flagged_share(q, k, v, bias, dtype):
+    with flags_seen() as seen:
+        sb.sparse_bias_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias.to(dtype))
     return float(seen[0].float().mean())
 
 
@@ -102,13 +110,8 @@ def precision(win, heads, dim, cases):
             dense[4] = dense[4] * mask
             flash = flash_style(q, k, v, bias, grad, dtype)
             flash[4] = flash[4] * mask
-            seen = []
-            original = _sparse_function.flagged_rows
-            _sparse_function.flagged_rows = lambda *a: seen.append(original(*a)) or seen[-1]
-            try:
+            with flags_seen() as seen:
                 ours = evaluate(library, q, k, v, bias, grad, dtype)
-            finally:
-                _sparse_function.flagged_rows = original
             ed = [row_error(a, r) for a, r in zip(dense, ref)]
             ef = [row_error(a, r) for a, r in zip(flash, ref)]
             eo = [row_error(a, r) for a, r in zip(ours, ref)]
