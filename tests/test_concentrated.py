@@ -190,34 +190,70 @@ def test_compiled(backend, dtype):
     check(sc, DTYPES[dtype], library(backend, compiled=True), f"compiled {backend} {dtype}")
 
 
-def test_every_row_in_the_regime_is_exact():
+def spy_flags(monkeypatch):
+    """The exact-row flags ``[B, Q]`` of the calls that follow, in a list."""
+    seen = []
+    original = _sparse_function.flagged_rows
+    monkeypatch.setattr(_sparse_function, "flagged_rows", lambda *a: seen.append(original(*a)) or seen[-1])
+    return seen
+
+
+def test_every_row_in_the_regime_is_exact(monkeypatch):
     """No capacity: a problem whose every row needs the exact path (a larger one than the self-checks) is exact
     in every row, and the flags say so."""
     sc = scene(0.999, 1.0, queries=40)
-    flags = []
-    original = _sparse_function.flagged_rows
-    _sparse_function.flagged_rows = lambda *a: flags.append(original(*a)) or flags[-1]
-    try:
-        check(sc, torch.float32, library("auto"), "all rows exact")
-    finally:
-        _sparse_function.flagged_rows = original
+    flags = spy_flags(monkeypatch)
+    check(sc, torch.float32, library("auto"), "all rows exact")
     assert int(flags[0].sum()) >= 0.8 * flags[0].numel()        # rows with a smaller share stay on the correction
 
 
-def test_random_attention_stays_on_the_correction():
+def test_memory_layouts():
+    """q permuted from ``[B, Q, H, D]``, k with a strided last dim, v transposed, a sliced output gradient (the
+    views real feature maps and projections give): the same budget."""
+    sc = scene(0.9, 0.5)
+
+    def strided(q, k, v, bias, kpm, attn):
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k = torch.stack([k, k], -1)[..., 0]
+        v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
+        out = library("auto")(q, k, v, bias, kpm, attn)
+        return torch.stack([out, out.detach()], -1)[..., 0]      # the op's output gradient: last dim strided
+    check(sc, torch.float32, strided, "memory layouts")
+
+
+def dropout_run(sc, dtype, backend):
+    """Output and gradients with dropout 0.2 (seed 7): the library's backend, or ``"dense"`` (the dense bias
+    through `sparse_bias.dense_bias_attention`, the same keep decisions)."""
+    def fn(q, k, v, bias, kpm, attn):
+        if backend == "dense":
+            return sb.dense_bias_attention(q, k, v, bias.to_dense(), key_padding_mask=kpm, dropout_p=0.2,
+                                           dropout_seed=7)
+        return sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm, dropout_p=0.2, dropout_seed=7,
+                                        backend=backend)
+    return run(sc, dtype, fn)
+
+
+@pytest.mark.parametrize("backend", ["fused", "sparse"])
+def test_dropout(backend):
+    """Dropout on concentrated attention (exact rows evaluated with this library's keep decisions)."""
+    skip_missing(backend, torch.float32)
+    sc = scene(0.9, 1.0)
+    ref = dropout_run(sc, torch.float64, "dense")
+    base = row_errors(dropout_run(sc, torch.float32, "dense"), ref, sc["win"])
+    got = row_errors(dropout_run(sc, torch.float32, backend), ref, sc["win"])
+    for n, g, b in zip(NAMES, got, base):
+        assert g <= 4 * b + FLOOR[torch.float32], (n, g, b)
+
+
+def test_random_attention_stays_on_the_correction(monkeypatch):
     """Random q / k put ~1/|W| of the mass on a window: no row is flagged even under a -5 bias (the fast path)."""
     layout = sb.KeyLayout(bev_shape=(40, 40), cam_shape=(2, 20, 30))
     gen = torch.Generator().manual_seed(3)
     bev = torch.randint(0, 40, (1, 30, 2), generator=gen)
     win = sb.local_windows(layout, bev, None, 5)
     q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (30, layout.num_keys, layout.num_keys))
-    flags = []
-    original = _sparse_function.flagged_rows
-    _sparse_function.flagged_rows = lambda *a: flags.append(original(*a)) or flags[-1]
-    try:
-        sb.sparse_bias_attention(q, k, v, sb.window_bias(win, torch.full((1, 30), -5.0)))
-    finally:
-        _sparse_function.flagged_rows = original
+    flags = spy_flags(monkeypatch)
+    sb.sparse_bias_attention(q, k, v, sb.window_bias(win, torch.full((1, 30), -5.0)))
     assert not bool(flags[0].any())
 
 
@@ -276,6 +312,19 @@ def test_triton_case(case):
     if not INTERPRETED:
         sc = {n: (t.cuda() if isinstance(t, torch.Tensor) else t.to("cuda")) for n, t in sc.items()}
     check(sc, DTYPES[dtype], library("triton"), f"triton share {share} {signs} {dtype}")
+
+
+@pytest.mark.skipif(not (TRITON_AVAILABLE and (INTERPRETED or torch.cuda.is_available())),
+                    reason="runs in the interpreter subprocess of test_triton_under_the_interpreter (or on CUDA)")
+def test_triton_case_dropout():
+    sc = scene(0.9, 1.0)
+    if not INTERPRETED:
+        sc = {n: (t.cuda() if isinstance(t, torch.Tensor) else t.to("cuda")) for n, t in sc.items()}
+    ref = dropout_run(sc, torch.float64, "dense")
+    base = row_errors(dropout_run(sc, torch.float32, "dense"), ref, sc["win"])
+    got = row_errors(dropout_run(sc, torch.float32, "triton"), ref, sc["win"])
+    for n, g, b in zip(NAMES, got, base):
+        assert g <= 4 * b + FLOOR[torch.float32], (n, g, b)
 
 
 @pytest.mark.slow
