@@ -3,16 +3,16 @@
     python benchmarks/concentrated.py                 # CMT fusion layout (K = 56,400), H=8, D=32, windows 15/15
     python benchmarks/concentrated.py --quick         # small sizes (the test suite runs this)
 
-Part 1 (precision, Q = 300 as measured for the dense version): window keys leaning towards their query so that
-the window holds a median share of 0.29 / 0.89 / 0.999 of the unbiased mass, a flat bias of 5 x w with |w| in
-[0.8, 1] (all, half or none of the queries negative; `PRECISION_CASES`); the largest per-row error relative to the row's largest
-value (|x - ref| / max |ref row|), output and gradients, of the dense version in that dtype -- SDPA with the dense
-bias (its math path: the bias has a gradient) and a flash-style kernel (PyTorch's CPU flash kernel, gradients with
-``<g, o>`` from its rounded output, as CUDA's efficient attention computes them) -- and of
-``sparse_bias_attention`` (auto backend), all against float64, and the share of rows the exact path evaluated. Part 2 (cost, Q = 900): forward + backward medians, interleaved per repeat, of unbiased SDPA
-(the flash kernel), the dense version (SDPA with the dense bias, its gradient included), ``sparse_bias_attention``
-on random q / k (the window holds ~1 % of the mass) and on concentrated q / k (share 0.9, half the queries
-negative), with their ratios to SDPA.
+Part 1 (precision, Q = 300 as measured for the dense version): window keys leaning towards their query so that the
+window holds a median share of 0.29 / 0.89 / 0.999 of the unbiased mass, a flat bias of 5 x w with |w| in [0.8, 1]
+(all, half or none of the queries negative; `PRECISION_CASES`); the largest per-row error relative to the row's
+largest value (|x - ref| / max |ref row|), output and gradients, of the dense version in that dtype -- SDPA with the
+dense bias (its math path: the bias has a gradient) and a flash-style kernel (PyTorch's CPU flash kernel, gradients
+with ``<g, o>`` from its rounded output, as CUDA's efficient attention computes them) -- and of
+``sparse_bias_attention`` (auto backend), all against float64, and the share of rows the exact path evaluated. Part 2
+(cost, Q = 900): forward + backward medians, interleaved per repeat, of unbiased SDPA (the flash kernel), the dense
+version (SDPA with the dense bias, its gradient included), ``sparse_bias_attention`` on random q / k (the window holds
+~1 % of the mass) and on concentrated q / k (share 0.9, half the queries negative), with their ratios to SDPA.
 """
 import argparse
 import contextlib
@@ -116,7 +116,8 @@ def precision(win, heads, dim, cases):
             ef = [row_error(a, r) for a, r in zip(flash, ref)]
             eo = [row_error(a, r) for a, r in zip(ours, ref)]
             worst = max(o / max(d, f) for o, d, f in zip(eo, ed, ef))
-            print(f"| {str(dtype).replace('torch.', '')} | {median:.3f} | {label} | {float(seen[0].float().mean()):.0%} | "
+            exact = float(seen[0].float().mean())
+            print(f"| {str(dtype).replace('torch.', '')} | {median:.3f} | {label} | {exact:.0%} | "
                   f"{' / '.join(f'{e:.1e}' for e in ed)} | {' / '.join(f'{e:.1e}' for e in ef)} | "
                   f"{' / '.join(f'{e:.1e}' for e in eo)} | {worst:.1f}x |",
                   flush=True)

@@ -47,10 +47,10 @@ def concentrated_qk(win: WindowIndex, heads: int, dim: int, share: float, *, ite
     """``(q [B, H, Q, D], k [B, H, K, D])`` whose unbiased attention puts about ``share`` of each query's mass
     on its window keys (the median over rows is within a few percent of ``share``; rows vary around it).
 
-    Each query gets a random direction ``u``, ``q = sqrt(D) u``; every window key is owned by one query of its
-    windows and leans towards its owner's direction, ``k = noise + t u_owner``, with ``t`` per query solved so
-    that the share comes out right (a few logit-space Newton steps: ``t`` shifts the window scores of its query). ``share`` in ``(0, 1)``; the scale is the
-    default ``1 / sqrt(D)``.
+    Each query gets a random direction ``u``, ``q = sqrt(D) u``; every window key is owned by one query of its windows
+    and leans towards its owner's direction, ``k = noise + t u_owner``, with ``t`` per query solved so that the share
+    comes out right (a few logit-space Newton steps: ``t`` shifts the window scores of its query). ``share`` in
+    ``(0, 1)``; the scale is the default ``1 / sqrt(D)``.
     """
     if not 0.0 < share < 1.0:
         raise ValueError(f"share must be in (0, 1), got {share!r}")

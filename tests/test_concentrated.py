@@ -112,10 +112,11 @@ def dense_flash(q, k, v, bias, kpm, attn):
 
 def baseline(sc, dtype, ref):
     """The error of the dense version in ``dtype``, per tensor: the largest of SDPA's two CPU kernels, the math path
-    (a bias with gradient) and the flash kernel, and of a flash-style backward in plain PyTorch (`flash_style`). Both are correct dense implementations at this precision; a
-    flash-style backward (``<g, o>`` from the rounded output, as every flash kernel and the correction's dense pass
-    compute it) has up to ~30x the math path's per-row error in ``dk`` on concentrated attention with positive
-    biases, which is the rounding of that algorithm, not a defect. `flash_style` is that algorithm written out
+    (a bias with gradient) and the flash kernel, and of a flash-style backward in plain PyTorch (`flash_style`). Both
+    are correct dense implementations at this precision; a flash-style backward (``<g, o>`` from the rounded output,
+    as every flash kernel and the correction's dense pass compute it) has up to ~30x the math path's per-row error in
+    ``dk`` on concentrated attention with positive biases, which is the rounding of that algorithm, not a defect.
+    `flash_style` is that algorithm written out
     (and gives the bias gradient, which the CPU kernel has not)."""
     math_err = row_errors(run(sc, dtype, dense), ref, sc["win"])
     if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):

@@ -22,7 +22,6 @@ import torch
 
 from .._call import Call
 from ..dense import triton_dense
-from ..dense.dropout import seed_keys
 
 __all__ = ["runs_on", "exact_forward", "exact_backward"]
 
@@ -171,23 +170,15 @@ def _kernels():
 
 
 def _args(q, k, values, ent, call: Call):
-    """The kernels' common arguments: contiguous q / k, bias values ``[H|1, nnz]`` in float32 (stride 0 over heads
-    when shared), the additive mask in float32 with broadcast strides 0, the scalars."""
-    mask = call.mask
-    strides = [0, 0, 0, 0]
-    if mask is not None:
-        mask = mask.to(torch.float32)
-        strides = [mask.stride(i) if mask.shape[i] > 1 else 0 for i in range(4)]
+    """The kernels' common arguments: the call's (`sparse_bias.dense.triton_dense.call_args`: the additive mask in
+    float32 with broadcast strides 0, key range, scale, dropout), bias values ``[H|1, nnz]`` in float32 (stride 0
+    over heads when shared), the sizes."""
+    mask, args = triton_dense.call_args(k, call)
     vals = values.to(torch.float32)
     bv, bv_s = (vals.unsqueeze(0), 0) if vals.dim() == 1 else (vals.t().contiguous(), ent.nnz)
-    offset, total = call.key_range or (0, k.shape[2])
-    seed_lo, seed_hi = seed_keys(call.seed)
     dim = q.shape[-1]
-    return mask, bv, dict(nq=ent.queries, nk=k.shape[2], heads=q.shape[1], total=total, offset=offset,
-                          scale=float(call.scale), p=float(call.dropout_p), seed_lo=seed_lo, seed_hi=seed_hi,
-                          bv_s=bv_s, m_sb=strides[0], m_sh=strides[1], m_sq=strides[2], m_sk=strides[3], D=dim,
-                          DP=max(16, _kernels()["next_power_of_2"](dim)), BN=BLOCK_N, HAS_M=mask is not None,
-                          DROP=call.dropout_p > 0)
+    return mask, bv, dict(args, nq=ent.queries, nk=k.shape[2], heads=q.shape[1], bv_s=bv_s, D=dim,
+                          DP=max(16, _kernels()["next_power_of_2"](dim)), BN=BLOCK_N)
 
 
 def exact_forward(qkv, values: torch.Tensor, ent, call: Call, flags: torch.Tensor, out: torch.Tensor) -> None:

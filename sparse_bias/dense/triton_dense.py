@@ -198,22 +198,26 @@ def _float32_dots(q) -> bool:
     return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _common(q, k, call: Call):
-    bsz, heads, nq, dim = q.shape
-    offset, total = call.key_range or (0, k.shape[2])
-    mask, scale, dropout_p = call.mask, call.scale, call.dropout_p
-    seed_lo, seed_hi = seed_keys(call.seed)
+def call_args(k, call: Call):
+    """``(mask, kwargs)``: what every Triton attention kernel of the library takes from a call -- the additive mask
+    in float32 (or None) with its strides (0 on broadcast dims), the key range, scale, dropout and seed keys."""
+    mask = call.mask
+    strides = [0, 0, 0, 0]
     if mask is not None:
         mask = mask.to(torch.float32)
         strides = [mask.stride(i) if mask.shape[i] > 1 else 0 for i in range(4)]
-    else:
-        strides = [0, 0, 0, 0]
-    ker = _kernels()
-    return mask, dict(nq=nq, nk=k.shape[2], heads=heads, total=total, offset=offset, scale=float(scale),
-                      p=float(dropout_p), seed_lo=seed_lo, seed_hi=seed_hi, m_sb=strides[0],
-                      m_sh=strides[1], m_sq=strides[2], m_sk=strides[3], D=dim,
-                      DP=max(16, ker["next_power_of_2"](dim)), BM=BLOCK_M, BN=BLOCK_N, HAS_M=mask is not None,
-                      DROP=dropout_p > 0, IEEE=_float32_dots(q))
+    offset, total = call.key_range or (0, k.shape[2])
+    seed_lo, seed_hi = seed_keys(call.seed)
+    return mask, dict(total=total, offset=offset, scale=float(call.scale), p=float(call.dropout_p), seed_lo=seed_lo,
+                      seed_hi=seed_hi, m_sb=strides[0], m_sh=strides[1], m_sq=strides[2], m_sk=strides[3],
+                      HAS_M=mask is not None, DROP=call.dropout_p > 0)
+
+
+def _common(q, k, call: Call):
+    bsz, heads, nq, dim = q.shape
+    mask, args = call_args(k, call)
+    return mask, dict(args, nq=nq, nk=k.shape[2], heads=heads, D=dim, DP=max(16, _kernels()["next_power_of_2"](dim)),
+                      BM=BLOCK_M, BN=BLOCK_N, IEEE=_float32_dots(q))
 
 
 def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
