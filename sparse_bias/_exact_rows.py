@@ -6,9 +6,10 @@ equal numbers: the dense pass's rounding (and that of ``p_j = exp(s_j - L)``) is
 ``(1 + R) / (1 + S)`` in the output and, per key, by ``e^{-b}`` in ``dk`` / ``dv`` -- where
 ``R = sum_W p_j max(0, -expm1(b_j))`` is the unbiased mass the bias removes. So a row is *flagged* when
 ``R > EXACT_ROW_RATIO min(1, 1 + S)`` in some head (the bias removes more than 1/64 of the row's mass; random
-q / k at the CMT shape put about 1 % of it on a window, so they rarely get there), or ``1 + S`` is not finite and positive (an overflowing bias). Flagged rows are recomputed by a
-dense evaluation of just those rows with the bias in the scores -- the dense version's own arithmetic, so its
-precision -- and their gradients likewise; the correction serves every other row.
+q / k at the CMT shape put about 1 % of it on a window, so they rarely get there), or ``1 + S`` is not finite and
+positive (an overflowing bias). Flagged rows are recomputed by a dense evaluation of just those rows with the bias
+in the scores -- the dense version's own arithmetic, so its precision -- and their gradients likewise; the
+correction serves every other row.
 
 There is no capacity: every flagged row is recomputed, on every path.
 
