@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 from typing import Optional, Sequence, TypeVar, Union
 
 import torch
@@ -51,7 +52,7 @@ class _ValuesLike(abc.ABC):
         keywords. A dtype applies to the values only (a `SparseBias`'s window index is integer and moves with the
         values); the cast is differentiable."""
         device, dtype = parse_to(*args, **kwargs)
-        return self._with_values(self.values.to(device=device, dtype=dtype), device)
+        return self._keep_layout(self._with_values(self.values.to(device=device, dtype=dtype), device))
 
     def cpu(self: _T) -> _T:
         return self.to("cpu")
@@ -61,12 +62,62 @@ class _ValuesLike(abc.ABC):
 
     def detach(self: _T) -> _T:
         """The same bias with its values detached from the graph."""
-        return self._with_values(self.values.detach(), None)
+        return self._keep_layout(self._with_values(self.values.detach(), None))
+
+    def _keep_layout(self: _T, other: _T) -> _T:
+        if self._seq_first:
+            other._seq_first = True
+        return other
+
+    #: True for the sequence-first view that `transpose` returns
+    _seq_first = False
+
+    @property
+    def seq_first(self) -> bool:
+        """True for the sequence-first view (``bias.transpose(0, 1)``): ``shape`` and ``to_dense()`` have dims 0
+        and 1 swapped (``[Q, B, K]``)."""
+        return self._seq_first
+
+    def transpose(self: _T, dim0: int, dim1: int) -> _T:
+        """Swap dims 0 and 1, as ``dense.transpose(0, 1)`` does: the sequence-first view of the bias.
+
+        CMTTEST's ``CmtTransformer.forward`` turns its dense ``attention_bias`` ``[B, Q, K]`` into the attention's
+        sequence-first layout ``[Q, B, K]`` with ``attention_bias.transpose(0, 1)``; the same call on this bias
+        returns a view that shares the index and the values (no copy) and is flagged sequence-first:
+        ``view.shape`` is ``[Q, B, K]`` (``[H, B, Q, K]`` for per-head values ``[B, H, Q, K]``, as torch
+        transposes them), ``view.to_dense()`` equals ``bias.to_dense().transpose(0, 1)``, gradients flow to the
+        same values. Transposing the view again gives the batch-first bias back. `sparse_bias.nn`'s modules take
+        the view wherever they take a dense bias in the sequence-first layout (and a plain bias everywhere).
+
+        Args:
+            dim0, dim1: ``0`` and ``1`` in either order (or the same dims counted from the end).
+
+        Raises:
+            ValueError: any other pair of dims (the bias has no other layout).
+        """
+        ndim = len(self.shape)
+        dims = sorted(d + ndim if isinstance(d, int) and -ndim <= d < 0 else d for d in (dim0, dim1))
+        if dims != [0, 1]:
+            raise ValueError(f"{type(self).__name__}.transpose({dim0}, {dim1}): only dims 0 and 1 (batch and "
+                             f"queries of the dense {list(self.shape)}) can be swapped: transpose(0, 1) gives the "
+                             "sequence-first view, and again the batch-first bias")
+        view = copy.copy(self)
+        view._seq_first = not self._seq_first
+        return view
+
+    def _layout(self, dense_or_shape):
+        """``shape`` / ``to_dense()`` in this bias's layout: dims 0 and 1 swapped for the sequence-first view."""
+        if not self._seq_first:
+            return dense_or_shape
+        if isinstance(dense_or_shape, torch.Size):
+            return torch.Size((dense_or_shape[1], dense_or_shape[0]) + tuple(dense_or_shape[2:]))
+        return dense_or_shape.transpose(0, 1)
 
     def __repr__(self) -> str:
         heads = "shared" if self.num_heads is None else f"H={self.num_heads}"
+        view = ", seq_first" if self._seq_first else ""
         return (f"{type(self).__name__}({self._describe()}, {heads}, dtype={self.dtype}, "
-                f"dense_shape={list(self.shape)})")
+                f"dense_shape={list(self.shape)}{view})")
 
 
 class SparseBias(_ValuesLike):
@@ -79,7 +130,7 @@ class SparseBias(_ValuesLike):
 
     ``to_dense()`` materialises the origin design's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like:
     ``dtype``, ``device``, ``num_heads``, ``to`` / ``cpu`` / ``cuda`` (the index moves with the values),
-    ``detach``.
+    ``detach``, ``transpose(0, 1)`` (the sequence-first view ``[Q, B, K]``, no copy; see `transpose`).
     """
 
     _HEAD_DIM = 1
@@ -105,7 +156,7 @@ class SparseBias(_ValuesLike):
     def shape(self) -> torch.Size:
         """Shape of `to_dense`: ``[B, Q, K]`` or ``[B, H, Q, K]``."""
         b, q, k = self.index.batch_size, self.index.num_queries, self.index.layout.num_keys
-        return torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k))
+        return self._layout(torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k)))
 
     def nbytes(self) -> int:
         """Bytes of the sparse structure: index tensors plus values."""
@@ -113,7 +164,8 @@ class SparseBias(_ValuesLike):
 
     def to_dense(self, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The dense bias: ``[B, Q, K]`` (shared values) or ``[B, H, Q, K]`` (per-head), zeros outside the
-        windows. Differentiable in ``values``. Memory: ``B * (H) * Q * K`` elements -- the reference.
+        windows (dims 0 and 1 swapped for the sequence-first view, see `transpose`). Differentiable in
+        ``values``. Memory: ``B * (H) * Q * K`` elements -- the reference.
 
         Args:
             queries: optional LongTensor ``[R]`` of distinct query indices: only those rows, giving
@@ -137,8 +189,8 @@ class SparseBias(_ValuesLike):
         tail = values.shape[1:]
         dense = values.new_zeros((b * q * k,) + tuple(tail)).index_put((flat,), values)
         if self.num_heads is None:
-            return dense.view(b, q, k)
-        return dense.view(b, q, k, self.num_heads).permute(0, 3, 1, 2).contiguous()
+            return self._layout(dense.view(b, q, k))
+        return self._layout(dense.view(b, q, k, self.num_heads).permute(0, 3, 1, 2).contiguous())
 
 
 class ModalityBias(_ValuesLike):
@@ -181,14 +233,14 @@ class ModalityBias(_ValuesLike):
         """Shape of `to_dense`: ``[B, Q, K]`` or ``[B, H, Q, K]``."""
         b, q = self.values.shape[:2]
         k = self.layout.num_keys
-        return torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k))
+        return self._layout(torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k)))
 
     def to_dense(self) -> torch.Tensor:
         """``[B, Q, K]`` or ``[B, H, Q, K]`` (the reference)."""
         sizes = [e - s for s, e in self.ranges]
         vals = self.values if self.num_heads is None else self.values.permute(0, 3, 1, 2)   # [B, (H,) Q, M]
-        return torch.repeat_interleave(vals, torch.tensor(sizes, device=vals.device), dim=-1,
-                                       output_size=self.layout.num_keys)
+        return self._layout(torch.repeat_interleave(vals, torch.tensor(sizes, device=vals.device), dim=-1,
+                                                    output_size=self.layout.num_keys))
 
 
 def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._validation import normalize_key_padding_mask
 from ..attention import dense_bias_attention, sparse_bias_attention
-from ..bias import SparseBias
+from ..bias import ModalityBias, SparseBias
 from ..window_attention import window_attention
 from ..windows import WindowIndex
 
@@ -123,10 +123,14 @@ class SparseBiasMultiheadAttention(nn.Module):
                 decoder layer turns a LAM layer's dense mask into window attention).
             key_padding_mask: ``[B, K]`` as ``nn.MultiheadAttention`` takes it: bool (True = ignore), uint8
                 (nonzero = ignore) or an additive float mask. CMT's all-zero float mask costs nothing.
-            attention_bias: a `SparseBias` / `ModalityBias` (layout-free), a dense tensor in the
-                module's sequence layout -- ``[Q, B, K]`` (as the origin design and CMTTEST hand it over) or
-                ``[B, Q, K]`` with ``batch_first`` -- or ``[B, H, Q, K]`` per head, or None. With
-                ``local_window``: a `SparseBias` on that index, or None.
+            attention_bias: a `SparseBias` / `ModalityBias` (layout-free; its sequence-first view
+                ``bias.transpose(0, 1)``, as CMTTEST's ``CmtTransformer`` makes it, is taken unless ``batch_first``),
+                a dense tensor in the module's sequence layout -- ``[Q, B, K]`` (as the origin design and CMTTEST
+                hand it over) or ``[B, Q, K]`` with ``batch_first`` -- or ``[B, H, Q, K]`` per head, or None. With
+                ``local_window``: a `SparseBias` on that index, or None. Built by mmcv's ``BaseTransformerLayer``
+                as its self-attention (``operation_name == "self_attn"``), the module ignores ``attention_bias``
+                and ``local_window``: that layer hands its keywords to every attention, and the bias is the
+                cross-attention's (CMTTEST's ``PETRMultiheadAttention`` ignores it in self-attention too).
             local_window: a `WindowIndex` for ``[B, Q]`` queries over the ``K`` keys: a local attention
                 mask. Each query attends only to its window keys (`sparse_bias.window_attention`, exact, no
                 dense mask); a query without window keys gets a zero attention output.
@@ -140,6 +144,12 @@ class SparseBiasMultiheadAttention(nn.Module):
         """
         if kwargs:
             identity = self._check_kwargs(kwargs, identity)
+        if getattr(self, "operation_name", None) == "self_attn":
+            # mmcv's BaseTransformerLayer hands its **kwargs (CMTTEST: attention_bias) to every attention and marks
+            # each with its operation_name; the bias is the cross-attention's, as CMTTEST's PETRMultiheadAttention
+            # applies it only there
+            attention_bias = local_window = None
+        attention_bias = self._bias_layout(attention_bias)
         if key is None:
             key = query
         if value is None:
@@ -204,6 +214,17 @@ class SparseBiasMultiheadAttention(nn.Module):
             identity = kwargs.pop("residual")
         check_forward_keywords(name, kwargs, _FORWARD_KEYWORDS)
         return identity
+
+    def _bias_layout(self, bias):
+        """A `SparseBias` / `ModalityBias` batch-first: the sequence-first view (``bias.transpose(0, 1)``, as
+        CMTTEST's transformer hands a dense bias over) is taken where a dense ``[Q, B, K]`` is, i.e. unless
+        ``batch_first``; a plain bias is layout-free."""
+        if not isinstance(bias, (SparseBias, ModalityBias)) or not bias.seq_first:
+            return bias
+        if self.batch_first:
+            raise ValueError(f"attention_bias is the sequence-first view {list(bias.shape)} (bias.transpose(0, 1)) "
+                             "but this attention has batch_first=True: pass the bias untransposed")
+        return bias.transpose(0, 1)
 
     def _dense_bias(self, bias, batch, heads, nq, nk):
         """A dense bias in the module's layout (``[Q, B, K]``, or ``[B, Q, K]`` with batch_first; ``[B, H, Q, K]``
