@@ -1,4 +1,5 @@
-"""Registration in mmcv 1.x / mmdet 2.x and mmengine registries -- only when asked.
+"""Registration in mmcv 1.x / mmdet 2.x and mmengine (mmcv 2.x, mmdet 3.x, mmdet3d 1.x) registries -- only
+when asked.
 
 ``import sparse_bias`` touches no registry. Two explicit routes (design brief, section 4):
 
@@ -30,6 +31,11 @@ _REGISTRIES = {
     ("mmcv.cnn.bricks.registry", "TRANSFORMER_LAYER_SEQUENCE"): "sequence",
     ("mmdet.models.utils.builder", "TRANSFORMER"): "transformer",
     ("mmengine.registry", "MODELS"): "all",
+    # mmcv 2.x has no registries of its own: its bricks build from mmengine's root MODELS; mmdet 3.x and mmdet3d 1.x
+    # build from child registries that fall back to the root -- registered there too, so that a dense name a
+    # plugin holds there is found (and not silently preferred to the root's) and a default scope finds ours
+    ("mmdet.registry", "MODELS"): "all",
+    ("mmdet3d.registry", "MODELS"): "all",
 }
 
 #: kind -> [(own name, dense versions' names, class name in sparse_bias.nn)]
@@ -65,7 +71,9 @@ def _importable_registries() -> Dict[str, object]:
 
 def register_modules(dense_names: bool = False, force: bool = False,
                      registries: Optional[Dict[str, tuple]] = None) -> Dict[str, List[str]]:
-    """Register this library's modules in every importable mmcv 1.x / mmdet 2.x / mmengine registry.
+    """Register this library's modules in every importable registry: mmcv 1.x's ``ATTENTION``,
+    ``TRANSFORMER_LAYER``, ``TRANSFORMER_LAYER_SEQUENCE``, mmdet 2.x's ``TRANSFORMER``, mmengine's root ``MODELS``
+    (where mmcv 2.x's bricks build) and its children ``mmdet.registry.MODELS`` / ``mmdet3d.registry.MODELS``.
 
     Args:
         dense_names: also register under the dense versions' names (``CmtTransformer``,
