@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import warnings
 from typing import Dict, List, Optional
 
@@ -33,10 +34,15 @@ _REGISTRIES = {
     ("mmengine.registry", "MODELS"): "all",
     # mmcv 2.x has no registries of its own: its bricks build from mmengine's root MODELS; mmdet 3.x and mmdet3d 1.x
     # build from child registries that fall back to the root -- registered there too, so that a dense name a
-    # plugin holds there is found (and not silently preferred to the root's) and a default scope finds ours
+    # plugin holds there is found (and not silently preferred to the root's). Only when that package is already
+    # imported (see _LOADED_ONLY): a lookup through the child finds the root's names anyway.
     ("mmdet.registry", "MODELS"): "all",
     ("mmdet3d.registry", "MODELS"): "all",
 }
+
+#: registries used only when their top-level package is already imported: importing mmdet / mmdet3d (and with
+#: them mmcv's bricks into the root registry) is not this library's business
+_LOADED_ONLY = {("mmdet.registry", "MODELS"), ("mmdet3d.registry", "MODELS")}
 
 #: kind -> [(own name, dense versions' names, class name in sparse_bias.nn)]
 _NAMES = {
@@ -59,9 +65,27 @@ def _registered(registry, name: str):
     return table.get(name)
 
 
+#: registry module -> (package, major version it exists in): probed only on that version, so that on mmcv 2.x /
+#: mmdet 3.x the probe imports nothing of theirs (mmcv.cnn would register mmcv's bricks in mmengine's registry)
+_MAJOR = {"mmcv.cnn.bricks.registry": ("mmcv", 1), "mmdet.models.utils.builder": ("mmdet", 2)}
+
+
+def _probe(module: str) -> bool:
+    if module in _MAJOR:
+        package, major = _MAJOR[module]
+        try:
+            version = importlib.import_module(package).__version__
+            return int(str(version).split(".")[0]) == major
+        except Exception:
+            return False
+    return True
+
+
 def _importable_registries() -> Dict[str, object]:
     found = {}
     for (module, attr), kind in _REGISTRIES.items():
+        if (module, attr) in _LOADED_ONLY and module.split(".")[0] not in sys.modules or not _probe(module):
+            continue
         try:
             found[f"{module}.{attr}"] = (getattr(importlib.import_module(module), attr), kind)
         except Exception:          # not installed, or an incompatible version
@@ -73,7 +97,8 @@ def register_modules(dense_names: bool = False, force: bool = False,
                      registries: Optional[Dict[str, tuple]] = None) -> Dict[str, List[str]]:
     """Register this library's modules in every importable registry: mmcv 1.x's ``ATTENTION``,
     ``TRANSFORMER_LAYER``, ``TRANSFORMER_LAYER_SEQUENCE``, mmdet 2.x's ``TRANSFORMER``, mmengine's root ``MODELS``
-    (where mmcv 2.x's bricks build) and its children ``mmdet.registry.MODELS`` / ``mmdet3d.registry.MODELS``.
+    (where mmcv 2.x's bricks build) and its children ``mmdet.registry.MODELS`` / ``mmdet3d.registry.MODELS``
+    (those two when mmdet / mmdet3d is already imported).
 
     Args:
         dense_names: also register under the dense versions' names (``CmtTransformer``,
