@@ -10,7 +10,10 @@ TORCH_VERSION := 2.13.0
 TORCH_SCATTER_VERSION := 2.1.2
 PYTEST_ARGS ?=
 
-.PHONY: all test demo bench install clean
+# The support matrix's cells (docs/install.md): torch release[+OpenMMLab stack], each in its own cached virtualenv.
+COMPAT_CELLS ?= 2.0.1+mm1 2.1.2+mm2 2.15.0
+
+.PHONY: all test test-compat demo bench install clean
 
 all: test
 
@@ -39,6 +42,14 @@ install: $(VENV)/.package
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The compatibility tier: the oldest and the newest torch (and the OpenMMLab stacks) on a subset of the suite
+# (.ci/compat/SUBSET); every cell runs, then the matrix is printed, and the target fails if any cell failed.
+test-compat:
+	@root=$${COMPAT_ROOT:-$${XDG_CACHE_HOME:-$$HOME/.cache}/sparse_bias/compat}; rc=0; \
+	for cell in $(COMPAT_CELLS); do bash .ci/compat.sh $$cell || rc=1; done; \
+	echo "support matrix:"; for cell in $(COMPAT_CELLS); do grep -h "RESULT" $$root/torch-$$cell/log || echo "$$cell: no result"; done; \
+	exit $$rc
 
 demo: install
 	$(BIN)/python -m sparse_bias.demo --out demo_out

@@ -1,7 +1,7 @@
 """Build of the optional fused CPU kernels (``sparse_bias._C``), compiled against the installed torch.
 
-Install with ``pip install --no-build-isolation sparse_bias`` (``pip install --no-build-isolation -e .`` from a
-checkout; the Makefile does) so that torch is importable here, as torch-scatter is built. The extension is optional:
+Install with ``pip install --no-build-isolation -e .`` in a checkout (the Makefile does; docs/install.md) so that
+torch is importable here, as torch-scatter is built. The extension is optional:
 
 - a plain ``pip install`` (build isolation: torch is not importable here) builds a wheel without it; the package
   then compiles the same sources with the same flags on first use, against the torch it runs with, and caches
@@ -45,8 +45,8 @@ if os.environ.get("SPARSE_BIAS_NO_EXT") != "1":
         _notice("torch is not importable at build time (pip's build isolation hides it), so the fused CPU kernels "
                 "(sparse_bias._C) are not built now: they are compiled on first use against the torch the package "
                 "runs with, once (about 40 s on 2 cores; needs a C++ compiler and ninja; SPARSE_BIAS_JIT=0 turns "
-                "that off). To build them now instead: `pip install --no-build-isolation sparse_bias` "
-                "(from a checkout: `pip install --no-build-isolation -e .`) with torch installed first.")
+                "that off). To build them now instead: `pip install --no-build-isolation -e .` in the "
+                "checkout, with torch installed first.")
     else:
         class OptionalBuildExt(BuildExtension):
             """Build the extension, but install without it when the compiler fails."""

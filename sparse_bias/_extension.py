@@ -3,8 +3,8 @@
 Two ways to get them, both against the torch of the environment that runs the package:
 
 1. At install time (``setup.py``, ``torch.utils.cpp_extension``, OpenMP) when torch is importable during the build:
-   ``pip install --no-build-isolation sparse_bias`` (``pip install --no-build-isolation -e .`` from a checkout;
-   the Makefile does this), as torch-scatter is installed.
+   ``pip install --no-build-isolation -e .`` in a checkout (or ``pip install --no-build-isolation
+   "git+<repository URL>"``; the Makefile does the first), as torch-scatter is installed.
 2. Otherwise (a plain ``pip install``: build isolation hides torch, so the wheel has no ``_C``) they are compiled
    on first use with ``torch.utils.cpp_extension.load`` from the sources shipped in ``sparse_bias/csrc`` with the
    same flags, and cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``, default
@@ -44,8 +44,8 @@ EXTRA_LINK_ARGS = ("-fopenmp",)
 NO_EXT_ENV = "SPARSE_BIAS_NO_EXT"   # "1": no compiled kernels at all (neither the installed _C nor a JIT build)
 JIT_ENV = "SPARSE_BIAS_JIT"         # "0" / "false" / "no" / "off": do not compile the kernels on first use
 #: the command that builds the kernels into the environment that runs this package
-FIX_COMMAND = ("`pip install --no-build-isolation sparse_bias` (from a checkout: "
-               "`pip install --no-build-isolation -e .`) in this environment")
+FIX_COMMAND = ("`pip install --no-build-isolation -e .` in your sparse_bias checkout, in this environment "
+               "(docs/install.md)")
 #: what runs without the kernels
 FALLBACK = ("the pure-PyTorch backends run instead (`sparse` for the window terms, the chunked PyTorch kernel for "
             "attention dropout): same results, slower")
@@ -124,7 +124,7 @@ def _jit_compile() -> Tuple[Any, str]:
             logger.warning("sparse_bias: compiling the fused CPU kernels (sparse_bias._C) against torch %s on first "
                            "use, once (about 40 s on 2 cores; cached in %s; %s=0 turns this off, %s builds "
                            "them at install time)", torch.__version__, build_dir, JIT_ENV,
-                           "`pip install --no-build-isolation sparse_bias`")
+                           "`pip install --no-build-isolation -e .` in the checkout")
         start = time.perf_counter()
         module = cpp_extension.load(
             name=name, sources=[os.path.join(_PACKAGE_DIR, rel) for rel in SOURCES],

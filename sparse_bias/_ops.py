@@ -13,11 +13,15 @@ Eager calls of `sparse_op` take `_EagerSparse`, an ``autograd.Function`` over th
 the registered op must return contiguous gradients (Inductor relies on it), and the CPU flash kernel's come
 key-major, so the op copies them -- a cost the eager path does not pay.
 
+Before torch 2.4 (no ``torch.library.custom_op``, probed as `sparse_bias._compat.CUSTOM_OPS`) nothing is
+registered: both public ops run through their eager ``autograd.Function`` (`_EagerSparse`, `_EagerWindow`), and
+``torch.compile`` graph-breaks around them.
+
 The ops live in the library's own ``sparse_bias`` namespace of ``torch.library`` (as torch-scatter's live in
 ``torch_scatter``); nothing else is registered.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads these annotations as objects (torch
+# 2.4 cannot resolve them from strings).
 from functools import partial
 from typing import List, Optional, Sequence
 
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._call import Call, compute_dtype
+from ._compat import CUSTOM_OPS, custom_op, is_compiling, register_autograd
 from ._entries import Entries
 from ._sparse_function import sparse_backward, sparse_forward
 from ._window_function import window_backward, window_forward
@@ -95,7 +100,7 @@ def _sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, tr
     return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
 
 
-@torch.library.custom_op("sparse_bias::sparse_attention", mutates_args=())
+@custom_op("sparse_bias::sparse_attention", mutates_args=())
 def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Optional[Tensor],
                       key: Optional[Tensor], row: Optional[Tensor], tcrow: Optional[Tensor], trow: Optional[Tensor],
                       perm: Optional[Tensor], order: Optional[Tensor], mask: Optional[Tensor], scale: float,
@@ -118,7 +123,7 @@ def _sparse_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm,
             q.new_empty((bsz, nq if biased else 0), dtype=torch.bool)]
 
 
-@torch.library.custom_op("sparse_bias::sparse_attention_backward", mutates_args=())
+@custom_op("sparse_bias::sparse_attention_backward", mutates_args=())
 def _sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
                                indptr: Optional[Tensor], key: Optional[Tensor], row: Optional[Tensor],
                                tcrow: Optional[Tensor], trow: Optional[Tensor], perm: Optional[Tensor],
@@ -156,8 +161,8 @@ def _backward(backward_fn, ctx, grads, want_values=None):
     return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
 
 
-torch.library.register_autograd("sparse_bias::sparse_attention", partial(_backward, _sparse_attention_backward),
-                               setup_context=_setup)
+register_autograd("sparse_bias::sparse_attention", partial(_backward, _sparse_attention_backward),
+                  setup_context=_setup)
 
 
 class _EagerSparse(torch.autograd.Function):
@@ -184,7 +189,7 @@ def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, ca
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
     args = (q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p, seed_tensor(call.seed),
             backend or "")
-    if torch.compiler.is_compiling():
+    if CUSTOM_OPS and is_compiling():
         return _sparse_attention(*args)[0]
     return _EagerSparse.apply(*args)[0]
 
@@ -193,7 +198,7 @@ def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, ca
 # window_attention: softmax over each query's window entries
 
 
-@torch.library.custom_op("sparse_bias::window_attention", mutates_args=())
+@custom_op("sparse_bias::window_attention", mutates_args=())
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Tensor, key: Tensor,
                       row: Tensor, tcrow: Tensor, trow: Tensor, perm: Tensor, order: Tensor, mask: Optional[Tensor],
                       scale: float, dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
@@ -210,7 +215,7 @@ def _window_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm,
     return [q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty((q.shape[1], cols), dtype=compute_dtype(q.dtype))]
 
 
-@torch.library.custom_op("sparse_bias::window_attention_backward", mutates_args=())
+@custom_op("sparse_bias::window_attention_backward", mutates_args=())
 def _window_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
                                indptr: Tensor, key: Tensor, row: Tensor, tcrow: Tensor, trow: Tensor, perm: Tensor,
                                order: Tensor, mask: Optional[Tensor], out: Tensor, state: Tensor, scale: float,
@@ -228,12 +233,31 @@ def _window_attention_backward_fake(grad_out, q, k, v, values, *rest):
     return _fake_grads(q, k, v, values, want_values)
 
 
-torch.library.register_autograd("sparse_bias::window_attention", partial(_backward, _window_attention_backward),
-                               setup_context=_setup)
+register_autograd("sparse_bias::window_attention", partial(_backward, _window_attention_backward),
+                  setup_context=_setup)
+
+
+class _EagerWindow(torch.autograd.Function):
+    """Window attention on a torch without ``torch.library.custom_op``: the op's implementation and autograd
+    formula as an ``autograd.Function``."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _window_attention(*inputs)
+        _setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(_window_attention_backward, ctx, grads, want_values=ctx.needs_input_grad[3])
 
 
 def window_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call, backend: str) -> Tensor:
-    """``[B, H, Q, D]``: window attention through ``torch.ops.sparse_bias.window_attention``."""
+    """``[B, H, Q, D]``: window attention through ``torch.ops.sparse_bias.window_attention`` (`_EagerWindow`
+    without custom ops)."""
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
-    return _window_attention(q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p,
-                             seed_tensor(call.seed), backend)[0]
+    args = (q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p, seed_tensor(call.seed), backend)
+    if CUSTOM_OPS:
+        return _window_attention(*args)[0]
+    return _EagerWindow.apply(*args)[0]

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ._compat import is_compiling
 from ._checks import check_device, check_tensor, debug_check_finite, debug_checks_enabled
 from .bias import ModalityBias, SparseBias
 from ._call import compute_dtype as _compute_dtype
@@ -26,7 +27,16 @@ def check_qkv(q, k, v):
     check_device("v", v, q.device, "q")
 
 
+def check_batch_first(bias, name="bias"):
+    """The functional ops take the batch-first bias only: its sequence-first view would be read batch-first."""
+    if bias.seq_first:
+        raise ValueError(f"{name} is the sequence-first view {list(bias.shape)} (bias.transpose(0, 1)); this op "
+                         f"takes q [B, H, Q, D] and the batch-first bias: pass {name}.transpose(0, 1) (the "
+                         "sparse_bias.nn modules take the sequence-first view)")
+
+
 def check_sparse_bias(bias: SparseBias, q, k):
+    check_batch_first(bias)
     idx = bias.index
     bsz, heads, nq, _ = q.shape
     if (idx.batch_size, idx.num_queries, idx.layout.num_keys) != (bsz, nq, k.shape[2]):
@@ -40,6 +50,7 @@ def check_sparse_bias(bias: SparseBias, q, k):
 
 
 def check_modality_bias(bias: ModalityBias, q, k):
+    check_batch_first(bias)
     bsz, heads, nq, _ = q.shape
     if tuple(bias.values.shape[:2]) != (bsz, nq) or bias.layout.num_keys != k.shape[2]:
         raise ValueError(f"bias is for [B, Q, K] = [{bias.values.shape[0]}, {bias.values.shape[1]}, "
@@ -177,7 +188,7 @@ def draw_seed():
     ``tolist``: a CPU tensor, so never a device synchronisation. Inside a compiled graph the seed stays a CPU
     tensor the op reads when it runs (a Python int there would be frozen into the graph)."""
     seed = torch.randint(0, 2**62, (1,))
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return seed.view(())
     return seed.tolist()[0]
 

@@ -90,7 +90,8 @@ class _ValuesLike(abc.ABC):
         the view wherever they take a dense bias in the sequence-first layout (and a plain bias everywhere).
 
         Args:
-            dim0, dim1: ``0`` and ``1`` in either order (or the same dims counted from the end).
+            dim0: ``0`` or ``1`` (or the same dim counted from the end).
+            dim1: the other of the two.
 
         Raises:
             ValueError: any other pair of dims (the bias has no other layout).
@@ -269,6 +270,8 @@ class _SegmentExpand(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         offsets, = ctx.saved_tensors
+        if grad.numel() == 0:      # no entries (some torch releases refuse segment_reduce on empty data)
+            return grad.new_zeros((offsets.shape[0] - 1,) + grad.shape[1:]), None, None
         out = torch.segment_reduce(grad.contiguous(), "sum", offsets=offsets, axis=0, unsafe=True, initial=0)
         return out, None, None
 

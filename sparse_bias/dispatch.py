@@ -22,6 +22,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from ._compat import CUSTOM_OPS
 from ._call import Call
 from ._concentrated import concentrated_qk, signed_bias
 from ._precision import tolerance
@@ -148,6 +149,9 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
     time (`torch.compiler.assume_constant_result`): the graph holds the backend chosen and checked then.
     """
     name, why = _choose_backend(device, dtype, head_dim, requested, kind)
+    if not CUSTOM_OPS:
+        why += ("; this torch has no torch.library.custom_op (2.4+): the op runs as an eager autograd.Function "
+                "and torch.compile graph-breaks around it")
     logger.debug("%s: backend %s on %s / %s / head dim %d (%s)", kind, name, device, dtype, head_dim, why)
     return name, why
 

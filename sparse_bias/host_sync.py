@@ -19,8 +19,9 @@ from collections import Counter
 from typing import List
 
 import torch
-from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._compat import custom_op_definitions
 
 __all__ = ["count_host_syncs", "HostSyncCounter", "SYNC_OPS"]
 
@@ -51,7 +52,7 @@ class HostSyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         namespace, name = func._schema.name.split("::")
         if namespace == "sparse_bias":          # the library's own ops: count what runs inside them too
-            impl = OPDEFS[func._schema.name]._init_fn
+            impl = custom_op_definitions()[func._schema.name]._init_fn
             with self:
                 return impl(*args, **kwargs)
         if name in SYNC_OPS or (name == "repeat_interleave" and func._overloadname == "Tensor"

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from ._compat import is_compiling, is_exporting
 from ._checks import check_device, check_tensor, check_window_size, cuda_device, parse_to
 from ._entries import Entries, build_entries, entry_rows
 from .layout import KeyLayout
@@ -119,7 +120,7 @@ class WindowIndex:
         """
         if self._cache.get("validated"):
             return self
-        if torch.compiler.is_exporting():        # an exported program cannot read values: it trusts its index
+        if is_exporting():        # an exported program cannot read values: it trusts its index
             self.entries()
             return self
         nnz, indptr = self.nnz, self.indptr
@@ -282,9 +283,10 @@ class WindowIndex:
 def _mark_dynamic(*tensors: torch.Tensor) -> None:
     """Mark the ``nnz`` dimension of an index's cached tensors dynamic for ``torch.compile``, so that indexes of
     other sizes reuse a compiled graph -- only when dynamo is already imported (never import it here)."""
-    if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+    mark = getattr(sys.modules.get("torch._dynamo"), "maybe_mark_dynamic", None)    # torch 2.1+
+    if mark is not None and not is_compiling():
         for t in tensors:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+            mark(t, 0)
 
 
 def _size_repr(size: WindowSize) -> str:

@@ -10,7 +10,26 @@ import torch
 from hypothesis import strategies as st
 
 import sparse_bias as sb
+from sparse_bias._compat import CUSTOM_OPS
 from sparse_bias.backends import BACKENDS as REGISTRY, backend_names
+from sparse_bias.dense import lse as _dense_lse
+
+#: Features of the installed torch, probed (docs/install.md, "Support matrix"): tests of a feature skip without it.
+needs_custom_ops = pytest.mark.skipif(not CUSTOM_OPS, reason="this torch has no torch.library.custom_op (2.4+): "
+                                      "the ops run as eager autograd Functions, nothing is registered")
+needs_cpu_flash = pytest.mark.skipif(not _dense_lse._has_op("_scaled_dot_product_flash_attention_for_cpu"),
+                                     reason="this torch has no CPU flash attention op with log-sum-exp (2.2+)")
+
+
+def skip_without_dynamo():
+    """Skip where ``torch.compile`` cannot run at all (torch 2.0's dynamo refuses Python 3.11)."""
+    from torch._dynamo import eval_frame
+    check = getattr(eval_frame, "check_if_dynamo_supported", None)
+    try:
+        if check is not None:
+            check()
+    except RuntimeError as err:
+        pytest.skip(f"torch.compile cannot run here: {err}")
 
 SMALL = sb.KeyLayout(bev_shape=(9, 11), cam_shape=(3, 5, 7))
 

@@ -6,7 +6,7 @@ import torch
 from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import (CORRECTION_BACKENDS, SMALL, assert_all_close, forward_and_grads, layouts, make_case, reference, run_python,
+from helpers import (CORRECTION_BACKENDS, SMALL, needs_cpu_flash, assert_all_close, forward_and_grads, layouts, make_case, reference, run_python,
                      skip_missing, sparse_fn)
 
 import sparse_bias as sb
@@ -159,6 +159,7 @@ def test_chunked_paths(backend, monkeypatch):
     assert_all_close(got, want)
 
 
+@needs_cpu_flash
 def test_chunked_kernel_matches_cpu_flash():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64) for n in (5, 40, 40))

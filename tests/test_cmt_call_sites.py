@@ -190,3 +190,19 @@ def test_self_attention_built_by_mmcvs_layer_ignores_the_cross_attentions_bias()
     mha.operation_name = "cross_attn"
     with pytest.raises(ValueError):
         mha(q, q, q, attention_bias=bias)            # 44 keys of the bias against 6 here: not silently dropped
+
+
+def test_functional_ops_refuse_the_sequence_first_view():
+    """The functional ops take q [B, H, Q, D]: a sequence-first bias there is an error, never read batch-first."""
+    bias, _ = a_bias()
+    win = bias.index
+    q = torch.randn(B, H, Q, 8, dtype=torch.float64)
+    k = torch.randn(B, H, win.layout.num_keys, 8, dtype=torch.float64)
+    view = bias.transpose(0, 1)
+    with pytest.raises(ValueError, match=r"bias is the sequence-first view .* pass bias.transpose\(0, 1\)"):
+        sb.sparse_bias_attention(q, k, k, view)
+    with pytest.raises(ValueError, match=r"bias is the sequence-first view"):
+        sb.window_attention(q, k, k, win, view)
+    modality = sb.ModalityBias(win.layout, torch.randn(B, Q, 2, dtype=torch.float64)).transpose(0, 1)
+    with pytest.raises(ValueError, match=r"bias is the sequence-first view"):
+        sb.sparse_bias_attention(q, k, k, modality)

@@ -12,7 +12,9 @@ from torch._dynamo.utils import counters
 
 import sparse_bias as sb
 from sparse_bias.nn import AQRWeightGenerator, PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
-from helpers import skip_missing
+from helpers import needs_custom_ops, skip_missing
+
+pytestmark = needs_custom_ops
 
 LAYOUT = sb.KeyLayout(bev_shape=(10, 12), cam_shape=(2, 5, 8))
 B, Q, H, D, C = 2, 12, 4, 8, 16

@@ -19,7 +19,7 @@ from sparse_bias import _sparse_function
 from sparse_bias._concentrated import concentrated_qk, signed_bias, window_share
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 
-from helpers import CORRECTION_BACKENDS, pytest_under_the_interpreter, skip_missing
+from helpers import CORRECTION_BACKENDS, needs_custom_ops, pytest_under_the_interpreter, skip_missing
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 LAYOUT = sb.KeyLayout(bev_shape=(12, 12), cam_shape=(2, 6, 8))
@@ -182,6 +182,7 @@ def test_sparse_bias_attention(backend, share, signs, dtype):
     check(sc, dt, library(backend), f"{backend} share {share} {signs} {dtype}")
 
 
+@needs_custom_ops
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("backend", ["auto", "sparse"])
 def test_compiled(backend, dtype):

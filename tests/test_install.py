@@ -24,7 +24,7 @@ from sparse_bias import _extension
 from helpers import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIX = ("pip install --no-build-isolation sparse_bias", "pip install --no-build-isolation -e .")
+FIX = ("pip install --no-build-isolation -e .",)
 
 
 @pytest.fixture

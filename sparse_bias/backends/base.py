@@ -161,6 +161,8 @@ class Backend:
 
     def segment_sum(self, blk: WindowBlock, vals):
         """``[h, B * Q]``: the sum of ``vals [h, nnz]`` over each row's entries (0 for none)."""
+        if vals.numel() == 0:      # no entries (some torch releases refuse segment_reduce on empty data)
+            return vals.new_zeros((vals.shape[0], blk.ent.rows))
         return torch.segment_reduce(vals, "sum", offsets=blk.ent.indptr.expand(vals.shape[0], -1), axis=1)
 
     # window attention: softmax over each query's entries only

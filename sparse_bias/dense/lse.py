@@ -57,7 +57,15 @@ class KernelState:
 
 
 def _has_op(name: str) -> bool:
-    return hasattr(torch.ops.aten, name)
+    """Whether ``aten.<name>`` exists with a ``scale`` argument (the call convention used here; torch 2.0's
+    private attention ops have none, and torch before 2.2 has no CPU flash op: the chunked kernel runs then)."""
+    packet = getattr(torch.ops.aten, name, None)
+    if packet is None:
+        return False
+    try:
+        return any(arg.name == "scale" for arg in packet.default._schema.arguments)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def dense_kernel_name(q: torch.Tensor, call: Call, num_keys: int = 1) -> str:
