@@ -2,11 +2,13 @@
 # One cell of the support matrix (docs/install.md, "Support matrix"):
 #   .ci/compat.sh 2.0.1 [pytest args]        torch pinned in .ci/compat/2.0.1.txt
 #   .ci/compat.sh 2.0.1+mm1 [pytest args]    the same, plus an OpenMMLab stack (.ci/compat/mm-install.sh mm1)
-# makes (or reuses) a virtualenv under $COMPAT_ROOT, builds torch-scatter and the fused kernels against its torch,
+# makes (or reuses) a virtualenv under $COMPAT_ROOT, builds torch-scatter (for the torch releases listed in
+# $COMPAT_SCATTER when it is set) and the fused kernels against its torch,
 # and runs the compatibility subset of the suite (.ci/compat/SUBSET) in a copy of this checkout (the copy keeps the
 # kernels built for this torch apart from .venv's). The last line printed is the cell's result; the exit status is
 # pytest's (0 also when the package index cannot be reached: the cell is then reported as not run).
 set -euo pipefail
+main() {
 cd "$(dirname "$0")/.."
 CELL=$1
 shift
@@ -39,7 +41,9 @@ if [ ! -f "$DIR/venv/.cell" ] || [ "$(cat "$DIR/venv/.cell")" != "$(cat $REQ; ec
         .ci/compat/mm-install.sh "$PY" "$STACK" 2>&1 | tee -a "$LOG" | tail -1
     fi
     start=$(date +%s)
-    if pipi --no-cache-dir --no-build-isolation "torch-scatter==2.1.2" >>"$LOG" 2>&1; then
+    if [ -n "${COMPAT_SCATTER+x}" ] && ! grep -qwF -- "$TORCH" <<<"$COMPAT_SCATTER"; then
+        say "torch-scatter not built for this cell (COMPAT_SCATTER=$COMPAT_SCATTER): its backend is skipped"
+    elif pipi --no-cache-dir --no-build-isolation "torch-scatter==2.1.2" >>"$LOG" 2>&1; then
         say "torch-scatter built in $(( $(date +%s) - start )) s"
     else
         say "torch-scatter does not build against this torch (see $LOG): its backend is skipped"
@@ -55,9 +59,11 @@ say "package (fused kernels) built in $(( $(date +%s) - start )) s"
 "$PY" -c "import torch, sys; print('[compat $CELL] torch', torch.__version__, 'python', sys.version.split()[0])" | tee -a "$LOG"
 cd "$DIR/src"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" $(cat .ci/compat/SUBSET) "$@" 2>&1 | tee -a "$LOG" | tail -40
+"$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra" --durations=10 $(cat .ci/compat/SUBSET) "$@" 2>&1 | tee -a "$LOG" | tail -40
 rc=${PIPESTATUS[0]}
 set -e
-summary=$(grep -E "^=+ .*(passed|failed|error).* in " "$LOG" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
+summary=$(grep -E "(passed|failed|error).* in [0-9.]+s" "$LOG" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
 say "RESULT torch $TORCH${STACK:+ + $STACK}: ${summary:-pytest exit $rc}; cell $(( $(date +%s) - t0 )) s"
 exit $rc
+}
+main "$@"    # the whole script is read before it runs: editing it meanwhile cannot change a running cell

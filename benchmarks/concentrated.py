@@ -49,10 +49,12 @@ def flash_style(q, k, v, bias, grad, dtype):
     that rounded output, float32 arithmetic on the inputs rounded to ``dtype``. float64, as `evaluate`."""
     qd, kd, vd, gd = (t.to(dtype) for t in (q, k, v, grad))
     bd = bias.to_dense().detach().unsqueeze(1)
-    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qd, kd, vd, attn_mask=bd.to(dtype))[0]
     qf, kf, vf, gf = (t.float() for t in (qd, kd, vd, gd))
     scale = q.shape[-1] ** -0.5
     p = torch.softmax(qf @ kf.transpose(-1, -2) * scale + bd.to(dtype).float(), -1)
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)    # torch 2.2+
+    out = (flash(qd, kd, vd, attn_mask=bd.to(dtype))[0] if flash is not None
+           else (p @ vf).to(dtype))                      # before: the rounded output of the same algorithm
     ds = p * (gf @ vf.transpose(-1, -2) - (gf * out.float()).sum(-1, keepdim=True))
     grads = [ds @ kf * scale, ds.transpose(-1, -2) @ qf * scale, p.transpose(-1, -2) @ gf, ds.sum(1)]
     return [out.double()] + [t.to(dtype).double() for t in grads]

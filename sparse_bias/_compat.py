@@ -3,7 +3,7 @@ feature is absent. The library runs on torch 2.0 and newer (docs/install.md, "Su
 
 * ``CUSTOM_OPS``: ``torch.library.custom_op`` / ``register_fake`` / ``register_autograd`` (torch 2.4+). Without
   them the attention ops run as eager ``autograd.Function`` s with the same implementation, and
-  ``torch.compile`` graph-breaks around each attention call (``fullgraph=True`` then fails);
+  the dynamo of those releases cannot trace them (compile the model with the attention call excluded);
 * `is_compiling` / `is_exporting`: ``torch.compiler``'s (2.3+), else ``torch._dynamo``'s when dynamo is already
   imported (it never is imported here), else False;
 * `sdpa`: ``scaled_dot_product_attention`` with ``scale=``; where the keyword is absent (torch 2.0) ``q`` is

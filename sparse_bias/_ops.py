@@ -14,8 +14,9 @@ the registered op must return contiguous gradients (Inductor relies on it), and 
 key-major, so the op copies them -- a cost the eager path does not pay.
 
 Before torch 2.4 (no ``torch.library.custom_op``, probed as `sparse_bias._compat.CUSTOM_OPS`) nothing is
-registered: both public ops run through their eager ``autograd.Function`` (`_EagerSparse`, `_EagerWindow`), and
-``torch.compile`` graph-breaks around them.
+registered: both public ops run through their eager ``autograd.Function`` (`_EagerSparse`, `_EagerWindow`), which
+the dynamo of those releases cannot trace (torch 2.1: ``InternalTorchDynamoError: save_for_backward``): compile the
+model without the attention call (``torch._dynamo.disable`` on it) there.
 
 The ops live in the library's own ``sparse_bias`` namespace of ``torch.library`` (as torch-scatter's live in
 ``torch_scatter``); nothing else is registered.

@@ -257,8 +257,8 @@ def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:
 class _SegmentExpand(torch.autograd.Function):
     """``src.index_select(0, seg)`` for a non-decreasing ``seg`` (a CSR "expand": segment ``s`` is copied to
     entries ``offsets[s]:offsets[s + 1]``), whose backward is a deterministic CSR segment sum along dim 0
-    (``torch.segment_reduce``; each segment summed in entry order by one thread) instead of the racy
-    ``index_put(accumulate=True)`` of advanced indexing. No host sync forward or backward."""
+    (``torch.segment_reduce``; each segment summed in entry order by one thread, half precision in float32)
+    instead of the racy ``index_put(accumulate=True)`` of advanced indexing. No host sync forward or backward."""
 
     @staticmethod
     def forward(ctx, src: torch.Tensor, seg: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -272,8 +272,9 @@ class _SegmentExpand(torch.autograd.Function):
         offsets, = ctx.saved_tensors
         if grad.numel() == 0:      # no entries (some torch releases refuse segment_reduce on empty data)
             return grad.new_zeros((offsets.shape[0] - 1,) + grad.shape[1:]), None, None
-        out = torch.segment_reduce(grad.contiguous(), "sum", offsets=offsets, axis=0, unsafe=True, initial=0)
-        return out, None, None
+        acc = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.contiguous()
+        out = torch.segment_reduce(acc, "sum", offsets=offsets, axis=0, unsafe=True, initial=0)   # half: summed
+        return out.to(grad.dtype), None, None                                # in float32 on every torch
 
 
 def _segment_expand(src: torch.Tensor, win: WindowIndex) -> torch.Tensor:

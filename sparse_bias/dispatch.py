@@ -150,8 +150,8 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
     """
     name, why = _choose_backend(device, dtype, head_dim, requested, kind)
     if not CUSTOM_OPS:
-        why += ("; this torch has no torch.library.custom_op (2.4+): the op runs as an eager autograd.Function "
-                "and torch.compile graph-breaks around it")
+        why += ("; this torch has no torch.library.custom_op (2.4+): the op runs as an eager autograd.Function, "
+                "which torch.compile cannot trace on this torch (exclude the call: torch._dynamo.disable)")
     logger.debug("%s: backend %s on %s / %s / head dim %d (%s)", kind, name, device, dtype, head_dim, why)
     return name, why
 

@@ -21,6 +21,15 @@ needs_cpu_flash = pytest.mark.skipif(not _dense_lse._has_op("_scaled_dot_product
                                      reason="this torch has no CPU flash attention op with log-sum-exp (2.2+)")
 
 
+def skip_without_matmul(dtype, device="cpu"):
+    """Skip where torch has no matmul in ``dtype`` on ``device`` (torch 2.0's CPU matmul has no float16): the naive
+    same-precision reference cannot run there."""
+    try:
+        torch.ones(1, 1, dtype=dtype, device=device) @ torch.ones(1, 1, dtype=dtype, device=device)
+    except RuntimeError as err:
+        pytest.skip(f"this torch has no {dtype} matmul on {device}: {err}")
+
+
 def skip_without_dynamo():
     """Skip where ``torch.compile`` cannot run at all (torch 2.0's dynamo refuses Python 3.11)."""
     from torch._dynamo import eval_frame

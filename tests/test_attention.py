@@ -7,7 +7,7 @@ from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
 from helpers import (CORRECTION_BACKENDS, SMALL, needs_cpu_flash, assert_all_close, forward_and_grads, layouts, make_case, reference, run_python,
-                     skip_missing, sparse_fn)
+                     skip_missing, skip_without_matmul, sparse_fn)
 
 import sparse_bias as sb
 from sparse_bias import _sparse_function as sparse_function
@@ -244,6 +244,7 @@ def test_low_precision_relative_to_naive_drift(backend, dtype, device):
     """Error against a float64 reference is at most a small multiple of what a naive implementation at the
     same precision (the dense reference run in that dtype) drifts by."""
     skip_missing(backend)
+    skip_without_matmul(dtype, device)
     layout = sb.KeyLayout(bev_shape=(20, 20), cam_shape=(2, 8, 10))
     win, q, k, v, wb, wc = make_case(layout, batch=2, heads=4, queries=32, dim=16, per_head=True, seed=11,
                                      device=device, weight_scale=2.0)
@@ -306,7 +307,8 @@ def test_select_backend_explains_its_choice(caplog):
     name, why = sb.select_backend(q, bias)
     assert name == ("fused" if sb.extension_available() else "sparse") and "auto" in why
     assert sb.select_backend(q, None)[0] == "none"
-    assert sb.select_backend(q, bias, "torch") == ("torch", "requested: native PyTorch gather and index_add")
+    requested, why = sb.select_backend(q, bias, "torch")  # (and, before torch 2.4, that compile graph-breaks)
+    assert requested == "torch" and why.startswith("requested: native PyTorch gather and index_add"), why
     with caplog.at_level("DEBUG", logger="sparse_bias"):
         sb.sparse_bias_attention(q, k, v, bias)
     assert f"backend {name}" in caplog.text

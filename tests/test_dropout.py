@@ -10,7 +10,8 @@ import sparse_bias as sb
 from sparse_bias._call import Call
 from sparse_bias.dense import chunked, kernel_lse, lse as dense_lse
 
-from helpers import SMALL, assert_all_close, forward_and_grads, make_case, reference, skip_missing, sparse_fn
+from helpers import (SMALL, assert_all_close, forward_and_grads, make_case, reference, skip_missing,
+                     skip_without_matmul, sparse_fn)
 
 pytestmark = pytest.mark.skipif(not sb.extension_available(), reason="the compiled extension is not built")
 
@@ -59,6 +60,7 @@ def test_compiled_dense_pass_equals_the_chunked_kernel(p, masked):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_within_the_naive_drift(dtype):
+    skip_without_matmul(dtype)
     q, k, v, g = problem(nq=40, nk=600)
     exact = [chunked.chunked_forward(q, k, v, Call.of(q, 0.25, None, 0.2, 9))[0]]
     naive = sb.dense_bias_attention(q.to(dtype), k.to(dtype), v.to(dtype), dropout_p=0.2, dropout_seed=9, scale=0.25)

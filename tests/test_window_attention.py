@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
-from helpers import SMALL, WINDOW_BACKENDS, layouts, odd_or_zero, random_positions, skip_missing
+from helpers import (SMALL, WINDOW_BACKENDS, layouts, odd_or_zero, random_positions, skip_missing,
+                     skip_without_matmul)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -190,6 +191,7 @@ def test_windows_at_the_borders_and_multi_view():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_drift_bounded_by_a_same_precision_naive_version(dtype):
+    skip_without_matmul(dtype)
     win, q, k, v, values = case(queries=40, dim=16, bias="shared")
     exact = sdpa_lam(q, k, v, win, values)
     ours = sb.window_attention(q.to(dtype), k.to(dtype), v.to(dtype), win, bias=sb.SparseBias(win, values.to(dtype)))

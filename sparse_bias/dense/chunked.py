@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from .._call import Call
-from .boundary import kernel_lse
 from .dropout import dropout_scale
 
 __all__ = ["chunked_forward", "chunked_backward", "CHUNK_SCORES"]
@@ -61,12 +60,16 @@ def chunked_forward(q, k, v, call: Call):
     shape = q.shape[:3] + (k.shape[2],)
     for b, hs, qs in _blocks(q, k):
         s = _block_scores(call, q[b, hs, qs].to(cdt), k[b, hs].to(cdt), b, hs, qs)
-        block_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - kernel_lse(block_lse).unsqueeze(-1))                # fully masked rows: p = 0
+        # normalised by the row sum itself, as flash kernels are: exp(s - lse) would carry lse's rounding
+        # (eps * |lse|) into every probability, and through <g, o> into the gradients of concentrated rows
+        top = s.amax(-1, keepdim=True)
+        e = torch.exp(s - top.masked_fill(top == float("-inf"), 0.0))          # fully masked rows: e = 0
+        total = e.sum(-1, keepdim=True)
         if call.dropout_p > 0:
-            p = p * _block_keep(call, shape, b, hs, qs, q.device)
-        out[b, hs, qs] = torch.matmul(p, v[b, hs].to(cdt)).to(q.dtype)
-        lse[b, hs, qs] = block_lse
+            e = e * _block_keep(call, shape, b, hs, qs, q.device)
+        o = torch.matmul(e, v[b, hs].to(cdt)) / total.masked_fill(total == 0, 1.0)
+        out[b, hs, qs] = o.to(q.dtype)
+        lse[b, hs, qs] = (top + torch.log(total)).squeeze(-1)                  # fully masked rows: -inf
     return out, lse
 
 
