@@ -237,11 +237,14 @@ class ModalityBias(_ValuesLike):
         return self._layout(torch.Size((b, q, k) if self.num_heads is None else (b, self.num_heads, q, k)))
 
     def to_dense(self) -> torch.Tensor:
-        """``[B, Q, K]`` or ``[B, H, Q, K]`` (the reference)."""
+        """``[B, Q, K]`` or ``[B, H, Q, K]`` (the reference), in the values' dtype; a half-precision gradient is
+        summed over each modality's keys in float32 (torch 2.0 sums ``repeat_interleave``'s in half)."""
         sizes = [e - s for s, e in self.ranges]
         vals = self.values if self.num_heads is None else self.values.permute(0, 3, 1, 2)   # [B, (H,) Q, M]
-        return self._layout(torch.repeat_interleave(vals, torch.tensor(sizes, device=vals.device), dim=-1,
-                                                    output_size=self.layout.num_keys))
+        half = vals.dtype in (torch.float16, torch.bfloat16)
+        dense = torch.repeat_interleave(vals.float() if half else vals, torch.tensor(sizes, device=vals.device),
+                                        dim=-1, output_size=self.layout.num_keys)
+        return self._layout(dense.to(vals.dtype))
 
 
 def _check_weight(name: str, w, index: WindowIndex) -> torch.Tensor:

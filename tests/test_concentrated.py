@@ -17,6 +17,7 @@ import torch
 import sparse_bias as sb
 from sparse_bias import _sparse_function
 from sparse_bias._concentrated import concentrated_qk, signed_bias, window_share
+from sparse_bias.dense import lse as dense_lse
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 
 from helpers import (CORRECTION_BACKENDS, needs_custom_ops, pytest_under_the_interpreter, skip_missing,
@@ -367,6 +368,17 @@ def test_beyond_five(magnitude, share, signs):
     sc["values"] = signed_bias(sc["win"], magnitude, SIGNS[signs], heads=H,
                                generator=torch.Generator().manual_seed(5)).values.detach()
     check(sc, torch.float32, library("auto"), f"x{magnitude} share {share} {signs}")
+
+
+@pytest.mark.parametrize("magnitude", [5.0, 30.0, 200.0])
+@pytest.mark.parametrize("share", [0.3, 0.999])
+def test_chunked_dense_kernel(monkeypatch, magnitude, share):
+    """The dense pass on the chunked kernel (a torch without the CPU flash op, before 2.2): the same budget."""
+    sc = scene(share, SIGNS["mixed"])
+    sc["values"] = signed_bias(sc["win"], magnitude, SIGNS["mixed"], heads=H,
+                               generator=torch.Generator().manual_seed(5)).values.detach()
+    monkeypatch.setattr(dense_lse, "_has_op", lambda name: False)
+    check(sc, torch.float32, library("sparse"), f"chunked x{magnitude} share {share}")
 
 
 def test_benchmark_script_runs():
