@@ -4,8 +4,8 @@ feature is absent. The library runs on torch 2.0 and newer (docs/install.md, "Su
 * ``CUSTOM_OPS``: ``torch.library.custom_op`` / ``register_fake`` / ``register_autograd`` (torch 2.4+). Without
   them the attention ops run as eager ``autograd.Function`` s with the same implementation, and
   the dynamo of those releases cannot trace them (compile the model with the attention call excluded);
-* `is_compiling` / `is_exporting`: ``torch.compiler``'s (2.3+), else ``torch._dynamo``'s when dynamo is already
-  imported (it never is imported here), else False;
+* `is_compiling` / `is_exporting`: ``torch.compiler``'s (2.3+ / 2.5+), else ``torch._dynamo``'s when dynamo is
+  already imported (it never is imported here), else False (``EXPORT_FLAG``: whether ``torch.compiler`` can tell);
 * `sdpa`: ``scaled_dot_product_attention`` with ``scale=``; where the keyword is absent (torch 2.0) ``q`` is
   multiplied by ``scale * sqrt(D)`` first (one extra rounding of ``q`` in its own dtype);
 * `custom_op` / `register_autograd`: ``torch.library``'s where it has them; otherwise the decorated function stays a
@@ -21,8 +21,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["CUSTOM_OPS", "is_compiling", "is_exporting", "sdpa", "sdpa_takes_scale", "custom_op", "register_autograd",
-           "custom_op_definitions"]
+__all__ = ["CUSTOM_OPS", "EXPORT_FLAG", "is_compiling", "is_exporting", "sdpa", "sdpa_takes_scale", "custom_op",
+           "register_autograd", "custom_op_definitions"]
 
 #: torch.library's Python custom-op API (torch 2.4+)
 CUSTOM_OPS = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake", "register_autograd"))
@@ -44,6 +44,11 @@ def _dynamo_flag(name: str) -> bool:
 def is_compiling() -> bool:
     """True while ``torch.compile`` traces the caller."""
     return _IS_COMPILING() if _IS_COMPILING is not None else _dynamo_flag("is_compiling")
+
+
+#: ``torch.compiler.is_exporting`` (2.5+); without it (nor dynamo's) an exported forward that builds a
+#: `WindowIndex` tries to validate it and fails to trace
+EXPORT_FLAG = _IS_EXPORTING is not None
 
 
 def is_exporting() -> bool:

@@ -100,7 +100,7 @@ class ScatterBackend(_GatherBackend):
 
     def available(self):
         if not torch_scatter_available():
-            return False, "torch-scatter is not installed (pip install sparse_bias[scatter])"
+            return False, "torch-scatter is not installed (`pip install --no-build-isolation torch-scatter==2.1.2`)"
         return True, self.description
 
     def _row_sum(self, blk, vals, e0, e1):

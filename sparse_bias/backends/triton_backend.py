@@ -152,7 +152,7 @@ class TritonBackend(Backend):
 
     def available(self):
         if not TRITON_AVAILABLE:
-            return False, "triton is not installed (pip install sparse_bias[triton])"
+            return False, "triton is not installed (`pip install triton`: the triton extra)"
         return True, self.description
 
     def can_run(self, device, dtype, head_dim=None, op=None):

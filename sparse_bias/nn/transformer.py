@@ -219,9 +219,9 @@ class PETRTransformerDecoder(nn.Module):
         (the origin design's decoder level), handed to the layers in their sequence layout (``[Q, B, K]``
         unless ``batch_first``), as CMTTEST's decoder does. Keywords are the layer's: any other than
         `sparse_bias.nn.attention.MMCV_IGNORED_KEYWORDS` is a ``TypeError`` naming the decoder."""
-        if kwargs.keys() - _LAYER_KEYWORDS_SET:
-            check_forward_keywords(f"{type(self).__name__}.forward",
-                                   {k: v for k, v in kwargs.items() if k not in _LAYER_KEYWORDS_SET}, _LAYER_KEYWORDS)
+        others = {k: v for k, v in kwargs.items() if k not in _LAYER_KEYWORDS_SET}   # (dynamo 2.4 traces no keys() - set)
+        if others:
+            check_forward_keywords(f"{type(self).__name__}.forward", others, _LAYER_KEYWORDS)
         bias = kwargs.get("attention_bias")
         if isinstance(bias, torch.Tensor) and bias.dim() == 3 and self.layers and not self.layers[0].batch_first:
             kwargs["attention_bias"] = bias.transpose(0, 1)
