@@ -6,8 +6,6 @@ feature is absent. The library runs on torch 2.0 and newer (docs/install.md, "Su
   the dynamo of those releases cannot trace them (compile the model with the attention call excluded);
 * `is_compiling` / `is_exporting`: ``torch.compiler``'s (2.3+ / 2.5+), else ``torch._dynamo``'s when dynamo is
   already imported (it never is imported here), else False (``EXPORT_FLAG``: whether ``torch.compiler`` can tell);
-* `sdpa`: ``scaled_dot_product_attention`` with ``scale=``; where the keyword is absent (torch 2.0) ``q`` is
-  multiplied by ``scale * sqrt(D)`` first (one extra rounding of ``q`` in its own dtype);
 * `custom_op` / `register_autograd`: ``torch.library``'s where it has them; otherwise the decorated function stays a
   plain Python function (``register_fake`` a no-op) and nothing is registered;
 * `custom_op_definitions`: the registry of ``torch.library.custom_op`` ops (empty without them).
@@ -15,14 +13,13 @@ feature is absent. The library runs on torch 2.0 and newer (docs/install.md, "Su
 from __future__ import annotations
 
 import functools
-import math
 import sys
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 
-__all__ = ["CUSTOM_OPS", "EXPORT_FLAG", "is_compiling", "is_exporting", "sdpa", "sdpa_takes_scale", "custom_op",
-           "register_autograd", "custom_op_definitions"]
+__all__ = ["CUSTOM_OPS", "EXPORT_FLAG", "is_compiling", "is_exporting", "custom_op", "register_autograd",
+           "custom_op_definitions"]
 
 #: torch.library's Python custom-op API (torch 2.4+)
 CUSTOM_OPS = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake", "register_autograd"))
@@ -54,30 +51,6 @@ EXPORT_FLAG = _IS_EXPORTING is not None
 def is_exporting() -> bool:
     """True while ``torch.export`` traces the caller."""
     return _IS_EXPORTING() if _IS_EXPORTING is not None else _dynamo_flag("is_exporting")
-
-
-@functools.lru_cache(maxsize=None)
-def sdpa_takes_scale() -> bool:
-    """Whether ``scaled_dot_product_attention`` takes ``scale=`` (torch 2.1+), tried on a 1-element problem."""
-    t = torch.zeros(1, 1, 1, 1)
-    try:
-        torch.nn.functional.scaled_dot_product_attention(t, t, t, scale=1.0)
-    except TypeError:
-        return False
-    return True
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-         dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` with ``scale=`` on every torch (q ``[..., Q, D]``,
-    k ``[..., K, D]``, v ``[..., K, Dv]`` -> ``[..., Q, Dv]``)."""
-    f = torch.nn.functional.scaled_dot_product_attention
-    if scale is None:
-        return f(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-    if sdpa_takes_scale():
-        return f(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-    return f(q * (scale * math.sqrt(q.shape[-1])), k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-             is_causal=is_causal)
 
 
 class _Unregistered:

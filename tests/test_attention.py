@@ -320,7 +320,7 @@ def test_select_backend_explains_its_choice(caplog):
     name, why = sb.select_backend(q, bias)
     assert name == ("fused" if sb.extension_available() else "sparse") and "auto" in why
     assert sb.select_backend(q, None)[0] == "none"
-    requested, why = sb.select_backend(q, bias, "torch")  # (and, before torch 2.4, that compile graph-breaks)
+    requested, why = sb.select_backend(q, bias, "torch")  # (before torch 2.4 also what compile cannot do)
     assert requested == "torch" and why.startswith("requested: native PyTorch gather and index_add"), why
     with caplog.at_level("DEBUG", logger="sparse_bias"):
         sb.sparse_bias_attention(q, k, v, bias)

@@ -48,21 +48,6 @@ def test_select_backend_says_compile_cannot_trace_without_custom_ops(monkeypatch
         assert "no torch.library.custom_op" in why and "torch.compile cannot trace" in why, why
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sdpa_scale_emulation(monkeypatch, dtype):
-    """torch 2.0's SDPA has no ``scale=``: q is scaled first -- SDPA's result up to that one rounding of q."""
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, n, 16, generator=gen, dtype=dtype) for n in (5, 9, 9))
-    mask = torch.randn(2, 1, 5, 9, generator=gen, dtype=dtype)
-    want = _compat.sdpa(q, k, v, attn_mask=mask, scale=0.37)
-    monkeypatch.setattr(_compat, "sdpa_takes_scale", lambda: False)
-    got = _compat.sdpa(q, k, v, attn_mask=mask, scale=0.37)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got, want, rtol=0, atol=64 * eps)
-    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.37 + mask.double(), -1) @ v.double()
-    torch.testing.assert_close(got.double(), ref, rtol=0, atol=64 * eps)
-
-
 def test_dense_pass_without_the_cpu_flash_op(monkeypatch):
     """Without the CPU flash op the chunked kernel runs the dense pass: the same attention."""
     win, q, k, v, wb, wc = make_case(SMALL, seed=5)
