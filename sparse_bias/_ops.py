@@ -166,21 +166,27 @@ register_autograd("sparse_bias::sparse_attention", partial(_backward, _sparse_at
                   setup_context=_setup)
 
 
-class _EagerSparse(torch.autograd.Function):
-    """The eager path of the same op: the same implementation and autograd formula, without the contiguous-output
-    contract the compiled path needs (the CPU flash kernel's gradients come key-major; copying them would cost two
-    passes over k / v per backward)."""
+def _eager_function(name: str, doc: str, forward_impl, backward_impl) -> type:
+    """An ``autograd.Function`` running an op's implementation and autograd formula eagerly (output 0
+    differentiable, the rest saved state)."""
 
-    @staticmethod
     def forward(ctx, *inputs):
-        output = _sparse_impl(*inputs)
+        output = forward_impl(*inputs)
         _setup(ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
         return tuple(output)
 
-    @staticmethod
     def backward(ctx, *grads):
-        return _backward(_sparse_backward_impl, ctx, grads, want_values=ctx.needs_input_grad[3])
+        return _backward(backward_impl, ctx, grads, want_values=ctx.needs_input_grad[3])
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+_EagerSparse = _eager_function(
+    "_EagerSparse", """The eager path of the sparse op: the same implementation and autograd formula, without the
+    contiguous-output contract the compiled path needs (the CPU flash kernel's gradients come key-major; copying them
+    would cost two passes over k / v per backward).""", _sparse_impl, _sparse_backward_impl)
 
 
 def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call,
@@ -238,20 +244,9 @@ register_autograd("sparse_bias::window_attention", partial(_backward, _window_at
                   setup_context=_setup)
 
 
-class _EagerWindow(torch.autograd.Function):
-    """Window attention on a torch without ``torch.library.custom_op``: the op's implementation and autograd
-    formula as an ``autograd.Function``."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _window_attention(*inputs)
-        _setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return tuple(output)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(_window_attention_backward, ctx, grads, want_values=ctx.needs_input_grad[3])
+_EagerWindow = _eager_function(
+    "_EagerWindow", """Window attention on a torch without ``torch.library.custom_op``: the op's implementation and
+    autograd formula as an ``autograd.Function``.""", _window_attention, _window_attention_backward)
 
 
 def window_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call, backend: str) -> Tensor:
