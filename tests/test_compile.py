@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) through the library's custom ops (issue 23, docs/gpu.md).
+"""torch.compile(fullgraph=True) through the library's custom ops (docs/gpu.md).
 
 Each entry point is traced in one graph, forward and backward, and equals eager; window indexes of different sizes
 (``nnz``) reuse the graph (dynamo's counters: one graph, no recompile). The aot_eager backend checks the fake

@@ -1,4 +1,4 @@
-"""Statements in the docs that must agree with what the code does (issue 21, item 6): the backend table of
+"""Statements in the docs that must agree with what the code does: the backend table of
 docs/attention.md against the backend registry and `select_backend`, and the dropout statements against the dense
 pass's kernel choice."""
 import pathlib

@@ -1,4 +1,4 @@
-"""No host synchronisation inside an attention call (issue 23, docs/gpu.md "No host sync, torch.compile, CUDA graphs").
+"""No host synchronisation inside an attention call (docs/gpu.md "No host sync, torch.compile, CUDA graphs").
 
 A `sparse_bias.count_host_syncs` dispatch mode counts the aten ops that make a GPU host wait (``.item()`` /
 ``bool(tensor)`` = ``_local_scalar_dense``, ``nonzero``, ``unique``, ``masked_select``, ``bincount``, ``equal``,

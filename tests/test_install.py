@@ -1,4 +1,4 @@
-"""The install story in a user's own environment (issue 21, item 2).
+"""The install story in a user's own environment.
 
 A plain ``pip install`` builds the wheel in an isolated environment without torch, so the wheel has no
 ``sparse_bias._C``; the package then compiles the kernels on first use (`sparse_bias._extension`) against the

@@ -1,4 +1,4 @@
-"""The keyword contract of the nn modules' ``forward`` (issue 21, item 1): a misspelt keyword is a ``TypeError``
+"""The keyword contract of the nn modules' ``forward``: a misspelt keyword is a ``TypeError``
 naming it and the module, with a "did you mean"; the keywords the dense versions' decoders hand on
 (`MMCV_IGNORED_KEYWORDS`) are accepted and change nothing."""
 import copy
@@ -29,7 +29,7 @@ CMT_DECODER = dict(
         feedforward_channels=32,
         operation_order=("self_attn", "norm", "cross_attn", "norm", "ffn", "norm")))
 
-#: the typos of issue 21 and the keyword each was meant to be
+#: typos users make and the keyword each was meant to be
 TYPOS = [("attention_bais", "attention_bias"), ("attn_bias", "attention_bias"), ("bias", "attention_bias"),
          ("local_windows", "local_window")]
 

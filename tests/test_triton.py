@@ -122,7 +122,7 @@ def test_triton_passes_its_self_check(dtype):
 @active
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_item03_triton_with_module_layouts(dtype):
-    """Issue 20, item 3: q permuted from the projection's [B, Q, H, D] (the dense output is then strided), k with a
+    """q permuted from the projection's [B, Q, H, D] (the dense output is then strided), k with a
     strided last dim and a permuted output gradient: the correction is added through the output's own strides."""
     win, q, k, v, wb, wc = case(per_head=True, seed=6)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
@@ -144,7 +144,7 @@ def test_item03_triton_with_module_layouts(dtype):
 
 @active
 def test_item03_triton_module_matches_dense():
-    """Issue 20, item 3: `SparseBiasMultiheadAttention(backend="triton")` against the same module on "dense"."""
+    """`SparseBiasMultiheadAttention(backend="triton")` against the same module on "dense"."""
     torch.manual_seed(0)
     win, q, k, v, wb, wc = case(per_head=False, seed=8)
     bias = sb.window_bias(win, wb.float(), wc.float())

@@ -1,4 +1,4 @@
-"""The files a library ships (issue 21, item 7): type hints on the public API checked by a type checker, ``py.typed``,
+"""The files a library ships: type hints on the public API checked by a type checker, ``py.typed``,
 one version in the package, setup.cfg, the changelog and the git tag, and the license."""
 import configparser
 import inspect

@@ -1,8 +1,9 @@
-"""Regression tests of issue 20 ("exact on every input users produce"), one per item, named after it.
+"""Exact on the inputs users produce: strided views, padded modalities, empty sizes, fully masked rows, inf
+scores, errors that name the argument.
 
 The reference here is written out in float64 from ``win.indptr`` / ``win.key`` and ``bias.values`` (not the
-library's ``to_dense``). Items 4, 9, 10, 11 (index part) and 13 live in test_index_validation.py, the Triton
-layout item (3) in test_triton.py, the randomised differential test in test_differential.py.
+library's ``to_dense``). Hand-made indexes are tested in test_index_validation.py, the Triton memory layouts in
+test_triton.py, the randomised differential test in test_differential.py.
 """
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def close(got, want, tol=1e-9):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_item01_strided_last_dim_is_exact(backend):
+def test_strided_last_dim_is_exact(backend):
     skip_missing(backend)
     win, q, k, v, wb, wc = make_case(SMALL, batch=2, heads=2, queries=6, dim=4, per_head=True)
     bsz, heads, nk, dim = k.shape
@@ -81,7 +82,7 @@ def test_item01_strided_last_dim_is_exact(backend):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_item02_fully_padded_modality(dropout_p):
+def test_fully_padded_modality(dropout_p):
     layout = sb.KeyLayout(bev_shape=(4, 5), cam_shape=(2, 3, 4))
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(2, 2, 5, 8, generator=gen, dtype=torch.float64)
@@ -111,7 +112,7 @@ def test_item02_fully_padded_modality(dropout_p):
         close(got[:1], [reference(q, k, v, dense, kpm)])
 
 
-def test_item05_empty_sizes_do_not_crash():
+def test_empty_sizes_do_not_crash():
     code = """
 import torch, sparse_bias as sb
 for shape_q, shape_k in [((1, 0, 3, 4), (1, 0, 5, 4)), ((1, 2, 3, 4), (1, 2, 0, 4)), ((0, 2, 3, 4), (0, 2, 5, 4)),
@@ -131,7 +132,7 @@ print("ok")
 
 
 @pytest.mark.parametrize("backend", ["auto"] + WINDOW_BACKENDS + ["dense"])
-def test_item06_window_attention_backward_with_strided_k_v(backend):
+def test_window_attention_backward_with_strided_k_v(backend):
     skip_missing(backend)
     win, q, k, v, wb, wc = make_case(SMALL, batch=2, heads=2, queries=5, dim=3)
     k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -145,7 +146,7 @@ def test_item06_window_attention_backward_with_strided_k_v(backend):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_item07_fully_masked_queries_give_zeros_everywhere(backend, dropout_p):
+def test_fully_masked_queries_give_zeros_everywhere(backend, dropout_p):
     skip_missing(backend)
     win, q, k, v, wb, wc = make_case(SMALL, batch=2, heads=2, queries=5, dim=4, per_head=True)
     kpm = torch.zeros(2, SMALL.num_keys, dtype=torch.bool)
@@ -173,7 +174,7 @@ def test_item07_fully_masked_queries_give_zeros_everywhere(backend, dropout_p):
 
 
 @pytest.mark.parametrize("backend", WINDOW_BACKENDS + ["dense"])
-def test_item08_inf_score_gives_nan_as_sdpa(backend):
+def test_inf_score_gives_nan_as_sdpa(backend):
     skip_missing(backend)
     win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=1, queries=3, dim=2, dtype=torch.float32)
     e0, e1 = int(win.indptr[0]), int(win.indptr[1])
@@ -185,7 +186,7 @@ def test_item08_inf_score_gives_nan_as_sdpa(backend):
     assert torch.isnan(out[0, 0, 0]).all()
 
 
-def test_item11_errors_name_the_argument():
+def test_errors_name_the_argument():
     win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=1, queries=2, dim=4)
     bias = sb.window_bias(win, wb, wc)
     with pytest.raises(TypeError, match="dropout_seed"):
@@ -196,7 +197,7 @@ def test_item11_errors_name_the_argument():
         sb.sparse_bias_attention(q, k, v, bias, scale=float("inf"))
     kpm = torch.zeros(1, SMALL.num_keys)
     kpm[0, 3] = float("inf")
-    sb.set_debug_checks(True)           # device-value checks run under the debug switch (issue 23: no host sync)
+    sb.set_debug_checks(True)           # device-value checks run under the debug switch (no host sync otherwise)
     try:
         with pytest.raises(ValueError, match=r"key_padding_mask contains \+inf"):
             sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm)
@@ -207,7 +208,7 @@ def test_item11_errors_name_the_argument():
     assert torch.isnan(sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm)).all()   # NaN, as SDPA
 
 
-def test_item11_large_head_dim_falls_back_from_the_fused_kernels():
+def test_large_head_dim_falls_back_from_the_fused_kernels():
     win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=1, queries=3, dim=MAX_HEAD_DIM + 88)
     bias = sb.window_bias(win, wb, wc)
     name, why = sb.select_backend(q, bias)
@@ -219,7 +220,7 @@ def test_item11_large_head_dim_falls_back_from_the_fused_kernels():
             sb.sparse_bias_attention(q, k, v, bias, backend="fused")
 
 
-def test_item11_head_dim_one_with_stride_two():
+def test_head_dim_one_with_stride_two():
     win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=2, queries=4, dim=1)
     nk = SMALL.num_keys
     k2 = torch.empty_strided((1, 2, nk, 1), (2 * nk, nk, 1, 2), dtype=torch.float64)   # D = 1 of stride 2
@@ -233,7 +234,7 @@ def test_item11_head_dim_one_with_stride_two():
         close([out], [reference(q, k2, v, window=window_mask(win, 2))])
 
 
-def test_item12_selftest_tolerance_admits_a_correct_bfloat16_build():
+def test_selftest_tolerance_admits_a_correct_bfloat16_build():
     from sparse_bias._precision import tolerance
     eps = torch.finfo(torch.bfloat16).eps
     # the measured failure: dq 1.60e-2 of its largest value, with the naive error under one rounding step
