@@ -112,10 +112,116 @@ def test_cameras_need_a_camera_layout():
         sb.project_points(torch.rand(1, 2, 3), PC, sb.KeyLayout(bev_shape=(9, 9)), torch.zeros(1, 6, 4, 4), IMG)
 
 
-@pytest.mark.parametrize("value", [-0.01, 1.2, 30.0])
-def test_reference_points_outside_the_unit_cube_are_an_error(value):
-    """Metric coordinates passed by mistake would silently give no windows: an error naming the normalisation."""
-    ref = torch.full((1, 2, 3), 0.5)
+def test_points_just_outside_pc_range_get_no_bev_window_and_leave_the_batch_alone():
+    """Propagated / denoised queries leave [0, 1] a little: no BEV window for them, cameras still see them."""
+    layout = sb.KeyLayout(bev_shape=(180, 180), cam_shape=(2, 40, 100))
+    lidar2img = torch.stack([camera(0), camera(180)]).unsqueeze(0)
+    inside = normalise([[10.0, 0.0, 0.0], [10.0, 2.0, 1.0], [-10.0, 0.0, -2.0], [3.0, -4.0, 1.5]])
+    outside = torch.tensor([[[1.05, 0.4956, 0.5656],  # 59.4 m ahead: off the BEV grid, in view 0 (808, 328) px
+                             [0.5, -0.05, 0.5],       # below y_min
+                             [-0.05, 0.4956, 0.5656], # 59.4 m behind: in view 1 at (792, 328) px
+                             [0.75, 0.5, 1.05],       # above z_max: z selects no BEV cell, so the window stays
+                             [0.5, 0.5, -0.05]]], dtype=torch.float64)
+    ref = torch.cat([inside[:, :2], outside, inside[:, 2:]], dim=1)
+    bev_pos, cam_pos = sb.project_points(ref, PC, layout, lidar2img, IMG)
+    bev_in, cam_in = sb.project_points(inside, PC, layout, lidar2img, IMG)
+    keep = [0, 1, 7, 8]
+    assert torch.equal(bev_pos[:, keep], bev_in) and torch.equal(cam_pos[:, keep], cam_in)
+    assert bev_pos[0, 2:7].tolist() == [[-1, -1], [-1, -1], [-1, -1], [90, 135], [90, 90]]
+    # (x, y, z) = (59.4, -0.4752, -0.4752) m: u = 800 + 1000 * 0.4752 / 59.4 = 808, v = 328 -> cell (20, 50)
+    assert cam_pos[0, 2].tolist() == [[0, 20, 50], [-1, -1, -1]]
+    assert cam_pos[0, 4].tolist() == [[1, 20, 49], [-1, -1, -1]]
+    assert cam_pos[0, 5].tolist() == [[0, 12, 50], [-1, -1, -1]]     # 3.4 m high at 27 m: v = 194.1 px
+
+    # Their windows: none on the BEV grid, the camera window as for any point; the other queries unchanged.
+    win = sb.local_windows(layout, bev_pos, cam_pos, bev_window=5, cam_window=3)
+    win_in = sb.local_windows(layout, bev_in, cam_in, bev_window=5, cam_window=3)
+    per_query = win.source.new_zeros(9, 2, dtype=torch.long).index_put_(
+        (win.row, win.source.long()), torch.ones_like(win.row), accumulate=True)
+    assert per_query[2:7].tolist() == [[0, 9], [0, 0], [0, 9], [25, 9], [25, 0]]
+    dense, dense_in = win.to_dense_mask()[0], win_in.to_dense_mask()[0]
+    assert torch.equal(dense[keep], dense_in)
+
+    # Attention over those windows: the camera-only queries attend to their camera window, the query with no
+    # window at all gets zeros (a fully masked row), exactly as the dense masked softmax.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 4, generator=gen, dtype=torch.float64)
+               for n in (9, layout.num_keys, layout.num_keys))
+    out = sb.window_attention(q, k, v, win)
+    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~win.to_dense_mask()[:, None], float("-inf"))
+    expected = torch.nan_to_num(torch.softmax(scores, dim=-1)) @ v
+    assert torch.allclose(out, expected, atol=1e-12) and (out[:, :, 3] == 0).all()
+
+
+@pytest.mark.parametrize("value", [-0.5, 1.5])
+def test_range_rule_boundary_is_accepted(value):
+    """[-0.5, 1.5] is accepted (no BEV window outside [0, 1]); the next float beyond is refused."""
+    ref = torch.full((1, 2, 3), 0.5, dtype=torch.float64)
     ref[0, 1, 0] = value
-    with pytest.raises(ValueError, match=r"ref_points must be normalised to \[0, 1\] over pc_range"):
+    bev_pos, _ = sb.project_points(ref, PC, sb.KeyLayout(bev_shape=(9, 9)))
+    assert bev_pos.tolist() == [[[4, 4], [-1, -1]]]
+    ref[0, 1, 0] = torch.nextafter(torch.tensor(value, dtype=torch.float64),
+                                   torch.tensor(value * 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"within \[-0.5, 1.5\].*metric coordinates\?"):
         sb.project_points(ref, PC, sb.KeyLayout(bev_shape=(9, 9)))
+
+
+@pytest.mark.parametrize("value, axis", [(-0.51, 0), (1.51, 1), (30.0, 0), (-5.0, 2), (3.0, 2)])
+def test_values_that_cannot_be_normalised_are_an_error(value, axis):
+    """Metric coordinates passed by mistake would silently give no windows: an error naming the normalisation
+    and the offending entry."""
+    ref = torch.full((1, 2, 3), 0.5)
+    ref[0, 1, axis] = value
+    with pytest.raises(ValueError, match=rf"ref_points must be normalised over pc_range.*ref_points\[0, 1, {axis}\]"):
+        sb.project_points(ref, PC, sb.KeyLayout(bev_shape=(9, 9)))
+
+
+def test_a_batch_of_metric_points_is_an_error():
+    with pytest.raises(ValueError, match=r"metric coordinates\?"):
+        sb.project_points(torch.tensor([[[10.0, 0.0, 0.0], [-20.0, 5.0, 1.0]]]), PC,
+                          sb.KeyLayout(bev_shape=(180, 180)))
+
+
+def test_img_shape_as_width_height_is_refused_by_the_layout_aspect():
+    """(1600, 640) read as (h, w) gives 40 x 6.4 px per cell of a 40 x 100 feature map; read swapped 16 x 16."""
+    layout = sb.KeyLayout(cam_shape=(2, 40, 100))
+    lidar2img = torch.stack([camera(0), camera(180)]).unsqueeze(0)
+    with pytest.raises(ValueError, match=r"img_shape must be the padded image \(height, width\), got \(1600, 640\)"
+                                         r".*height 1600, width 640.*height 640, width 1600.*img_shape=\(640, 1600\)"):
+        sb.project_points(normalise([[10.0, 0.0, 0.0]]), PC, layout, lidar2img, (1600, 640))
+
+
+def test_img_shape_as_width_height_is_refused_by_the_principal_point():
+    """With the layout transposed as well the strides agree; the cameras' principal point (800, 320) lies outside
+    an image 1600 high and 640 wide, inside one 640 high and 1600 wide."""
+    layout = sb.KeyLayout(cam_shape=(2, 100, 40))
+    lidar2img = torch.stack([camera(0), camera(180)]).unsqueeze(0)
+    with pytest.raises(ValueError, match=r"img_shape must be .*principal point \(cx, cy\) = \(800.0, 320.0\)"
+                                         r".*img_shape=\(640, 1600\)"):
+        sb.project_points(normalise([[10.0, 0.0, 0.0]]), PC, layout, lidar2img, (1600, 640))
+
+
+def test_principal_point_of_a_rotated_skewed_camera():
+    """cx, cy are read back from lidar2img = K [R | t] for any rotation, translation and skew."""
+    from sparse_bias.projection import _principal_points
+    intr = torch.tensor([[900.0, 3.0, 611.0, 0], [0, 950.0, 277.0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+                        dtype=torch.float64)
+    ext = torch.eye(4, dtype=torch.float64)
+    ext[:3, :3] = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+    ext[:3, 3] = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    cx, cy, valid = _principal_points((2.0 * intr @ ext)[None, None])        # a scaled matrix: the same camera
+    assert valid.item() and cx.item() == pytest.approx(611.0) and cy.item() == pytest.approx(277.0)
+
+
+@pytest.mark.parametrize("img_shape, cam_shape", [((640, 1600), (2, 40, 100)), ((900, 1600), (2, 57, 100)),
+                                                  ((1000, 1000), (2, 50, 50))])
+def test_matching_img_shapes_are_accepted(img_shape, cam_shape):
+    """No refusal for a consistent (height, width), an unpadded height, a square image, a view cropped so its
+    principal point leaves the image (the other view keeps it), or matrices of no camera (zeros)."""
+    lidar2img = torch.stack([camera(0), camera(180)]).unsqueeze(0)
+    lidar2img[0, 1, 0, :] += 1000.0 * lidar2img[0, 1, 2, :]                  # view 1: cx 800 -> 1800, outside
+    layout = sb.KeyLayout(cam_shape=cam_shape)
+    sb.project_points(normalise([[10.0, 0.0, 0.0]]), PC, layout, lidar2img, img_shape)
+    _, cam_pos = sb.project_points(normalise([[10.0, 0.0, 0.0]]), PC, layout, torch.zeros(1, 2, 4, 4), img_shape)
+    assert (cam_pos == -1).all()
+
