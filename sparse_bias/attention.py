@@ -17,8 +17,9 @@ from ._exact_rows import EXACT_ROW_RATIO
 from ._modality_function import _ModalityBiasAttention
 from ._reference import dense_attention
 from ._ops import sparse_op
-from ._validation import (additive_mask, check_dense_bias, check_dropout, check_modality_bias, check_qkv,
-                          check_scale, check_sparse_bias, dropout_seed as _call_seed, zeros_like_output)
+from ._validation import (MaskConventions, additive_mask, check_dense_bias, check_dropout, check_modality_bias,
+                          check_qkv, check_scale, check_sparse_bias, dropout_seed as _call_seed, functional_masks,
+                          zeros_like_output)
 from .backends import backend_names
 from .bias import ModalityBias, SparseBias
 from .dispatch import choose_backend
@@ -27,6 +28,9 @@ __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "E
 
 #: The ``backend=`` choices of `sparse_bias_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 BACKEND_NAMES = ("auto",) + backend_names("correction") + ("dense",)
+
+_SPARSE_MASKS = functional_masks("sparse_bias_attention")
+_DENSE_MASKS = functional_masks("dense_bias_attention")
 
 
 def select_backend(q: torch.Tensor, bias: Union[SparseBias, ModalityBias, torch.Tensor, None] = None,
@@ -81,8 +85,10 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
     Args:
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]``.
         dense_bias: ``[B, Q, K]`` (shared by heads) or ``[B, H, Q, K]``, or None.
-        key_padding_mask: bool ``[B, K]``, True = ignore that key.
+        key_padding_mask: ``[B, K]``: bool (True = ignore that key), uint8 (nonzero = ignore) or an additive
+            float mask (0 = keep, ``-inf`` = ignore), as for `sparse_bias_attention`.
         attn_mask: bool (True = attend, the SDPA convention) or additive float, broadcastable to ``[B, H, Q, K]``.
+            Mask values are checked as in `sparse_bias_attention` (docs/masks.md).
         dropout_p: attention dropout on the probabilities, with the counter-based mask of
             `sparse_bias.kernels.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
         scale: softmax scale, default ``1 / sqrt(D)``.
@@ -91,14 +97,21 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
         ``[B, H, Q, D]``. A fully masked query row (every key masked, or no keys) gives zeros and zero gradients
         (docs/conventions.md).
     """
+    return _dense_bias_attention(q, k, v, dense_bias, key_padding_mask, attn_mask, dropout_p, scale, dropout_seed,
+                                 _DENSE_MASKS)
+
+
+def _dense_bias_attention(q, k, v, dense_bias, key_padding_mask, attn_mask, dropout_p, scale, dropout_seed,
+                          conventions: Optional[MaskConventions]) -> torch.Tensor:
+    """`dense_bias_attention`, its masks' values checked against ``conventions`` (None: not checked)."""
     check_qkv(q, k, v)
     scale = check_scale(scale, q)
     check_dropout(dropout_p)
     seed = _call_seed(dropout_p, dropout_seed)
     if dense_bias is not None:
         check_dense_bias(dense_bias, q, k)
-    return dense_attention(q, k, v, dense_bias, Call.of(q, scale, additive_mask(q, k, key_padding_mask, attn_mask),
-                                                        dropout_p, seed))
+    mask = additive_mask(q, k, key_padding_mask, attn_mask, conventions)
+    return dense_attention(q, k, v, dense_bias, Call.of(q, scale, mask, dropout_p, seed))
 
 
 def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -117,9 +130,15 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         bias: a `SparseBias` (values ``[nnz]`` shared by heads or ``[nnz, H]``), a dense tensor
             ``[B, Q, K]`` / ``[B, H, Q, K]`` (taken through the dense path), or None (plain attention).
         key_padding_mask: ``[B, K]``: bool (True = ignore that key, the mmcv / nn.MultiheadAttention
-            convention), uint8 (nonzero = ignore) or an additive float mask (all zeros = no mask, no cost).
+            convention), uint8 (nonzero = ignore) or an additive float mask (0 = keep, ``-inf`` = ignore; all
+            zeros, as CMT passes it, equals no mask).
         attn_mask: dense bool (True = attend, the ``scaled_dot_product_attention`` convention) or additive
-            float mask broadcastable to ``[B, H, Q, K]``; not differentiated.
+            float mask (0 = keep, ``-inf`` = blocked) broadcastable to ``[B, H, Q, K]``; not differentiated.
+            A float mask holding 1.0 and otherwise only 0.0 (either argument) is a `ValueError`: it is a 0/1 mask
+            of some other convention, never an additive one. Masks blocking every key of every query give a
+            ``UserWarning`` naming the argument (the output is zeros). These checks read the masks' values: every
+            call for CPU tensors, once per process on a GPU (one host sync), every call under
+            `sparse_bias.set_debug_checks` (docs/masks.md).
         dropout_p: attention dropout on the final (biased) probabilities, as in the dense reference; each
             (b, h, q, key) is kept or dropped by a counter-based hash of ``dropout_seed`` (drawn from torch's
             RNG when None), so the dense pass, the correction and the backward agree. The dense pass then
@@ -152,6 +171,13 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         >>> torch.allclose(out, ref, atol=1e-5)
         True
     """
+    return _sparse_bias_attention(q, k, v, bias, key_padding_mask, attn_mask, dropout_p, scale, backend, dropout_seed,
+                                  _SPARSE_MASKS)
+
+
+def _sparse_bias_attention(q, k, v, bias, key_padding_mask, attn_mask, dropout_p, scale, backend, dropout_seed,
+                           conventions: Optional[MaskConventions]) -> torch.Tensor:
+    """`sparse_bias_attention`, its masks' values checked against ``conventions`` (the modules pass their own)."""
     check_qkv(q, k, v)
     scale = check_scale(scale, q)
     check_dropout(dropout_p)
@@ -166,8 +192,8 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     seed = _call_seed(dropout_p, dropout_seed)
     if name == "dense":
         dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()
-        return dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed)
-    call = Call.of(q, scale, additive_mask(q, k, key_padding_mask, attn_mask), dropout_p, seed)
+        return _dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed, conventions)
+    call = Call.of(q, scale, additive_mask(q, k, key_padding_mask, attn_mask, conventions), dropout_p, seed)
     if q.numel() == 0 or k.shape[2] == 0:        # nothing to attend (K = 0: every row fully masked): zeros
         return zeros_like_output(q, k, v, None if bias is None else bias.values)
     if name == "none":

@@ -19,8 +19,8 @@ import torch
 
 from ._call import Call
 from ._reference import dense_window_attention
-from ._validation import (additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
-                          zeros_like_output)
+from ._validation import (MaskConventions, additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
+                          functional_masks, zeros_like_output)
 from ._validation import dropout_seed as _call_seed
 from ._ops import window_op
 from .backends import backend_names
@@ -32,6 +32,8 @@ __all__ = ["window_attention", "select_window_backend", "WINDOW_BACKENDS"]
 
 #: The ``backend=`` choices of `window_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 WINDOW_BACKENDS = ("auto",) + backend_names("window") + ("dense",)
+
+_WINDOW_MASKS = functional_masks("window_attention")
 
 
 def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, str]:
@@ -101,7 +103,9 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
         bias: optional `SparseBias` on the same index (values ``[nnz]`` or ``[nnz, H]``): a local bias
             inside the local mask.
         key_padding_mask: ``[B, K]``: bool (True = ignore that key), uint8 (nonzero = ignore) or an additive
-            float mask (``torch.nn.MultiheadAttention``'s conventions).
+            float mask (0 = keep, ``-inf`` = ignore): ``torch.nn.MultiheadAttention``'s conventions. Its values
+            are checked as in `sparse_bias.sparse_bias_attention`: a float 0/1 mask is a `ValueError`, a mask
+            ignoring every key a ``UserWarning`` (docs/masks.md).
         dropout_p: attention dropout on the window probabilities, with the counter-based mask of
             `sparse_bias.sparse_bias_attention` (the same decisions as the dense reference for the same
             ``dropout_seed``; drawn from torch's RNG when None). Pass 0 at evaluation.
@@ -125,6 +129,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
         >>> torch.allclose(out, ref, atol=1e-5)
         True
     """
+    return _window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, backend, dropout_seed,
+                             _WINDOW_MASKS)
+
+
+def _window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, backend, dropout_seed,
+                      conventions: Optional[MaskConventions]) -> torch.Tensor:
+    """`window_attention`, its mask's values checked against ``conventions`` (the modules pass their own)."""
     check_qkv(q, k, v)
     _check_window(win, q, k)
     scale = check_scale(scale, q)
@@ -132,7 +143,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
     if bias is not None:
         _check_bias_index(bias, win)
         check_sparse_bias(bias, q, k)
-    mask = additive_mask(q, k, key_padding_mask, None)                         # [B, 1, 1, K] or None
+    mask = additive_mask(q, k, key_padding_mask, None, conventions)            # [B, 1, 1, K] or None
     name, _ = select_window_backend(q, backend)
     call = Call.of(q, scale, mask, dropout_p, _call_seed(dropout_p, dropout_seed))
     if name == "dense":

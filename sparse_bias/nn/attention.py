@@ -12,10 +12,10 @@ from torch import Tensor
 from einops import rearrange
 from torch import nn
 
-from .._validation import normalize_key_padding_mask
-from ..attention import dense_bias_attention, sparse_bias_attention
+from .._validation import module_masks, normalize_key_padding_mask
+from ..attention import _dense_bias_attention, _sparse_bias_attention
 from ..bias import ModalityBias, SparseBias
-from ..window_attention import window_attention
+from ..window_attention import _window_attention
 from ..windows import WindowIndex
 
 __all__ = ["SparseBiasMultiheadAttention", "MMCV_IGNORED_KEYWORDS"]
@@ -117,12 +117,17 @@ class SparseBiasMultiheadAttention(nn.Module):
             query_pos: positional encoding added to the query.
             key_pos: positional encoding added to the key (not the value); falls back to ``query_pos``
                 when their shapes match (mmcv's rule).
-            attn_mask: ``nn.MultiheadAttention`` convention: ``[Q, K]`` or ``[B * H, Q, K]``, bool (True = *not*
-                allowed), uint8 (nonzero = not allowed) or an additive float mask.
+            attn_mask: mmcv's and ``nn.MultiheadAttention``'s convention: ``[Q, K]`` or ``[B * H, Q, K]``, bool
+                (True = blocked), uint8 (nonzero = blocked) or an additive float mask (0 = keep, ``-inf`` =
+                blocked) -- the opposite bool convention of `sparse_bias.sparse_bias_attention`'s ``attn_mask``.
                 A `WindowIndex` here is taken as ``local_window`` (so ``attn_masks=[win]`` of a PETR
                 decoder layer turns a LAM layer's dense mask into window attention).
             key_padding_mask: ``[B, K]`` as ``nn.MultiheadAttention`` takes it: bool (True = ignore), uint8
-                (nonzero = ignore) or an additive float mask. CMT's all-zero float mask costs nothing.
+                (nonzero = ignore) or an additive float mask. CMT's all-zero float mask equals no mask.
+                For both masks, a float mask holding 1.0 and otherwise only 0.0 is a `ValueError`, and a mask
+                blocking every key of every query a ``UserWarning`` (the attention output would be zeros, the
+                result ``identity + out_proj.bias``); the messages name the argument and this convention
+                (docs/masks.md, also for when the values are read).
             attention_bias: a `SparseBias` / `ModalityBias` (layout-free; its sequence-first view
                 ``bias.transpose(0, 1)``, as CMTTEST's ``CmtTransformer`` makes it, is taken unless ``batch_first``),
                 a dense tensor in the module's sequence layout -- ``[Q, B, K]`` (as the origin design and CMTTEST
@@ -187,14 +192,14 @@ class SparseBiasMultiheadAttention(nn.Module):
             if attention_bias is not None and not isinstance(attention_bias, SparseBias):
                 raise TypeError(f"with local_window, attention_bias must be a SparseBias on that window index or "
                                 f"None, got {type(attention_bias).__name__}")
-            out = window_attention(q, k, v, local_window, bias=attention_bias, key_padding_mask=key_padding_mask,
-                                   dropout_p=dropout_p, backend=self.backend)
+            out = _window_attention(q, k, v, local_window, attention_bias, key_padding_mask, dropout_p, None,
+                                    self.backend, None, module_masks(type(self).__name__))
         else:
             if isinstance(attention_bias, torch.Tensor):
                 attention_bias = self._dense_bias(attention_bias, q.shape[0], heads, q.shape[2], k.shape[2])
             mask = _convert_attn_mask(attn_mask, q.shape[0], heads, q.shape[2], k.shape[2])
-            out = sparse_bias_attention(q, k, v, attention_bias, key_padding_mask=key_padding_mask, attn_mask=mask,
-                                        dropout_p=dropout_p, backend=self.backend)
+            out = _sparse_bias_attention(q, k, v, attention_bias, key_padding_mask, mask, dropout_p, None,
+                                         self.backend, None, module_masks(type(self).__name__))
             if isinstance(attention_bias, SparseBias) and getattr(attention_bias, "debug", False):
                 _debug_check(q, k, v, attention_bias, key_padding_mask, mask, out)
         out = self.attn.out_proj(rearrange(out, f"b h n d -> {layout}"))
@@ -282,6 +287,10 @@ def _convert_attn_mask(attn_mask, batch, heads, nq, nk):
         return None
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a tensor, a WindowIndex or None, got {type(attn_mask).__name__}")
+    if not (attn_mask.dtype in (torch.bool, torch.uint8) or attn_mask.is_floating_point()):
+        raise TypeError(f"attn_mask must be bool (True = blocked, mmcv's and nn.MultiheadAttention's convention), "
+                        f"uint8 (nonzero = blocked) or an additive float mask (0 = keep, -inf = blocked), "
+                        f"got {attn_mask.dtype}")
     if tuple(attn_mask.shape) not in ((nq, nk), (batch * heads, nq, nk)):
         raise ValueError(f"attn_mask must be [Q, K] = [{nq}, {nk}] or [B * H, Q, K] = [{batch * heads}, {nq}, {nk}] "
                          f"(nn.MultiheadAttention's layout), got shape {tuple(attn_mask.shape)}")
@@ -328,7 +337,8 @@ def _debug_check(q, k, v, bias, key_padding_mask, mask, out, samples: int = 8):
         if mask is not None:
             m = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
             sub_mask = m[:, :, rows] if m.shape[2] > 1 else m
-        ref = dense_bias_attention(q[:, :, rows], k, v, bias.to_dense(rows), key_padding_mask, sub_mask)
+        ref = _dense_bias_attention(q[:, :, rows], k, v, bias.to_dense(rows), key_padding_mask, sub_mask, 0.0, None,
+                                    None, None)
         err = float((out[:, :, rows].float() - ref.float()).abs().max()) if rows.numel() else 0.0
         vals = bias.values.detach().float()
         stats = (float(vals.min()), float(vals.mean()), float(vals.max())) if vals.numel() else (0.0, 0.0, 0.0)
