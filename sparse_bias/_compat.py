@@ -8,7 +8,9 @@ feature is absent. The library runs on torch 2.0 and newer (docs/install.md, "Su
   already imported (it never is imported here), else False (``EXPORT_FLAG``: whether ``torch.compiler`` can tell);
 * `custom_op` / `register_autograd`: ``torch.library``'s where it has them; otherwise the decorated function stays a
   plain Python function (``register_fake`` a no-op) and nothing is registered;
-* `custom_op_definitions`: the registry of ``torch.library.custom_op`` ops (empty without them).
+* `custom_op_definitions`: the registry of ``torch.library.custom_op`` ops (empty without them);
+* `not_traced`: ``torch.compiler.disable`` without importing dynamo here (through ``torch._compile``'s lazy
+  ``_disable_dynamo``, 2.1+; without it the function stays as it is).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Callable, Dict
 import torch
 
 __all__ = ["CUSTOM_OPS", "EXPORT_FLAG", "is_compiling", "is_exporting", "custom_op", "register_autograd",
-           "custom_op_definitions"]
+           "custom_op_definitions", "not_traced"]
 
 #: torch.library's Python custom-op API (torch 2.4+)
 CUSTOM_OPS = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake", "register_autograd"))
@@ -51,6 +53,39 @@ EXPORT_FLAG = _IS_EXPORTING is not None
 def is_exporting() -> bool:
     """True while ``torch.export`` traces the caller."""
     return _IS_EXPORTING() if _IS_EXPORTING is not None else _dynamo_flag("is_exporting")
+
+
+try:        # ``torch.compiler.disable`` importing dynamo when the function is first called (torch 2.1+)
+    from torch._compile import _disable_dynamo as _LAZY_DISABLE
+except ImportError:
+    _LAZY_DISABLE = None
+
+
+def not_traced(reason: str) -> Callable[[Callable], Callable]:
+    """Decorator: the function runs outside ``torch.compile``'s tracing (``torch.compiler.disable``).
+
+    A call from a compiled region breaks the user's graph there, once and quietly (no warning: dynamo logs it
+    under ``TORCH_LOGS=graph_breaks``), and runs the function eagerly; nothing inside it is traced, so its
+    data-dependent checks never show up as graph breaks of their own. Under ``fullgraph=True`` dynamo refuses
+    the call with an ``Unsupported`` error naming the function (and, from torch 2.8, quoting ``reason``). Dynamo is not imported here: until
+    something imports it, nothing can be compiling and the function is called directly. Without
+    ``torch._compile._disable_dynamo`` (torch 2.0) the function is returned as it is."""
+    def wrap(fn: Callable) -> Callable:
+        if _LAZY_DISABLE is None:
+            return fn
+        disabled = _LAZY_DISABLE(fn)
+
+        @functools.wraps(fn)
+        def outside_compile(*args, **kwargs):
+            if "torch._dynamo" not in sys.modules:       # no dynamo: nothing is compiling
+                return fn(*args, **kwargs)
+            return disabled(*args, **kwargs)
+        # Dynamo does not inline a function carrying these: it breaks the graph at the call (or, with
+        # fullgraph=True, raises Unsupported quoting the message).
+        outside_compile._torchdynamo_disable = True
+        outside_compile._torchdynamo_disable_msg = reason
+        return outside_compile
+    return wrap
 
 
 class _Unregistered:

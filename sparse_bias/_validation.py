@@ -49,6 +49,7 @@ def check_sparse_bias(bias: SparseBias, q, k):
         raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
     check_device("bias", bias.values, q.device, "q")
     idx.validate()                                    # keys in range, ascending, unique: once per index object
+    bias._leave_inference_mode()                      # values made under torch.inference_mode(): copied once
     debug_check_finite("bias.values", bias.values.detach())
 
 
@@ -61,6 +62,7 @@ def check_modality_bias(bias: ModalityBias, q, k):
     if bias.num_heads is not None and bias.num_heads != heads:
         raise ValueError(f"bias has per-head values for H = {bias.num_heads} but q has {heads} heads")
     check_device("bias", bias.values, q.device, "q")
+    bias._leave_inference_mode()                      # values made under torch.inference_mode(): copied once
     debug_check_finite("bias.values", bias.values.detach())
 
 

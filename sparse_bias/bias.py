@@ -8,9 +8,10 @@ from typing import Optional, Sequence, TypeVar, Union
 import torch
 
 from ._checks import check_device, check_tensor, cuda_device, debug_check_finite, parse_to
+from ._compat import is_compiling
 from .layout import KeyLayout
 from .profiles import PROFILES, flat, get_profile, sigma_pair  # noqa: F401  (PROFILES: the old `bias.PROFILES`)
-from .windows import WindowIndex
+from .windows import WindowIndex, _mark_dynamic
 
 __all__ = ["SparseBias", "ModalityBias", "window_bias"]
 
@@ -63,6 +64,12 @@ class _ValuesLike(abc.ABC):
     def detach(self: _T) -> _T:
         """The same bias with its values detached from the graph."""
         return self._keep_layout(self._with_values(self.values.detach(), None))
+
+    def _leave_inference_mode(self) -> None:
+        """Swap values made under ``torch.inference_mode()`` for a normal copy when used outside it (autograd cannot
+        save inference tensors for backward); the attention ops call it at every call, a no-op after the first."""
+        if not is_compiling() and self.values.is_inference() and not torch.is_inference_mode_enabled():
+            self.values = self.values.clone()
 
     def _keep_layout(self: _T, other: _T) -> _T:
         if self._seq_first:
@@ -132,6 +139,9 @@ class SparseBias(_ValuesLike):
     ``to_dense()`` materialises the origin design's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like:
     ``dtype``, ``device``, ``num_heads``, ``to`` / ``cpu`` / ``cuda`` (the index moves with the values),
     ``detach``, ``transpose(0, 1)`` (the sequence-first view ``[Q, B, K]``, no copy; see `transpose`).
+
+    A bias made under ``torch.inference_mode()`` (index and values) can be used outside it, in training too: the
+    attention ops swap its inference tensors for normal copies at the first such call.
     """
 
     _HEAD_DIM = 1
@@ -146,6 +156,7 @@ class SparseBias(_ValuesLike):
         check_device("values", values, index.device, "index")
         self.index = index
         self.values = values
+        _mark_dynamic(values)        # under torch.compile, biases of every nnz share a graph, as their indexes do
 
     def _with_values(self, values: torch.Tensor, device: Optional[torch.device]) -> "SparseBias":
         return SparseBias(self.index.to(device) if device is not None else self.index, values)

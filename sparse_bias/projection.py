@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ._checks import check_device, check_tensor
+from ._compat import not_traced
 from .layout import KeyLayout
 
 __all__ = ["project_points"]
@@ -73,6 +74,9 @@ def _swapped_by_principal_point(cx, cy, valid, img_h: float, img_w: float) -> to
     return valid.any() & (~valid | (outside & inside_swapped)).all()
 
 
+@not_traced("sparse_bias: project_points checks its inputs' values and builds the cells a window index is made "
+            "from, so it runs outside torch.compile's graph; with fullgraph=True (or torch.export) project the "
+            "points before the compiled region and pass the cells or the index in")
 def project_points(ref_points: torch.Tensor, pc_range: Sequence[float], layout: KeyLayout,
                    lidar2img: Optional[torch.Tensor] = None, img_shape: Optional[Sequence[int]] = None,
                    max_views: int = 2) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

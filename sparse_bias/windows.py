@@ -7,7 +7,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ._compat import is_compiling, is_exporting
+from ._compat import is_compiling, is_exporting, not_traced
 from ._checks import check_device, check_tensor, check_window_size, cuda_device, parse_to
 from ._entries import Entries, build_entries, entry_rows
 from .layout import KeyLayout
@@ -55,6 +55,10 @@ class WindowIndex:
       once without touching tensor values (the attention ops call it at every call), and `to` copies keep it.
       Indexes built by `local_windows` are valid by construction and come out already validated. An index
       changed in place after validation is not checked again.
+
+    An index built under ``torch.inference_mode()`` (or whose cached structures were first derived there) is
+    usable outside it, in training too: the first call outside inference mode swaps its tensors for normal copies
+    (``clone``, once per index object, no host sync); inference tensors cannot be saved for backward.
     """
 
     layout: KeyLayout
@@ -108,6 +112,34 @@ class WindowIndex:
             size = getattr(self, name)
             if isinstance(size, bool) or not isinstance(size, (int, torch.Tensor)):
                 raise TypeError(f"{name} must be an int or a LongTensor [B, Q], got {type(size).__name__}")
+        if not (is_compiling() or is_exporting()) and any(t.is_inference() for t in self._tensors().values()):
+            self._cache["inference"] = True
+
+    _TENSOR_FIELDS = ("indptr", "key", "source", "dy", "dx", "bev_pos", "cam_pos", "bev_window", "cam_window")
+
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        """The tensor fields, by name."""
+        return {name: t for name, t in ((n, getattr(self, n)) for n in self._TENSOR_FIELDS)
+                if isinstance(t, torch.Tensor)}
+
+    def _cached(self, name: str, value):
+        """Cache a derived structure; one derived under ``torch.inference_mode()`` holds inference tensors, noted
+        so that the index leaves inference mode before it is used outside (`validate`)."""
+        if not is_compiling() and torch.is_inference_mode_enabled():
+            self._cache["inference"] = True
+        self._cache[name] = value
+        return value
+
+    def _leave_inference_mode(self) -> None:
+        """Swap the inference tensors (built under ``torch.inference_mode()``) for normal copies, and derive the
+        cached structures again: autograd cannot save inference tensors for backward. Once per index object."""
+        for name, t in self._tensors().items():
+            if t.is_inference():
+                setattr(self, name, t.clone())
+        for name in ("row", "entries", "modality_segments"):
+            self._cache.pop(name, None)
+        self._cache.pop("inference", None)
+        self.entries()
 
     def validate(self) -> "WindowIndex":
         """Check the index's device values once per object; returns ``self``.
@@ -118,54 +150,14 @@ class WindowIndex:
         position. The first call costs two host syncs; the result is cached in the object, so later calls
         return immediately without reading any tensor (no device work, no sync).
         """
+        if self._cache.get("inference") and not is_compiling() and not torch.is_inference_mode_enabled():
+            self._leave_inference_mode()
         if self._cache.get("validated"):
             return self
         if is_exporting():        # an exported program cannot read values: it trusts its index
             self.entries()
             return self
-        nnz, indptr = self.nnz, self.indptr
-        # Phase 1: the CSR pointers (one sync); the rows of phase 2 are only meaningful once they hold.
-        flags = torch.stack([indptr[0] != 0, (indptr[1:] < indptr[:-1]).any(), indptr[-1] != nnz]).tolist()
-        if flags[0]:
-            raise ValueError(f"indptr[0] must be 0, got {int(indptr[0])}")
-        if flags[1]:
-            i = int((indptr[1:] < indptr[:-1]).nonzero()[0, 0])
-            raise ValueError(f"indptr must be non-decreasing, got indptr[{i}] = {int(indptr[i])} > "
-                             f"indptr[{i + 1}] = {int(indptr[i + 1])}")
-        if flags[2]:
-            raise ValueError(f"indptr[-1] must equal nnz = key.numel() = {nnz}, got {int(indptr[-1])}")
-        if nnz:
-            # Phase 2: keys and sources (one sync).
-            key, src, nk = self.key, self.source.long(), self.layout.num_keys
-            row = self.row
-            key_bad = (key < 0) | (key >= nk)
-            order_bad = (row[1:] == row[:-1]) & (key[1:] <= key[:-1])
-            src_bad = (src != SOURCE_BEV) & (src != SOURCE_CAM)
-            modality_bad = src != (key >= self.layout.num_bev_keys).long()
-            flags = torch.stack([key_bad.any(), order_bad.any(), src_bad.any(), modality_bad.any()]).tolist()
-            nq = max(self.num_queries, 1)
-
-            def query(e):
-                r = int(row[e])
-                return f"({r // nq}, {r % nq})"
-            if flags[0]:
-                e = int(key_bad.nonzero()[0, 0])
-                raise ValueError(f"key[{e}] = {int(key[e])} (query {query(e)}) is out of range [0, {nk}) "
-                                 f"of the layout")
-            if flags[1]:
-                e = int(order_bad.nonzero()[0, 0])
-                k0, k1 = int(key[e]), int(key[e + 1])
-                what = f"repeats key {k1}" if k0 == k1 else f"has key {k1} after key {k0}"
-                raise ValueError(f"key must ascend and be unique within each query; query {query(e)} {what} "
-                                 f"(entries {e} and {e + 1})")
-            if flags[2]:
-                e = int(src_bad.nonzero()[0, 0])
-                raise ValueError(f"source must be 0 (BEV) or 1 (camera), got source[{e}] = {int(src[e])}")
-            if flags[3]:
-                e = int(modality_bad.nonzero()[0, 0])
-                kind = "camera" if int(key[e]) >= self.layout.num_bev_keys else "BEV"
-                raise ValueError(f"source[{e}] = {int(src[e])} but key[{e}] = {int(key[e])} is a {kind} key "
-                                 f"(BEV keys are [0, {self.layout.num_bev_keys}))")
+        _check_values(self)
         self.entries()
         self._cache["validated"] = True
         return self
@@ -179,7 +171,7 @@ class WindowIndex:
             seg = self.row * 2 + self.source.long()
             _mark_dynamic(seg)
             bounds = torch.arange(self.num_rows * 2 + 1, device=self.device)
-            self._cache["modality_segments"] = (seg, torch.searchsorted(seg, bounds))
+            self._cached("modality_segments", (seg, torch.searchsorted(seg, bounds)))
         return self._cache["modality_segments"]
 
     @property
@@ -200,7 +192,7 @@ class WindowIndex:
     def row(self) -> torch.Tensor:
         """LongTensor ``[nnz]``: the CSR row (``b * Q + q``) of every entry. Computed once, then cached."""
         if "row" not in self._cache:
-            self._cache["row"] = entry_rows(self.indptr, self.nnz)
+            self._cached("row", entry_rows(self.indptr, self.nnz))
         return self._cache["row"]
 
     def batch_range(self, b: int):
@@ -219,7 +211,7 @@ class WindowIndex:
             ent = build_entries(self.indptr, self.key, self.batch_size, self.num_queries, self.layout.num_keys,
                                 self.row)
             _mark_dynamic(ent.key, ent.row, ent.trow, ent.perm, self.key, self.source, self.dy, self.dx)
-            self._cache["entries"] = ent
+            self._cached("entries", ent)
         return self._cache["entries"]
 
     def counts(self) -> torch.Tensor:
@@ -289,6 +281,56 @@ def _mark_dynamic(*tensors: torch.Tensor) -> None:
             mark(t, 0)
 
 
+@not_traced("sparse_bias: WindowIndex.validate reads the index's values (once per index object), so it runs "
+            "outside torch.compile's graph; with fullgraph=True, validate the index (index.validate(), or build it "
+            "with local_windows) before the compiled region and pass it in")
+def _check_values(index: WindowIndex) -> None:
+    """The value checks of `WindowIndex.validate` (two host syncs); raises a `ValueError` naming the bad tensor."""
+    nnz, indptr = index.nnz, index.indptr
+    # Phase 1: the CSR pointers (one sync); the rows of phase 2 are only meaningful once they hold.
+    flags = torch.stack([indptr[0] != 0, (indptr[1:] < indptr[:-1]).any(), indptr[-1] != nnz]).tolist()
+    if flags[0]:
+        raise ValueError(f"indptr[0] must be 0, got {int(indptr[0])}")
+    if flags[1]:
+        i = int((indptr[1:] < indptr[:-1]).nonzero()[0, 0])
+        raise ValueError(f"indptr must be non-decreasing, got indptr[{i}] = {int(indptr[i])} > "
+                         f"indptr[{i + 1}] = {int(indptr[i + 1])}")
+    if flags[2]:
+        raise ValueError(f"indptr[-1] must equal nnz = key.numel() = {nnz}, got {int(indptr[-1])}")
+    if nnz:
+        # Phase 2: keys and sources (one sync).
+        key, src, nk = index.key, index.source.long(), index.layout.num_keys
+        row = index.row
+        key_bad = (key < 0) | (key >= nk)
+        order_bad = (row[1:] == row[:-1]) & (key[1:] <= key[:-1])
+        src_bad = (src != SOURCE_BEV) & (src != SOURCE_CAM)
+        modality_bad = src != (key >= index.layout.num_bev_keys).long()
+        flags = torch.stack([key_bad.any(), order_bad.any(), src_bad.any(), modality_bad.any()]).tolist()
+        nq = max(index.num_queries, 1)
+
+        def query(e):
+            r = int(row[e])
+            return f"({r // nq}, {r % nq})"
+        if flags[0]:
+            e = int(key_bad.nonzero()[0, 0])
+            raise ValueError(f"key[{e}] = {int(key[e])} (query {query(e)}) is out of range [0, {nk}) "
+                             f"of the layout")
+        if flags[1]:
+            e = int(order_bad.nonzero()[0, 0])
+            k0, k1 = int(key[e]), int(key[e + 1])
+            what = f"repeats key {k1}" if k0 == k1 else f"has key {k1} after key {k0}"
+            raise ValueError(f"key must ascend and be unique within each query; query {query(e)} {what} "
+                             f"(entries {e} and {e + 1})")
+        if flags[2]:
+            e = int(src_bad.nonzero()[0, 0])
+            raise ValueError(f"source must be 0 (BEV) or 1 (camera), got source[{e}] = {int(src[e])}")
+        if flags[3]:
+            e = int(modality_bad.nonzero()[0, 0])
+            kind = "camera" if int(key[e]) >= index.layout.num_bev_keys else "BEV"
+            raise ValueError(f"source[{e}] = {int(src[e])} but key[{e}] = {int(key[e])} is a {kind} key "
+                             f"(BEV keys are [0, {index.layout.num_bev_keys}))")
+
+
 def _size_repr(size: WindowSize) -> str:
     return f"tensor{tuple(size.shape)}" if isinstance(size, torch.Tensor) else str(size)
 
@@ -322,6 +364,9 @@ def _half_sizes(size: WindowSize, rows: int, device) -> torch.Tensor:
     return torch.full((rows,), size // 2 if size > 0 else -1, dtype=torch.long, device=device)
 
 
+@not_traced("sparse_bias: local_windows builds a window index whose size depends on the values of the positions "
+            "(data-dependent), so it runs outside torch.compile's graph; with fullgraph=True (or torch.export) build "
+            "the index before the compiled region and pass it in (docs/limitations.md, 'torch.compile')")
 def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
                   cam_pos: Optional[torch.Tensor] = None, bev_window: WindowSize = 15,
                   cam_window: WindowSize = 15) -> WindowIndex:
@@ -346,6 +391,11 @@ def local_windows(layout: KeyLayout, bev_pos: Optional[torch.Tensor] = None,
     Returns:
         `WindowIndex` with ``indptr [B * Q + 1]`` and ``key``, ``source``, ``dy``, ``dx [nnz]``; valid by
         construction, so it comes out already validated (`WindowIndex.validate` returns at once).
+
+    Under ``torch.compile`` the function is not traced (its output size depends on the data): called inside a
+    compiled region it breaks the graph there once, without a warning, and runs eagerly; with ``fullgraph=True``
+    dynamo refuses the call with an ``Unsupported`` error quoting this limitation -- build the index before the
+    compiled region and pass it in.
 
     Example:
 
