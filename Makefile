@@ -37,7 +37,8 @@ $(VENV)/.scatter: $(VENV)/.torch
 # is (no build isolation, so torch is importable; about 40 s on 2 cores). A failed compile leaves the pure-PyTorch
 # backends in charge (setup.py warns).
 $(VENV)/.package: $(VENV)/.scatter setup.cfg setup.py pyproject.toml $(wildcard sparse_bias/csrc/*)
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev,triton]"
+	@echo "Installing sparse_bias and compiling its fused C++ CPU kernels (sparse_bias._C) against the installed torch: about 40 s on 2 cores ..."
+	$(BIN)/python -m pip install --no-build-isolation -e ".[dev,triton]"
 	touch $@
 
 install: $(VENV)/.package

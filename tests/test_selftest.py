@@ -28,7 +28,31 @@ def test_quick_cpu_selftest_end_to_end(tmp_path):
     assert {"per-head bias", "key padding", "dropout", "window + dropout"} <= cases
     assert {"sdpa", "sparse-auto", "dense-bias", "flex"} <= {r["variant"] for r in report["timing"]}
     assert "nan" not in res.stdout and "result: PASS" in res.stdout
-    assert "\r" not in res.stderr                        # progress bars stay off when stderr is not a terminal
+    assert lines[1].startswith("estimate: the whole self-test") and " GB" in lines[1]     # before any work
+    assert "\r" not in res.stderr                        # progress as plain lines when stderr is not a terminal
+
+
+def test_estimates_come_before_each_part_and_progress_goes_to_stderr(monkeypatch, capsys):
+    from sparse_bias.tools import cli
+
+    def instant_check(op, backend, case, prob, device, dtype, refs):
+        return dict(op=op, backend=backend, dtype=str(dtype).replace("torch.", ""), case=case, passed=True,
+                    worst="out", rel_err=0.0, tolerance=1.0, detail="")
+    monkeypatch.setattr(selftest_mod, "_check", instant_check)
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_INTERVAL_S", 0.0)
+    lines = []
+    report = sb.selftest("cpu", ["float32"], quick=True, log=lines.append)
+    err = capsys.readouterr().err
+    assert report["passed"]
+    first = {key: next(i for i, line in enumerate(lines) if line.startswith(key))
+             for key in ("estimate: the whole self-test", "estimate: exactness", "PASS", "estimate: timing", "variant")}
+    assert first["estimate: the whole self-test"] == 1                   # right after the header
+    assert first["estimate: exactness"] < first["PASS"] < first["estimate: timing"] < first["variant"]
+    n = len(report["checks"])
+    assert f"({n} checks: every backend x 1 dtypes" in lines[first["estimate: exactness"]]
+    v = len(selftest_mod._timing_names(torch.device("cpu"), 32, 22384))   # flex where this torch has it
+    assert f"{4 * v} steps: {v} variants x 2 passes x (1 warm-up + 1 repeats)" in lines[first["estimate: timing"]]
+    assert f"exactness: done, {n}/{n} checks" in err and f"timing: done, {4 * v}/{4 * v} steps" in err
 
 
 def test_a_failing_backend_fails_the_selftest(monkeypatch, capsys):

@@ -33,11 +33,13 @@ from ..bias import window_bias
 from ..windows import local_windows
 from .cli import (Parser, odd_positive_int, positive_float, positive_int, probability, progress_bar,
                   report_to_parent, run_cli, run_worker, worker_progress, write_json)
+from .estimates import PROCESS_START_S, Estimate, step_gb, step_seconds
 from .memory import dense_bias_gb
 from .synthetic import CMT_CONFIGS, synthetic_scene
 
 __all__ = ["BACKENDS", "DTYPES", "CHECK_TOLERANCE", "LOW_PRECISION_RATIO", "DROPOUT_SEED", "ALL_VARIANTS", "SWEEP",
-           "QUICK_SWEEP", "variants", "format_table", "compare", "sweep", "sweep_markdown", "main", "cli"]
+           "QUICK_SWEEP", "variants", "format_table", "phase_estimates", "compare", "sweep", "sweep_markdown", "main",
+           "cli"]
 
 #: ``backend=`` values benchmarked: "auto" and every registered correction backend (`sparse_bias.backends`)
 BACKENDS = ("auto",) + backend_names("correction")
@@ -290,20 +292,63 @@ def _dense_gb(args) -> float:
     return dense_bias_gb(args.batch_size, args.heads, args.queries, CMT_CONFIGS[args.config].layout.num_keys)
 
 
-def compare(args, log=print) -> List[Dict]:
-    """One configuration: exactness check, interleaved timing, fresh-process peak memory of every variant."""
+def _names(args) -> List[str]:
+    """The variants `compare` runs: ``sdpa`` first, ``dense-bias`` only where it fits in ``--max-dense-gib``."""
     names = list(args.variants or variants(args.dropout))
     if "sdpa" not in names:
         names = ["sdpa"] + names
     if "dense-bias" in names and _dense_gb(args) > args.max_dense_gib:
         names.remove("dense-bias")
+    return names
+
+
+def phase_estimates(args, names: List[str]) -> Dict[str, Estimate]:
+    """The rough cost (`sparse_bias.tools.estimates.Estimate`) of each phase of `compare` -- ``"check"`` (when
+    ``args.check``), ``"time"``, ``"memory"`` -- for the variants ``names``, and of all of them, ``"total"``."""
+    keys = CMT_CONFIGS[args.config].layout.num_keys
+    dtype = DTYPES[args.dtype]
+    size = dict(batch=args.batch_size, heads=args.heads, keys=keys, head_dim=args.head_dim)
+
+    def secs(name, backward, queries=args.queries):
+        return step_seconds(name, backward, queries=queries, dtype=dtype, **size)
+
+    def gb(name, queries=args.queries):
+        return step_gb(name, queries=queries, element_size=torch.empty((), dtype=dtype).element_size(), **size)
+    passes = (False, True) if args.backward else (False,)
+    peak = max(gb(n) for n in names)
+    out = {}
+    if args.check:
+        cq = min(args.queries, args.check_queries) if args.check_queries else args.queries
+        checked = [n for n in names if n != "sdpa"]
+        reference = secs("dense-bias", True, cq) * (1 if dtype == torch.float32 else 3)   # + float64 and naive
+        out["check"] = Estimate("exactness check", f"{len(checked)} variants and the dense reference at Q={cq}, "
+                                "forward + backward", PROCESS_START_S + reference
+                                + sum(secs(n, True, cq) for n in checked), gb("dense-bias", cq))
+    steps = (args.repeats + 1) * len(names) * len(passes)
+    out["time"] = Estimate("timing", f"{steps} steps: {len(names)} variants x {len(passes)} passes x "
+                           f"(1 warm-up + {args.repeats} repeats)",
+                           PROCESS_START_S + (args.repeats + 1) * sum(secs(n, p) for n in names for p in passes), peak)
+    out["memory"] = Estimate("peak memory", f"{len(names) * len(passes)} fresh processes, one per variant and pass",
+                             sum(PROCESS_START_S + 2 * secs(n, p) for n in names for p in passes), peak)
+    out["total"] = Estimate("all phases", "", sum(e.seconds for e in out.values()),
+                            max(e.gb for e in out.values()))
+    return out
+
+
+def compare(args, log=print) -> List[Dict]:
+    """One configuration: exactness check, interleaved timing, fresh-process peak memory of every variant; each
+    phase announced by its estimate (`phase_estimates`) and shown by a progress bar on stderr."""
+    names = _names(args)
+    if "dense-bias" in (args.variants or variants(args.dropout)) and "dense-bias" not in names:
         log(f"  dense-bias skipped: it needs about {_dense_gb(args):.0f} GB")
+    estimates = phase_estimates(args, names)
     errors = {}
     if args.check:
         check_args = copy.copy(args)
         if args.check_queries:
             check_args.queries = min(args.queries, args.check_queries)
-        with progress_bar(desc="exactness check", unit="variant", leave=False) as bar:   # TTY only
+        log("  " + estimates["check"].line())
+        with progress_bar(desc="exactness check", unit="variant", leave=False) as bar:
             errors = _run(check_args, "check", names=[n for n in names if n != "sdpa"], bar=bar)
         what = ("max relative error" if args.dtype == "float32" else
                 f"max error / the {args.dtype} dense reference's error, against float64")
@@ -313,12 +358,14 @@ def compare(args, log=print) -> List[Dict]:
         bad = {k: v for k, v in errors.items() if not v < limit}
         if bad:
             raise RuntimeError(f"variants disagree with the dense reference: {bad}")
+    log("  " + estimates["time"].line())
     with progress_bar(desc="timing (interleaved)", unit="step", leave=False) as bar:
         timing = _run(args, "time", names=names, bar=bar)
     log("  timed (interleaved, one process): " + ", ".join(f"{k} {v['time_s']:.3f} s" for k, v in timing.items()))
     rows = []
-    bar = progress_bar(names, desc="peak memory (a process per variant)", unit="variant", leave=False)
-    for name in bar:
+    log("  " + estimates["memory"].line())
+    bar = progress_bar(total=len(names), desc="peak memory (a process per variant)", unit="variant", leave=False)
+    for name in names:
         bar.set_postfix_str(name)
         row = _run(args, "memory", name)
         row.update(timing[name], max_rel_error=errors.get(name))
@@ -330,6 +377,8 @@ def compare(args, log=print) -> List[Dict]:
         rows.append(row)
         bar.clear()
         log(f"  memory of {name}: peak RSS {row['peak_rss_mib']:.0f} MiB")
+        bar.set_postfix_str("")
+        bar.update()
         bar.refresh()
     bar.close()
     return rows
@@ -353,11 +402,17 @@ def sweep(args, spec=SWEEP) -> List[Dict]:
     unique = {tuple(sorted(p.items())): p for _, p in points}
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    bar = progress_bar(total=len(unique), desc="benchmark sweep", unit="point")  # TTY only
+    point_args = {}
     for key, point in unique.items():
-        run_args = copy.copy(args)
+        run_args = point_args[key] = copy.copy(args)
         run_args.queries, run_args.bev_window, run_args.cam_window = point["queries"], point["window"], point["window"]
         run_args.config, run_args.backward = point["layout"], True
+    estimates = [phase_estimates(a, _names(a))["total"] for a in point_args.values()]
+    print(Estimate("sweep", f"{len(unique)} points", sum(e.seconds for e in estimates),
+                   max(e.gb for e in estimates)).line(), flush=True)
+    bar = progress_bar(total=len(unique), desc="benchmark sweep", unit="point")
+    for key, point in unique.items():
+        run_args = point_args[key]
         bar.set_postfix_str(str(point))
         rows = compare(run_args, log=lambda m: bar.write(m, file=sys.stdout))   # fwd and fwd+bwd side by side
         for pass_ in ("forward", "forward+backward"):

@@ -15,16 +15,18 @@ value is one line on stderr and exit status 2, before anything runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
 __all__ = ["Parser", "HelpFormatter", "positive_int", "non_negative_int", "odd_positive_int", "probability",
            "positive_float", "run_cli", "run_worker", "report_to_parent", "write_json", "progress_bar",
-           "worker_progress"]
+           "LineProgress", "PLAIN_PROGRESS_INTERVAL_S", "worker_progress"]
 
 
 # ---- argument types (argparse ``type=``): a bad value is "argument --x: <message>", exit status 2 -------------
@@ -271,8 +273,109 @@ def write_json(path: str, obj: Any, **kwargs) -> None:
         json.dump(obj, f, indent=2, **kwargs)
 
 
-def progress_bar(iterable=None, *, desc: str, unit: str, enabled: bool = True, **kwargs):
-    """A tqdm bar on stderr, shown only when stderr is a terminal (and ``enabled``), so piped output stays clean."""
-    from tqdm import tqdm
+#: seconds between two lines of a `progress_bar` drawn as plain lines (stderr not a terminal, or no tqdm)
+PLAIN_PROGRESS_INTERVAL_S = 10.0
 
-    return tqdm(iterable, desc=desc, unit=unit, file=sys.stderr, disable=None if enabled else True, **kwargs)
+
+def progress_bar(iterable=None, *, desc: str, unit: str, enabled: bool = True, **kwargs):
+    """Progress of a long phase on stderr: a tqdm bar where stderr is a terminal; elsewhere (a pipe, a log file,
+    a notebook, or tqdm not installed) plain lines (`LineProgress`), at most one every
+    `PLAIN_PROGRESS_INTERVAL_S` seconds, so a log shows the phase is moving without carriage returns.
+    ``enabled=False``: silent. ``kwargs`` go to tqdm (``total``, ``leave``, ...)."""
+    total = kwargs.pop("total", None)
+    if enabled and _is_terminal(sys.stderr):
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm is a requirement; a broken environment falls back to plain lines
+            pass
+        else:
+            return tqdm(iterable, desc=desc, unit=unit, total=total, file=sys.stderr, **kwargs)
+    return LineProgress(iterable, desc=desc, unit=unit, total=total, disable=not enabled)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):       # a closed or stand-in stream
+        return False
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class LineProgress:
+    """What `progress_bar` returns where no tqdm bar can be drawn: the part of tqdm's interface the tools use
+    (iteration, ``update``, ``n`` / ``total``, ``refresh``, ``set_postfix_str``, ``clear``, ``write``,
+    ``external_write_mode``, ``close``, a context manager), printing ``desc: n/total unit (p %), m:ss elapsed,
+    about m:ss left [postfix]`` on stderr when `PLAIN_PROGRESS_INTERVAL_S` seconds have passed since its last
+    line, and a closing ``desc: done ...`` line if it printed any -- a phase shorter than the interval stays
+    silent. ``disable=True``: silent."""
+
+    def __init__(self, iterable=None, *, desc: str, unit: str, total: Optional[int] = None, disable: bool = False):
+        self.iterable, self.desc, self.unit, self.disable = iterable, desc, unit, disable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.n = total, 0
+        self._start = self._last = time.monotonic()
+        self._postfix, self._printed, self._closed = "", False, False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __len__(self):
+        return self.total or 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _line(self, done: bool = False) -> str:
+        elapsed = time.monotonic() - self._start
+        count = f"{self.n}/{self.total}" if self.total else str(self.n)
+        unit = self.unit if self.unit.endswith("s") or (self.total or self.n) == 1 else self.unit + "s"
+        text = f"{self.desc}: {'done, ' if done else ''}{count} {unit}"
+        if self.total and not done:
+            text += f" ({100 * self.n / self.total:.0f} %)"
+        text += f", {_clock(elapsed)} elapsed"
+        if self.total and 0 < self.n < self.total and not done:
+            text += f", about {_clock(elapsed * (self.total - self.n) / self.n)} left"
+        return text + (f" [{self._postfix}]" if self._postfix and not done else "")
+
+    def _emit(self, text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        self._printed, self._last = True, time.monotonic()
+
+    def refresh(self) -> None:
+        if not self.disable and not self._closed and time.monotonic() - self._last >= PLAIN_PROGRESS_INTERVAL_S:
+            self._emit(self._line())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.refresh()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self._postfix = s
+        if refresh and s:
+            self.refresh()
+
+    def clear(self) -> None:
+        """Nothing to clear: plain lines are never redrawn."""
+
+    def write(self, s: str, file=None) -> None:
+        print(s, file=file or sys.stdout, flush=True)
+
+    def external_write_mode(self, file=None):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        if not self._closed and self._printed and not self.disable:
+            self._emit(self._line(done=True))
+        self._closed = True

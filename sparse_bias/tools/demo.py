@@ -2,11 +2,14 @@
 
 1. Projects 900 random reference points onto the BEV grid and six synthetic cameras, builds their local
    windows and the sparse bias, prints its size against the origin design's dense ``[B, Q, K]`` fp32
-   tensor, and writes a PNG of the bias of a few queries.
+   tensor, and writes ``bias_queries.png``: the bias of a few queries, one row per query (its BEV window and
+   the camera views it projects into, the projected point marked, the window outlined).
 2. Attention at the CMT shape (B=2, H=8, D=32, Q=900, K=56400): checks the sparse-bias attention against
-   the dense reference (output and all gradients), then prints time and peak memory of forward + backward
-   for unbiased SDPA, sparse-bias attention (``auto`` backend) and the dense-bias version, each in a
-   fresh process (`sparse_bias.benchmark`). ``--no-attention`` skips this part.
+   the dense reference (output and all gradients), then prints time and peak memory of forward and forward +
+   backward for unbiased SDPA, sparse-bias attention (``auto`` backend) and the dense-bias version, each in a
+   fresh process (`sparse_bias.benchmark`), and writes ``attention_comparison.png``. It takes minutes on a CPU
+   and about 11.5 GB of RAM (the dense-bias variant, skipped where that is not free): it starts with an estimate
+   of both, each phase with its own, and shows progress on stderr. ``--no-attention`` skips this part.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..bias import window_bias
 from ..windows import local_windows
 from . import benchmark
 from .cli import Parser, non_negative_int, odd_positive_int, positive_int, progress_bar, run_cli
+from .estimates import format_duration
 from .memory import available_gib, dense_bias_gb
 from .plotting import plot_comparison, plot_query_bias
 from .synthetic import CMT_CONFIGS, synthetic_scene
@@ -92,8 +96,11 @@ def _plot(args, scene, bias):
     two_views = (scene.cam_pos[0, :, 1, 0] >= 0).nonzero().flatten()[:1].tolist()
     one_view = (scene.cam_pos[0, :, 0, 0] >= 0).nonzero().flatten()[:2].tolist()
     picked = list(dict.fromkeys(two_views + one_view + [0]))[:3]
+    bev_w, cam_w = args.window
     path = plot_query_bias(bias, os.path.join(args.out, "bias_queries.png"), batch=0, queries=picked,
-                           title=f"flat 15x15 bias of queries {picked} (batch 0): BEV grid and the six cameras")
+                           title=f"flat bias (AQR weight x scale 1.0) of queries {picked} of batch 0, windows "
+                                 f"{bev_w}x{bev_w} (BEV) / {cam_w}x{cam_w} (camera)\none row per query: its BEV "
+                                 "window (zoomed in the inset) and the camera views it projects into")
     print(f"plot        : {path} (queries {picked})")
     return path
 
@@ -105,7 +112,7 @@ def _attention(args):
     else:
         bench_args = ["--queries", str(args.queries), "--batch-size", str(args.batch_size)]
     variants = ["sdpa", "sparse-auto", "dense-bias"]
-    sizes = benchmark._parser().parse_args(bench_args)        # the sizes the benchmark will run
+    sizes = benchmark.parse_args(bench_args)                  # the sizes the benchmark will run
     keys = CMT_CONFIGS[sizes.config].layout.num_keys
     need, free = dense_bias_gb(sizes.batch_size, sizes.heads, sizes.queries, keys), available_gib()
     print(f"memory      : the dense-bias variant needs about {need:.1f} GB of RAM "
@@ -113,6 +120,15 @@ def _attention(args):
     if free is not None and free < need:
         variants.remove("dense-bias")
         print(f"              skipping the dense-bias variant: only {free:.1f} GB available (it needs about {need:.1f} GB)")
+        # the exactness check's dense reference needs as much: check fewer queries (same layout and windows)
+        check_queries = max(1, min(sizes.queries, int(sizes.queries * max(0.8 * free - 0.5, 0.0) / (need - 0.5))))
+        bench_args += ["--check-queries", str(check_queries)]
+        sizes = benchmark.parse_args(bench_args)
+        print(f"              and checking exactness at Q={check_queries} (the dense reference needs as much)")
+    total = benchmark.phase_estimates(sizes, variants)["total"]
+    print(f"time        : about {format_duration(total.seconds)} on {torch.get_num_threads()} threads for the three "
+          "phases below (exactness check, timing, peak memory), each announced by its own estimate; progress on "
+          "stderr", flush=True)
     rows = benchmark.main(bench_args + ["--variants"] + variants)
     by = {r["variant"]: r for r in rows}
     base, sparse = by["sdpa"], by["sparse-auto"]
@@ -126,7 +142,10 @@ def _attention(args):
                  f"{dense['peak_rss_mib'] / base['peak_rss_mib']:.2f}x")
     print(line + ".")
     try:
-        print(f"plot        : {plot_comparison(rows, os.path.join(args.out, 'attention_comparison.png'))}")
+        setup = (f"{sizes.config} layout, B={sizes.batch_size}, H={sizes.heads}, Q={sizes.queries}, K={keys}, "
+                 f"D={sizes.head_dim}, windows {sizes.bev_window}/{sizes.cam_window}, {sizes.dtype}")
+        path = plot_comparison(rows, os.path.join(args.out, "attention_comparison.png"), setup=setup)
+        print(f"plot        : {path}")
     except ImportError:  # pragma: no cover - matplotlib is a dev extra
         pass
     return rows

@@ -13,6 +13,10 @@ dtype plus the roundings only the library's path makes). One PASS/FAIL line per 
 Part 2 (timing): forward and forward + backward at the CMT fusion shape (or ``--queries`` / ``--window`` /
 ``--layout``) of unbiased SDPA (flash on a GPU), ``sparse_bias_attention`` (auto backend), the dense-bias
 SDPA (when it fits) and FlexAttention with a ``score_mod`` (where it runs). Exits 1 when any check fails.
+
+The run starts with an estimate of its time and peak memory (`sparse_bias.tools.estimates`; on a CPU the full run
+needs about 11.5 GB of RAM for the dense-bias timing, ``--quick`` about 5 GB), and each part with its own; progress
+goes to stderr.
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ from ..dispatch import self_check_results
 from ..flex import flex_score_mod
 from ..windows import local_windows
 from .cli import Parser, odd_positive_int, positive_int, progress_bar, run_cli, write_json
+from .estimates import Estimate, step_gb, step_seconds
 from .memory import available_gib, dense_bias_gb
-from .synthetic import synthetic_scene
+from .synthetic import CMT_CONFIGS, synthetic_scene
 
 __all__ = ["selftest", "main", "cli"]
 
@@ -121,13 +126,31 @@ def _check(op, backend, case, prob, device, dtype, refs) -> Dict:
     return row
 
 
-def _checks(device, dtypes, quick, progress, log) -> List[Dict]:
-    prob = _problem(device, quick)
+#: seconds of one exactness check on the reference machine (2 CPU threads), full and ``quick`` problem: 96 checks
+#: of ``python -m sparse_bias.selftest --device cpu --no-timing [--quick]`` took 95 s and 75 s of CPU time
+CHECK_SECONDS = {False: 1.0, True: 0.8}
+#: peak RAM (GB) of the exactness checks on a CPU, measured the same way (4.5 GB full, 4.1 GB quick, all three
+#: dtypes: the float64 dense references of every case); their problem has a fixed size
+CHECK_GB = 4.6
+
+
+def _plan(device, dtypes) -> List[tuple]:
+    """The exactness checks: ``(op, backend, case, dtype)`` for every backend that runs on ``device``."""
     plan = []
     for op, cases in (("correction", CASES), ("window", WINDOW_CASES)):
         for dtype in dtypes:
             runnable = [n for n, ok, _ in backend_candidates(device, dtype, op=op) if ok]
             plan += [(op, name, case, dtype) for name in runnable for case in cases]
+    return plan
+
+
+def _checks(device, dtypes, quick, progress, log) -> List[Dict]:
+    plan = _plan(device, dtypes)
+    cpu = device.type == "cpu"
+    log(Estimate("exactness", f"{len(plan)} checks: every backend x {len(dtypes)} dtypes x "
+                 f"{len(CASES) + len(WINDOW_CASES)} cases against float64 references",
+                 len(plan) * CHECK_SECONDS[quick] if cpu else None, CHECK_GB if cpu else None).line())
+    prob = _problem(device, quick)
     rows, refs = [], {}
     with progress_bar(plan, desc="exactness", unit="check", enabled=progress, leave=False) as bar:
         for op, name, case, dtype in bar:
@@ -170,7 +193,42 @@ def _timed(step, device, repeats, tick=lambda: None) -> Dict:
     return dict(time_ms=statistics.median(times) * 1e3, peak_mib=peak)
 
 
-def _timing(device, dtype, queries, window, layout, repeats, progress, quick) -> List[Dict]:
+def _dense_need_and_free(device, queries: int, keys: int):
+    """Bytes the dense-bias variant of `_timing` needs, and the bytes free on ``device`` (it runs below 80 %)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        gib = available_gib()
+        free = float("inf") if gib is None else gib * 1e9
+    return dense_bias_gb(2, 8, queries, keys) * 1e9, free
+
+
+def _timing_names(device, queries: int, keys: int) -> List[str]:
+    """The variants `_timing` runs (dense-bias where it fits, FlexAttention where this torch has it)."""
+    need, free = _dense_need_and_free(device, queries, keys)
+    names = ["sdpa", "sparse-auto"] + (["dense-bias"] if need < free * 0.8 else [])
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - older torch
+        return names
+    return names + ["flex"]
+
+
+def _timing_estimate(device, dtype, queries: int, keys: int, names: List[str], repeats: int) -> Estimate:
+    """Rough time (CPU only) and peak memory of `_timing` (`sparse_bias.tools.estimates`); FlexAttention counts at
+    the dense-bias cost (unfused, it materialises the scores too; where it does not run it stops at once)."""
+    size = dict(batch=2, heads=8, queries=queries, keys=keys, head_dim=32)
+    gb = max(step_gb("dense-bias" if n == "flex" else n, element_size=torch.empty((), dtype=dtype).element_size(),
+                     **size) for n in names)
+    seconds = None
+    if device.type == "cpu":
+        seconds = (repeats + 1) * sum(step_seconds("dense-bias" if n == "flex" else n, bwd, dtype=dtype, **size)
+                                      for n in names for bwd in (False, True))
+    return Estimate("timing", f"{len(names) * 2 * (repeats + 1)} steps: {len(names)} variants x 2 passes x "
+                    f"(1 warm-up + {repeats} repeats)", seconds, gb, "RAM" if device.type == "cpu" else "GPU memory")
+
+
+def _timing(device, dtype, queries, window, layout, repeats, progress, quick, log=print) -> List[Dict]:
     scene = synthetic_scene(2, queries, config=layout, seed=0, device=device)
     win = local_windows(scene.layout, scene.bev_pos, scene.cam_pos, window, window)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -179,12 +237,7 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
     q, k, v = (torch.randn(2, heads, n, dim, generator=gen, device=device).to(dtype).requires_grad_()
                for n in (queries, nk, nk))
     wb, wc = (torch.rand(2, queries, generator=gen, device=device).requires_grad_() for _ in range(2))
-    dense_bytes = dense_bias_gb(2, heads, queries, nk) * 1e9
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        gib = available_gib()
-        free = float("inf") if gib is None else gib * 1e9
+    dense_bytes, free = _dense_need_and_free(device, queries, nk)
     variants = {
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
         "sparse-auto": lambda: sparse_bias_attention(q, k, v, window_bias(win, wb, wc)),
@@ -201,8 +254,9 @@ def _timing(device, dtype, queries, window, layout, repeats, progress, quick) ->
     if flex is not None:
         mod = flex_score_mod(scene.layout, scene.bev_pos, scene.cam_pos, window, window, wb, wc)
         variants["flex"] = lambda: flex(q, k, v, score_mod=mod)
-    rows = []
     plan = [(n, bwd) for n in variants for bwd in (False, True)]
+    log(_timing_estimate(device, dtype, queries, nk, list(variants), repeats).line())
+    rows = []
     bar = progress_bar(total=len(plan) * (repeats + 1), desc="timing", unit="step", enabled=progress, leave=False)
     for name, backward in plan:
         bar.set_postfix_str(f"{name} {'fwd+bwd' if backward else 'fwd'}")
@@ -264,7 +318,8 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
         timing_dtype: the dtype of the timing problem.
         repeats: timing repeats, median (default 5; 1 with ``quick``).
         json_path: also write the report there.
-        progress: tqdm progress bars on stderr (off when stderr is not a terminal).
+        progress: progress on stderr (`sparse_bias.tools.cli.progress_bar`: a tqdm bar on a terminal, a plain
+            line every few seconds elsewhere).
         log: where the lines go.
 
     Returns:
@@ -293,6 +348,14 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
         raise ValueError(f"layout must be 'fusion' or 'small', got {layout!r}")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     log(f"sparse_bias self-test on {dev} ({name}); torch {torch.__version__}")
+    if timing:                               # the whole run's cost up front: the timing part may need GBs
+        keys = CMT_CONFIGS[layout].layout.num_keys
+        part = _timing_estimate(dev, DTYPES[timing_dtype], queries, keys, _timing_names(dev, queries, keys), repeats)
+        checks_s = len(_plan(dev, [DTYPES[d] for d in dtypes])) * CHECK_SECONDS[quick]
+        whole = Estimate("the whole self-test", "the exactness checks, then the timing; --no-timing skips the timing",
+                         None if part.seconds is None else part.seconds + checks_s,
+                         max(part.gb, CHECK_GB) if dev.type == "cpu" else part.gb, part.memory)
+        log(whole.line())
     checks = _checks(dev, [DTYPES[d] for d in dtypes], quick, progress, log)
     passed = all(r["passed"] for r in checks)
     log(f"exactness: {sum(r['passed'] for r in checks)} of {len(checks)} checks passed")
@@ -302,7 +365,8 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
     if timing:
         log(f"\ntiming: {layout} layout, B=2, H=8, D=32, Q={queries}, windows {window}/{window}, {timing_dtype}, "
             f"median of {repeats}")
-        report["timing"] = _timing(dev, DTYPES[timing_dtype], queries, window, layout, repeats, progress, quick)
+        report["timing"] = _timing(dev, DTYPES[timing_dtype], queries, window, layout, repeats, progress, quick,
+                                   log)
         log(format_timing(report["timing"]))
     log("\nresult: " + ("PASS" if passed else "FAIL -- please report this output (and --json) with "
                          + _machine_to_report(dev, name)))
