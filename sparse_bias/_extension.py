@@ -29,14 +29,14 @@ import threading
 import time
 from typing import Any, Dict, Tuple
 
-__all__ = ["extension", "extension_available", "SOURCES", "HEADERS", "EXTRA_COMPILE_ARGS", "EXTRA_LINK_ARGS",
-           "NO_EXT_ENV", "JIT_ENV", "FIX_COMMAND", "FALLBACK"]
+__all__ = ["extension", "extension_available", "loaded_extension", "SOURCES", "HEADERS", "EXTRA_COMPILE_ARGS",
+           "EXTRA_LINK_ARGS", "NO_EXT_ENV", "JIT_ENV", "FIX_COMMAND", "FALLBACK"]
 
 logger = logging.getLogger("sparse_bias")
 
 #: the kernel sources, relative to the package directory (``setup.py`` reads these too: one list, one set of flags)
 SOURCES = ("csrc/window_terms.cpp", "csrc/dense_dropout.cpp")
-HEADERS = ("csrc/dense_dropout.h", "csrc/dropout_hash.h", "csrc/mask.h", "csrc/vec_math.h")
+HEADERS = ("csrc/dense_dropout.h", "csrc/dropout_hash.h", "csrc/mask.h", "csrc/parallel.h", "csrc/vec_math.h")
 #: fast-math for vectorised loops, but IEEE infinities kept (masked scores are -inf; csrc/vec_math.h)
 EXTRA_COMPILE_ARGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only")
 EXTRA_LINK_ARGS = ("-fopenmp",)
@@ -164,3 +164,10 @@ def extension() -> Tuple[Any, str]:
 def extension_available() -> bool:
     """True when the fused CPU kernels (``sparse_bias._C``, installed or compiled on first use) can be used."""
     return extension()[0] is not None
+
+
+def loaded_extension() -> Any:
+    """The compiled module if an earlier `extension` call loaded it, else None -- never a compile or an import
+    (for code that uses the kernels only when they are already there, e.g. ``sparse_bias._threads``)."""
+    result = _cache.get("result")
+    return None if result is None else result[0]

@@ -34,6 +34,7 @@ from ._compat import CUSTOM_OPS, custom_op, is_compiling, register_autograd
 from ._entries import Entries
 from ._sparse_function import sparse_backward, sparse_forward
 from ._window_function import window_backward, window_forward
+from ._threads import calling_thread_if_small
 from .backends import BACKENDS
 from .dense.boundary import unit_stride
 from .dense.dropout import seed64
@@ -88,16 +89,18 @@ def _index(win) -> List[Optional[Tensor]]:
 
 def _sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed, backend):
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
-                               BACKENDS[backend] if backend else None))
+    with calling_thread_if_small(q, k, key):
+        return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
+                                   BACKENDS[backend] if backend else None))
 
 
 def _sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, out, lse, den,
                           p, exact, scale, dropout_p, seed, backend, want_values):
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
     call = _call(q, mask, scale, dropout_p, seed)
-    dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, exact), ent, call,
-                                          BACKENDS[backend] if backend else None, want_values)
+    with calling_thread_if_small(q, k, key):
+        dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, exact), ent, call,
+                                              BACKENDS[backend] if backend else None, want_values)
     return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
 
 
@@ -211,7 +214,9 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
                       scale: float, dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
     """``[out, state]`` of `sparse_bias._window_function.window_forward`."""
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    return _dense(window_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed), BACKENDS[backend]))
+    with calling_thread_if_small(q, k, key, dense=False):
+        return _dense(window_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
+                                     BACKENDS[backend]))
 
 
 @_window_attention.register_fake
@@ -229,8 +234,9 @@ def _window_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                dropout_p: float, seed: Tensor, backend: str, want_values: bool) -> List[Tensor]:
     """``[dq, dk, dv, dvalues]`` (``dvalues`` empty when not wanted)."""
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    dq, dk, dv, dvalues = window_backward(grad_out, (q, k, v, values, out, state), ent,
-                                          _call(q, mask, scale, dropout_p, seed), BACKENDS[backend], want_values)
+    with calling_thread_if_small(q, k, key, dense=False):
+        dq, dk, dv, dvalues = window_backward(grad_out, (q, k, v, values, out, state), ent,
+                                              _call(q, mask, scale, dropout_p, seed), BACKENDS[backend], want_values)
     return _dense((dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues))
 
 

@@ -5,7 +5,9 @@ torch-scatter is. Per batch element and block of heads: the forward makes one pa
 (scores, ``p``, ``a``, ``S``, ``C``); the backward one pass over each query's entries (``<g', v_j>``, ``d_j``, the
 ``dq`` correction and the bias gradient) and one over each key's entries through the transposed structure the
 `sparse_bias.WindowIndex` caches (``dk`` / ``dv``), so every output is written by one thread in a fixed
-order: bitwise-repeatable. ``p`` is recomputed in the backward instead of stored. Masks and dropout are read
+order: bitwise-repeatable, for any thread count. A kernel call splits its items over threads only when it holds
+more than ``sparse_bias._C.MIN_WORK_PER_THREAD`` multiply-adds (small calls run on the calling thread).
+``p`` is recomputed in the backward instead of stored. Masks and dropout are read
 from the additive mask and the seed inside the kernels (never materialised per entry).
 
 When the extension is missing (not built, or ``SPARSE_BIAS_NO_EXT=1`` at run time) the backend cannot run and
@@ -74,7 +76,7 @@ class FusedCPUBackend(Backend):
     supports = Supports(devices=("cpu",), max_head_dim=MAX_HEAD_DIM, saves={"correction": None, "window": "lse"},
                         auto_rank={"cpu": 0})
     #: heads per call: the per-head bias gradient of a call is ``[heads, n]``, so blocks of 2 keep it small
-    #: (each call still runs (head, query) pairs in parallel)
+    #: (each call still splits its (head, query) pairs over threads when they hold enough work: csrc/parallel.h)
     head_block = 2
 
     def available(self):

@@ -19,6 +19,7 @@
 
 #include "dropout_hash.h"
 #include "mask.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace sparse_bias {
@@ -85,7 +86,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool drop = dr.p > 0;
   const auto opts = q.options();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
+  const double work = 2.0 * B * H * Q * K * D;         // two GEMMs: scores and probabilities times values
+  parallel_items(B * H * nqb, work, [&](int64_t t0, int64_t t1) {
     at::NoGradGuard no_grad;                            // grad mode is per thread: worker threads too
     at::Tensor S = at::empty({kBlockQ * kBlockK}, opts), acc = at::empty({kBlockQ, D}, opts);
     std::vector<acc_t> m(kBlockQ), l(kBlockQ), z(drop ? kBlockK : 0);
@@ -159,11 +161,12 @@ template <typename acc_t>
 void backward_impl(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& delta, const at::Tensor& lse, const at::Tensor& mask_t, acc_t scale,
                    const Dropout& dr, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), K = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), K = k.size(2), D = q.size(3);
   const Mask<acc_t> M(mask_t);
   const bool drop = dr.p > 0;
   const auto opts = q.options();
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+  const double work = 5.0 * B * H * Q * K * D;         // five GEMMs: scores, <g, v_j>, dv, dq and dk
+  parallel_items(B * H, work, [&](int64_t t0, int64_t t1) {
     at::NoGradGuard no_grad;
     at::Tensor P = at::empty({kBlockQ * kBlockK}, opts), dP = at::empty({kBlockQ * kBlockK}, opts);
     std::vector<acc_t> z(drop ? kBlockK : 0);

@@ -20,6 +20,7 @@
 #include "dense_dropout.h"
 #include "dropout_hash.h"
 #include "mask.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace {
@@ -29,6 +30,7 @@ constexpr int64_t kMaxHeadDim = 512;
 using sparse_bias::keep_entry;
 using sparse_bias::vexp;
 using sparse_bias::Mask;
+using sparse_bias::parallel_items;
 
 // A [B, H, N, D] tensor (last dim contiguous) read at (b, h, n).
 template <typename T>
@@ -57,6 +59,12 @@ inline void axpy(acc_t* acc, acc_t w, const T* y, int64_t d) {
 template <typename T, typename acc_t>
 inline void load(acc_t* dst, const T* src, int64_t d) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+
+// The multiply-adds of a pass that makes `ops` row operations of d numbers per entry and head (the grain of
+// parallel_items: a small call runs on the calling thread).
+inline double pass_work(const int64_t* ptr, int64_t n, int64_t heads, int64_t d, int64_t ops) {
+  return static_cast<double>(ptr[n] - ptr[0]) * static_cast<double>(heads) * static_cast<double>(d * ops);
 }
 
 // The longest CSR segment of ptr[0 .. n] (the size of a per-row scratch buffer).
@@ -118,8 +126,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D] contiguous
   const bool drop = c.dropout_p > 0;
   const int64_t max_row = longest_segment(crow_p, c.nq);
-  // head-major: one head's keys and values (K x D each) stay in cache while its queries are processed
-  at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
+  // head-major: one head's keys and values (K x D each) stay in cache while its queries are processed;
+  // per entry a dot product and a row update
+  parallel_items(c.heads * c.nq, pass_work(crow_p, c.nq, c.heads, d, 2), [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> buf(static_cast<size_t>(max_row));
     std::vector<acc_t> keep(drop ? static_cast<size_t>(max_row) : 0);
@@ -188,8 +197,9 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t* trow_p = trow.data_ptr<int64_t>();
   const int64_t max_col = longest_segment(tcrow_p, c.nk);
 
-  // Per query (head-major): d_j = a_j (keep_j <g', v_j> - <g', o>), dq += scale sum_j d_j k_j, the bias gradient.
-  at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
+  // Per query (head-major): d_j = a_j (keep_j <g', v_j> - <g', o>), dq += scale sum_j d_j k_j, the bias gradient
+  // (per entry two dot products and a row update).
+  parallel_items(c.heads * c.nq, pass_work(crow_p, c.nq, c.heads, d, 3), [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], gv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> p(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
     for (int64_t idx = i0; idx < i1; ++idx) {
@@ -225,7 +235,8 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   T* dv_p = dv.data_ptr<T>();
   const int64_t kb = dk.stride(0), kh = dk.stride(1), kn = dk.stride(2);
   const int64_t vb = dv.stride(0), vh = dv.stride(1), vn = dv.stride(2);
-  at::parallel_for(0, c.heads * c.nk, 256, [&](int64_t i0, int64_t i1) {
+  // (per entry two dot products and two row updates)
+  parallel_items(c.heads * c.nk, pass_work(tcrow_p, c.nk, c.heads, d, 4), [&](int64_t i0, int64_t i1) {
     acc_t kv[kMaxHeadDim], vv[kMaxHeadDim], acck[kMaxHeadDim], accv[kMaxHeadDim];
     std::vector<acc_t> s(static_cast<size_t>(max_col));
     for (int64_t idx = i0; idx < i1; ++idx) {
@@ -286,7 +297,8 @@ void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D]
   const bool drop = c.dropout_p > 0;
   const int64_t max_row = longest_segment(crow_p, c.nq);
-  at::parallel_for(0, c.heads * c.nq, 16, [&](int64_t i0, int64_t i1) {
+  // per entry a dot product and a row update
+  parallel_items(c.heads * c.nq, pass_work(crow_p, c.nq, c.heads, d, 2), [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> buf(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
     for (int64_t idx = i0; idx < i1; ++idx) {
@@ -420,4 +432,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "window attention forward (one batch element, a block of heads)");
   m.def("dense_forward", &sparse_bias::dense_forward, "flash-style dense attention with counter-hash dropout: (out, lse)");
   m.def("dense_backward", &sparse_bias::dense_backward, "backward of dense_forward: (dq, dk, dv)");
+  m.def("parallel_calls", [] { return sparse_bias::parallel_call_count.load(); },
+        "the kernel calls that ran on more than one thread since the module loaded (small calls run on the "
+        "calling thread)");
+  m.def("work_grain", &sparse_bias::work_grain, "the grain (items per thread at least) for n items of `work` "
+        "multiply-adds in all");
+  m.attr("MIN_WORK_PER_THREAD") = sparse_bias::kMinWorkPerThread;
+  m.def("serial_begin", &sparse_bias::serial_begin, "run the calling thread's parallel regions (torch's operators, "
+        "MKL's and these kernels') on one thread; returns what serial_end restores");
+  m.def("serial_end", &sparse_bias::serial_end, "give the calling thread back the thread counts serial_begin changed");
 }
