@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     print(f"bias memory : sparse {_mib(bias.nbytes())}  (index {_mib(win.nbytes())} + values "
           f"{_mib(bias.values.numel() * bias.values.element_size())})")
     print(f"              dense  {_mib(dense_bytes)}  ([{args.batch_size}, {queries}, {layout.num_keys}] fp32, "
-          f"the origin design)  -> {dense_bytes / bias.nbytes():.0f}x smaller")
+          f"the dense version)  -> {dense_bytes / bias.nbytes():.0f}x smaller")
 
     result = {"nnz": win.nnz, "sparse_bytes": bias.nbytes(), "dense_bytes": dense_bytes, "png": None}
     result["png"] = _plot(args, scene, bias)
