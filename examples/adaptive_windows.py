@@ -18,7 +18,7 @@ import time
 import torch
 
 import sparse_bias as sb
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.synthetic import synthetic_scene
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")
@@ -64,7 +64,7 @@ assert err < 1e-4
 
 # %%
 try:
-    from sparse_bias.plotting import plot_query_bias
+    from sparse_bias.tools.plotting import plot_query_bias
     picks = [int((predicted[0] == i).nonzero()[0]) for i in range(len(classes)) if (predicted[0] == i).any()][:3]
     path = plot_query_bias(bias, os.path.join(OUT, "adaptive_windows.png"), queries=picks,
                            title="adaptive windows: " + ", ".join(classes[int(predicted[0, p])] for p in picks))

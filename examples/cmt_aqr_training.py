@@ -42,7 +42,7 @@ from torch import nn
 
 import sparse_bias as sb
 from sparse_bias.nn import AQRAttentionBias, CmtTransformer
-from sparse_bias.synthetic import synthetic_cameras
+from sparse_bias.tools.synthetic import synthetic_cameras
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")
@@ -236,7 +236,7 @@ print(f"LAM: {win.nnz / win.num_rows:.1f} of {layout.num_keys} keys per query; "
 # %%
 os.makedirs(OUT, exist_ok=True)
 try:
-    from sparse_bias.plotting import plot_losses
+    from sparse_bias.tools.plotting import plot_losses
     print("curves:", plot_losses(curves, os.path.join(OUT, "cmt_aqr_training.png"),
                                  "AQR + local bias under sensor failures: task loss"))
 except ImportError:  # pragma: no cover - matplotlib is a dev extra

@@ -110,7 +110,7 @@ for name, losses in curves.items():
 # %%
 os.makedirs(OUT, exist_ok=True)
 try:
-    from sparse_bias.plotting import plot_losses
+    from sparse_bias.tools.plotting import plot_losses
     print("curves:", plot_losses(curves, os.path.join(OUT, "cmt_decoder_training.png"),
                                  "reading the features at the projected cells"))
 except ImportError:  # pragma: no cover - matplotlib is a dev extra

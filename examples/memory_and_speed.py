@@ -25,7 +25,7 @@ rows = benchmark.main(argv)
 
 # %%
 try:
-    from sparse_bias.plotting import plot_comparison
+    from sparse_bias.tools.plotting import plot_comparison
     print("plot:", plot_comparison(rows, os.path.join(OUT, "memory_and_speed.png")))
 except ImportError:  # pragma: no cover - matplotlib is a dev extra
     pass

@@ -19,8 +19,8 @@ import os
 import torch
 
 import sparse_bias as sb
-from sparse_bias.plotting import plot_query_bias
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.plotting import plot_query_bias
+from sparse_bias.tools.synthetic import synthetic_scene
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")

@@ -1,10 +1,10 @@
 """Exact sparse-bias attention: the public functions.
 
 `sparse_bias_attention` computes dense global scores from an unmodified flash kernel plus an exact
-sparse correction over the window entries (the math is in `sparse_bias._sparse_function`; a
-`ModalityBias` takes `sparse_bias._modality_function`); `dense_bias_attention` is the dense
+sparse correction over the window entries (the math is in `sparse_bias._core.correction`; a
+`ModalityBias` takes `sparse_bias._core.modality`); `dense_bias_attention` is the dense
 reference; `select_backend` says which backend runs the window terms (chosen, and self-checked on GPU
-paths, by `sparse_bias.dispatch`).
+paths, by `sparse_bias._core.dispatch`).
 """
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._call import Call
-from ._exact_rows import EXACT_ROW_RATIO
-from ._modality_function import _ModalityBiasAttention
-from ._reference import dense_attention
-from ._ops import sparse_op
-from ._validation import (MaskConventions, additive_mask, check_dense_bias, check_dropout, check_modality_bias,
+from ._core.call import Call
+from ._core.exact_rows import EXACT_ROW_RATIO
+from ._core.modality import _ModalityBiasAttention
+from ._core.reference import dense_attention
+from ._core.ops import sparse_op
+from ._core.inputs import (MaskConventions, additive_mask, check_dense_bias, check_dropout, check_modality_bias,
                           check_qkv, check_scale, check_sparse_bias, dropout_seed as _call_seed, functional_masks,
                           zeros_like_output)
 from .backends import backend_names
 from .bias import ModalityBias, SparseBias
-from .dispatch import choose_backend
+from ._core.dispatch import choose_backend
 
 __all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_RATIO", "BACKEND_NAMES"]
 
@@ -44,7 +44,7 @@ def select_backend(q: torch.Tensor, bias: Union[SparseBias, ModalityBias, torch.
 
     Returns:
         ``(name, reason)``. On a GPU path the chosen backend has passed its first-use self-check
-        (`sparse_bias.dispatch`); one that fails it is skipped with a warning.
+        (`sparse_bias._core.dispatch`); one that fails it is skipped with a warning.
 
     Example:
 
@@ -90,7 +90,7 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
         attn_mask: bool (True = attend, the SDPA convention) or additive float, broadcastable to ``[B, H, Q, K]``.
             Mask values are checked as in `sparse_bias_attention` (docs/masks.md).
         dropout_p: attention dropout on the probabilities, with the counter-based mask of
-            `sparse_bias.kernels.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
+            `sparse_bias.dense.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:

@@ -7,8 +7,8 @@ from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 
-from ._checks import check_device, check_tensor, cuda_device, debug_check_finite, parse_to
-from ._compat import is_compiling
+from ._core.checks import check_device, check_tensor, cuda_device, debug_check_finite, parse_to
+from ._core.compat import is_compiling
 from .layout import KeyLayout
 from .profiles import PROFILES, flat, get_profile, sigma_pair  # noqa: F401  (PROFILES: the old `bias.PROFILES`)
 from .windows import WindowIndex, _mark_dynamic

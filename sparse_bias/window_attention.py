@@ -17,15 +17,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._call import Call
-from ._reference import dense_window_attention
-from ._validation import (MaskConventions, additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
+from ._core.call import Call
+from ._core.reference import dense_window_attention
+from ._core.inputs import (MaskConventions, additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
                           functional_masks, zeros_like_output)
-from ._validation import dropout_seed as _call_seed
-from ._ops import window_op
+from ._core.inputs import dropout_seed as _call_seed
+from ._core.ops import window_op
 from .backends import backend_names
 from .bias import SparseBias
-from .dispatch import choose_backend
+from ._core.dispatch import choose_backend
 from .windows import WindowIndex
 
 __all__ = ["window_attention", "select_window_backend", "WINDOW_BACKENDS"]

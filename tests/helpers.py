@@ -10,7 +10,7 @@ import torch
 from hypothesis import strategies as st
 
 import sparse_bias as sb
-from sparse_bias._compat import CUSTOM_OPS
+from sparse_bias._core.compat import CUSTOM_OPS
 from sparse_bias.backends import BACKENDS as REGISTRY, backend_names
 from sparse_bias.dense import lse as _dense_lse
 

@@ -10,8 +10,8 @@ from helpers import (CORRECTION_BACKENDS, SMALL, needs_cpu_flash, assert_all_clo
                      skip_missing, skip_without_matmul, sparse_fn)
 
 import sparse_bias as sb
-from sparse_bias import _sparse_function as sparse_function
-from sparse_bias._call import Call
+from sparse_bias._core import correction as sparse_function
+from sparse_bias._core.call import Call
 from sparse_bias.dense import chunked, lse as dense_lse
 from sparse_bias.backends import gather
 

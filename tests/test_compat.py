@@ -1,4 +1,4 @@
-"""The fallbacks of `sparse_bias._compat` and the other feature probes, forced on the pinned torch: what a torch
+"""The fallbacks of `sparse_bias._core.compat` and the other feature probes, forced on the pinned torch: what a torch
 without the feature runs (docs/install.md, "Support matrix") gives the same results as the feature's path."""
 import math
 import sys
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _compat, _ops, dispatch, windows
+from sparse_bias import windows
+from sparse_bias._core import compat as _compat, ops as _ops, dispatch
 from sparse_bias.dense import lse as dense_lse
 
 from helpers import SMALL, make_case
@@ -57,7 +58,7 @@ def test_dense_pass_without_the_cpu_flash_op(monkeypatch):
 
     want = grads_of(fn, (q, k, v, wb, wc))
     monkeypatch.setattr(dense_lse, "_has_op", lambda name: False)
-    from sparse_bias._call import Call
+    from sparse_bias._core.call import Call
     assert dense_lse.dense_kernel_name(q, Call.of(q, 1.0)) == "chunked"
     got = grads_of(fn, (q, k, v, wb, wc))
     for a, b in zip(got, want):

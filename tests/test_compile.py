@@ -11,7 +11,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import sparse_bias as sb
-from sparse_bias import _compat
+from sparse_bias._core import compat as _compat
 from sparse_bias.nn import AQRWeightGenerator, PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
 from helpers import needs_custom_ops, skip_missing
 
@@ -151,8 +151,8 @@ def test_opcheck():
     q, k, v, wb, wc = leaves()
     win = windows(0)
     bias = sb.window_bias(win, wb, wc)
-    from sparse_bias import _ops
-    from sparse_bias._call import Call
+    from sparse_bias._core import ops as _ops
+    from sparse_bias._core.call import Call
     call = Call.of(q, D ** -0.5)
     index = _ops._index(win)
     seed = _ops.seed_tensor(0)

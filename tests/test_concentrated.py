@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _sparse_function
-from sparse_bias._concentrated import concentrated_qk, signed_bias, window_share
+from sparse_bias._core import correction as _sparse_function
+from sparse_bias._core.concentrated import concentrated_qk, signed_bias, window_share
 from sparse_bias.dense import lse as dense_lse
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 

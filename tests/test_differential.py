@@ -37,7 +37,7 @@ import torch
 import sparse_bias as sb
 from sparse_bias.backends import backend_names
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
-from sparse_bias.kernels import dropout_mask
+from sparse_bias.dense import dropout_mask
 from helpers import pytest_under_the_interpreter
 
 # every registered backend that runs on CPU tensors (Triton is tested in its interpreter subprocess below)

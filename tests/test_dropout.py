@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias._call import Call
+from sparse_bias._core.call import Call
 from sparse_bias.dense import chunked, kernel_lse, lse as dense_lse
 
 from helpers import (SMALL, assert_all_close, forward_and_grads, make_case, reference, skip_missing,

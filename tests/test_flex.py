@@ -4,7 +4,7 @@ import torch
 
 import sparse_bias as sb
 from sparse_bias.flex import flex_score_mod
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.synthetic import synthetic_scene
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_bias as sb
-from sparse_bias import _validation
+from sparse_bias._core import inputs as _validation
 from sparse_bias.nn import PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
 
 LAYOUT = sb.KeyLayout(bev_shape=(5, 6), cam_shape=(2, 3, 4))       # 30 + 24 = 54 keys

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias.synthetic import synthetic_cameras
+from sparse_bias.tools.synthetic import synthetic_cameras
 
 PC = [-54.0, -54.0, -5.0, 54.0, 54.0, 3.0]
 IMG = (640, 1600)

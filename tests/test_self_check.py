@@ -1,12 +1,12 @@
-"""First-use self-checks of the GPU paths (sparse_bias.dispatch), exercised on CPU by injecting faults."""
+"""First-use self-checks of the GPU paths (sparse_bias._core.dispatch), exercised on CPU by injecting faults."""
 import warnings
 
 import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import dispatch
-from sparse_bias._concentrated import window_share
+from sparse_bias._core import dispatch
+from sparse_bias._core.concentrated import window_share
 from sparse_bias.backends import BACKENDS
 
 from helpers import SMALL, make_case, skip_missing
@@ -109,7 +109,7 @@ def test_policy(monkeypatch):
 def test_check_problem_covers_both_paths(always, monkeypatch, dtype):
     """The check's concentrated attention puts rows on the exact-row path and rows on the correction, in every
     dtype, with window shares around 0.9 and biases of both signs."""
-    from sparse_bias import _sparse_function
+    from sparse_bias._core import correction as _sparse_function
     flagged = []
     original = _sparse_function.flagged_rows
     monkeypatch.setattr(_sparse_function, "flagged_rows", lambda *a: flagged.append(original(*a)) or flagged[-1])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import dispatch
+from sparse_bias._core import dispatch
 from sparse_bias.backends import triton_backend
 from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
 
@@ -214,7 +214,7 @@ def test_triton_dense_dropout_matches_the_chunked_kernel(dtype, dim):
     """Same keep decisions as the reference (a key range and a seed above 2^32 included); output, log-sum-exp and
     gradients within twice the drift of the chunked kernel run in the same dtype."""
     import dataclasses
-    from sparse_bias._call import Call
+    from sparse_bias._core.call import Call
     from sparse_bias.dense import chunked, kernel_lse, triton_dense
     q, k, v, g, mask = dense_problem(dim)
 

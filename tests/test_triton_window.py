@@ -318,10 +318,10 @@ def test_launches_do_not_synchronise():
 @active
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_first_use_self_check_passes_and_auto_picks_triton(dtype):
-    """The window-attention self-check of `sparse_bias.dispatch` (key padding, per-head bias, the modules' layouts)
+    """The window-attention self-check of `sparse_bias._core.dispatch` (key padding, per-head bias, the modules' layouts)
     passes for the Triton kernels in every dtype, and `auto` then takes them (as on CUDA)."""
     import sparse_bias as sb
-    from sparse_bias import dispatch
+    from sparse_bias._core import dispatch
     dispatch.reset_self_checks()
     ok, detail = dispatch.self_check("triton", torch.device(DEVICE), dtype, 16, "window")
     assert ok, detail

@@ -235,7 +235,7 @@ def test_head_dim_one_with_stride_two():
 
 
 def test_selftest_tolerance_admits_a_correct_bfloat16_build():
-    from sparse_bias._precision import tolerance
+    from sparse_bias._core.precision import tolerance
     eps = torch.finfo(torch.bfloat16).eps
     # the measured failure: dq 1.60e-2 of its largest value, with the naive error under one rounding step
     assert 1.60e-2 <= tolerance(0.0, 1.0, torch.bfloat16)

@@ -2,7 +2,7 @@
 
 Every backend implements three primitives over all ``nnz`` window entries of a `WindowIndex` -- every batch
 element at once, entry ``e`` in global row ``r = b * Q + q`` (`sparse_bias.backends.base.WindowBlock`: the index's
-`sparse_bias._entries.Entries`) -- for a block of heads ``hs`` (a slice of ``h`` heads), accumulated in the compute
+`sparse_bias._core.entries.Entries`) -- for a block of heads ``hs`` (a slice of ``h`` heads), accumulated in the compute
 dtype (float32, or float64 for float64 input), without reading a device value on the host:
 
 * ``sddmm(blk, x [B, H, Q, D], y [B, H, K, D]) -> [h, nnz]``: ``<x[b_e, h, q_e], y[b_e, h, key_e]>``;

@@ -16,8 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .._call import Call
-from .._entries import Entries
+from .._core.call import Call
+from .._core.entries import Entries
 from ..dense.dropout import dropout_scale
 
 __all__ = ["WindowBlock", "Backend", "Supports", "entry_mask", "OPS"]
@@ -67,9 +67,9 @@ class WindowBlock:
 
     Attributes:
         hs: slice of heads.
-        ent: the `sparse_bias._entries.Entries` of the index (global rows ``r = b * Q + q``).
+        ent: the `sparse_bias._core.entries.Entries` of the index (global rows ``r = b * Q + q``).
         bvals: bias values ``[h or 1, nnz]`` in the compute dtype, or None.
-        call: the call record (`sparse_bias._call.Call`: scale, additive mask, dropout, seed, compute dtype).
+        call: the call record (`sparse_bias._core.call.Call`: scale, additive mask, dropout, seed, compute dtype).
         shape: ``(B, H, Q, K)`` of the score tensor (dropout decisions index it).
 
     ``batch`` / ``query`` (each entry's batch element and query), ``emask`` and ``keep`` (the mask and the dropout
@@ -215,7 +215,7 @@ class Backend:
         ``lse [h, B * Q]`` (as `sparse_bias.dense.kernel_lse` gives it); writes ``p_j = exp(s_j - L)`` into
         ``state [h, nnz]`` (backends whose correction saves ``"p"``; None for the others); ``totals = (den [h, B * Q],
         removed [h, B * Q], out [h, B * Q, D])``: adds ``S`` into ``den``, the removed mass ``R = sum_j max(0, -a_j)``
-        into ``removed`` (`sparse_bias._exact_rows` flags rows by it) and ``C`` into ``out``.
+        into ``removed`` (`sparse_bias._core.exact_rows` flags rows by it) and ``C`` into ``out``.
         """
         q, k, v = qkv
         den, removed, out = totals

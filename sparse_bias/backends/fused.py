@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._extension import extension, extension_available
+from .._core.extension import extension, extension_available
 from ..dense.dropout import seed64
 from .base import Backend, Supports
 

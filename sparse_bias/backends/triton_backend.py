@@ -75,7 +75,7 @@ def _kernels():
             tl.store(P + i * p_s + local, p, mask=m)
             a = p * (tl.exp(tl.load(BV + i * bv_s + local, mask=m, other=0.0)) - 1.0)
             s_tot += a
-            r_tot += tl.maximum(-a, 0.0)                  # the removed mass R (sparse_bias._exact_rows)
+            r_tot += tl.maximum(-a, 0.0)                  # the removed mass R (sparse_bias._core.exact_rows)
             if HAS_KP:
                 a = a * tl.load(KP + i * kp_s + local, mask=m, other=0.0)
             c_acc += tl.sum(a[:, None] * tl.load(V + rows, mask=mm, other=0.0).to(tl.float32), axis=0)

@@ -1,7 +1,7 @@
 """Triton kernels for the exact rows of the correction: dense biased attention of the flagged rows, decided on the
 device.
 
-`sparse_bias._exact_rows` flags the rows where the additive correction would cancel. On a GPU their number is a
+`sparse_bias._core.exact_rows` flags the rows where the additive correction would cancel. On a GPU their number is a
 device value; reading it would stall the host. These kernels run one program per (row, head) over *every* row:
 a program whose row is not flagged returns at once, a flagged one evaluates its row exactly -- flash-style over
 key blocks (online softmax, float32 registers) with the bias added inside the loop: the row's window entries are
@@ -20,7 +20,7 @@ import importlib.util
 
 import torch
 
-from .._call import Call
+from .._core.call import Call
 from ..dense import triton_dense
 
 __all__ = ["runs_on", "exact_forward", "exact_backward"]

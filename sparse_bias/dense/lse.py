@@ -14,7 +14,7 @@ Implementations, in order of preference:
   or with a mask); its LSE (padded to a multiple of 32 along queries in some releases) is sliced.
   The adapters of both CUDA ops are pure functions in `sparse_bias.dense.private_ops` (tested on CPU against
   an emulation); each CUDA kernel is compared once with the chunked kernel on a tiny problem before first use
-  (`sparse_bias._verify`).
+  (`sparse_bias._core.verify`).
 * ``"cpu_dropout"``: with attention dropout on the CPU, the compiled flash-style kernel of
   ``sparse_bias/csrc/dense_dropout.cpp`` (online softmax over key blocks, the counter-hash keep decision of
   `sparse_bias.dense.dropout` computed inside the block loop, never stored; deterministic backward).
@@ -32,9 +32,9 @@ from typing import Tuple
 
 import torch
 
-from .._call import Call
-from .._extension import extension
-from .._verify import verified
+from .._core.call import Call
+from .._core.extension import extension
+from .._core.verify import verified
 from . import private_ops, triton_dense
 from .boundary import fully_masked_rows, kernel_lse, unit_stride
 from .chunked import chunked_backward, chunked_forward
@@ -142,7 +142,7 @@ def dense_lse_forward(q, k, v, call: Call) -> Tuple[torch.Tensor, torch.Tensor, 
 
     Args:
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]``, each with a unit last stride (`unit_stride`).
-        call: the `sparse_bias._call.Call` (scale, additive mask, dropout and seed, key range).
+        call: the `sparse_bias._core.call.Call` (scale, additive mask, dropout and seed, key range).
 
     Returns:
         ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), state)``; pass

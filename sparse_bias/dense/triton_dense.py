@@ -21,7 +21,7 @@ from typing import Tuple
 
 import torch
 
-from .._call import Call
+from .._core.call import Call
 from .dropout import seed_keys
 
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None

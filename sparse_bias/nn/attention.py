@@ -12,7 +12,7 @@ from torch import Tensor
 from einops import rearrange
 from torch import nn
 
-from .._validation import module_masks, normalize_key_padding_mask
+from .._core.inputs import module_masks, normalize_key_padding_mask
 from ..attention import _dense_bias_attention, _sparse_bias_attention
 from ..bias import ModalityBias, SparseBias
 from ..window_attention import _window_attention
@@ -349,7 +349,7 @@ def _debug_check(q, k, v, bias, key_padding_mask, mask, out, samples: int = 8):
         if not err <= tol:
             warnings.warn(f"sparse_bias debug_mode: the sparse attention differs from the dense reference by "
                           f"{err:.3e} (tolerance {tol:.1e}, {q.dtype}) on {rows.numel()} sampled queries -- please "
-                          "report this with `python -m sparse_bias.selftest`", RuntimeWarning, stacklevel=3)
+                          "report this with `python -m sparse_bias.tools.selftest`", RuntimeWarning, stacklevel=3)
     return err
 
 

@@ -1,6 +1,6 @@
 """Benchmark sparse-bias attention against unbiased SDPA and the dense-bias version.
 
-    python -m sparse_bias.benchmark [--queries 900] [--config fusion] [--repeats 5] [--quick]
+    python -m sparse_bias.tools.benchmark [--queries 900] [--config fusion] [--repeats 5] [--quick]
 
 One process checks every variant's output and gradients (q, k, v and the AQR weights behind the bias)
 against the dense reference on the same inputs. One process then times the forward and the forward +

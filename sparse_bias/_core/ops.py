@@ -5,7 +5,7 @@ Layered as flash-attention's interface is: ``torch.ops.sparse_bias.sparse_attent
 name; each has a fake (meta) implementation giving its output shapes from the input shapes -- ``nnz`` is the length
 of the index tensors, a dynamic size under ``torch.compile`` -- and its autograd formula registered with
 `torch.library.register_autograd`. `sparse_op` / `window_op` unpack a `sparse_bias.WindowIndex` and a
-`sparse_bias._call.Call` into those arguments; the public functions (`sparse_bias.sparse_bias_attention`,
+`sparse_bias._core.call.Call` into those arguments; the public functions (`sparse_bias.sparse_bias_attention`,
 `sparse_bias.window_attention`) validate and call them. ``torch.compile(fullgraph=True)`` therefore sees one opaque
 node per attention (forward and backward) instead of the Python around the kernels.
 
@@ -13,7 +13,7 @@ Eager calls of `sparse_op` take `_EagerSparse`, an ``autograd.Function`` over th
 the registered op must return contiguous gradients (Inductor relies on it), and the CPU flash kernel's come
 key-major, so the op copies them -- a cost the eager path does not pay.
 
-Before torch 2.4 (no ``torch.library.custom_op``, probed as `sparse_bias._compat.CUSTOM_OPS`) nothing is
+Before torch 2.4 (no ``torch.library.custom_op``, probed as `sparse_bias._core.compat.CUSTOM_OPS`) nothing is
 registered: both public ops run through their eager ``autograd.Function`` (`_EagerSparse`, `_EagerWindow`), which
 the dynamo of those releases cannot trace (torch 2.1: ``InternalTorchDynamoError: save_for_backward``): compile the
 model without the attention call (``torch._dynamo.disable`` on it) there.
@@ -29,15 +29,15 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._call import Call, compute_dtype
-from ._compat import CUSTOM_OPS, custom_op, is_compiling, register_autograd
-from ._entries import Entries
-from ._sparse_function import sparse_backward, sparse_forward
-from ._window_function import window_backward, window_forward
-from ._threads import calling_thread_if_small
-from .backends import BACKENDS
-from .dense.boundary import unit_stride
-from .dense.dropout import seed64
+from .call import Call, compute_dtype
+from .compat import CUSTOM_OPS, custom_op, is_compiling, register_autograd
+from .entries import Entries
+from .correction import sparse_backward, sparse_forward
+from .window import window_backward, window_forward
+from .threads import calling_thread_if_small
+from ..backends import BACKENDS
+from ..dense.boundary import unit_stride
+from ..dense.dropout import seed64
 
 __all__ = ["sparse_op", "window_op", "seed_tensor"]
 
@@ -109,7 +109,7 @@ def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
                       key: Optional[Tensor], row: Optional[Tensor], tcrow: Optional[Tensor], trow: Optional[Tensor],
                       perm: Optional[Tensor], order: Optional[Tensor], mask: Optional[Tensor], scale: float,
                       dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
-    """``[out, lse, den, p, exact]`` of `sparse_bias._sparse_function.sparse_forward`."""
+    """``[out, lse, den, p, exact]`` of `sparse_bias._core.correction.sparse_forward`."""
     return _dense(_sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p,
                                seed, backend))
 
@@ -212,7 +212,7 @@ def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, ca
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Tensor, key: Tensor,
                       row: Tensor, tcrow: Tensor, trow: Tensor, perm: Tensor, order: Tensor, mask: Optional[Tensor],
                       scale: float, dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
-    """``[out, state]`` of `sparse_bias._window_function.window_forward`."""
+    """``[out, state]`` of `sparse_bias._core.window.window_forward`."""
     ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
     with calling_thread_if_small(q, k, key, dense=False):
         return _dense(window_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),

@@ -5,9 +5,9 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ._call import Call
-from ._entries import Entries
-from .backends.base import WindowBlock
+from .call import Call
+from .entries import Entries
+from ..backends.base import WindowBlock
 
 
 def window_blocks(ent: Entries, values: Optional[torch.Tensor], backend, shape: Tuple[int, int, int, int],

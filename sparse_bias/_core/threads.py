@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from ._extension import loaded_extension
+from .extension import loaded_extension
 
 __all__ = ["SERIAL_WORK", "call_work", "runs_serially", "calling_thread_if_small"]
 

@@ -4,7 +4,7 @@ Random q / k put about ``|W| / K`` (~1 %) of a query's attention on its window; 
 the object, i.e. mostly inside the window. `concentrated_qk` builds q and k for a `WindowIndex` so that the
 *unbiased* attention of each query puts a chosen share of its mass on its window keys; `signed_bias` gives a
 flat bias of chosen magnitude and signs. Together they make the regime where a negative bias removes most of a
-row's mass -- the stress case of an additive correction. Used by the first-use self-checks (`sparse_bias.dispatch`),
+row's mass -- the stress case of an additive correction. Used by the first-use self-checks (`sparse_bias._core.dispatch`),
 the self-test, the benchmarks and the tests.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .bias import SparseBias, window_bias
-from .windows import WindowIndex
+from ..bias import SparseBias, window_bias
+from ..windows import WindowIndex
 
 __all__ = ["concentrated_qk", "signed_bias", "window_share"]
 

@@ -30,11 +30,11 @@ from typing import List, Optional
 
 import torch
 
-from ._call import Call
-from ._entries import Entries
-from .backends import triton_exact
-from .dense import dense_lse_backward, dense_lse_forward, kernel_lse
-from .dense.dropout import dropout_scale
+from .call import Call
+from .entries import Entries
+from ..backends import triton_exact
+from ..dense import dense_lse_backward, dense_lse_forward, kernel_lse
+from ..dense.dropout import dropout_scale
 
 #: A row takes the exact path when the mass its bias removes exceeds this fraction of ``min(1, 1 + S)``. A larger
 #: ratio (1/16) leaves rows with a 5 % window share under a -5 bias at 5x the dense version's ``dk`` error; 1/64

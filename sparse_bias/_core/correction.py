@@ -10,7 +10,7 @@ The backward calls the dense kernel's own backward with ``g``, the final output 
 ``L + log(1 + S)`` (the same as ``g / (1 + S)`` with ``L``, without rounding ``g / (1 + S)`` to the input dtype), which
 is exact outside the windows, then adds the window terms (design brief, section 3). The window terms run on a backend of
 `sparse_bias.backends`; rows where the correction would cancel take `._exact_rows`. Plain functions of tensors: the
-registered op of `sparse_bias._ops` wraps them (forward, fake, autograd). Nothing here reads a device value.
+registered op of `sparse_bias._core.ops` wraps them (forward, fake, autograd). Nothing here reads a device value.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._blocks import batch_major, head_major, window_blocks
-from ._call import Call
-from ._entries import Entries
-from ._exact_rows import exact_backward, exact_forward, flagged_rows
-from .dense import dense_kernel_name, dense_lse_backward, dense_lse_forward, kernel_lse
-from .dense.lse import KernelState
+from .blocks import batch_major, head_major, window_blocks
+from .call import Call
+from .entries import Entries
+from .exact_rows import exact_backward, exact_forward, flagged_rows
+from ..dense import dense_kernel_name, dense_lse_backward, dense_lse_forward, kernel_lse
+from ..dense.lse import KernelState
 
 
 def sparse_forward(q, k, v, values: Optional[torch.Tensor], ent: Optional[Entries], call: Call,

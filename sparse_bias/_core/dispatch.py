@@ -2,17 +2,17 @@
 
 `choose_backend` walks `sparse_bias.backends.AUTO_ORDER` for the input's device and takes the first backend that can
 run the operation there (its declared `sparse_bias.backends.Supports`) *and* passes its self-check. A self-check runs
-once per (operation, backend, device, dtype, head dim) through the one verifier (`sparse_bias._verify`): a tiny
+once per (operation, backend, device, dtype, head dim) through the one verifier (`sparse_bias._core.verify`): a tiny
 problem with key padding, a per-head bias and attention concentrated in the windows under biases of +-5 of both
-signs (rows on the correction and rows in the exact-row regime; `sparse_bias._concentrated`), in the memory
+signs (rows on the correction and rows in the exact-row regime; `sparse_bias._core.concentrated`), in the memory
 layouts modules produce (q permuted from ``[B, Q, H, D]``, k with a strided last dim, a permuted output gradient),
 computed by the candidate and by the dense reference in float64; output and every gradient (q, k, v, bias values)
-must agree within the bound of `sparse_bias._precision` (twice the error of a dense computation in the same dtype
+must agree within the bound of `sparse_bias._core.precision` (twice the error of a dense computation in the same dtype
 plus the roundings only the library's path makes). On disagreement a ``RuntimeWarning`` names the backend and the
 next candidate is tried -- never a silent wrong result. An explicitly requested backend that fails its check falls
 back the same way.
 
-Which backends are checked is set by ``SPARSE_BIAS_SELF_CHECK`` (`sparse_bias._verify`). `self_check_results` lists
+Which backends are checked is set by ``SPARSE_BIAS_SELF_CHECK`` (`sparse_bias._core.verify`). `self_check_results` lists
 what ran; `reset_self_checks` forgets it.
 """
 from __future__ import annotations
@@ -22,18 +22,18 @@ from typing import Dict, Tuple
 
 import torch
 
-from ._compat import CUSTOM_OPS
-from ._call import Call
-from ._concentrated import concentrated_qk, signed_bias
-from ._precision import tolerance
-from ._reference import dense_attention, dense_window_attention
-from ._ops import sparse_op, window_op
-from ._validation import additive_mask
-from ._verify import SELF_CHECK_ENV, needs_self_check, results, reset, verified
-from .backends import AUTO_ORDER, BACKENDS, OPS
-from .bias import SparseBias, window_bias
-from .layout import KeyLayout
-from .windows import local_windows
+from .compat import CUSTOM_OPS
+from .call import Call
+from .concentrated import concentrated_qk, signed_bias
+from .precision import tolerance
+from .reference import dense_attention, dense_window_attention
+from .ops import sparse_op, window_op
+from .inputs import additive_mask
+from .verify import SELF_CHECK_ENV, needs_self_check, results, reset, verified
+from ..backends import AUTO_ORDER, BACKENDS, OPS
+from ..bias import SparseBias, window_bias
+from ..layout import KeyLayout
+from ..windows import local_windows
 
 logger = logging.getLogger("sparse_bias")
 
@@ -97,7 +97,7 @@ def _check(kind, name, device, dtype, head_dim) -> Tuple[bool, str]:
     for label, g, s, r in zip(labels, got, same, ref):
         size = max(float(r.abs().max()), 1e-12)
         err = float((g - r).abs().max()) / size
-        tol = tolerance(float((s - r).abs().max()), size, dtype) / size          # sparse_bias._precision
+        tol = tolerance(float((s - r).abs().max()), size, dtype) / size          # sparse_bias._core.precision
         if not err <= tol:                                                # NaN fails too
             return False, f"{label}: relative error {err:.2e} > tolerance {tol:.2e}"
     return True, "matches the dense reference"
@@ -112,7 +112,7 @@ def self_check(name: str, device: torch.device, dtype: torch.dtype, head_dim: in
     return verified(key, lambda: _check(kind, name, device, dtype, int(head_dim)),
                     lambda detail: f"sparse_bias: backend {name!r} disagrees with the dense reference on {device} / "
                                    f"{dtype} / head dim {head_dim} ({kind}; {detail}); it is not used -- please report "
-                                   "this with the output of `python -m sparse_bias.selftest`")
+                                   "this with the output of `python -m sparse_bias.tools.selftest`")
 
 
 def self_check_results() -> Dict[tuple, Tuple[bool, str]]:

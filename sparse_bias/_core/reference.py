@@ -1,7 +1,7 @@
 """The dense references, written out plainly: the bias (and for window attention the local mask) materialised.
 
 Computed in the inputs' dtype, so they are also the "naive implementation at the same precision" the precision
-bound (`sparse_bias._precision`) measures. A fully masked row gives zeros and zero gradients (docs/conventions.md).
+bound (`sparse_bias._core.precision`) measures. A fully masked row gives zeros and zero gradients (docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from ._call import Call
-from .dense.dropout import dropout_mask
+from .call import Call
+from ..dense.dropout import dropout_mask
 
 __all__ = ["dense_attention", "dense_window_attention"]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ._call import Call
-from .dense import dense_lse_backward, dense_lse_forward, unit_stride
+from .call import Call
+from ..dense import dense_lse_backward, dense_lse_forward, unit_stride
 
 
 class _ModalityBiasAttention(torch.autograd.Function):

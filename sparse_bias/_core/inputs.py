@@ -11,10 +11,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._compat import is_compiling, is_exporting
-from ._checks import check_device, check_tensor, debug_check_finite, debug_checks_enabled
-from .bias import ModalityBias, SparseBias
-from ._call import compute_dtype as _compute_dtype
+from .compat import is_compiling, is_exporting
+from .checks import check_device, check_tensor, debug_check_finite, debug_checks_enabled
+from ..bias import ModalityBias, SparseBias
+from .call import compute_dtype as _compute_dtype
 
 
 def check_qkv(q, k, v):
@@ -303,7 +303,7 @@ def check_mask_values(conventions: MaskConventions, key_padding_mask: Optional[t
                       stacklevel=_user_stacklevel())
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep     # sparse_bias/
 _TORCH_MODULES_DIR = os.path.dirname(os.path.abspath(torch.nn.Module.__call__.__code__.co_filename)) + os.sep
 
 

@@ -1,6 +1,6 @@
 """How far a correct result in a low-precision dtype may be from the float64 reference.
 
-One rule for the first-use self-checks (`sparse_bias.dispatch`) and the self-test (`sparse_bias.selftest`),
+One rule for the first-use self-checks (`sparse_bias._core.dispatch`) and the self-test (`sparse_bias.tools.selftest`),
 from a precision analysis rather than from one run:
 
 * the inputs are rounded to the dtype once, for the naive dense computation and for the library alike; the naive
@@ -11,7 +11,7 @@ from a precision analysis rather than from one run:
   the dense kernel's backward, the probabilities and ``dS`` inside that kernel, the kernel's ``dq`` / ``dk`` /
   ``dv`` before the window terms are added, and the final cast -- at most `EXTRA_ROUNDINGS` roundings of half an
   ``eps`` each, of terms no larger than the result's magnitude (rows where the correction would cancel are
-  evaluated densely instead, `sparse_bias._exact_rows`, so no term is larger than that);
+  evaluated densely instead, `sparse_bias._core.exact_rows`, so no term is larger than that);
 * a floor for sums over thousands of keys, where rounding errors of float32 accumulators add up
   (``1e-5`` relative; ``1e-9`` for float64).
 

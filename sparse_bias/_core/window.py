@@ -4,7 +4,7 @@ Forward per block of a backend (`sparse_bias.backends.base.Backend.window_forwar
 (SDDMM), segment max / sum over each row's CSR segment, values by SpMM. Backward, with ``p`` the window probabilities
 (times the dropout multipliers ``keep`` where dropped), ``ds_j = p_j (keep_j <g, v_j> - <g, o>)``:
 ``dq = scale sum_j ds_j k_j``, ``dk_j += scale ds_j q``, ``dv_j += p_j keep_j g`` and ``d bias_j = ds_j``. Plain
-functions of tensors, wrapped by the registered op of `sparse_bias._ops`. Nothing here reads a device value.
+functions of tensors, wrapped by the registered op of `sparse_bias._core.ops`. Nothing here reads a device value.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._blocks import batch_major, head_major, window_blocks
-from ._call import Call
-from ._entries import Entries
+from .blocks import batch_major, head_major, window_blocks
+from .call import Call
+from .entries import Entries
 
 
 def window_forward(q, k, v, values: Optional[torch.Tensor], ent: Entries, call: Call, backend

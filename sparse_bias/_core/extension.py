@@ -50,7 +50,7 @@ FIX_COMMAND = ("`pip install --no-build-isolation -e .` in your sparse_bias chec
 FALLBACK = ("the pure-PyTorch backends run instead (`sparse` for the window terms, the chunked PyTorch kernel for "
             "attention dropout): same results, slower")
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # sparse_bias/, beside csrc/
 _lock = threading.Lock()
 _cache: Dict[str, Tuple[Any, str]] = {}
 
@@ -144,7 +144,7 @@ def _load() -> Tuple[Any, str]:
         return None, f"disabled by {NO_EXT_ENV}=1; {FALLBACK}"
     try:
         # built at install time (optional: a build without torch or a compiler has none)
-        from . import _C  # type: ignore[attr-defined]
+        from .. import _C  # type: ignore[attr-defined]
     except ImportError:
         return _jit_compile()
     return _C, "fused C++/OpenMP kernels (sparse_bias._C)"
@@ -168,6 +168,6 @@ def extension_available() -> bool:
 
 def loaded_extension() -> Any:
     """The compiled module if an earlier `extension` call loaded it, else None -- never a compile or an import
-    (for code that uses the kernels only when they are already there, e.g. ``sparse_bias._threads``)."""
+    (for code that uses the kernels only when they are already there, e.g. ``sparse_bias._core.threads``)."""
     result = _cache.get("result")
     return None if result is None else result[0]
