@@ -98,3 +98,15 @@ def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exc:
         selftest_mod.main(["--device", "cuda:0"])
     assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_selftest_tolerance_admits_a_correct_bfloat16_build():
+    from sparse_bias._core.precision import tolerance
+    eps = torch.finfo(torch.bfloat16).eps
+    # the measured failure: dq 1.60e-2 of its largest value, with the naive error under one rounding step
+    assert 1.60e-2 <= tolerance(0.0, 1.0, torch.bfloat16)
+    # and it is not loose: a 5-ulp error (a real bug's scale) fails in every low-precision dtype
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert tolerance(0.0, 1.0, dtype) < 5 * torch.finfo(dtype).eps or dtype == torch.float32
+    assert tolerance(0.0, 1.0, torch.float32) < 2e-5
+    assert eps > 0
