@@ -18,7 +18,7 @@ import sparse_bias as sb
 from sparse_bias._core import correction as _sparse_function
 from sparse_bias._core.concentrated import concentrated_qk, signed_bias, window_share
 from sparse_bias.dense import lse as dense_lse
-from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
+from sparse_bias.backends.triton import TRITON_AVAILABLE
 
 import reference
 from helpers import (CORRECTION_BACKENDS, needs_custom_ops, pytest_under_the_interpreter, skip_missing,

@@ -37,7 +37,7 @@ import torch
 
 import sparse_bias as sb
 from sparse_bias.backends import backend_names
-from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
+from sparse_bias.backends.triton import TRITON_AVAILABLE
 
 import reference
 from helpers import profile_names, pytest_under_the_interpreter

@@ -1,4 +1,4 @@
-"""The fused Triton window-attention kernels (`sparse_bias.backends.triton_window`) against a dense float64
+"""The fused Triton window-attention kernels (`sparse_bias.backends.triton.window`) against a dense float64
 reference, forward and backward, in float32 / bfloat16 / float16.
 
 Without a GPU they run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors): the interpreter must
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from helpers import pytest_under_the_interpreter
-from sparse_bias.backends import triton_window as tw
+from sparse_bias.backends.triton import TRITON_AVAILABLE, window as tw
 
-pytestmark = pytest.mark.skipif(not tw.TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
+pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVE = INTERPRETED or torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"

@@ -18,7 +18,7 @@ There is no capacity: every flagged row is recomputed, on every path.
   ``[H|1, R, K]`` stays within `EXACT_ROW_BUDGET` elements: the dense kernel (PyTorch's CPU flash kernel) with the
   chunk's bias as its mask, forward and backward, in the compute dtype (float32 for half inputs), and the bias
   gradient at the window entries; with dropout, the rows' scores written out (this library's keep decisions).
-* CUDA with Triton: `sparse_bias.backends.triton_exact`, a flash-style kernel per (row, head) over every row whose
+* CUDA with Triton: `sparse_bias.backends.triton.exact`, a flash-style kernel per (row, head) over every row whose
   program returns at once when its row is not flagged: decided on the device, no host read, no capacity.
 * CUDA without Triton: the CPU path's chunks after one read of the flagged-row count (a host synchronisation,
   the only one; docs/gpu.md).
@@ -32,7 +32,7 @@ import torch
 
 from .call import Call
 from .entries import Entries
-from ..backends import triton_exact
+from ..backends import triton as triton_exact
 from ..dense import dense_lse_backward, dense_lse_forward, kernel_lse
 from ..dense.dropout import dropout_scale
 

@@ -14,7 +14,7 @@ row once for all heads; the CSR backend works one head at a time (over the block
 matrix of the batch), so the correction's temporaries are a few ``[nnz]`` vectors.
 
 ``"fused"`` (CPU) and ``"triton"`` (CUDA) override the block methods of `sparse_bias.backends.base.Backend` with fused kernels
-(see `sparse_bias.backends.triton_backend`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
+(see `sparse_bias.backends.triton`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
 ``segment_csr``; ``"torch"`` is the same with native ``index_add_``; ``"sparse"`` uses PyTorch's
 sparse CSR kernels (``sampled_addmm`` and CSR @ dense, with the transposed structure built once per
 index). ``"dense"`` (materialise the bias) is handled by `sparse_bias.attention`.
@@ -29,7 +29,7 @@ from .base import OPS, Backend, Supports
 from .csr import SparseCSRBackend
 from .fused import FusedCPUBackend, extension_available
 from .gather import ScatterBackend, TorchBackend, torch_scatter_available
-from .triton_backend import TritonBackend
+from .triton.backend import TritonBackend
 
 __all__ = ["BACKENDS", "AUTO_ORDER", "get_backend", "backend_names", "backend_candidates", "Backend", "Supports",
            "torch_scatter_available", "extension_available"]

@@ -35,7 +35,8 @@ import torch
 from .._core.call import Call
 from .._core.extension import extension
 from .._core.verify import verified
-from . import private_ops, triton_dense
+from ..backends import triton as triton_dense
+from . import private_ops
 from .boundary import fully_masked_rows, kernel_lse, unit_stride
 from .chunked import chunked_backward, chunked_forward
 from .dropout import seed64
