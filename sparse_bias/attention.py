@@ -12,19 +12,17 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._core.call import Call
+from ._core.dispatch import choose_backend
 from ._core.exact_rows import EXACT_ROW_RATIO
-from ._core.modality import _ModalityBiasAttention
+from ._core.inputs import AttentionInputs
+from ._core.masks import functional_masks
+from ._core.ops import ModalityAttention, SparseBiasAttention
 from ._core.reference import dense_attention
-from ._core.ops import sparse_op
-from ._core.inputs import (MaskConventions, additive_mask, check_dense_bias, check_dropout, check_modality_bias,
-                          check_qkv, check_scale, check_sparse_bias, dropout_seed as _call_seed, functional_masks,
-                          zeros_like_output)
 from .backends import backend_names
 from .bias import ModalityBias, SparseBias
-from ._core.dispatch import choose_backend
 
-__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_RATIO", "BACKEND_NAMES"]
+__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "attend", "EXACT_ROW_RATIO",
+           "BACKEND_NAMES"]
 
 #: The ``backend=`` choices of `sparse_bias_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 BACKEND_NAMES = ("auto",) + backend_names("correction") + ("dense",)
@@ -59,7 +57,7 @@ def select_backend(q: torch.Tensor, bias: Union[SparseBias, ModalityBias, torch.
     if bias is None:
         return "none", "no bias: plain attention through the dense kernel"
     if isinstance(bias, torch.Tensor):
-        return "dense", "a dense bias tensor is added to the scores (the origin design's path)"
+        return "dense", "a dense bias tensor is added to the scores (the dense version's path)"
     if isinstance(bias, ModalityBias):
         if backend == "dense":
             return "dense", "requested: the bias is materialised"
@@ -97,21 +95,10 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
         ``[B, H, Q, D]``. A fully masked query row (every key masked, or no keys) gives zeros and zero gradients
         (docs/conventions.md).
     """
-    return _dense_bias_attention(q, k, v, dense_bias, key_padding_mask, attn_mask, dropout_p, scale, dropout_seed,
-                                 _DENSE_MASKS)
-
-
-def _dense_bias_attention(q, k, v, dense_bias, key_padding_mask, attn_mask, dropout_p, scale, dropout_seed,
-                          conventions: Optional[MaskConventions]) -> torch.Tensor:
-    """`dense_bias_attention`, its masks' values checked against ``conventions`` (None: not checked)."""
-    check_qkv(q, k, v)
-    scale = check_scale(scale, q)
-    check_dropout(dropout_p)
-    seed = _call_seed(dropout_p, dropout_seed)
-    if dense_bias is not None:
-        check_dense_bias(dense_bias, q, k)
-    mask = additive_mask(q, k, key_padding_mask, attn_mask, conventions)
-    return dense_attention(q, k, v, dense_bias, Call.of(q, scale, mask, dropout_p, seed))
+    inputs = AttentionInputs.of("dense", q, k, v, dense_bias, key_padding_mask=key_padding_mask,
+                                attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, dropout_seed=dropout_seed,
+                                conventions=_DENSE_MASKS)
+    return dense_attention(q, k, v, dense_bias, inputs.call)
 
 
 def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -171,33 +158,22 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         >>> torch.allclose(out, ref, atol=1e-5)
         True
     """
-    return _sparse_bias_attention(q, k, v, bias, key_padding_mask, attn_mask, dropout_p, scale, backend, dropout_seed,
-                                  _SPARSE_MASKS)
+    return attend(AttentionInputs.of("correction", q, k, v, bias, key_padding_mask=key_padding_mask,
+                                     attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, dropout_seed=dropout_seed,
+                                     conventions=_SPARSE_MASKS), backend)
 
 
-def _sparse_bias_attention(q, k, v, bias, key_padding_mask, attn_mask, dropout_p, scale, backend, dropout_seed,
-                           conventions: Optional[MaskConventions]) -> torch.Tensor:
-    """`sparse_bias_attention`, its masks' values checked against ``conventions`` (the modules pass their own)."""
-    check_qkv(q, k, v)
-    scale = check_scale(scale, q)
-    check_dropout(dropout_p)
-    if bias is not None and not isinstance(bias, (SparseBias, ModalityBias, torch.Tensor)):
-        raise TypeError(f"bias must be a SparseBias, a ModalityBias, a dense tensor or None, "
-                        f"got {type(bias).__name__}")
-    if isinstance(bias, SparseBias):
-        check_sparse_bias(bias, q, k)
-    if isinstance(bias, ModalityBias):
-        check_modality_bias(bias, q, k)
-    name, _ = select_backend(q, bias, backend)
-    seed = _call_seed(dropout_p, dropout_seed)
+def attend(inputs: AttentionInputs, backend: str = "auto") -> torch.Tensor:
+    """``[B, H, Q, D]``: `sparse_bias_attention` on a validated call (the `sparse_bias.nn` modules build theirs
+    with their own mask conventions): the backend chosen, then the op's ``autograd.Function``."""
+    name, _ = select_backend(inputs.q, inputs.bias, backend)
+    q, k, v, bias, call = inputs.q, inputs.k, inputs.v, inputs.bias, inputs.call
     if name == "dense":
-        dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()
-        return _dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed, conventions)
-    call = Call.of(q, scale, additive_mask(q, k, key_padding_mask, attn_mask, conventions), dropout_p, seed)
-    if q.numel() == 0 or k.shape[2] == 0:        # nothing to attend (K = 0: every row fully masked): zeros
-        return zeros_like_output(q, k, v, None if bias is None else bias.values)
+        return dense_attention(q, k, v, bias if isinstance(bias, torch.Tensor) else bias.to_dense(), call)
+    if inputs.empty:                       # nothing to attend (K = 0: every row fully masked): zeros
+        return inputs.zeros()
     if name == "none":
-        return sparse_op(q, k, v, None, None, call, None)
+        return SparseBiasAttention.apply(q, k, v, None, [], call, "")
     if name == "modality":
-        return _ModalityBiasAttention.apply(q, k, v, bias.values, bias.ranges, call)
-    return sparse_op(q, k, v, bias.values, bias.index, call, name)
+        return ModalityAttention.apply(q, k, v, bias.values, bias.ranges, call)
+    return SparseBiasAttention.apply(q, k, v, bias.values, bias.index.entries().as_args(), call, name)

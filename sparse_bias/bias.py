@@ -74,10 +74,16 @@ class _ValuesLike(abc.ABC):
     def _keep_layout(self: _T, other: _T) -> _T:
         if self._seq_first:
             other._seq_first = True
+        other.debug = self.debug
         return other
 
     #: True for the sequence-first view that `transpose` returns
     _seq_first = False
+
+    #: Set True (the generators do with ``debug_mode=True``, the dense version's option) to have
+    #: `sparse_bias.nn.SparseBiasMultiheadAttention` compare its output with the dense reference on a sample of
+    #: queries (a warning past the tolerance) and log the bias statistics. Kept by `to`, `detach` and `transpose`.
+    debug = False
 
     @property
     def seq_first(self) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_bias as sb
-from sparse_bias._core import inputs as _validation
+from sparse_bias._core import masks as _validation
 from sparse_bias.nn import PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
 
 import reference

@@ -318,12 +318,12 @@ def test_launches_do_not_synchronise():
 @active
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_first_use_self_check_passes_and_auto_picks_triton(dtype):
-    """The window-attention self-check of `sparse_bias._core.dispatch` (key padding, per-head bias, the modules' layouts)
+    """The window-attention self-check of `sparse_bias._core.selfcheck` (key padding, per-head bias, the modules' layouts)
     passes for the Triton kernels in every dtype, and `auto` then takes them (as on CUDA)."""
     import sparse_bias as sb
-    from sparse_bias._core import dispatch
-    dispatch.reset_self_checks()
-    ok, detail = dispatch.self_check("triton", torch.device(DEVICE), dtype, 16, "window")
+    from sparse_bias._core import selfcheck
+    selfcheck.reset_self_checks()
+    ok, detail = selfcheck.self_check("triton", torch.device(DEVICE), dtype, 16, "window")
     assert ok, detail
     if DEVICE == "cuda":
         assert sb.select_window_backend(torch.zeros(1, 1, 1, 16, device="cuda", dtype=dtype))[0] == "triton"

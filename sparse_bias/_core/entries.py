@@ -8,7 +8,7 @@ column ``b * K + key``, pointers by ``searchsorted``) and the row order of the f
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -49,6 +49,19 @@ class Entries(NamedTuple):
     def rows(self) -> int:
         """``B * Q``."""
         return self.batch * self.queries
+
+    def as_args(self) -> List[torch.Tensor]:
+        """The index tensors as the registered ops take them (one list argument); the sizes come back from q and k
+        (`from_args`)."""
+        return [self.indptr, self.key, self.row, self.tcrow, self.trow, self.perm, self.order]
+
+    @classmethod
+    def from_args(cls, index: Sequence[torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> Optional["Entries"]:
+        """The record inside an op from `as_args`'s list and q ``[B, H, Q, D]`` / k ``[B, H, K, D]``; None for an
+        empty list (no bias)."""
+        if len(index) == 0:
+            return None
+        return cls(*index, q.shape[0], q.shape[2], k.shape[2])
 
     def entry_batch(self) -> torch.Tensor:
         """LongTensor ``[nnz]``: the batch element of each entry."""

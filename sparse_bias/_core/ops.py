@@ -1,265 +1,191 @@
-"""The library's operations registered with ``torch.library``: raw op, then autograd, then the Python entry.
+"""The library's operations: registered ops, then one ``autograd.Function`` per op, then the public functions.
 
-Layered as flash-attention's interface is: ``torch.ops.sparse_bias.sparse_attention`` /
-``torch.ops.sparse_bias.window_attention`` (and their ``*_backward`` ops) take only tensors, floats and a backend
-name; each has a fake (meta) implementation giving its output shapes from the input shapes -- ``nnz`` is the length
-of the index tensors, a dynamic size under ``torch.compile`` -- and its autograd formula registered with
-`torch.library.register_autograd`. `sparse_op` / `window_op` unpack a `sparse_bias.WindowIndex` and a
-`sparse_bias._core.call.Call` into those arguments; the public functions (`sparse_bias.sparse_bias_attention`,
-`sparse_bias.window_attention`) validate and call them. ``torch.compile(fullgraph=True)`` therefore sees one opaque
-node per attention (forward and backward) instead of the Python around the kernels.
+Structured as flash-attention's interface is. Each op -- ``sparse_attention`` (dense pass plus sparse correction,
+`.correction`), ``window_attention`` (`.window`) and ``modality_attention`` (`.modality`) -- is a forward and a
+backward op in the library's own ``sparse_bias`` namespace of ``torch.library`` (``torch.ops.sparse_bias.*``, as
+torch-scatter's live in ``torch_scatter``; nothing else is registered). They take only tensors, floats, ints, bools
+and names -- the index as `Entries.as_args`, the call as `Call.as_args` -- return contiguous tensors, and have fake
+(meta) implementations giving their outputs' shapes from the inputs' (``nnz`` is the length of the index tensors, a
+dynamic size under ``torch.compile``). ``torch.compile(fullgraph=True)`` therefore sees one opaque node per forward
+and per backward instead of the Python around the kernels.
 
-Eager calls of `sparse_op` take `_EagerSparse`, an ``autograd.Function`` over the same implementation and backward:
-the registered op must return contiguous gradients (Inductor relies on it), and the CPU flash kernel's come
-key-major, so the op copies them -- a cost the eager path does not pay.
+One ``autograd.Function`` per op (`SparseBiasAttention`, `WindowAttention`, `ModalityAttention`) calls the forward
+op, saves what the backward op needs -- the dense kernel the forward ran included -- and calls the backward op; the
+public functions (`sparse_bias.sparse_bias_attention`, `sparse_bias.window_attention`) validate and call
+``Function.apply``.
 
 Before torch 2.4 (no ``torch.library.custom_op``, probed as `sparse_bias._core.compat.CUSTOM_OPS`) nothing is
-registered: both public ops run through their eager ``autograd.Function`` (`_EagerSparse`, `_EagerWindow`), which
-the dynamo of those releases cannot trace (torch 2.1: ``InternalTorchDynamoError: save_for_backward``): compile the
-model without the attention call (``torch._dynamo.disable`` on it) there.
-
-The ops live in the library's own ``sparse_bias`` namespace of ``torch.library`` (as torch-scatter's live in
-``torch_scatter``); nothing else is registered.
+registered: the Functions call the implementations directly -- the same code -- and the dynamo of those releases
+cannot trace them (torch 2.1: ``InternalTorchDynamoError: save_for_backward``): compile the model without the
+attention call (``torch._dynamo.disable`` on it) there.
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads these annotations as objects (torch
 # 2.4 cannot resolve them from strings).
-from functools import partial
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
+from . import correction, modality, window
 from .call import Call, compute_dtype
-from .compat import CUSTOM_OPS, custom_op, is_compiling, register_autograd
-from .entries import Entries
-from .correction import sparse_backward, sparse_forward
-from .window import window_backward, window_forward
-from .threads import calling_thread_if_small
+from .compat import custom_op
 from ..backends import BACKENDS
 from ..dense.boundary import unit_stride
-from ..dense.dropout import seed64
 
-__all__ = ["sparse_op", "window_op", "seed_tensor"]
-
-_INDEX = ("indptr", "key", "row", "tcrow", "trow", "perm", "order")
+__all__ = ["SparseBiasAttention", "WindowAttention", "ModalityAttention"]
 
 
-def seed_tensor(seed) -> Tensor:
-    """The dropout seed as the ops take it: a CPU int64 scalar (an int is mapped to the int64 with the same low 64
-    bits; a tensor -- drawn inside a compiled graph -- passes as is)."""
-    if isinstance(seed, Tensor):
-        return seed
-    return torch.tensor(seed64(seed), dtype=torch.int64)
+def _like(t: Tensor, shape, dtype=None) -> Tensor:
+    return t.new_empty(shape, dtype=dtype)
 
 
-def _call(q: Tensor, mask: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor) -> Call:
-    """The call record inside an op (the seed read on the host: a CPU tensor, never a device synchronisation)."""
-    return Call(scale, mask, dropout_p, int(seed.tolist()) if dropout_p > 0 else 0, compute_dtype(q.dtype))
+def _fake_grads(q, k, v, values, want_values) -> List[Tensor]:
+    """The backward ops' outputs: contiguous, like the real ones -- not ``empty_like``, which would keep the inputs'
+    (often permuted) strides."""
+    return [_like(q, q.shape), _like(k, k.shape), _like(v, v.shape),
+            _like(values, values.shape) if want_values and values is not None else _like(q, (0,))]
 
 
-def _dense(tensors) -> List[Tensor]:
-    """The op's outputs, contiguous (as its fake implementation declares them; the dense kernels return some in
-    other layouts, e.g. the CPU flash op's ``[B, K, H, D]``-ordered gradients)."""
-    return [t.contiguous() for t in tensors]
-
-
-def _fake_grads(q, k, v, values, want_values):
-    """The backward ops' outputs: contiguous, like the real ones (`_dense`) -- not ``empty_like``, which would keep
-    the inputs' (often permuted) strides."""
-    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            values.new_empty(values.shape) if want_values and values is not None else q.new_empty(0)]
-
-
-def _entries(q: Tensor, k: Tensor, index: Sequence[Optional[Tensor]]) -> Optional[Entries]:
-    if index[0] is None:
-        return None
-    return Entries(*index, q.shape[0], q.shape[2], k.shape[2])
-
-
-def _index(win) -> List[Optional[Tensor]]:
-    if win is None:
-        return [None] * len(_INDEX)
-    ent = win.entries()
-    return [getattr(ent, name) for name in _INDEX]
+def _kernel_index(q: Tensor, shape) -> Tensor:
+    """The fake of a CPU int64 tensor of dense-kernel indices (`sparse_bias.dense.KERNELS`)."""
+    return torch.empty(shape, dtype=torch.int64, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sparse_bias_attention: dense pass plus sparse correction
+# sparse_attention: dense pass plus sparse correction
+
+_sparse_forward = custom_op("sparse_bias::sparse_attention", mutates_args=())(correction.forward)
+_sparse_backward = custom_op("sparse_bias::sparse_attention_backward", mutates_args=())(correction.backward)
 
 
-def _sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed, backend):
-    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    with calling_thread_if_small(q, k, key):
-        return list(sparse_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
-                                   BACKENDS[backend] if backend else None))
-
-
-def _sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, out, lse, den,
-                          p, exact, scale, dropout_p, seed, backend, want_values):
-    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    call = _call(q, mask, scale, dropout_p, seed)
-    with calling_thread_if_small(q, k, key):
-        dq, dk, dv, dvalues = sparse_backward(grad_out, (q, k, v, values, out, lse, den, p, exact), ent, call,
-                                              BACKENDS[backend] if backend else None, want_values)
-    return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
-
-
-@custom_op("sparse_bias::sparse_attention", mutates_args=())
-def _sparse_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Optional[Tensor],
-                      key: Optional[Tensor], row: Optional[Tensor], tcrow: Optional[Tensor], trow: Optional[Tensor],
-                      perm: Optional[Tensor], order: Optional[Tensor], mask: Optional[Tensor], scale: float,
-                      dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
-    """``[out, lse, den, p, exact]`` of `sparse_bias._core.correction.sparse_forward`."""
-    return _dense(_sparse_impl(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p,
-                               seed, backend))
-
-
-@_sparse_attention.register_fake
-def _sparse_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed,
-                           backend):
+@_sparse_forward.register_fake
+def _(q, k, v, values, index, mask, scale, dropout_p, seed, backend):
     cdt = compute_dtype(q.dtype)
     bsz, heads, nq = q.shape[:3]
     biased = values is not None
     saves_p = biased and BACKENDS[backend].saves("correction") == "p"
-    return [q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(q.shape[:3], dtype=cdt),
-            q.new_empty((heads, bsz * nq) if biased else (0,), dtype=cdt),
-            q.new_empty((heads, key.shape[0]) if saves_p else (0,), dtype=cdt),
-            q.new_empty((bsz, nq if biased else 0), dtype=torch.bool)]
+    return [_like(q, q.shape[:3] + v.shape[3:]), _like(q, q.shape[:3], cdt),
+            _like(q, (heads, bsz * nq) if biased else (0,), cdt),
+            _like(q, (heads, index[1].shape[0]) if saves_p else (0,), cdt),
+            _like(q, (bsz, nq if biased else 0), torch.bool), _kernel_index(q, ())]
 
 
-@custom_op("sparse_bias::sparse_attention_backward", mutates_args=())
-def _sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
-                               indptr: Optional[Tensor], key: Optional[Tensor], row: Optional[Tensor],
-                               tcrow: Optional[Tensor], trow: Optional[Tensor], perm: Optional[Tensor],
-                               order: Optional[Tensor], mask: Optional[Tensor], out: Tensor, lse: Tensor, den: Tensor,
-                               p: Tensor, exact: Tensor, scale: float, dropout_p: float, seed: Tensor,
-                               backend: str, want_values: bool) -> List[Tensor]:
-    """``[dq, dk, dv, dvalues]`` (``dvalues`` empty when not wanted)."""
-    return _dense(_sparse_backward_impl(grad_out, q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask,
-                                        out, lse, den, p, exact, scale, dropout_p, seed, backend, want_values))
-
-
-@_sparse_attention_backward.register_fake
-def _sparse_attention_backward_fake(grad_out, q, k, v, values, *rest):
-    want_values = rest[-1]
+@_sparse_backward.register_fake
+def _(grad_out, q, k, v, values, index, mask, out, lse, den, p, exact, kernel, scale, dropout_p, seed, backend,
+      want_values):
     return _fake_grads(q, k, v, values, want_values)
 
 
-def _setup(ctx, inputs, output):
-    """Both ops' autograd context: the tensors (inputs, index, mask, every output, seed) and the scalars."""
-    q, k, v, values, *index_mask_scale = inputs
-    *index, mask, scale, dropout_p, seed, backend = index_mask_scale
-    ctx.save_for_backward(q, k, v, values, *index, mask, *output, seed)
-    ctx.params = (scale, dropout_p, backend)
+class SparseBiasAttention(torch.autograd.Function):
+    """``[B, H, Q, D]``: biased attention (``values`` None and ``index`` ``[]``: plain attention through the dense
+    pass) through ``torch.ops.sparse_bias.sparse_attention`` and its backward op.
 
+    ``apply(q, k, v, values, index, call, backend)``: q, k, v ``[B, H, Q|K, D]`` (any strides), ``values``
+    ``[nnz]`` / ``[nnz, H]`` or None, ``index`` `Entries.as_args`, ``call`` a `Call`, ``backend`` a registered
+    backend name (``""`` without a bias)."""
 
-def _backward(backward_fn, ctx, grads, want_values=None):
-    """Both ops' autograd formula: ``backward_fn`` (a backward op, or its implementation) takes the output gradient,
-    the saved tensors in their order and the scalars (the backward ops' common signature)."""
-    q, k, v, values, *rest = ctx.saved_tensors
-    index, mask, outputs, seed = rest[:len(_INDEX)], rest[len(_INDEX)], rest[len(_INDEX) + 1:-1], rest[-1]
-    scale, dropout_p, backend = ctx.params
-    want_values = values is not None and (ctx.needs_input_grad[3] if want_values is None else want_values)
-    dq, dk, dv, dvalues = backward_fn(grads[0].contiguous(), q, k, v, values, *index, mask, *outputs, scale,
-                                      dropout_p, seed, backend, want_values)
-    return (dq, dk, dv, dvalues if want_values else None) + (None,) * (len(_INDEX) + 5)
+    @staticmethod
+    def forward(ctx, q, k, v, values, index, call: Call, backend: str):
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
+        args = call.as_args()
+        out, lse, den, p, exact, kernel = _sparse_forward(q, k, v, values, index, *args, backend)
+        ctx.save_for_backward(q, k, v, values, args[0], args[3], out, lse, den, p, exact, kernel, *index)
+        ctx.params = (args[1], args[2], backend)
+        return out
 
-
-register_autograd("sparse_bias::sparse_attention", partial(_backward, _sparse_attention_backward),
-                  setup_context=_setup)
-
-
-def _eager_function(name: str, doc: str, forward_impl, backward_impl) -> type:
-    """An ``autograd.Function`` running an op's implementation and autograd formula eagerly (output 0
-    differentiable, the rest saved state)."""
-
-    def forward(ctx, *inputs):
-        output = forward_impl(*inputs)
-        _setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return tuple(output)
-
-    def backward(ctx, *grads):
-        return _backward(backward_impl, ctx, grads, want_values=ctx.needs_input_grad[3])
-
-    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
-                                                   "backward": staticmethod(backward)})
-
-
-_EagerSparse = _eager_function(
-    "_EagerSparse", """The eager path of the sparse op: the same implementation and autograd formula, without the
-    contiguous-output contract the compiled path needs (the CPU flash kernel's gradients come key-major; copying them
-    would cost two passes over k / v per backward).""", _sparse_impl, _sparse_backward_impl)
-
-
-def sparse_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call,
-              backend: Optional[str]) -> Tensor:
-    """``[B, H, Q, D]``: biased attention through ``torch.ops.sparse_bias.sparse_attention`` (``values`` and
-    ``win`` None: plain attention through the dense pass); eagerly through `_EagerSparse`, the same implementation."""
-    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
-    args = (q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p, seed_tensor(call.seed),
-            backend or "")
-    if CUSTOM_OPS and is_compiling():
-        return _sparse_attention(*args)[0]
-    return _EagerSparse.apply(*args)[0]
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, values, mask, seed, out, lse, den, p, exact, kernel, *index = ctx.saved_tensors
+        scale, dropout_p, backend = ctx.params
+        want_values = values is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dvalues = _sparse_backward(grad_out.contiguous(), q, k, v, values, index, mask, out, lse, den,
+                                               p, exact, kernel, scale, dropout_p, seed, backend, want_values)
+        return dq, dk, dv, dvalues if want_values else None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # window_attention: softmax over each query's window entries
 
-
-@custom_op("sparse_bias::window_attention", mutates_args=())
-def _window_attention(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], indptr: Tensor, key: Tensor,
-                      row: Tensor, tcrow: Tensor, trow: Tensor, perm: Tensor, order: Tensor, mask: Optional[Tensor],
-                      scale: float, dropout_p: float, seed: Tensor, backend: str) -> List[Tensor]:
-    """``[out, state]`` of `sparse_bias._core.window.window_forward`."""
-    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    with calling_thread_if_small(q, k, key, dense=False):
-        return _dense(window_forward(q, k, v, values, ent, _call(q, mask, scale, dropout_p, seed),
-                                     BACKENDS[backend]))
+_window_forward = custom_op("sparse_bias::window_attention", mutates_args=())(window.forward)
+_window_backward = custom_op("sparse_bias::window_attention_backward", mutates_args=())(window.backward)
 
 
-@_window_attention.register_fake
-def _window_attention_fake(q, k, v, values, indptr, key, row, tcrow, trow, perm, order, mask, scale, dropout_p, seed,
-                           backend):
-    saves_p = BACKENDS[backend].saves("window") == "p"
-    cols = key.shape[0] if saves_p else q.shape[0] * q.shape[2]
-    return [q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty((q.shape[1], cols), dtype=compute_dtype(q.dtype))]
+@_window_forward.register_fake
+def _(q, k, v, values, index, mask, scale, dropout_p, seed, backend):
+    cols = index[1].shape[0] if BACKENDS[backend].saves("window") == "p" else q.shape[0] * q.shape[2]
+    return [_like(q, q.shape[:3] + v.shape[3:]), _like(q, (q.shape[1], cols), compute_dtype(q.dtype))]
 
 
-@custom_op("sparse_bias::window_attention_backward", mutates_args=())
-def _window_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor],
-                               indptr: Tensor, key: Tensor, row: Tensor, tcrow: Tensor, trow: Tensor, perm: Tensor,
-                               order: Tensor, mask: Optional[Tensor], out: Tensor, state: Tensor, scale: float,
-                               dropout_p: float, seed: Tensor, backend: str, want_values: bool) -> List[Tensor]:
-    """``[dq, dk, dv, dvalues]`` (``dvalues`` empty when not wanted)."""
-    ent = _entries(q, k, (indptr, key, row, tcrow, trow, perm, order))
-    with calling_thread_if_small(q, k, key, dense=False):
-        dq, dk, dv, dvalues = window_backward(grad_out, (q, k, v, values, out, state), ent,
-                                              _call(q, mask, scale, dropout_p, seed), BACKENDS[backend], want_values)
-    return _dense((dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues))
-
-
-@_window_attention_backward.register_fake
-def _window_attention_backward_fake(grad_out, q, k, v, values, *rest):
-    want_values = rest[-1]
+@_window_backward.register_fake
+def _(grad_out, q, k, v, values, index, mask, out, state, scale, dropout_p, seed, backend, want_values):
     return _fake_grads(q, k, v, values, want_values)
 
 
-register_autograd("sparse_bias::window_attention", partial(_backward, _window_attention_backward),
-                  setup_context=_setup)
+class WindowAttention(torch.autograd.Function):
+    """``[B, H, Q, D]``: window attention through ``torch.ops.sparse_bias.window_attention`` and its backward op;
+    the arguments of `SparseBiasAttention` (``index`` never empty, ``backend`` a window backend)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, values, index, call: Call, backend: str):
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+        args = call.as_args()
+        out, state = _window_forward(q, k, v, values, index, *args, backend)
+        ctx.save_for_backward(q, k, v, values, args[0], args[3], out, state, *index)
+        ctx.params = (args[1], args[2], backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, values, mask, seed, out, state, *index = ctx.saved_tensors
+        scale, dropout_p, backend = ctx.params
+        want_values = values is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dvalues = _window_backward(grad_out.contiguous(), q, k, v, values, index, mask, out, state, scale,
+                                               dropout_p, seed, backend, want_values)
+        return dq, dk, dv, dvalues if want_values else None, None, None, None
 
 
-_EagerWindow = _eager_function(
-    "_EagerWindow", """Window attention on a torch without ``torch.library.custom_op``: the op's implementation and
-    autograd formula as an ``autograd.Function``.""", _window_attention, _window_attention_backward)
+# ---------------------------------------------------------------------------------------------------------------
+# modality_attention: one bias per (query, modality), combined by log-sum-exp
+
+_modality_forward = custom_op("sparse_bias::modality_attention", mutates_args=())(modality.forward)
+_modality_backward = custom_op("sparse_bias::modality_attention_backward", mutates_args=())(modality.backward)
 
 
-def window_op(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], win, call: Call, backend: str) -> Tensor:
-    """``[B, H, Q, D]``: window attention through ``torch.ops.sparse_bias.window_attention`` (`_EagerWindow`
-    without custom ops)."""
-    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
-    args = (q, k, v, values, *_index(win), call.mask, call.scale, call.dropout_p, seed_tensor(call.seed), backend)
-    if CUSTOM_OPS:
-        return _window_attention(*args)[0]
-    return _EagerWindow.apply(*args)[0]
+@_modality_forward.register_fake
+def _(q, k, v, values, bounds, mask, scale, dropout_p, seed):
+    cdt, m = compute_dtype(q.dtype), len(bounds) // 2
+    return [_like(q, q.shape[:3] + v.shape[3:]), _like(q, q.shape[:3] + (m,), cdt),
+            _like(q, (m,) + q.shape[:3] + v.shape[3:]), _like(q, (m,) + q.shape[:3], cdt), _kernel_index(q, (m,))]
+
+
+@_modality_backward.register_fake
+def _(grad_out, q, k, v, out, w, outs, lses, kernels, bounds, mask, scale, dropout_p, seed, shared):
+    m = len(bounds) // 2
+    shape = q.shape[:1] + q.shape[2:3] + (m,) + (() if shared else q.shape[1:2])
+    return [_like(q, q.shape), _like(k, k.shape), _like(v, v.shape), _like(q, shape, compute_dtype(q.dtype))]
+
+
+class ModalityAttention(torch.autograd.Function):
+    """``[B, H, Q, D]``: attention with a `sparse_bias.ModalityBias` through
+    ``torch.ops.sparse_bias.modality_attention`` and its backward op.
+
+    ``apply(q, k, v, values, ranges, call)``: ``values`` ``[B, Q, M]`` or ``[B, Q, M, H]``, ``ranges`` the
+    modalities' ``(start, end)`` key ranges."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, values, ranges, call: Call):
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
+        args = call.as_args()
+        bounds = [int(i) for r in ranges for i in r]
+        out, w, outs, lses, kernels = _modality_forward(q, k, v, values, bounds, *args)
+        ctx.save_for_backward(q, k, v, args[0], args[3], out, w, outs, lses, kernels)
+        ctx.params = (bounds, args[1], args[2], values.dim() == 3)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, seed, out, w, outs, lses, kernels = ctx.saved_tensors
+        bounds, scale, dropout_p, shared = ctx.params
+        dq, dk, dv, dvalues = _modality_backward(grad_out.contiguous(), q, k, v, out, w, outs, lses, kernels, bounds,
+                                                 mask, scale, dropout_p, seed, shared)
+        return dq, dk, dv, dvalues, None, None

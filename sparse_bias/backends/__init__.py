@@ -31,7 +31,7 @@ from .fused import FusedCPUBackend, extension_available
 from .gather import ScatterBackend, TorchBackend, torch_scatter_available
 from .triton.backend import TritonBackend
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "get_backend", "backend_names", "backend_candidates", "Backend", "Supports",
+__all__ = ["BACKENDS", "AUTO_ORDER", "backend_names", "backend_candidates", "Backend", "Supports",
            "torch_scatter_available", "extension_available"]
 
 #: The registry: every backend once, by name. The auto order, the ``backend=`` choices of the ops and CLIs, the
@@ -48,10 +48,6 @@ def _auto_order(device_type: str) -> Tuple[str, ...]:
 #: ``"auto"`` tries these in order, per device type (``"other"``: any other), and takes the first that can run
 #: (derived from each backend's `Supports.auto_rank`; see `backend_candidates`).
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {d: _auto_order(d) for d in ("cpu", "cuda", "other")}
-
-
-def get_backend(name: str) -> Backend:
-    return BACKENDS[name]
 
 
 def backend_names(op: str) -> Tuple[str, ...]:

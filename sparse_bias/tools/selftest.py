@@ -30,14 +30,14 @@ import torch
 
 from .._core.call import Call
 from .._core.concentrated import concentrated_qk
+from .._core.masks import additive_mask
+from .._core.ops import SparseBiasAttention, WindowAttention
 from .._core.precision import tolerance
 from .._core.reference import dense_attention, dense_window_attention
-from .._core.inputs import additive_mask
-from .._core.ops import sparse_op, window_op
+from .._core.selfcheck import self_check_results
 from ..attention import sparse_bias_attention
 from ..backends import backend_candidates
 from ..bias import SparseBias, window_bias
-from .._core.dispatch import self_check_results
 from ..flex import flex_score_mod
 from ..windows import local_windows
 from .cli import Parser, odd_positive_int, positive_int, progress_bar, run_cli, write_json
@@ -92,7 +92,8 @@ def _evaluate(op, backend, case, prob, device, dtype):
         out = (dense_window_attention(q, k, v, win, SparseBias(win, values), call) if op == "window"
                else dense_attention(q, k, v, SparseBias(win, values).to_dense(), call))
     else:
-        out = (window_op if op == "window" else sparse_op)(q, k, v, values, win, call, backend)
+        function = WindowAttention if op == "window" else SparseBiasAttention
+        out = function.apply(q, k, v, values, win.entries().as_args(), call, backend)
     grads = torch.autograd.grad(out, (q, k, v, wb, wc), prob["grad"].to(device, dtype))
     return [t.detach().double().cpu() for t in (out,) + grads]
 
