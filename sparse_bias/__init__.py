@@ -9,6 +9,7 @@ does not load: ``python -m sparse_bias.tools.selftest`` (or ``sparse-bias-selfte
 ``from sparse_bias.tools.selftest import selftest`` in Python.
 """
 from ._core.checks import set_debug_checks
+from ._core.selfcheck import self_check_results
 from .attention import dense_bias_attention, select_backend, sparse_bias_attention
 from .backends import extension_available, torch_scatter_available
 from .bias import ModalityBias, SparseBias, window_bias
@@ -38,6 +39,7 @@ __all__ = [
     "select_window_backend",
     "torch_scatter_available",
     "extension_available",
+    "self_check_results",
     "build_attention_bias",
     "set_debug_checks",
     "count_host_syncs",

@@ -77,7 +77,7 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
                          dropout_seed: Optional[int] = None) -> torch.Tensor:
     """The dense reference: ``softmax(q k^T * scale + dense_bias + masks) v``, written out plainly.
 
-    Materialises the ``[B, H, Q, K]`` scores (the origin design's memory cost). Computed in the inputs'
+    Materialises the ``[B, H, Q, K]`` scores (the dense version's memory cost). Computed in the inputs'
     dtype, so it is also the "naive implementation at the same precision" for tolerance checks.
 
     Args:

@@ -142,7 +142,7 @@ class SparseBias(_ValuesLike):
         values: ``[nnz]`` (one value shared by all heads) or ``[nnz, H]`` (one per head), floating point.
             Gradients flow back through ``values`` (to the weights and scale that produced them).
 
-    ``to_dense()`` materialises the origin design's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like:
+    ``to_dense()`` materialises the dense version's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like:
     ``dtype``, ``device``, ``num_heads``, ``to`` / ``cpu`` / ``cuda`` (the index moves with the values),
     ``detach``, ``transpose(0, 1)`` (the sequence-first view ``[Q, B, K]``, no copy; see `transpose`).
 
@@ -214,7 +214,7 @@ class SparseBias(_ValuesLike):
 class ModalityBias(_ValuesLike):
     """One additive bias per query and modality over *all* keys of that modality (global, not local).
 
-    The origin design's ``use_local_bias=False``: every BEV key of query ``(b, q)`` gets
+    The dense version's ``use_local_bias=False``: every BEV key of query ``(b, q)`` gets
     ``values[b, q, 0]``, every camera key ``values[b, q, 1]`` (modalities in layout order, only those the
     layout has). `sparse_bias_attention` computes it exactly from one dense pass per modality and
     their log-sum-exps -- no ``[B, Q, K]`` tensor, no window index.
@@ -311,7 +311,7 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
 
     An entry of query ``(b, q)`` in its BEV window gets ``bev_weight[b, q] * scale * f(dy, dx)``, an entry
     in a camera window ``cam_weight[b, q] * scale * f(dy, dx)``, with ``f`` the profile registered in
-    `sparse_bias.profiles.PROFILES`: ``f = 1`` for ``"flat"`` (the origin design) and
+    `sparse_bias.profiles.PROFILES`: ``f = 1`` for ``"flat"`` (the dense version) and
     ``f = exp(-(dy^2 + dx^2) / (2 sigma^2))`` for ``"gaussian"``.
 
     Args:

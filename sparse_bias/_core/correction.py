@@ -15,8 +15,8 @@ would cancel take `.exact_rows`.
 
 `forward` and `backward` are the implementations of the registered ops ``sparse_bias::sparse_attention`` and
 ``sparse_bias::sparse_attention_backward`` (`sparse_bias._core.ops`): they take tensors, floats and names only --
-the index as `Entries.as_args`, the call as `Call.as_args` -- and return contiguous tensors. Nothing here reads a
-device value.
+the index as `Entries.as_args`, the call as `Call.as_args` (the registered ops make the outputs contiguous).
+Nothing here reads a device value.
 """
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations as objects.
 from typing import List, Optional
@@ -51,13 +51,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], index: Li
         exact = torch.zeros(bsz, nq if ent is not None else 0, dtype=torch.bool, device=q.device)
         if ent is None:
             none = q.new_empty(0, dtype=cdt)
-            return [out.contiguous(), lse.contiguous(), none, none.clone(), exact, kernel]
+            return [out, lse, none, none.clone(), exact, kernel]
         impl = BACKENDS[backend]
         saves_p = impl.saves("correction") == "p"
         p = q.new_empty((heads, ent.nnz) if saves_p else (0,), dtype=cdt)
         den = torch.ones(heads, ent.rows, dtype=cdt, device=q.device)
         if ent.nnz == 0:
-            return [out.contiguous(), lse.contiguous(), den, p, exact, kernel]
+            return [out, lse, den, p, exact, kernel]
         removed = torch.zeros(heads, ent.rows, dtype=cdt, device=q.device)
         acc = head_major(out.to(cdt))                                                    # [H, B * Q, D]
         klse = head_major(kernel_lse(lse.to(cdt)))           # fully masked rows: p_j = 0 at their window keys
@@ -67,13 +67,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], index: Li
         acc /= den.unsqueeze(-1)
         exact = flagged_rows(den, removed, bsz)
         exact_forward(acc, (q, k, v), values, ent, call, exact, impl)
-    return [batch_major(acc, bsz).to(q.dtype), lse.contiguous(), den, p, exact, kernel]
+    return [batch_major(acc, bsz).to(q.dtype), lse, den, p, exact, kernel]
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], index: List[Tensor],
              mask: Optional[Tensor], out: Tensor, lse: Tensor, den: Tensor, p: Tensor, exact: Tensor, kernel: Tensor,
              scale: float, dropout_p: float, seed: Tensor, backend: str, want_values: bool) -> List[Tensor]:
-    """``[dq, dk, dv, dvalues]`` of `forward` (contiguous; ``dvalues`` empty when not ``want_values``), from its
+    """``[dq, dk, dv, dvalues]`` of `forward` (``dvalues`` empty when not ``want_values``), from its
     inputs and outputs; the dense backward runs on the kernel the forward ran."""
     ent, call = Entries.from_args(index, q, k), Call.from_args(q, mask, scale, dropout_p, seed)
     name = KERNELS[int(kernel.tolist())]                                  # a CPU scalar: no device synchronisation
@@ -84,7 +84,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional
         else:
             dq, dk, dv, dvalues = _backward(name, grad_out, (q, k, v, values, out, lse, den, p, exact), ent, call,
                                             BACKENDS[backend], want_values)
-    return [t.contiguous() for t in (dq, dk, dv)] + [q.new_empty(0) if dvalues is None else dvalues.contiguous()]
+    return [dq, dk, dv, q.new_empty(0) if dvalues is None else dvalues]
 
 
 def _backward(kernel: str, grad_out, saved, ent: Entries, call: Call, backend, want_values: bool):

@@ -32,7 +32,7 @@ _LOGGED: set = set()
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requested: str = "auto",
-                   kind: str = "correction") -> Tuple[str, str]:
+                   op: str = "correction") -> Tuple[str, str]:
     """The backend for the window terms and why: ``(name, reason)``.
 
     Args:
@@ -40,7 +40,7 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
         dtype: q's dtype.
         head_dim: ``D`` of ``q [B, H, Q, D]``.
         requested: a backend name or ``"auto"`` (``"dense"`` is handled by the callers).
-        kind: ``"correction"`` (`sparse_bias.sparse_bias_attention`) or ``"window"``
+        op: ``"correction"`` (`sparse_bias.sparse_bias_attention`) or ``"window"``
             (`sparse_bias.window_attention`).
 
     Raises:
@@ -49,12 +49,12 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
     The choice is logged (logger ``"sparse_bias"``, level DEBUG). Under ``torch.compile`` it is made once, at trace
     time (`torch.compiler.assume_constant_result`): the graph holds the backend chosen and checked then.
     """
-    name, why = _choose_backend(device, dtype, head_dim, requested, kind)
+    name, why = _choose_backend(device, dtype, head_dim, requested, op)
     if not CUSTOM_OPS:
         why += ("; this torch has no torch.library.custom_op (2.4+): the op runs as an eager autograd.Function, "
                 "which torch.compile cannot trace on this torch (exclude the call: torch._dynamo.disable)")
-    logger.debug("%s: backend %s on %s / %s / head dim %d (%s)", kind, name, device, dtype, head_dim, why)
-    line = f"sparse_bias: {kind} on {device} / {dtype} / head dim {head_dim}, {requested!r} -> {name} ({why})"
+    logger.debug("%s: backend %s on %s / %s / head dim %d (%s)", op, name, device, dtype, head_dim, why)
+    line = f"sparse_bias: {op} on {device} / {dtype} / head dim {head_dim}, {requested!r} -> {name} ({why})"
     if os.environ.get(LOG_DISPATCH_ENV, "0") not in ("", "0") and line not in _LOGGED:
         _LOGGED.add(line)
         print(line, file=sys.stderr)
@@ -66,23 +66,23 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
 choose_backend._dynamo_marked_constant = True
 
 
-def _choose_backend(device, dtype, head_dim, requested, kind):
-    if kind not in OPS:
-        raise ValueError(f"kind must be one of {OPS}, got {kind!r}")
+def _choose_backend(device, dtype, head_dim, requested, op):
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     order = AUTO_ORDER.get(device.type, AUTO_ORDER["other"])
-    candidates = [(n,) + BACKENDS[n].can_run(device, dtype, head_dim, kind) for n in order
-                  if kind in BACKENDS[n].supports.ops]                     # (name, ok, every reason it cannot)
+    candidates = [(n,) + BACKENDS[n].can_run(device, dtype, head_dim, op) for n in order
+                  if op in BACKENDS[n].supports.ops]                     # (name, ok, every reason it cannot)
     note = ""
     if requested != "auto":
-        ok, why = BACKENDS[requested].can_run(device, dtype, head_dim, kind)
+        ok, why = BACKENDS[requested].can_run(device, dtype, head_dim, op)
         if not ok:
             raise RuntimeError(f"backend {requested!r} cannot run here: {why}")
-        if passes_self_check(requested, device, dtype, head_dim, kind):
+        if passes_self_check(requested, device, dtype, head_dim, op):
             return requested, f"requested: {why}"
         note = f" (requested {requested!r} failed its self-check)"
     for name, ok, why in candidates:
-        if ok and name != requested and passes_self_check(name, device, dtype, head_dim, kind):
+        if ok and name != requested and passes_self_check(name, device, dtype, head_dim, op):
             skipped = "; ".join(f"{n}: {w}" for n, o, w in candidates if not o)
             return name, f"auto on {device.type}/{dtype}: {why}" + (f" (skipped {skipped})" if skipped else "") + note
-    raise RuntimeError(f"no {kind} backend can run on {device} / {dtype}: "
+    raise RuntimeError(f"no {op} backend can run on {device} / {dtype}: "
                        + "; ".join(f"{n}: {w}" for n, _, w in candidates) + note)

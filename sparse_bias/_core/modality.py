@@ -49,7 +49,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, values: Tensor, bounds: List[int], 
     out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=cdt, device=q.device)
     for i, o_m in enumerate(outs):
         out += w[..., i:i + 1] * o_m.to(cdt)          # a fully masked range: o_m = 0 (dense_lse_forward)
-    return [out.to(q.dtype), w.contiguous(), torch.stack(outs), torch.stack(lses),
+    return [out.to(q.dtype), w, torch.stack(outs), torch.stack(lses),
             torch.tensor(kernels, dtype=torch.int64)]
 
 
@@ -74,4 +74,4 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, w: 
             dc.append(wi * ((g * outs[i].to(cdt)).sum(-1) - go))                            # [B, H, Q]
     dc = torch.stack(dc, dim=-1)                                                        # [B, H, Q, M]
     dvalues = dc.sum(1) if shared else dc.permute(0, 2, 3, 1)
-    return [dq.to(q.dtype), dk, dv, dvalues.contiguous()]
+    return [dq.to(q.dtype), dk, dv, dvalues]

@@ -1,4 +1,4 @@
-"""The library's operations: registered ops, then one ``autograd.Function`` per op, then the public functions.
+"""The library's operations: registered forward / backward ops and one ``autograd.Function`` per op.
 
 Structured as flash-attention's interface is. Each op -- ``sparse_attention`` (dense pass plus sparse correction,
 `.correction`), ``window_attention`` (`.window`) and ``modality_attention`` (`.modality`) -- is a forward and a
@@ -12,7 +12,9 @@ and per backward instead of the Python around the kernels.
 One ``autograd.Function`` per op (`SparseBiasAttention`, `WindowAttention`, `ModalityAttention`) calls the forward
 op, saves what the backward op needs -- the dense kernel the forward ran included -- and calls the backward op; the
 public functions (`sparse_bias.sparse_bias_attention`, `sparse_bias.window_attention`) validate and call
-``Function.apply``.
+``Function.apply``. Outside a compiler trace the Functions call each op's implementation directly (`Op`): the
+same code and arguments, without the dispatcher's round trip -- a registered ``custom_op`` imports
+``torch._dynamo`` on its first call, 150 MB of resident memory and seconds in a process that never compiles.
 
 Before torch 2.4 (no ``torch.library.custom_op``, probed as `sparse_bias._core.compat.CUSTOM_OPS`) nothing is
 registered: the Functions call the implementations directly -- the same code -- and the dynamo of those releases
@@ -21,6 +23,7 @@ attention call (``torch._dynamo.disable`` on it) there.
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads these annotations as objects (torch
 # 2.4 cannot resolve them from strings).
+import functools
 from typing import List, Optional
 
 import torch
@@ -28,11 +31,33 @@ from torch import Tensor
 
 from . import correction, modality, window
 from .call import Call, compute_dtype
-from .compat import custom_op
+from .compat import custom_op, is_compiling
 from ..backends import BACKENDS
 from ..dense.boundary import unit_stride
 
-__all__ = ["SparseBiasAttention", "WindowAttention", "ModalityAttention"]
+__all__ = ["Op", "SparseBiasAttention", "WindowAttention", "ModalityAttention"]
+
+
+class Op:
+    """A registered op (``torch.ops.sparse_bias.<name>``, implementation ``impl``) as the Functions call it: the
+    registered op while ``torch.compile`` / ``torch.export`` trace, ``impl`` itself otherwise.
+
+    The registered op returns its outputs contiguous, as its fake implementation declares them (Inductor relies on
+    it); ``impl`` returns some in the dense kernels' layouts (the CPU flash kernel's key-major ``dk`` / ``dv``),
+    which eager autograd takes as they are -- two passes over k / v per backward saved."""
+
+    def __init__(self, name: str, impl):
+        @functools.wraps(impl)
+        def contiguous_outputs(*args):
+            return [t.contiguous() for t in impl(*args)]
+        self.registered = custom_op(f"sparse_bias::{name}", mutates_args=())(contiguous_outputs)
+        self.impl = impl
+
+    def __call__(self, *args):
+        return self.registered(*args) if is_compiling() else self.impl(*args)
+
+    def register_fake(self, fn):
+        return self.registered.register_fake(fn)
 
 
 def _like(t: Tensor, shape, dtype=None) -> Tensor:
@@ -54,8 +79,8 @@ def _kernel_index(q: Tensor, shape) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # sparse_attention: dense pass plus sparse correction
 
-_sparse_forward = custom_op("sparse_bias::sparse_attention", mutates_args=())(correction.forward)
-_sparse_backward = custom_op("sparse_bias::sparse_attention_backward", mutates_args=())(correction.backward)
+_sparse_forward = Op("sparse_attention", correction.forward)
+_sparse_backward = Op("sparse_attention_backward", correction.backward)
 
 
 @_sparse_forward.register_fake
@@ -106,8 +131,8 @@ class SparseBiasAttention(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 # window_attention: softmax over each query's window entries
 
-_window_forward = custom_op("sparse_bias::window_attention", mutates_args=())(window.forward)
-_window_backward = custom_op("sparse_bias::window_attention_backward", mutates_args=())(window.backward)
+_window_forward = Op("window_attention", window.forward)
+_window_backward = Op("window_attention_backward", window.backward)
 
 
 @_window_forward.register_fake
@@ -147,8 +172,8 @@ class WindowAttention(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 # modality_attention: one bias per (query, modality), combined by log-sum-exp
 
-_modality_forward = custom_op("sparse_bias::modality_attention", mutates_args=())(modality.forward)
-_modality_backward = custom_op("sparse_bias::modality_attention_backward", mutates_args=())(modality.backward)
+_modality_forward = Op("modality_attention", modality.forward)
+_modality_backward = Op("modality_attention_backward", modality.backward)
 
 
 @_modality_forward.register_fake

@@ -32,7 +32,7 @@ from ..windows import local_windows
 __all__ = ["self_check", "self_check_results", "reset_self_checks", "passes_self_check"]
 
 
-def _case(head_dim: int, kind: str):
+def _case(head_dim: int, op: str):
     """The tiny check problem: inputs in float64 on the CPU, the window index, key padding, the output gradient."""
     gen = torch.Generator().manual_seed(1234)
     layout = KeyLayout(bev_shape=(5, 6), cam_shape=(2, 3, 4))
@@ -45,7 +45,7 @@ def _case(head_dim: int, kind: str):
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen, dtype=torch.float64) for n in (nq, nk, nk))
     wb, wc = (2 * torch.rand(batch, nq, heads, generator=gen, dtype=torch.float64) - 1 for _ in range(2))
     values = window_bias(win, wb, wc, scale=1.5).values.detach()                                # [nnz, H]
-    if kind == "correction":   # attention concentrated in the windows (share 0.9), biases +-5 of both signs: rows
+    if op == "correction":   # attention concentrated in the windows (share 0.9), biases +-5 of both signs: rows
         q, k = concentrated_qk(win, heads, head_dim, 0.9, generator=gen)     # the correction serves and exact rows
         values = signed_bias(win, 5.0, 0.5, heads=heads, generator=gen).values.detach()
     kpm = torch.zeros(batch, nk, dtype=torch.bool)
@@ -62,7 +62,7 @@ def _module_layouts(q, k, v, values):
             v, values)
 
 
-def _evaluate(kind, backend, case, device, dtype):
+def _evaluate(op, backend, case, device, dtype):
     """Output and gradients (float64, CPU) of one evaluation; ``backend`` None = the dense reference."""
     win, leaves, kpm, grad = case
     leaves = [t.to(device, dtype).requires_grad_() for t in leaves]
@@ -70,21 +70,21 @@ def _evaluate(kind, backend, case, device, dtype):
     win = win.to(device)
     call = Call.of(q, q.shape[-1] ** -0.5, additive_mask(q, k, kpm.to(device), None))
     if backend is None:
-        out = (dense_attention(q, k, v, SparseBias(win, values).to_dense(), call) if kind == "correction"
+        out = (dense_attention(q, k, v, SparseBias(win, values).to_dense(), call) if op == "correction"
                else dense_window_attention(q, k, v, win, SparseBias(win, values), call))
     else:
-        function = SparseBiasAttention if kind == "correction" else WindowAttention
+        function = SparseBiasAttention if op == "correction" else WindowAttention
         out = function.apply(q, k, v, values, win.entries().as_args(), call, backend)
     g = grad.to(device, dtype).transpose(1, 2).contiguous().transpose(1, 2)        # a permuted output gradient
     res = [out] + list(torch.autograd.grad(out, leaves, g))
     return [t.detach().double().cpu() for t in res]
 
 
-def _check(kind, name, device, dtype, head_dim) -> Tuple[bool, str]:
-    case = _case(head_dim, kind)
-    ref = _evaluate(kind, None, case, torch.device("cpu"), torch.float64)
-    same = _evaluate(kind, None, case, device, dtype)                 # the dense computation in this dtype
-    got = _evaluate(kind, name, case, device, dtype)
+def _check(op, name, device, dtype, head_dim) -> Tuple[bool, str]:
+    case = _case(head_dim, op)
+    ref = _evaluate(op, None, case, torch.device("cpu"), torch.float64)
+    same = _evaluate(op, None, case, device, dtype)                 # the dense computation in this dtype
+    got = _evaluate(op, name, case, device, dtype)
     labels = ("output", "grad q", "grad k", "grad v", "grad bias")
     for label, g, s, r in zip(labels, got, same, ref):
         size = max(float(r.abs().max()), 1e-12)
@@ -96,20 +96,30 @@ def _check(kind, name, device, dtype, head_dim) -> Tuple[bool, str]:
 
 
 def self_check(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-               kind: str = "correction") -> Tuple[bool, str]:
-    """Run (once) and return the self-check of backend ``name`` for ``kind`` (``"correction"`` or ``"window"``)
+               op: str = "correction") -> Tuple[bool, str]:
+    """Run (once) and return the self-check of backend ``name`` for ``op`` (``"correction"`` or ``"window"``)
     on ``device`` / ``dtype`` / ``head_dim``: ``(passed, detail)``. Warns on failure."""
     device = torch.device(device)
-    key = (kind, name, str(device), dtype, int(head_dim))
-    return verified(key, lambda: _check(kind, name, device, dtype, int(head_dim)),
+    key = (op, name, str(device), dtype, int(head_dim))
+    return verified(key, lambda: _check(op, name, device, dtype, int(head_dim)),
                     lambda detail: f"sparse_bias: backend {name!r} disagrees with the dense reference on {device} / "
-                                   f"{dtype} / head dim {head_dim} ({kind}; {detail}); it is not used -- please report "
+                                   f"{dtype} / head dim {head_dim} ({op}; {detail}); it is not used -- please report "
                                    "this with the output of `python -m sparse_bias.tools.selftest`")
 
 
 def self_check_results() -> Dict[tuple, Tuple[bool, str]]:
-    """The first-use checks run so far (window backends and dense kernels): ``{key: (passed, detail)}``; a window
-    backend's key is ``(kind, backend, device, dtype, head dim)``."""
+    """The first-use self-checks run so far in this process: ``{key: (passed, detail)}``.
+
+    Each backend that needs one (a GPU backend, the Triton kernels) is compared with the dense computation on a
+    small case the first time it would run on a device / dtype / head dim; a failure is a warning and the backend
+    is skipped (`select_backend` says so). A window backend's key is ``(op, backend, device, dtype, head dim)``
+    with ``op`` ``"correction"`` (`sparse_bias_attention`) or ``"window"`` (`window_attention`); a dense kernel's
+    key names the kernel. ``SPARSE_BIAS_SELF_CHECK`` (``gpu``, the default; ``always``; ``off``) sets which window
+    backends are checked; the dense pass's GPU kernels always are.
+
+    Returns:
+        ``{key: (passed, detail)}``, where ``detail`` gives the measured error and its tolerance.
+    """
     return results()
 
 
@@ -118,6 +128,6 @@ def reset_self_checks() -> None:
     reset()
 
 
-def passes_self_check(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, kind: str) -> bool:
-    """Whether backend ``name`` may run ``kind`` here: it needs no self-check (`.verify`), or it passed it."""
-    return not needs_self_check(name, device) or self_check(name, device, dtype, head_dim, kind)[0]
+def passes_self_check(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, op: str) -> bool:
+    """Whether backend ``name`` may run ``op`` here: it needs no self-check (`.verify`), or it passed it."""
+    return not needs_self_check(name, device) or self_check(name, device, dtype, head_dim, op)[0]

@@ -4,7 +4,7 @@ A kernel path that PyTorch, Triton or a GPU could get wrong (a private op whose 
 releases, a Triton miscompile, a layout a kernel mishandles) is compared once per key -- typically (what, kernel,
 device, dtype, head dim) -- with a slow-but-right reference on a tiny problem before it is used. A failure warns
 once (``RuntimeWarning``) and the caller falls back; it is never a silent wrong result. Callers supply the check:
-the dense pass its GPU kernels' (`sparse_bias.dense`), the dispatch its window backends' (`sparse_bias._core.dispatch`).
+the dense pass its GPU kernels' (`sparse_bias.dense`), the dispatch its window backends' (`sparse_bias._core.selfcheck`).
 
 ``SPARSE_BIAS_SELF_CHECK`` sets which window backends are checked: ``gpu`` (default: every backend on a non-CPU
 device, and the Triton kernels wherever they run, the interpreter included), ``always`` (CPU backends too) or

@@ -40,7 +40,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], index: Li
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], index: List[Tensor],
              mask: Optional[Tensor], out: Tensor, state: Tensor, scale: float, dropout_p: float, seed: Tensor,
              backend: str, want_values: bool) -> List[Tensor]:
-    """``[dq, dk, dv, dvalues]`` of `forward` (contiguous; ``dvalues`` empty when not ``want_values``)."""
+    """``[dq, dk, dv, dvalues]`` of `forward` (``dvalues`` empty when not ``want_values``)."""
     ent, call, impl = Entries.from_args(index, q, k), Call.from_args(q, mask, scale, dropout_p, seed), BACKENDS[backend]
     cdt = call.cdt
     bsz, heads, nq = q.shape[:3]
@@ -57,5 +57,5 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, values: Optional
                 ds_all[blk.hs] = ds
     dvalues = q.new_empty(0)
     if ds_all is not None:
-        dvalues = (ds_all.sum(0) if values.dim() == 1 else ds_all.t()).to(values.dtype).contiguous()
+        dvalues = (ds_all.sum(0) if values.dim() == 1 else ds_all.t()).to(values.dtype)
     return [batch_major(dq, bsz).to(q.dtype), dk, dv, dvalues]

@@ -132,7 +132,7 @@ class SparseBiasMultiheadAttention(nn.Module):
                 (docs/masks.md, also for when the values are read).
             attention_bias: a `SparseBias` / `ModalityBias` (layout-free; its sequence-first view
                 ``bias.transpose(0, 1)``, as CMTTEST's ``CmtTransformer`` makes it, is taken unless ``batch_first``),
-                a dense tensor in the module's sequence layout -- ``[Q, B, K]`` (as the origin design and CMTTEST
+                a dense tensor in the module's sequence layout -- ``[Q, B, K]`` (as the dense version and CMTTEST
                 hand it over) or ``[B, Q, K]`` with ``batch_first`` -- or ``[B, H, Q, K]`` per head, or None. With
                 ``local_window``: a `SparseBias` on that index, or None. Built by mmcv's ``BaseTransformerLayer``
                 as its self-attention (``operation_name == "self_attn"``), the module ignores ``attention_bias``

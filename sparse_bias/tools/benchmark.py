@@ -10,7 +10,7 @@ multi-GB buffers would slow down what runs next). Finally every variant runs one
 step in a fresh process of its own for its peak RSS (forward + backward, and forward only).
 
 Variants: ``sdpa`` (no bias, no dropout: the floor), ``sparse-<backend>`` (``auto`` and each backend),
-``dense-bias`` (``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the origin design).
+``dense-bias`` (``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the dense version).
 With ``--dropout P`` every variant but ``sdpa`` runs attention dropout P, and ``sdpa-dropout`` (SDPA with
 dropout) is added; the sparse variants are checked against the dense reference with the same dropout seed.
 """

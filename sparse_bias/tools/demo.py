@@ -1,7 +1,7 @@
 """The library's main job on a synthetic CMT scene: ``python -m sparse_bias.tools.demo [--quick] [--out DIR]``.
 
 1. Projects 900 random reference points onto the BEV grid and six synthetic cameras, builds their local
-   windows and the sparse bias, prints its size against the origin design's dense ``[B, Q, K]`` fp32
+   windows and the sparse bias, prints its size against the dense version's ``[B, Q, K]`` fp32
    tensor, and writes ``bias_queries.png``: the bias of a few queries, one row per query (its BEV window and
    the camera views it projects into, the projected point marked, the window outlined).
 2. Attention at the CMT shape (B=2, H=8, D=32, Q=900, K=56400): checks the sparse-bias attention against

@@ -11,7 +11,7 @@ Modules (kernels, whose import imports triton, apart from their host-side launch
 * `common_kernels` -- Triton helpers shared by the kernels (a block of window entries, a window row, the
   counter-hash dropout decision);
 * `correction_kernels` / `correction` -- the window terms of the sparse correction (one program per row and head);
-* `window_kernels` / `window` -- window attention (`window_forward`, `window_backward`);
+* `window_kernels` / `window` -- window attention (`window_attention_forward`, `window_attention_backward`);
 * `exact_kernels` / `exact` -- the exact rows, decided on the device (`exact_forward`, `exact_backward`);
 * `dense_kernels` / `dense` -- the dense pass with dropout (`dense_forward`, `dense_backward`, `call_args`);
 * `launch` -- the launchers' shared host helpers (sizes, per-entry operands, the float32 ``dk`` / ``dv`` scratch);
@@ -25,10 +25,10 @@ import torch
 
 from .dense import call_args, dense_backward, dense_forward
 from .exact import exact_backward, exact_forward
-from .window import window_backward, window_forward
+from .window import window_attention_backward, window_attention_forward
 
 __all__ = ["TRITON_AVAILABLE", "runs_on", "call_args", "dense_forward", "dense_backward", "exact_forward",
-           "exact_backward", "window_forward", "window_backward"]
+           "exact_backward", "window_attention_forward", "window_attention_backward"]
 
 #: Whether triton can be imported here (found among the installed packages; not imported).
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None

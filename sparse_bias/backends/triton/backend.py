@@ -15,7 +15,7 @@ import torch
 from ..base import Backend, Supports
 from . import TRITON_AVAILABLE
 from .correction import correction_backward, correction_forward
-from .window import window_backward, window_forward
+from .window import window_attention_backward, window_attention_forward
 
 __all__ = ["TritonBackend"]
 
@@ -53,13 +53,13 @@ class TritonBackend(Backend):
 
     def window_forward_block(self, blk, qkv, state, out):
         q, k, v = (t.contiguous() for t in qkv)
-        window_forward(q, k, v, blk.ent.indptr, blk.ent.key, blk.bvals, blk.emask, blk.keep, blk.call.scale,
-                       blk.hs.start, out, state)
+        window_attention_forward(q, k, v, blk.ent.indptr, blk.ent.key, blk.bvals, blk.emask, blk.keep,
+                                 blk.call.scale, blk.hs.start, out, state)
 
     def window_backward_block(self, blk, qkv, upstream, state, grads):
         (g, go), (dq, dk, dv) = upstream, grads
         q, k, v = (t.contiguous() for t in qkv)
         db = torch.zeros(blk.heads, blk.ent.nnz, dtype=torch.float32, device=q.device)
-        window_backward(q, k, v, blk.ent.indptr, blk.ent.key, blk.bvals, blk.emask, blk.keep, blk.call.scale,
-                        blk.hs.start, g.contiguous(), go, state, dq, dk, dv, db)
+        window_attention_backward(q, k, v, blk.ent.indptr, blk.ent.key, blk.bvals, blk.emask, blk.keep,
+                                  blk.call.scale, blk.hs.start, g.contiguous(), go, state, dq, dk, dv, db)
         return db

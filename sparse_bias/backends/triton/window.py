@@ -18,7 +18,7 @@ import torch
 
 from .launch import KVAccumulator, entry_rows, next_power_of_2, unit_last
 
-__all__ = ["window_forward", "window_backward", "BLOCK"]
+__all__ = ["window_attention_forward", "window_attention_backward", "BLOCK"]
 
 #: window entries per block of the kernels' loop
 BLOCK = 32
@@ -31,15 +31,10 @@ def _kernels():
 
 
 def _sizes(q, k, v, indptr, h0: int, h: int) -> Tuple[int, int, int, int, int]:
-    """``(B, H, Q, K, D)`` after the shared checks (sizes and strides only: no device synchronisation)."""
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be [B, H, Q, D] and k, v [B, H, K, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    """``(B, H, Q, K, D)``. q, k, v come validated (`sparse_bias._core.inputs`); checked here is the launch's own
+    contract, which a caller inside the library could break: contiguous q / k / v, the head block, the row pointer
+    (sizes and strides only: no device synchronisation)."""
     nb, heads, nq, dim = q.shape
-    if k.shape[0] != nb or k.shape[1] != heads or k.shape[3] != dim:
-        raise ValueError(f"k / v {tuple(k.shape)} do not match q {tuple(q.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         raise ValueError("q, k, v must be contiguous")
     if indptr.numel() != nb * nq + 1:
@@ -59,7 +54,7 @@ def _entry_operands(bvals, emask, keep, h: int, nnz: int, fallback: torch.Tensor
     return tensors, strides, flags
 
 
-def window_forward(q, k, v, indptr, key, bvals, emask, keep, scale: float, h0: int, out, lse) -> None:
+def window_attention_forward(q, k, v, indptr, key, bvals, emask, keep, scale: float, h0: int, out, lse) -> None:
     """Window attention forward for the head block ``h0 .. h0 + h - 1`` (``h = out.shape[0]``).
 
     Args:
@@ -96,12 +91,12 @@ def window_forward(q, k, v, indptr, key, bvals, emask, keep, scale: float, h0: i
                                              DP=next_power_of_2(dim), BLOCK=BLOCK, **flags)
 
 
-def window_backward(q, k, v, indptr, key, bvals, emask, keep, scale: float, h0: int, g, go, lse, dq, dk, dv,
-                    db) -> None:
+def window_attention_backward(q, k, v, indptr, key, bvals, emask, keep, scale: float, h0: int, g, go, lse, dq, dk,
+                              dv, db) -> None:
     """Window attention backward for the head block ``h0 .. h0 + h - 1`` (``h = lse.shape[0]``).
 
     Args:
-        q, k, v, indptr, key, bvals, emask, keep, scale, h0: as in `window_forward`.
+        q, k, v, indptr, key, bvals, emask, keep, scale, h0: as in `window_attention_forward`.
         g: float32 ``[B, H, Q, D]``, contiguous: the output gradient (heads ``h0 .. h0 + h - 1`` are read).
         go: float32 ``[h, B * Q]`` (unit last stride): ``<g[b, h0 + i, q], out[i, r]>``.
         lse: float32 ``[h, B * Q]``: the forward's log-sum-exp.
