@@ -7,9 +7,9 @@
 # %% [markdown]
 # # Adaptive windows: a window size per query
 #
-# The origin design's option D ("ideal but hard to vectorise"): size each query's window from its
+# The dense version's option D ("ideal but hard to vectorise"): size each query's window from its
 # predicted object class. `local_windows` takes a LongTensor `[B, Q]` of odd sizes (0 = no window) and stays
-# fully vectorised. Sizes from the origin design's table (BEV cells of 0.6 m).
+# fully vectorised. Sizes from the dense version's table (BEV cells of 0.6 m).
 
 # %%
 import os

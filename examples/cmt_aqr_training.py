@@ -7,7 +7,7 @@
 # %% [markdown]
 # # The AQR learns which sensor to trust per query: a small CMT-like model under sensor failures
 #
-# The origin design's "CmtHead integration": from the head, one call to `sb.nn.AQRAttentionBias` projects
+# The dense version's "CmtHead integration": from the head, one call to `sb.nn.AQRAttentionBias` projects
 # the normalised 3D reference points once (BEV cell, first camera view that sees the point), runs the AQR --
 # a one-layer PETR decoder whose cross-attention is *window attention* over the memory (MoME's local
 # attention mask, no dense `[B * heads, Q, K]` mask) -- and spreads its LiDAR / camera weights over the
@@ -54,7 +54,7 @@ torch.manual_seed(SEED)
 
 # %% [markdown]
 # Layout: a 16 x 16 BEV grid and six 4 x 10 camera views (496 keys), cameras of a 64 x 160 image on a ring.
-# The bias config is the origin design's dict; the AQR config names MoME's window sizes `[camera, bev]`.
+# The bias config is the dense version's dict; the AQR config names MoME's window sizes `[camera, bev]`.
 #
 # The AQR's `weight_predictor` is `tanh(Linear(C, 2))` with CMTTEST's initialisation by default (Xavier
 # weights, `init_bias=1.5`): its pre-activations spread around 1.5 with a standard deviation above 1, so

@@ -12,8 +12,10 @@ path with their own op):
    in `selfcheck`).
 2. `ops.SparseBiasAttention` -- the one ``autograd.Function`` of the op: its forward calls the forward op, its
    backward the backward op, and it keeps what the forward chose (the dense kernel) for the backward.
-3. ``torch.ops.sparse_bias.sparse_attention`` -- the registered op (`ops`), whose implementation is the math of
-   `correction.forward` (dense pass plus sparse correction; `window.forward`, `modality.forward`).
+3. ``torch.ops.sparse_bias.sparse_attention`` -- the registered op (`ops.Op`), whose implementation is the math
+   of `correction.forward` (dense pass plus sparse correction; `window.forward`, `modality.forward`). Compiled
+   graphs call the registered op; eager calls run its implementation directly (same code, no dispatcher round
+   trip, no import of ``torch._dynamo``).
 4. `sparse_bias.backends` -- one block of window terms (``forward_block``), or `sparse_bias.dense` for the dense
    pass.
 5. The kernel: the compiled C++ extension (`extension`), a Triton kernel, torch-scatter or PyTorch operators.

@@ -1,13 +1,13 @@
 """What the installed torch offers, probed by feature (never by version string), and the fallbacks used where a
 feature is absent. The library runs on torch 2.0 and newer (docs/install.md, "Support matrix"):
 
-* ``CUSTOM_OPS``: ``torch.library.custom_op`` / ``register_fake`` / ``register_autograd`` (torch 2.4+). Without
+* ``CUSTOM_OPS``: ``torch.library.custom_op`` / ``register_fake`` (torch 2.4+). Without
   them the attention ops run as eager ``autograd.Function`` s with the same implementation, and
   the dynamo of those releases cannot trace them (compile the model with the attention call excluded);
 * `is_compiling` / `is_exporting`: ``torch.compiler``'s (2.3+ / 2.5+), else ``torch._dynamo``'s when dynamo is
   already imported (it never is imported here), else False (``EXPORT_FLAG``: whether ``torch.compiler`` can tell);
-* `custom_op` / `register_autograd`: ``torch.library``'s where it has them; otherwise the decorated function stays a
-  plain Python function (``register_fake`` a no-op) and nothing is registered;
+* `custom_op`: ``torch.library``'s where it has it; otherwise the decorated function stays a plain Python function
+  (``register_fake`` a no-op) and nothing is registered;
 * `custom_op_definitions`: the registry of ``torch.library.custom_op`` ops (empty without them);
 * `not_traced`: ``torch.compiler.disable`` without importing dynamo here (through ``torch._compile``'s lazy
   ``_disable_dynamo``, 2.1+; without it the function stays as it is).
@@ -20,11 +20,11 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ["CUSTOM_OPS", "EXPORT_FLAG", "is_compiling", "is_exporting", "custom_op", "register_autograd",
-           "custom_op_definitions", "not_traced"]
+__all__ = ["CUSTOM_OPS", "EXPORT_FLAG", "is_compiling", "is_exporting", "custom_op", "custom_op_definitions",
+           "not_traced"]
 
 #: torch.library's Python custom-op API (torch 2.4+)
-CUSTOM_OPS = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake", "register_autograd"))
+CUSTOM_OPS = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake"))
 
 
 _COMPILER = getattr(torch, "compiler", None)
@@ -107,12 +107,6 @@ def custom_op(name: str, mutates_args=()) -> Callable:
     if CUSTOM_OPS:
         return torch.library.custom_op(name, mutates_args=mutates_args)
     return _Unregistered
-
-
-def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
-    """``torch.library.register_autograd``, or nothing without custom ops."""
-    if CUSTOM_OPS:
-        torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
 def custom_op_definitions() -> Dict[str, object]:
