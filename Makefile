@@ -55,7 +55,7 @@ test-compat:
 	exit $$rc
 
 demo: install
-	$(BIN)/python -m sparse_bias.demo --out demo_out
+	$(BIN)/python -m sparse_bias.tools.demo --out demo_out
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache build *.egg-info sparse_bias/_C*.so

@@ -5,7 +5,7 @@ torch is importable here, as torch-scatter is built. The extension is optional:
 
 - a plain ``pip install`` (build isolation: torch is not importable here) builds a wheel without it; the package
   then compiles the same sources with the same flags on first use, against the torch it runs with, and caches
-  the build (``sparse_bias/_extension.py``; ``SPARSE_BIAS_JIT=0`` turns that off). This script says so on stderr
+  the build (``sparse_bias/_core/extension.py``; ``SPARSE_BIAS_JIT=0`` turns that off). This script says so on stderr
   (pip shows a build's output with ``-v``);
 - with ``SPARSE_BIAS_NO_EXT=1``, or when the compiler fails, the package installs without it and the pure-PyTorch
   backends are used (a warning says why).
@@ -22,10 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _kernel_spec():
-    """Sources and flags from ``sparse_bias/_extension.py`` (one definition for the build here and the first-use
+    """Sources and flags from ``sparse_bias/_core/extension.py`` (one definition for the build here and the first-use
     compile), loaded as a file: importing the package would need torch."""
     spec = importlib.util.spec_from_file_location("_sparse_bias_extension_spec",
-                                                  os.path.join(HERE, "sparse_bias", "_extension.py"))
+                                                  os.path.join(HERE, "sparse_bias", "_core", "extension.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -65,5 +65,5 @@ if os.environ.get("SPARSE_BIAS_NO_EXT") != "1":
         cmdclass = {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass,
-      # the kernel sources travel with the package: the first-use compile (sparse_bias/_extension.py) needs them
+      # the kernel sources travel with the package: the first-use compile (sparse_bias/_core/extension.py) needs them
       package_data={"sparse_bias": ["py.typed", "csrc/*.cpp", "csrc/*.h"]})

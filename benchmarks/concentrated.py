@@ -22,8 +22,8 @@ import time
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _sparse_function
-from sparse_bias._concentrated import concentrated_qk, signed_bias, window_share
+from sparse_bias._core import correction as _sparse_function
+from sparse_bias._core.concentrated import concentrated_qk, signed_bias, window_share
 from sparse_bias.tools.synthetic import synthetic_scene
 
 NAMES = ("out", "dq", "dk", "dv", "dbias")

@@ -5,9 +5,9 @@ windows 15/15): the gather formulation in eager PyTorch, the same function throu
 C++/OpenMP codegen), and the compiled extension sparse_bias._C. Run: python benchmarks/fused_vs_compile.py
 """
 import time, torch, sparse_bias as sb
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.synthetic import synthetic_scene
 from sparse_bias.dense import dense_lse_forward
-from sparse_bias._call import Call
+from sparse_bias._core.call import Call
 from sparse_bias import _C
 sc = synthetic_scene(2, 900, config="fusion", seed=0)
 win = sb.local_windows(sc.layout, sc.bev_pos, sc.cam_pos, 15, 15)

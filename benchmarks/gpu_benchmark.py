@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import sparse_bias as sb  # noqa: E402
 from sparse_bias.flex import flex_score_mod  # noqa: E402
-from sparse_bias.synthetic import synthetic_scene  # noqa: E402
+from sparse_bias.tools.synthetic import synthetic_scene  # noqa: E402
 
 BACKENDS = ("triton", "scatter", "torch", "sparse")
 

@@ -17,7 +17,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
 COMMANDS = {
-    "demo": [PY, "-m", "sparse_bias.demo", "--out", "demo_out"],
+    "demo": [PY, "-m", "sparse_bias.tools.demo", "--out", "demo_out"],
     **{p.stem: [PY, str(p)] for p in sorted((ROOT / "examples").glob("*.py"))},
     "make test": ["make", "test"],
 }

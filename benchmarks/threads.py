@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import sparse_bias as sb
-from sparse_bias._extension import extension
+from sparse_bias._core.extension import extension
 from sparse_bias.nn import CmtTransformer, MLPWeightGenerator
 from sparse_bias.tools.synthetic import synthetic_scene
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 import sparse_bias as sb
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.synthetic import synthetic_scene
 
 
 def main():

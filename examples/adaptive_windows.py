@@ -7,9 +7,9 @@
 # %% [markdown]
 # # Adaptive windows: a window size per query
 #
-# The origin design's option D ("ideal but hard to vectorise"): size each query's window from its
+# The dense version's option D ("ideal but hard to vectorise"): size each query's window from its
 # predicted object class. `local_windows` takes a LongTensor `[B, Q]` of odd sizes (0 = no window) and stays
-# fully vectorised. Sizes from the origin design's table (BEV cells of 0.6 m).
+# fully vectorised. Sizes from the dense version's table (BEV cells of 0.6 m).
 
 # %%
 import os
@@ -18,7 +18,7 @@ import time
 import torch
 
 import sparse_bias as sb
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.synthetic import synthetic_scene
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")
@@ -64,7 +64,7 @@ assert err < 1e-4
 
 # %%
 try:
-    from sparse_bias.plotting import plot_query_bias
+    from sparse_bias.tools.plotting import plot_query_bias
     picks = [int((predicted[0] == i).nonzero()[0]) for i in range(len(classes)) if (predicted[0] == i).any()][:3]
     path = plot_query_bias(bias, os.path.join(OUT, "adaptive_windows.png"), queries=picks,
                            title="adaptive windows: " + ", ".join(classes[int(predicted[0, p])] for p in picks))

@@ -7,7 +7,7 @@
 # %% [markdown]
 # # The AQR learns which sensor to trust per query: a small CMT-like model under sensor failures
 #
-# The origin design's "CmtHead integration": from the head, one call to `sb.nn.AQRAttentionBias` projects
+# The dense version's "CmtHead integration": from the head, one call to `sb.nn.AQRAttentionBias` projects
 # the normalised 3D reference points once (BEV cell, first camera view that sees the point), runs the AQR --
 # a one-layer PETR decoder whose cross-attention is *window attention* over the memory (MoME's local
 # attention mask, no dense `[B * heads, Q, K]` mask) -- and spreads its LiDAR / camera weights over the
@@ -42,7 +42,7 @@ from torch import nn
 
 import sparse_bias as sb
 from sparse_bias.nn import AQRAttentionBias, CmtTransformer
-from sparse_bias.synthetic import synthetic_cameras
+from sparse_bias.tools.synthetic import synthetic_cameras
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")
@@ -54,7 +54,7 @@ torch.manual_seed(SEED)
 
 # %% [markdown]
 # Layout: a 16 x 16 BEV grid and six 4 x 10 camera views (496 keys), cameras of a 64 x 160 image on a ring.
-# The bias config is the origin design's dict; the AQR config names MoME's window sizes `[camera, bev]`.
+# The bias config is the dense version's dict; the AQR config names MoME's window sizes `[camera, bev]`.
 #
 # The AQR's `weight_predictor` is `tanh(Linear(C, 2))` with CMTTEST's initialisation by default (Xavier
 # weights, `init_bias=1.5`): its pre-activations spread around 1.5 with a standard deviation above 1, so
@@ -236,7 +236,7 @@ print(f"LAM: {win.nnz / win.num_rows:.1f} of {layout.num_keys} keys per query; "
 # %%
 os.makedirs(OUT, exist_ok=True)
 try:
-    from sparse_bias.plotting import plot_losses
+    from sparse_bias.tools.plotting import plot_losses
     print("curves:", plot_losses(curves, os.path.join(OUT, "cmt_aqr_training.png"),
                                  "AQR + local bias under sensor failures: task loss"))
 except ImportError:  # pragma: no cover - matplotlib is a dev extra

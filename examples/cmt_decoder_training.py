@@ -7,7 +7,7 @@
 # %% [markdown]
 # # Plugging sparse bias into a CMT-style decoder
 #
-# The origin design's `attention_bias_config` builds an `AttentionBiasGenerator`; an `MLPWeightGenerator`
+# The dense version's `attention_bias_config` builds an `AttentionBiasGenerator`; an `MLPWeightGenerator`
 # turns query features into per-query LiDAR / camera weights; the bias reaches the cross-attention of a
 # `CmtTransformer`. We train it briefly on a synthetic task where every query must read the memory
 # features at the cells its reference point projects to, and compare with the same model without bias.
@@ -110,7 +110,7 @@ for name, losses in curves.items():
 # %%
 os.makedirs(OUT, exist_ok=True)
 try:
-    from sparse_bias.plotting import plot_losses
+    from sparse_bias.tools.plotting import plot_losses
     print("curves:", plot_losses(curves, os.path.join(OUT, "cmt_decoder_training.png"),
                                  "reading the features at the projected cells"))
 except ImportError:  # pragma: no cover - matplotlib is a dev extra

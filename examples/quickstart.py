@@ -16,7 +16,7 @@ import os
 import torch
 
 import sparse_bias as sb
-from sparse_bias.synthetic import CMT_CONFIGS, synthetic_cameras
+from sparse_bias.tools.synthetic import CMT_CONFIGS, synthetic_cameras
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 cfg = CMT_CONFIGS["small" if QUICK else "fusion"]

@@ -7,7 +7,7 @@
 # %% [markdown]
 # # Visualising the bias
 #
-# The origin design's "bias distribution" plots, for the flat and the Gaussian profile, and per head. Each PNG
+# The dense version's "bias distribution" plots, for the flat and the Gaussian profile, and per head. Each PNG
 # has one row per query: its window on the BEV grid (with a zoom) and on each camera view it projects into, in
 # cells, with the projected point marked (+) and the window outlined; grey cells hold no bias entry. One colour
 # scale per figure: sequential from 0 when the values have one sign, diverging around 0 when they have both
@@ -19,8 +19,8 @@ import os
 import torch
 
 import sparse_bias as sb
-from sparse_bias.plotting import plot_query_bias
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.plotting import plot_query_bias
+from sparse_bias.tools.synthetic import synthetic_scene
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")

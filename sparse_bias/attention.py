@@ -1,10 +1,10 @@
 """Exact sparse-bias attention: the public functions.
 
 `sparse_bias_attention` computes dense global scores from an unmodified flash kernel plus an exact
-sparse correction over the window entries (the math is in `sparse_bias._sparse_function`; a
-`ModalityBias` takes `sparse_bias._modality_function`); `dense_bias_attention` is the dense
+sparse correction over the window entries (the math is in `sparse_bias._core.correction`; a
+`ModalityBias` takes `sparse_bias._core.modality`); `dense_bias_attention` is the dense
 reference; `select_backend` says which backend runs the window terms (chosen, and self-checked on GPU
-paths, by `sparse_bias.dispatch`).
+paths, by `sparse_bias._core.dispatch`).
 """
 from __future__ import annotations
 
@@ -12,19 +12,17 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._call import Call
-from ._exact_rows import EXACT_ROW_RATIO
-from ._modality_function import _ModalityBiasAttention
-from ._reference import dense_attention
-from ._ops import sparse_op
-from ._validation import (MaskConventions, additive_mask, check_dense_bias, check_dropout, check_modality_bias,
-                          check_qkv, check_scale, check_sparse_bias, dropout_seed as _call_seed, functional_masks,
-                          zeros_like_output)
+from ._core.dispatch import choose_backend
+from ._core.exact_rows import EXACT_ROW_RATIO
+from ._core.inputs import AttentionInputs
+from ._core.masks import functional_masks
+from ._core.ops import ModalityAttention, SparseBiasAttention
+from ._core.reference import dense_attention
 from .backends import backend_names
 from .bias import ModalityBias, SparseBias
-from .dispatch import choose_backend
 
-__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "EXACT_ROW_RATIO", "BACKEND_NAMES"]
+__all__ = ["sparse_bias_attention", "dense_bias_attention", "select_backend", "attend", "EXACT_ROW_RATIO",
+           "BACKEND_NAMES"]
 
 #: The ``backend=`` choices of `sparse_bias_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 BACKEND_NAMES = ("auto",) + backend_names("correction") + ("dense",)
@@ -44,7 +42,7 @@ def select_backend(q: torch.Tensor, bias: Union[SparseBias, ModalityBias, torch.
 
     Returns:
         ``(name, reason)``. On a GPU path the chosen backend has passed its first-use self-check
-        (`sparse_bias.dispatch`); one that fails it is skipped with a warning.
+        (`sparse_bias._core.dispatch`); one that fails it is skipped with a warning.
 
     Example:
 
@@ -59,7 +57,7 @@ def select_backend(q: torch.Tensor, bias: Union[SparseBias, ModalityBias, torch.
     if bias is None:
         return "none", "no bias: plain attention through the dense kernel"
     if isinstance(bias, torch.Tensor):
-        return "dense", "a dense bias tensor is added to the scores (the origin design's path)"
+        return "dense", "a dense bias tensor is added to the scores (the dense version's path)"
     if isinstance(bias, ModalityBias):
         if backend == "dense":
             return "dense", "requested: the bias is materialised"
@@ -79,7 +77,7 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
                          dropout_seed: Optional[int] = None) -> torch.Tensor:
     """The dense reference: ``softmax(q k^T * scale + dense_bias + masks) v``, written out plainly.
 
-    Materialises the ``[B, H, Q, K]`` scores (the origin design's memory cost). Computed in the inputs'
+    Materialises the ``[B, H, Q, K]`` scores (the dense version's memory cost). Computed in the inputs'
     dtype, so it is also the "naive implementation at the same precision" for tolerance checks.
 
     Args:
@@ -90,28 +88,17 @@ def dense_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dens
         attn_mask: bool (True = attend, the SDPA convention) or additive float, broadcastable to ``[B, H, Q, K]``.
             Mask values are checked as in `sparse_bias_attention` (docs/masks.md).
         dropout_p: attention dropout on the probabilities, with the counter-based mask of
-            `sparse_bias.kernels.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
+            `sparse_bias.dense.dropout_keep` (``dropout_seed`` drawn from torch's RNG when None).
         scale: softmax scale, default ``1 / sqrt(D)``.
 
     Returns:
         ``[B, H, Q, D]``. A fully masked query row (every key masked, or no keys) gives zeros and zero gradients
         (docs/conventions.md).
     """
-    return _dense_bias_attention(q, k, v, dense_bias, key_padding_mask, attn_mask, dropout_p, scale, dropout_seed,
-                                 _DENSE_MASKS)
-
-
-def _dense_bias_attention(q, k, v, dense_bias, key_padding_mask, attn_mask, dropout_p, scale, dropout_seed,
-                          conventions: Optional[MaskConventions]) -> torch.Tensor:
-    """`dense_bias_attention`, its masks' values checked against ``conventions`` (None: not checked)."""
-    check_qkv(q, k, v)
-    scale = check_scale(scale, q)
-    check_dropout(dropout_p)
-    seed = _call_seed(dropout_p, dropout_seed)
-    if dense_bias is not None:
-        check_dense_bias(dense_bias, q, k)
-    mask = additive_mask(q, k, key_padding_mask, attn_mask, conventions)
-    return dense_attention(q, k, v, dense_bias, Call.of(q, scale, mask, dropout_p, seed))
+    inputs = AttentionInputs.of("dense", q, k, v, dense_bias, key_padding_mask=key_padding_mask,
+                                attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, dropout_seed=dropout_seed,
+                                conventions=_DENSE_MASKS)
+    return dense_attention(q, k, v, dense_bias, inputs.call)
 
 
 def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -171,33 +158,22 @@ def sparse_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         >>> torch.allclose(out, ref, atol=1e-5)
         True
     """
-    return _sparse_bias_attention(q, k, v, bias, key_padding_mask, attn_mask, dropout_p, scale, backend, dropout_seed,
-                                  _SPARSE_MASKS)
+    return attend(AttentionInputs.of("correction", q, k, v, bias, key_padding_mask=key_padding_mask,
+                                     attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, dropout_seed=dropout_seed,
+                                     conventions=_SPARSE_MASKS), backend)
 
 
-def _sparse_bias_attention(q, k, v, bias, key_padding_mask, attn_mask, dropout_p, scale, backend, dropout_seed,
-                           conventions: Optional[MaskConventions]) -> torch.Tensor:
-    """`sparse_bias_attention`, its masks' values checked against ``conventions`` (the modules pass their own)."""
-    check_qkv(q, k, v)
-    scale = check_scale(scale, q)
-    check_dropout(dropout_p)
-    if bias is not None and not isinstance(bias, (SparseBias, ModalityBias, torch.Tensor)):
-        raise TypeError(f"bias must be a SparseBias, a ModalityBias, a dense tensor or None, "
-                        f"got {type(bias).__name__}")
-    if isinstance(bias, SparseBias):
-        check_sparse_bias(bias, q, k)
-    if isinstance(bias, ModalityBias):
-        check_modality_bias(bias, q, k)
-    name, _ = select_backend(q, bias, backend)
-    seed = _call_seed(dropout_p, dropout_seed)
+def attend(inputs: AttentionInputs, backend: str = "auto") -> torch.Tensor:
+    """``[B, H, Q, D]``: `sparse_bias_attention` on a validated call (the `sparse_bias.nn` modules build theirs
+    with their own mask conventions): the backend chosen, then the op's ``autograd.Function``."""
+    name, _ = select_backend(inputs.q, inputs.bias, backend)
+    q, k, v, bias, call = inputs.q, inputs.k, inputs.v, inputs.bias, inputs.call
     if name == "dense":
-        dense = bias if isinstance(bias, torch.Tensor) else bias.to_dense()
-        return _dense_bias_attention(q, k, v, dense, key_padding_mask, attn_mask, dropout_p, scale, seed, conventions)
-    call = Call.of(q, scale, additive_mask(q, k, key_padding_mask, attn_mask, conventions), dropout_p, seed)
-    if q.numel() == 0 or k.shape[2] == 0:        # nothing to attend (K = 0: every row fully masked): zeros
-        return zeros_like_output(q, k, v, None if bias is None else bias.values)
+        return dense_attention(q, k, v, bias if isinstance(bias, torch.Tensor) else bias.to_dense(), call)
+    if inputs.empty:                       # nothing to attend (K = 0: every row fully masked): zeros
+        return inputs.zeros()
     if name == "none":
-        return sparse_op(q, k, v, None, None, call, None)
+        return SparseBiasAttention.apply(q, k, v, None, [], call, "")
     if name == "modality":
-        return _ModalityBiasAttention.apply(q, k, v, bias.values, bias.ranges, call)
-    return sparse_op(q, k, v, bias.values, bias.index, call, name)
+        return ModalityAttention.apply(q, k, v, bias.values, bias.ranges, call)
+    return SparseBiasAttention.apply(q, k, v, bias.values, bias.index.entries().as_args(), call, name)

@@ -7,8 +7,8 @@ from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 
-from ._checks import check_device, check_tensor, cuda_device, debug_check_finite, parse_to
-from ._compat import is_compiling
+from ._core.checks import check_device, check_tensor, cuda_device, debug_check_finite, parse_to
+from ._core.compat import is_compiling
 from .layout import KeyLayout
 from .profiles import PROFILES, flat, get_profile, sigma_pair  # noqa: F401  (PROFILES: the old `bias.PROFILES`)
 from .windows import WindowIndex, _mark_dynamic
@@ -74,10 +74,16 @@ class _ValuesLike(abc.ABC):
     def _keep_layout(self: _T, other: _T) -> _T:
         if self._seq_first:
             other._seq_first = True
+        other.debug = self.debug
         return other
 
     #: True for the sequence-first view that `transpose` returns
     _seq_first = False
+
+    #: Set True (the generators do with ``debug_mode=True``, the dense version's option) to have
+    #: `sparse_bias.nn.SparseBiasMultiheadAttention` compare its output with the dense reference on a sample of
+    #: queries (a warning past the tolerance) and log the bias statistics. Kept by `to`, `detach` and `transpose`.
+    debug = False
 
     @property
     def seq_first(self) -> bool:
@@ -136,7 +142,7 @@ class SparseBias(_ValuesLike):
         values: ``[nnz]`` (one value shared by all heads) or ``[nnz, H]`` (one per head), floating point.
             Gradients flow back through ``values`` (to the weights and scale that produced them).
 
-    ``to_dense()`` materialises the origin design's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like:
+    ``to_dense()`` materialises the dense version's tensor: ``[B, Q, K]`` or ``[B, H, Q, K]``. Tensor-like:
     ``dtype``, ``device``, ``num_heads``, ``to`` / ``cpu`` / ``cuda`` (the index moves with the values),
     ``detach``, ``transpose(0, 1)`` (the sequence-first view ``[Q, B, K]``, no copy; see `transpose`).
 
@@ -208,7 +214,7 @@ class SparseBias(_ValuesLike):
 class ModalityBias(_ValuesLike):
     """One additive bias per query and modality over *all* keys of that modality (global, not local).
 
-    The origin design's ``use_local_bias=False``: every BEV key of query ``(b, q)`` gets
+    The dense version's ``use_local_bias=False``: every BEV key of query ``(b, q)`` gets
     ``values[b, q, 0]``, every camera key ``values[b, q, 1]`` (modalities in layout order, only those the
     layout has). `sparse_bias_attention` computes it exactly from one dense pass per modality and
     their log-sum-exps -- no ``[B, Q, K]`` tensor, no window index.
@@ -305,7 +311,7 @@ def window_bias(win: WindowIndex, bev_weight: Optional[torch.Tensor] = None,
 
     An entry of query ``(b, q)`` in its BEV window gets ``bev_weight[b, q] * scale * f(dy, dx)``, an entry
     in a camera window ``cam_weight[b, q] * scale * f(dy, dx)``, with ``f`` the profile registered in
-    `sparse_bias.profiles.PROFILES`: ``f = 1`` for ``"flat"`` (the origin design) and
+    `sparse_bias.profiles.PROFILES`: ``f = 1`` for ``"flat"`` (the dense version) and
     ``f = exp(-(dy^2 + dx^2) / (2 sigma^2))`` for ``"gaussian"``.
 
     Args:

@@ -3,7 +3,7 @@
 FlexAttention evaluates a ``score_mod(score, b, h, q_idx, kv_idx)`` per score inside a fused kernel; the
 window bias of `sparse_bias.window_bias` can be computed there from the window centres, with no ``[B, Q, K]``
 tensor. Every profile of `sparse_bias.profiles.PROFILES` is supported, through the same functions as
-`window_bias`. The benchmarks and `sparse_bias.selftest` time it against this library.
+`window_bias`. The benchmarks and `sparse_bias.tools.selftest` time it against this library.
 """
 from __future__ import annotations
 

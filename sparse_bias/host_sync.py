@@ -21,7 +21,7 @@ from typing import List
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._compat import custom_op_definitions
+from ._core.compat import custom_op_definitions
 
 __all__ = ["count_host_syncs", "HostSyncCounter", "SYNC_OPS"]
 

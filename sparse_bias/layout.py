@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import check_shape_2d
+from ._core.checks import check_shape_2d
 
 __all__ = ["KeyLayout"]
 

@@ -30,7 +30,7 @@ Profile = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def flat(dy: torch.Tensor, dx: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """``f = 1`` on every window cell (the origin design); ``dx`` and ``sigma`` are unused."""
+    """``f = 1`` on every window cell (the dense version); ``dx`` and ``sigma`` are unused."""
     return torch.ones_like(dy)
 
 

@@ -6,8 +6,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import check_device, check_tensor
-from ._compat import not_traced
+from ._core.checks import check_device, check_tensor
+from ._core.compat import not_traced
 from .layout import KeyLayout
 
 __all__ = ["project_points"]

@@ -12,23 +12,20 @@ Backward, with ``p`` the window probabilities (times the dropout multipliers ``k
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Tuple
 
 import torch
 
-from ._call import Call
-from ._reference import dense_window_attention
-from ._validation import (MaskConventions, additive_mask, check_dropout, check_qkv, check_scale, check_sparse_bias,
-                          functional_masks, zeros_like_output)
-from ._validation import dropout_seed as _call_seed
-from ._ops import window_op
+from ._core.dispatch import choose_backend
+from ._core.inputs import AttentionInputs
+from ._core.masks import functional_masks
+from ._core.ops import WindowAttention
+from ._core.reference import dense_window_attention
 from .backends import backend_names
 from .bias import SparseBias
-from .dispatch import choose_backend
 from .windows import WindowIndex
 
-__all__ = ["window_attention", "select_window_backend", "WINDOW_BACKENDS"]
+__all__ = ["window_attention", "select_window_backend", "attend_windows", "WINDOW_BACKENDS"]
 
 #: The ``backend=`` choices of `window_attention` (from the registry `sparse_bias.backends.BACKENDS`).
 WINDOW_BACKENDS = ("auto",) + backend_names("window") + ("dense",)
@@ -47,38 +44,6 @@ def select_window_backend(q: torch.Tensor, backend: str = "auto") -> Tuple[str, 
     if backend == "dense":
         return "dense", "requested: the dense mask is materialised (the reference)"
     return choose_backend(q.device, q.dtype, q.shape[-1], backend, "window")
-
-
-def _check_window(win, q, k):
-    if not isinstance(win, WindowIndex):
-        raise TypeError(f"win must be a WindowIndex (the local attention mask), got {type(win).__name__}")
-    bsz, _, nq, _ = q.shape
-    if (win.batch_size, win.num_queries) != (bsz, nq):
-        raise ValueError(f"win is for [B, Q] = [{win.batch_size}, {win.num_queries}] but q [B, H, Q, D] gives "
-                         f"[{bsz}, {nq}]")
-    if win.layout.num_keys != k.shape[2]:
-        raise ValueError(f"win indexes a layout of {win.layout.num_keys} keys ({win.layout!r}) but k [B, H, K, D] "
-                         f"has K = {k.shape[2]}")
-    if win.device != q.device:
-        raise ValueError(f"win is on {win.device} but q is on {q.device}")
-    win.validate()                                    # keys in range, ascending, unique: once per index object
-
-
-def _check_bias_index(bias, win):
-    if not isinstance(bias, SparseBias):
-        raise TypeError(f"bias must be a SparseBias on the window index or None, got {type(bias).__name__}")
-    idx = bias.index
-    if idx is win or (idx.indptr is win.indptr and idx.key is win.key):
-        return
-    same = idx.nnz == win.nnz and idx.num_rows == win.num_rows and idx.layout == win.layout
-    checked = win._cache.setdefault("same_entries", weakref.WeakSet())
-    if same and idx not in checked:          # compare the entries once per pair of index objects (a host sync)
-        same = bool(torch.equal(idx.indptr, win.indptr) and torch.equal(idx.key, win.key))
-        if same:
-            checked.add(idx)
-    if not same:
-        raise ValueError(f"bias is defined on another window index ({idx!r}) than win ({win!r}); build both "
-                         "from the same WindowIndex")
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: WindowIndex,
@@ -129,26 +94,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Win
         >>> torch.allclose(out, ref, atol=1e-5)
         True
     """
-    return _window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, backend, dropout_seed,
-                             _WINDOW_MASKS)
+    return attend_windows(AttentionInputs.of("window", q, k, v, bias, win, key_padding_mask=key_padding_mask,
+                                             dropout_p=dropout_p, scale=scale, dropout_seed=dropout_seed,
+                                             conventions=_WINDOW_MASKS), backend)
 
 
-def _window_attention(q, k, v, win, bias, key_padding_mask, dropout_p, scale, backend, dropout_seed,
-                      conventions: Optional[MaskConventions]) -> torch.Tensor:
-    """`window_attention`, its mask's values checked against ``conventions`` (the modules pass their own)."""
-    check_qkv(q, k, v)
-    _check_window(win, q, k)
-    scale = check_scale(scale, q)
-    check_dropout(dropout_p)
-    if bias is not None:
-        _check_bias_index(bias, win)
-        check_sparse_bias(bias, q, k)
-    mask = additive_mask(q, k, key_padding_mask, None, conventions)            # [B, 1, 1, K] or None
-    name, _ = select_window_backend(q, backend)
-    call = Call.of(q, scale, mask, dropout_p, _call_seed(dropout_p, dropout_seed))
+def attend_windows(inputs: AttentionInputs, backend: str = "auto") -> torch.Tensor:
+    """``[B, H, Q, D]``: `window_attention` on a validated call (the `sparse_bias.nn` modules build theirs with
+    their own mask conventions): the backend chosen, then the op's ``autograd.Function``."""
+    name, _ = select_window_backend(inputs.q, backend)
+    q, k, v, win, call, values = inputs.q, inputs.k, inputs.v, inputs.win, inputs.call, inputs.values
     if name == "dense":
-        return dense_window_attention(q, k, v, win, bias, call)
-    if win.nnz == 0 or q.numel() == 0:  # every window empty, or nothing to attend: zeros (zero gradients)
-        return zeros_like_output(q, k, v, None if bias is None else bias.values)
-    values = None if bias is None else bias.values
-    return window_op(q, k, v, values, win, call, name)
+        return dense_window_attention(q, k, v, win, inputs.bias, call)
+    if inputs.empty:                # every window empty, or nothing to attend: zeros (zero gradients)
+        return inputs.zeros()
+    return WindowAttention.apply(q, k, v, values, win.entries().as_args(), call, name)

@@ -7,9 +7,9 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ._compat import is_compiling, is_exporting, not_traced
-from ._checks import check_device, check_tensor, check_window_size, cuda_device, parse_to
-from ._entries import Entries, build_entries, entry_rows
+from ._core.compat import is_compiling, is_exporting, not_traced
+from ._core.checks import check_device, check_tensor, check_window_size, cuda_device, parse_to
+from ._core.entries import Entries, build_entries, entry_rows
 from .layout import KeyLayout
 
 __all__ = ["WindowIndex", "local_windows"]
@@ -202,7 +202,7 @@ class WindowIndex:
         return int(self.indptr[b * nq]), int(self.indptr[(b + 1) * nq])
 
     def entries(self) -> Entries:
-        """The `sparse_bias._entries.Entries` the kernels read (the row of each entry, the transposed structure,
+        """The `sparse_bias._core.entries.Entries` the kernels read (the row of each entry, the transposed structure,
         the fused kernels' row order), derived without a host sync, then cached on the object. When ``torch.compile``
         is in use (dynamo imported), their ``nnz`` dimension is marked dynamic (`torch._dynamo.maybe_mark_dynamic`),
         so indexes of different sizes share one compiled graph (an index built before dynamo was imported costs one

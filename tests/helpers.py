@@ -10,9 +10,10 @@ import torch
 from hypothesis import strategies as st
 
 import sparse_bias as sb
-from sparse_bias._compat import CUSTOM_OPS
+from sparse_bias._core.compat import CUSTOM_OPS
 from sparse_bias.backends import BACKENDS as REGISTRY, backend_names
 from sparse_bias.dense import lse as _dense_lse
+from sparse_bias.profiles import PROFILES
 
 #: Features of the installed torch, probed (docs/install.md, "Support matrix"): tests of a feature skip without it.
 needs_custom_ops = pytest.mark.skipif(not CUSTOM_OPS, reason="this torch has no torch.library.custom_op (2.4+): "
@@ -78,6 +79,12 @@ CORRECTION_BACKENDS = list(backend_names("correction"))
 WINDOW_BACKENDS = list(backend_names("window"))
 
 
+def profile_names():
+    """The registered bias profiles (`sparse_bias.profiles.PROFILES`), read when called: the profile tests
+    parametrise over these, so a new profile is tested by registering it."""
+    return tuple(PROFILES)
+
+
 def skip_missing(backend, dtype=torch.float64):
     if backend in REGISTRY:
         ok, why = REGISTRY[backend].can_run(torch.device("cpu"), dtype)
@@ -114,8 +121,14 @@ def sparse_fn(backend):
     return fn
 
 
-def reference(q, k, v, bias, **kwargs):
+def dense_path(q, k, v, bias, **kwargs):
+    """The library's dense path (`sb.dense_bias_attention` on ``bias.to_dense()``) in the inputs' dtype: the naive
+    same-precision version the precision tests measure drift against. The references are in tests/reference.py."""
     return sb.dense_bias_attention(q, k, v, bias.to_dense(), **kwargs)
+
+
+#: `dense_path` under the name test_triton.py imports
+reference = dense_path
 
 
 def assert_all_close(got, want, rtol=1e-10, atol=1e-10):

@@ -6,7 +6,7 @@ from helpers import random_positions
 import sparse_bias as sb
 from sparse_bias.nn import (AQRAttentionBias, AQRWeightGenerator, CmtTransformer, PETRTransformerDecoderLayer,
                             SparseBiasMultiheadAttention)
-from sparse_bias.synthetic import synthetic_cameras
+from sparse_bias.tools.synthetic import synthetic_cameras
 
 LAYOUT = sb.KeyLayout(bev_shape=(9, 10), cam_shape=(3, 6, 8))        # 90 + 144 = 234 keys
 C, H = 16, 4

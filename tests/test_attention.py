@@ -1,4 +1,4 @@
-"""sparse_bias_attention against the dense reference: every backend, forward and all gradients."""
+"""sparse_bias_attention against the reference (tests/reference.py): every backend, forward and all gradients."""
 import math
 
 import pytest
@@ -6,14 +6,17 @@ import torch
 from conftest import DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import (CORRECTION_BACKENDS, SMALL, needs_cpu_flash, assert_all_close, forward_and_grads, layouts, make_case, reference, run_python,
-                     skip_missing, skip_without_matmul, sparse_fn)
+from helpers import (CORRECTION_BACKENDS, SMALL, needs_cpu_flash, assert_all_close, dense_path, forward_and_grads,
+                     layouts, make_case, run_python, skip_missing, skip_without_matmul, sparse_fn)
 
 import sparse_bias as sb
-from sparse_bias import _sparse_function as sparse_function
-from sparse_bias._call import Call
+from sparse_bias._core import correction as sparse_function
+from sparse_bias._core.call import Call
 from sparse_bias.dense import chunked, lse as dense_lse
 from sparse_bias.backends import gather
+from sparse_bias.backends.fused import MAX_HEAD_DIM
+
+import reference
 
 BACKENDS = CORRECTION_BACKENDS + ["dense"]
 #: the registered correction backends that run on CPU float64 here (hypothesis draws from these)
@@ -34,7 +37,7 @@ def test_matches_dense_reference(backend, per_head, device):
     kpm[0, -9:] = True
     kpm[1, :4] = True
     got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win, key_padding_mask=kpm)
-    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win, key_padding_mask=kpm)
+    want = forward_and_grads(reference.sparse_bias_attention, q, k, v, wb, wc, grad, win, key_padding_mask=kpm)
     assert_all_close(got, want)
 
 
@@ -64,7 +67,7 @@ def test_random_layouts_windows_and_masks(layout, heads, queries, per_head, bev_
         kwargs["attn_mask"] = torch.randn(queries, nk, generator=gen, dtype=torch.float64)
     grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
     got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win, **kwargs)
-    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win, **kwargs)
+    want = forward_and_grads(reference.sparse_bias_attention, q, k, v, wb, wc, grad, win, **kwargs)
     assert_all_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -92,7 +95,7 @@ def test_scale_weights_and_learnable_scale_get_gradients(backend):
     skip_missing(backend)
     win, q, k, v, wb, wc = make_case(SMALL, seed=5)
     grads = []
-    for fn in (sparse_fn(backend), reference):
+    for fn in (sparse_fn(backend), reference.sparse_bias_attention):
         scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
         out = fn(q, k, v, sb.window_bias(win, wb, wc, scale=scale, profile="gaussian"))
         grads.append(torch.autograd.grad(out.square().sum(), scale)[0])
@@ -134,6 +137,26 @@ def test_zero_queries():
     assert q.grad.shape == q.shape
 
 
+def test_empty_sizes_do_not_crash():
+    """H = 0, K = 0, B = 0 or D = 0 (bias None, with and without dropout): the output's shape, zeros where K = 0 or
+    the output is empty, and a backward that runs."""
+    code = """
+import torch, sparse_bias as sb
+for shape_q, shape_k in [((1, 0, 3, 4), (1, 0, 5, 4)), ((1, 2, 3, 4), (1, 2, 0, 4)), ((0, 2, 3, 4), (0, 2, 5, 4)),
+                         ((1, 2, 3, 0), (1, 2, 5, 0))]:
+    q = torch.randn(shape_q, requires_grad=True)
+    k, v = torch.randn(shape_k, requires_grad=True), torch.randn(shape_k, requires_grad=True)
+    for kw in ({}, {"dropout_p": 0.1, "dropout_seed": 1}):
+        out = sb.sparse_bias_attention(q, k, v, None, **kw)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v) if shape_k[2] else torch.zeros(out.shape)
+        assert out.shape == shape_q[:3] + (shape_k[3],) and torch.equal(out, torch.zeros_like(out)) == (
+            shape_k[2] == 0 or 0 in shape_q), (shape_q, shape_k)
+        out.sum().backward()
+print("ok")
+"""
+    assert "ok" in run_python(code)
+
+
 def test_dense_bias_tensor_takes_the_dense_path():
     win, q, k, v, wb, wc = make_case(SMALL, per_head=True)
     bias = sb.window_bias(win, wb, wc)
@@ -155,7 +178,7 @@ def test_chunked_paths(backend, monkeypatch):
     win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=9)
     grad = torch.randn_like(q)
     got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win)
-    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win)
+    want = forward_and_grads(reference.sparse_bias_attention, q, k, v, wb, wc, grad, win)
     assert_all_close(got, want)
 
 
@@ -167,13 +190,13 @@ def test_chunked_kernel_matches_cpu_flash():
     mask[1, ..., 30:] = float("-inf")
     call = Call.of(q, 0.3, mask)
     out, lse, state = dense_lse.dense_lse_forward(q, k, v, call)
-    assert state.name == "cpu_flash"
+    assert state == "cpu_flash"
     out2, lse2 = chunked.chunked_forward(q, k, v, call)
     torch.testing.assert_close(out, out2)
     torch.testing.assert_close(lse, lse2)
     g = torch.randn_like(out)
     for a, b in zip(dense_lse.dense_lse_backward(state, g, (q, k, v), (out, lse), call),
-                    dense_lse.dense_lse_backward(dense_lse.KernelState("chunked"), g, (q, k, v), (out, lse), call)):
+                    dense_lse.dense_lse_backward("chunked", g, (q, k, v), (out, lse), call)):
         torch.testing.assert_close(a, b)
 
 
@@ -214,8 +237,8 @@ def test_cancellation_regime_float32(backend, bias_value):
     implementation and of the unbiased fp32 flash kernel the correction is built on."""
     win, q, k, v, w = cancellation_case(bias_value)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    exact = grads_at(reference, torch.float64, q, k, v, w, win, grad)
-    naive = grads_at(reference, torch.float32, q, k, v, w, win, grad)
+    exact = grads_at(reference.sparse_bias_attention, torch.float64, q, k, v, w, win, grad)
+    naive = grads_at(dense_path, torch.float32, q, k, v, w, win, grad)
     fast = grads_at(sparse_fn(backend), torch.float32, q, k, v, w, win, grad)
     sdpa = lambda q, k, v, bias: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
     floor = [(a - b).abs().max() for a, b in zip(grads_at(sdpa, torch.float32, q, k, v, w, None, grad),
@@ -255,7 +278,7 @@ def test_cancellation_rows_are_recomputed_densely(monkeypatch):
 @pytest.mark.parametrize("backend", ["fused", "sparse", "scatter", "torch"])
 def test_low_precision_relative_to_naive_drift(backend, dtype, device):
     """Error against a float64 reference is at most a small multiple of what a naive implementation at the
-    same precision (the dense reference run in that dtype) drifts by."""
+    same precision (the library's dense path run in that dtype) drifts by."""
     skip_missing(backend)
     skip_without_matmul(dtype, device)
     layout = sb.KeyLayout(bev_shape=(20, 20), cam_shape=(2, 8, 10))
@@ -270,8 +293,8 @@ def test_low_precision_relative_to_naive_drift(backend, dtype, device):
         assert out.dtype == dt
         return [out.detach().double()] + [g.double() for g in torch.autograd.grad(out, leaves, grad.to(dt))]
 
-    exact = run(reference, torch.float64)
-    naive = run(reference, dtype)
+    exact = run(reference.sparse_bias_attention, torch.float64)
+    naive = run(dense_path, dtype)
     fast = run(sparse_fn(backend), dtype)
     for name, e, n, f in zip(["out", "dq", "dk", "dv", "dwb", "dwc"], exact, naive, fast):
         naive_err = float((n - e).abs().max())
@@ -287,7 +310,7 @@ def test_dropout_matches_reference_with_same_seed(backend):
     grad = torch.randn_like(q)
     kw = dict(dropout_p=0.3, dropout_seed=1234)
     got = forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win, **kw)
-    want = forward_and_grads(reference, q, k, v, wb, wc, grad, win, **kw)
+    want = forward_and_grads(reference.sparse_bias_attention, q, k, v, wb, wc, grad, win, **kw)
     assert_all_close(got, want)
 
 
@@ -325,6 +348,20 @@ def test_select_backend_explains_its_choice(caplog):
     with caplog.at_level("DEBUG", logger="sparse_bias"):
         sb.sparse_bias_attention(q, k, v, bias)
     assert f"backend {name}" in caplog.text
+
+
+def test_large_head_dim_falls_back_from_the_fused_kernels():
+    win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=1, queries=3, dim=MAX_HEAD_DIM + 88)
+    bias = sb.window_bias(win, wb, wc)
+    name, why = sb.select_backend(q, bias)
+    assert name != "fused"
+    out = sb.sparse_bias_attention(q, k, v, bias)
+    assert torch.isfinite(out).all()
+    want = reference.attention(q, k, v, reference.dense_from_entries(win, bias.values.detach()))
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+    if sb.extension_available():
+        with pytest.raises(RuntimeError, match="head dims up to 512"):
+            sb.sparse_bias_attention(q, k, v, bias, backend="fused")
 
 
 def test_fused_gradients_are_bitwise_repeatable():
@@ -426,6 +463,28 @@ def test_bad_input(change, exc, match, debug_checks):
     change(args)
     with pytest.raises(exc, match=match):
         sb.sparse_bias_attention(**args)
+
+
+def test_errors_name_the_argument():
+    win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=1, queries=2, dim=4)
+    bias = sb.window_bias(win, wb, wc)
+    with pytest.raises(TypeError, match="dropout_seed"):
+        sb.sparse_bias_attention(q, k, v, bias, dropout_p=0.1, dropout_seed="abc")
+    with pytest.raises(TypeError, match="dropout_seed"):
+        sb.window_attention(q, k, v, win, dropout_p=0.1, dropout_seed=1.7)
+    with pytest.raises(ValueError, match="scale"):
+        sb.sparse_bias_attention(q, k, v, bias, scale=float("inf"))
+    kpm = torch.zeros(1, SMALL.num_keys)
+    kpm[0, 3] = float("inf")
+    sb.set_debug_checks(True)           # device-value checks run under the debug switch (no host sync otherwise)
+    try:
+        with pytest.raises(ValueError, match=r"key_padding_mask contains \+inf"):
+            sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm)
+        with pytest.raises(ValueError, match=r"attn_mask contains \+inf"):
+            sb.sparse_bias_attention(q, k, v, bias, attn_mask=kpm.double().view(1, 1, 1, -1))
+    finally:
+        sb.set_debug_checks(False)
+    assert torch.isnan(sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm)).all()   # NaN, as SDPA
 
 
 def test_keys_out_of_range_are_rejected():

@@ -103,10 +103,11 @@ def test_benchmark_windows_default_by_mode(monkeypatch):
 
 
 def test_selftest_function_validates_its_sizes():
-    import sparse_bias as sb
+    from sparse_bias.tools.selftest import selftest
+
     for kwargs in ({"queries": 0}, {"window": 4}, {"repeats": 0}, {"layout": "huge"}):
         with pytest.raises(ValueError):
-            sb.selftest("cpu", ["float32"], quick=True, log=lambda line: None, progress=False, **kwargs)
+            selftest("cpu", ["float32"], quick=True, log=lambda line: None, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("tool", TOOLS)

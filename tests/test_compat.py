@@ -1,4 +1,4 @@
-"""The fallbacks of `sparse_bias._compat` and the other feature probes, forced on the pinned torch: what a torch
+"""The fallbacks of `sparse_bias._core.compat` and the other feature probes, forced on the pinned torch: what a torch
 without the feature runs (docs/install.md, "Support matrix") gives the same results as the feature's path."""
 import math
 import sys
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _compat, _ops, dispatch, windows
+from sparse_bias import windows
+from sparse_bias._core import compat as _compat, correction, dispatch, modality, ops as _ops, window
 from sparse_bias.dense import lse as dense_lse
 
 from helpers import SMALL, make_case
@@ -20,20 +21,28 @@ def grads_of(fn, tensors):
     return [out.detach()] + list(torch.autograd.grad(out, leaves, g))
 
 
-@pytest.mark.parametrize("op", ["sparse", "window"])
-def test_eager_functions_equal_the_registered_ops(monkeypatch, op):
-    """Without torch.library.custom_op both ops run as eager autograd Functions: the same values and gradients."""
+@pytest.mark.parametrize("op", ["sparse", "window", "modality"])
+def test_unregistered_ops_equal_the_registered_ops(monkeypatch, op):
+    """Without torch.library.custom_op the autograd Functions call the ops' implementations directly
+    (`sparse_bias._core.compat.custom_op` leaves them unregistered): the same values and gradients."""
     win, q, k, v, wb, wc = make_case(SMALL, per_head=True, seed=4)
     values = sb.window_bias(win, wb, wc).values
 
+    if op == "modality":
+        values = torch.randn(q.shape[0], q.shape[2], 2, q.shape[1], dtype=q.dtype)
+
     def fn(q, k, v, values):
+        if op == "modality":
+            return sb.sparse_bias_attention(q, k, v, sb.ModalityBias(win.layout, values))
         bias = sb.SparseBias(win, values)
         if op == "sparse":
             return sb.sparse_bias_attention(q, k, v, bias, backend="sparse")
         return sb.window_attention(q, k, v, win, bias, backend="sparse")
 
     want = grads_of(fn, (q, k, v, values))
-    monkeypatch.setattr(_ops, "CUSTOM_OPS", False)
+    for name, math in (("sparse", correction), ("window", window), ("modality", modality)):
+        for step in ("forward", "backward"):
+            monkeypatch.setattr(_ops, f"_{name}_{step}", _compat._Unregistered(getattr(math, step)))
     got = grads_of(fn, (q, k, v, values))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -57,7 +66,7 @@ def test_dense_pass_without_the_cpu_flash_op(monkeypatch):
 
     want = grads_of(fn, (q, k, v, wb, wc))
     monkeypatch.setattr(dense_lse, "_has_op", lambda name: False)
-    from sparse_bias._call import Call
+    from sparse_bias._core.call import Call
     assert dense_lse.dense_kernel_name(q, Call.of(q, 1.0)) == "chunked"
     got = grads_of(fn, (q, k, v, wb, wc))
     for a, b in zip(got, want):

@@ -11,7 +11,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import sparse_bias as sb
-from sparse_bias import _compat
+from sparse_bias._core import compat as _compat
 from sparse_bias.nn import AQRWeightGenerator, PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
 from helpers import needs_custom_ops, skip_missing
 
@@ -147,20 +147,21 @@ def test_inductor():
 
 
 def test_opcheck():
-    """torch.library.opcheck: schema, fake implementation and autograd registration of both ops."""
-    q, k, v, wb, wc = leaves()
+    """torch.library.opcheck: schema, fake implementation and autograd registration of the forward ops."""
+    q, k, v, wb, wc = (t.detach() for t in leaves())
     win = windows(0)
-    bias = sb.window_bias(win, wb, wc)
-    from sparse_bias import _ops
-    from sparse_bias._call import Call
-    call = Call.of(q, D ** -0.5)
-    index = _ops._index(win)
-    seed = _ops.seed_tensor(0)
+    values = sb.window_bias(win, wb, wc).values.detach()
+    from sparse_bias._core.call import Call
+    mask, scale, dropout_p, seed = Call.of(q, D ** -0.5).as_args()
+    index = win.entries().as_args()
     for op, backend in ((torch.ops.sparse_bias.sparse_attention, "sparse"),
                         (torch.ops.sparse_bias.window_attention, "torch")):
-        args = (q, k, v, bias.values.detach().requires_grad_(), *index, None, call.scale, 0.0, seed, backend)
+        args = (q, k, v, values, index, mask, scale, dropout_p, seed, backend)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                     "test_aot_dispatch_dynamic"))
+    modality = torch.randn(B, Q, 2, dtype=q.dtype)
+    args = (q, k, v, modality, [0, LAYOUT.num_bev_keys, LAYOUT.num_bev_keys, LAYOUT.num_keys], mask, scale, dropout_p, seed)
+    torch.library.opcheck(torch.ops.sparse_bias.modality_attention, args)
 
 
 def test_export():

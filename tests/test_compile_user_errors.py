@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _compat
+from sparse_bias._core import compat as _compat
 from helpers import needs_custom_ops, skip_without_dynamo
 
 LAYOUT = sb.KeyLayout(bev_shape=(6, 7), cam_shape=(2, 4, 5))

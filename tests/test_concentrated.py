@@ -1,10 +1,10 @@
 """Concentrated attention: windows holding 30-99.9 % of the attention mass, biases of +-5 of both signs.
 
 The regime of a trained detector, where an additive correction would cancel. Every entry point and backend, eager
-and compiled, in float32 / bfloat16 / float16, against a float64 reference built from the dense bias: the error of
-the output and of every gradient (q, k, v, bias values), per row relative to the row's largest reference value,
-must stay within ``4 x`` the error of the dense version in the same dtype (SDPA with the dense bias on its math and
-flash kernels, measured in the same test on the same inputs; `baseline`) plus a floor of 1e-6 (float32) / 1e-3
+and compiled, in float32 / bfloat16 / float16, against the float64 reference (tests/reference.py) on the dense bias:
+the error of the output and of every gradient (q, k, v, bias values), per row relative to the row's largest reference
+value, must stay within ``4 x`` the error of the dense version in the same dtype (SDPA with the dense bias on its math
+and flash kernels, measured in the same test on the same inputs; `baseline`) plus a floor of 1e-6 (float32) / 1e-3
 (half).
 """
 import os
@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _sparse_function
-from sparse_bias._concentrated import concentrated_qk, signed_bias, window_share
+from sparse_bias._core import correction as _sparse_function
+from sparse_bias._core.concentrated import concentrated_qk, signed_bias, window_share
 from sparse_bias.dense import lse as dense_lse
-from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
+from sparse_bias.backends.triton import TRITON_AVAILABLE
 
+import reference
 from helpers import (CORRECTION_BACKENDS, needs_custom_ops, pytest_under_the_interpreter, skip_missing,
                      skip_without_matmul)
 
@@ -81,6 +82,11 @@ def _dense_bias(bias):
 def dense(q, k, v, bias, kpm, attn):
     """The dense version: SDPA with the dense bias (and the masks) as its float mask, in the inputs' dtype."""
     return _masked_sdpa(q, k, v, _dense_bias(bias), kpm, attn)
+
+
+def exact(q, k, v, bias, kpm, attn):
+    """The reference (`reference.sparse_bias_attention`), run in float64 by `check`."""
+    return reference.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm, attn_mask=attn)
 
 
 def library(backend, compiled=False):
@@ -185,7 +191,7 @@ def run_no_bias_grad(sc, dtype, fn):
 
 def check(sc, dtype, fn, label):
     skip_without_matmul(dtype)
-    ref = run(sc, torch.float64, dense)
+    ref = run(sc, torch.float64, exact)
     base = baseline(sc, dtype, ref)
     got = row_errors(run(sc, dtype, fn), ref, sc["win"])
     bad = [f"{n}: {g:.2e} > 4 x {b:.2e} + {FLOOR[dtype]:.0e}" for n, g, b in zip(NAMES, got, base)
@@ -253,9 +259,12 @@ def test_memory_layouts():
 
 
 def dropout_run(sc, dtype, backend):
-    """Output and gradients with dropout 0.2 (seed 7): the library's backend, or ``"dense"`` (the dense bias
-    through `sparse_bias.dense_bias_attention`, the same keep decisions)."""
+    """Output and gradients with dropout 0.2 (seed 7): the library's backend, ``"dense"`` (the dense bias through
+    `sparse_bias.dense_bias_attention`, the same keep decisions) or ``"reference"``
+    (`reference.sparse_bias_attention`)."""
     def fn(q, k, v, bias, kpm, attn):
+        if backend == "reference":
+            return reference.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm, dropout_p=0.2, dropout_seed=7)
         if backend == "dense":
             return sb.dense_bias_attention(q, k, v, bias.to_dense(), key_padding_mask=kpm, dropout_p=0.2,
                                            dropout_seed=7)
@@ -269,7 +278,7 @@ def test_dropout(backend):
     """Dropout on concentrated attention (exact rows evaluated with this library's keep decisions)."""
     skip_missing(backend, torch.float32)
     sc = scene(0.9, 1.0)
-    ref = dropout_run(sc, torch.float64, "dense")
+    ref = dropout_run(sc, torch.float64, "reference")
     base = row_errors(dropout_run(sc, torch.float32, "dense"), ref, sc["win"])
     got = row_errors(dropout_run(sc, torch.float32, backend), ref, sc["win"])
     for n, g, b in zip(NAMES, got, base):
@@ -304,7 +313,8 @@ def test_window_attention(dtype):
         return out.masked_fill(~attn.any(-1, keepdim=True), 0.0)      # the same fully masked row
     dt = DTYPES[dtype]
     skip_without_matmul(dt)
-    ref = run(sc, torch.float64, dense_local)
+    ref = run(sc, torch.float64, lambda q, k, v, bias, kpm, attn: reference.window_attention(
+        q, k, v, win, bias, key_padding_mask=kpm, attn_mask=attn))
     base = row_errors(run(sc, dt, dense_local), ref, win)
     got = row_errors(run(sc, dt, local), ref, win)
     for n, g, b in zip(NAMES, got, base):
@@ -352,7 +362,7 @@ def test_triton_case_dropout():
     sc = scene(0.9, 1.0)
     if not INTERPRETED:
         sc = {n: (t.cuda() if isinstance(t, torch.Tensor) else t.to("cuda")) for n, t in sc.items()}
-    ref = dropout_run(sc, torch.float64, "dense")
+    ref = dropout_run(sc, torch.float64, "reference")
     base = row_errors(dropout_run(sc, torch.float32, "dense"), ref, sc["win"])
     got = row_errors(dropout_run(sc, torch.float32, "triton"), ref, sc["win"])
     for n, g, b in zip(NAMES, got, base):

@@ -2,7 +2,8 @@
 
 `sparse_bias_attention` (bias: `SparseBias`, `ModalityBias`, a dense tensor or None) and `window_attention`
 (bias: `SparseBias` or None), on every backend, are compared -- forward and the gradients of q, k, v, the bias
-values and the weights / scale behind `window_bias` -- with a reference written here from first principles:
+values and the weights / scale behind `window_bias` -- with the references of tests/reference.py, from first
+principles:
 
 * the dense bias and the window mask are built straight from ``win.indptr`` / ``win.key`` and the values
   (never ``to_dense()``, ``to_dense_mask()``, ``dense_bias_attention`` or any library attention function);
@@ -36,9 +37,10 @@ import torch
 
 import sparse_bias as sb
 from sparse_bias.backends import backend_names
-from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
-from sparse_bias.kernels import dropout_mask
-from helpers import pytest_under_the_interpreter
+from sparse_bias.backends.triton import TRITON_AVAILABLE
+
+import reference
+from helpers import profile_names, pytest_under_the_interpreter
 
 # every registered backend that runs on CPU tensors (Triton is tested in its interpreter subprocess below)
 SBA_BACKENDS = ("auto",) + tuple(n for n in backend_names("correction") if n != "triton") + ("dense",)
@@ -83,7 +85,7 @@ class Spec:
     cam_window: object
     bias: str                        # "sparse" | "modality" | "dense" | "none"
     per_head: bool
-    profile: str                     # "flat" | "gaussian"
+    profile: str                     # a name in sparse_bias.profiles.PROFILES
     sigma: object                    # None | float | (bev, cam)
     wscale: float                    # spread of the window weights ([-wscale, wscale])
     bscale: object                   # window_bias scale: a float, or "t" = a 0-d tensor that requires grad
@@ -166,7 +168,7 @@ def gen_spec(entry: str, seed: int, dtype: str = "f64", small: bool = True) -> S
         entry=entry, seed=seed, dtype=dtype, B=r.randint(1, 3), H=r.randint(1, 4), Q=nq, D=dim, bev=bev, cam=cam,
         slots=r.choice([0, 1, 2, 3]) if cam else 0, p_missing=r.choice([0.0, 0.2, 0.5]),
         bev_window=window(), cam_window=window(), bias=r.choice(bias_kinds), per_head=per_head,
-        profile=r.choice(["flat", "gaussian"]),
+        profile=r.choice(profile_names()),
         sigma=r.choice([None, None, 0.7, (1.5, 0.6)]), wscale=r.choice([1.0, 1.0, 3.0, 6.0]),
         bscale=r.choice([1.0, 1.7, "t"]), dense_shape=r.choice(["BQK", "BHQK", "B1QK"]),
         kpm=kpm, attn_mask=attn_mask, am_shape=r.choice(["QK", "B1QK", "BHQK", "1HQK", "HQK"]),
@@ -312,106 +314,6 @@ def build(spec: Spec) -> Data:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the independent reference
-
-
-def ref_rows(win) -> torch.Tensor:
-    """CSR row (b * Q + q) of every entry, from indptr alone."""
-    counts = win.indptr[1:] - win.indptr[:-1]
-    return torch.repeat_interleave(torch.arange(win.num_rows), counts)
-
-
-def ref_dense_from_entries(win, values, B, Q, K):
-    """``[B, 1 | H, Q, K]``: ``values [nnz]`` or ``[nnz, H]`` placed at (row, key); zeros elsewhere."""
-    flat = ref_rows(win) * K + win.key
-    if values.dim() == 1:
-        dense = values.new_zeros(B * Q * K).index_put((flat,), values, accumulate=True)
-        return dense.view(B, 1, Q, K)
-    dense = values.new_zeros(B * Q * K, values.shape[1]).index_put((flat,), values, accumulate=True)
-    return dense.view(B, Q, K, values.shape[1]).permute(0, 3, 1, 2)
-
-
-def ref_window_mask(win, B, Q, K):
-    """bool ``[B, 1, Q, K]``: True inside a query's windows."""
-    mask = torch.zeros(B * Q * K, dtype=torch.bool)
-    mask[ref_rows(win) * K + win.key] = True
-    return mask.view(B, 1, Q, K)
-
-
-def ref_window_values(win, Q, wb, wc, scale, profile, sigma, bev_window, cam_window):
-    """``window_bias`` recomputed: ``weight(b, q, source) * scale * f(dy, dx)`` per entry."""
-    rows = ref_rows(win)
-    src = win.source.long()
-    per_head = (wb if wb is not None else wc).dim() == 3
-
-    def pick(w):
-        if w is None:
-            return None
-        return w.reshape((-1,) + tuple(w.shape[2:]))[rows]
-    pb, pc = pick(wb), pick(wc)
-    ref = pb if pb is not None else pc
-    pb = torch.zeros_like(ref) if pb is None else pb
-    pc = torch.zeros_like(ref) if pc is None else pc
-    is_bev = (src == 0).view(-1, *([1] * (ref.dim() - 1)))
-    vals = torch.where(is_bev, pb, pc)
-    if profile == "gaussian":
-        if sigma is None:
-            def half(size):
-                if isinstance(size, torch.Tensor):
-                    return (size.reshape(-1)[rows] // 2).double()
-                return torch.full((rows.numel(),), float(size // 2), dtype=torch.float64)
-            sig = torch.where(src == 0, half(bev_window), half(cam_window)).clamp(min=1) / 2
-        else:
-            sb_, sc_ = sigma if isinstance(sigma, tuple) else (sigma, sigma)
-            sig = torch.where(src == 0, torch.tensor(float(sb_), dtype=torch.float64),
-                              torch.tensor(float(sc_), dtype=torch.float64))
-        d2 = win.dy.double() ** 2 + win.dx.double() ** 2
-        f = torch.exp(-d2 / (2 * sig * sig)).to(vals.dtype)
-        vals = vals * (f.unsqueeze(-1) if per_head else f)
-    return vals * scale
-
-
-def ref_modality_dense(layout, values):
-    """``[B, 1 | H, Q, K]``: ``values [B, Q, M(, H)]`` broadcast over each modality's key range."""
-    ranges = [r for r in ((0, layout.num_bev_keys), (layout.num_bev_keys, layout.num_keys)) if r[1] > r[0]]
-    vals = values if values.dim() == 3 else values.permute(0, 3, 1, 2)             # [B, (H,) Q, M]
-    parts = [vals[..., m:m + 1].expand(*vals.shape[:-1], e - s) for m, (s, e) in enumerate(ranges)]
-    dense = torch.cat(parts, -1)
-    return dense.unsqueeze(1) if values.dim() == 3 else dense
-
-
-def ref_attention(q, k, v, bias=None, kpm=None, attn_mask=None, window=None, dropout_p=0.0, seed=0, scale=None):
-    """float64 ``softmax(q k^T * scale + bias + masks) v``; rows whose scores are all -inf give 0 (and zero
-    gradients). Also returns the bool ``[B, H, Q]`` of those dead rows."""
-    B, H, Q, D = q.shape
-    K = k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias
-    if kpm is not None:
-        if kpm.dtype == torch.bool or kpm.dtype == torch.uint8:
-            s = s.masked_fill(kpm.bool().view(B, 1, 1, K), -INF)
-        else:
-            s = s + kpm.to(s.dtype).view(B, 1, 1, K)
-    if attn_mask is not None:
-        am = attn_mask
-        while am.dim() < 4:
-            am = am.unsqueeze(0)
-        if am.dtype == torch.bool:
-            s = s.masked_fill(~am, -INF)
-        else:
-            s = s + am.to(s.dtype)
-    if window is not None:
-        s = s.masked_fill(~window, -INF)
-    valid = (s > -INF).any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~valid, 0.0), -1) * valid
-    if dropout_p > 0:
-        p = p * dropout_mask(seed, (B, H, Q, K), dropout_p).to(p.dtype) / (1 - dropout_p)
-    return torch.matmul(p, v), ~valid.squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # one evaluation: library or reference, output and every gradient
 
 
@@ -442,8 +344,9 @@ def evaluate(spec: Spec, d: Data, backend: Optional[str], dtype=None, device="cp
         wb, wc = _leaf(cast(d.wb), dtype, device), _leaf(cast(d.wc), dtype, device)
         sc = _leaf(cast(d.bscale), dtype, device) if isinstance(d.bscale, torch.Tensor) else d.bscale
         if ref:
-            values = ref_window_values(d.win, Q, wb, wc, sc, spec.profile, spec.sigma, d.bev_window, d.cam_window)
-            dense_bias = ref_dense_from_entries(d.win, values, B, Q, K)
+            values = reference.window_values(d.win, wb, wc, sc, spec.profile, spec.sigma, d.bev_window,
+                                             d.cam_window)
+            dense_bias = reference.dense_from_entries(d.win, values)
         else:
             bias_obj = sb.window_bias(win, wb, wc, scale=sc, profile=spec.profile, sigma=spec.sigma)
             values = bias_obj.values
@@ -455,7 +358,7 @@ def evaluate(spec: Spec, d: Data, backend: Optional[str], dtype=None, device="cp
     elif spec.bias == "modality":
         mv = _leaf(cast(d.modality), dtype, device)
         if ref:
-            dense_bias = ref_modality_dense(spec.layout, mv)
+            dense_bias = reference.modality_dense(spec.layout, mv)
         else:
             bias_obj = sb.ModalityBias(spec.layout, mv)
         names.append("dmodality")
@@ -473,8 +376,9 @@ def evaluate(spec: Spec, d: Data, backend: Optional[str], dtype=None, device="cp
     am = am if am is None or not am.is_floating_point() else cast(am).to(dtype)
     kpm, am = (None if t is None else t.to(device) for t in (kpm, am))
     if ref:
-        window = ref_window_mask(d.win, B, Q, K) if spec.entry == "win" else None
-        out, dead = ref_attention(q, k, v, dense_bias, kpm, am, window, spec.dropout, d.seed, spec.scale)
+        window = reference.window_mask(d.win) if spec.entry == "win" else None
+        out = reference.attention(q, k, v, dense_bias, kpm, am, window, spec.dropout, d.seed, spec.scale)
+        dead = reference.fully_masked_rows(q, k, dense_bias, kpm, am, window, spec.scale)
     else:
         kw = dict(key_padding_mask=kpm, dropout_p=spec.dropout, dropout_seed=d.seed, scale=spec.scale,
                   backend=backend)
@@ -499,7 +403,8 @@ def evaluate(spec: Spec, d: Data, backend: Optional[str], dtype=None, device="cp
 _REF: Dict[Spec, dict] = {}
 
 
-def reference(spec: Spec) -> dict:
+def reference_results(spec: Spec) -> dict:
+    """The reference's output and gradients of ``spec`` (`evaluate` with no backend), cached."""
     if spec not in _REF:
         res = evaluate(spec, build(spec), None)
         for name, t in res.items():
@@ -571,7 +476,7 @@ def skip_unrunnable(entry, backend, spec, d):
 def check_case(spec: Spec, backend: str) -> None:
     d = build(spec)
     skip_unrunnable(spec.entry, backend, spec, d)
-    want = reference(spec)
+    want = reference_results(spec)
     got = evaluate(spec, d, backend)
     entry = "sparse_bias_attention" if spec.entry == "sba" else "window_attention"
     rtol, atol = (RTOL64, ATOL64) if spec.dtype == "f64" else (RTOL32, ATOL32)
@@ -670,7 +575,7 @@ def test_window_bias_values_match_recomputation(spec):
     d = build(spec)
     sc = d.bscale
     got = sb.window_bias(d.win, d.wb, d.wc, scale=sc, profile=spec.profile, sigma=spec.sigma).values
-    want = ref_window_values(d.win, spec.Q, d.wb, d.wc, sc, spec.profile, spec.sigma, d.bev_window, d.cam_window)
+    want = reference.window_values(d.win, d.wb, d.wc, sc, spec.profile, spec.sigma, d.bev_window, d.cam_window)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -687,6 +592,26 @@ def reg_spec(**kw) -> Spec:
                 dropout=0.0, scale=None, lq="contig", lk="contig", lv="contig", lg="contig")
     base.update(kw)
     return Spec(**base)
+
+
+def check_profile_case(entry, profile, sigma):
+    """A fixed case of ``entry`` ("sba" / "win") with a `window_bias` of ``profile`` (per-head weights, a scale
+    that takes a gradient, adaptive BEV windows), backend auto, against the reference."""
+    spec = reg_spec(entry=entry, seed=107, profile=profile, sigma=sigma, bev_window="adapt", cam_window=5,
+                    bscale="t", kpm="random")
+    try:
+        check_case(spec, "auto")
+    finally:
+        _DATA.pop(spec, None)
+        _REF.pop(spec, None)
+
+
+@pytest.mark.parametrize("sigma", [None, (1.5, 0.6)])
+@pytest.mark.parametrize("profile", profile_names())
+@pytest.mark.parametrize("entry", ["sba", "win"])
+def test_every_registered_profile(entry, profile, sigma):
+    """Each registered profile on a fixed case (the random cases draw the profile too)."""
+    check_profile_case(entry, profile, sigma)
 
 
 @pytest.mark.parametrize("bias", ["none", "sparse"])
@@ -706,7 +631,8 @@ def test_regression_modality_bias_padded_camera_modality(dropout):
            if not torch.isfinite(t).all()]
     if bad:
         raise AssertionError(f"ModalityBias, all camera keys padded, dropout {dropout}: " + "; ".join(bad))
-    compare(got, reference(spec), RTOL64, ATOL64, f"ModalityBias, all camera keys padded, dropout {dropout}")
+    compare(got, reference_results(spec), RTOL64, ATOL64,
+            f"ModalityBias, all camera keys padded, dropout {dropout}")
 
 
 @pytest.mark.parametrize("backend", WIN_BACKENDS)
@@ -728,7 +654,7 @@ def masked_rows_case(entry, bias, dropout):
     win = sb.local_windows(lay, bev, cam, 3, 3)
     kpm = torch.zeros(B, K, dtype=torch.bool)
     kpm[1] = True
-    rows = ref_rows(win)
+    rows = reference.entry_rows(win)
     kpm[0, win.key[rows == 2]] = True                     # every window key of (b=0, q=2) padded
     am = torch.ones(B, H, Q, K, dtype=torch.bool)
     am[0, :, 0] = False
@@ -755,8 +681,8 @@ def run_masked(entry, bias, backend, dropout, c, ref):
     if bias == "sparse":
         wb, wc = c["wb"].clone().requires_grad_(), c["wc"].clone().requires_grad_()
         if ref:
-            values = ref_window_values(win, Q, wb, wc, 1.0, "flat", None, 3, 3)
-            dense_bias = ref_dense_from_entries(win, values, B, Q, K)
+            values = reference.window_values(win, wb, wc, 1.0, "flat", None, 3, 3)
+            dense_bias = reference.dense_from_entries(win, values)
         else:
             bias_obj = sb.window_bias(win, wb, wc)
             values = bias_obj.values
@@ -764,7 +690,7 @@ def run_masked(entry, bias, backend, dropout, c, ref):
         names += ["dvalues", "dwb", "dwc"]
     elif bias == "modality":
         mv = c["mod"].clone().requires_grad_()
-        dense_bias = ref_modality_dense(REG_LAYOUT, mv) if ref else None
+        dense_bias = reference.modality_dense(REG_LAYOUT, mv) if ref else None
         bias_obj = None if ref else sb.ModalityBias(REG_LAYOUT, mv)
         inputs.append(mv)
         names.append("dmodality")
@@ -774,8 +700,8 @@ def run_masked(entry, bias, backend, dropout, c, ref):
         inputs.append(db)
         names.append("ddense")
     if ref:
-        window = ref_window_mask(win, B, Q, K) if entry == "win" else None
-        out, _ = ref_attention(q, k, v, dense_bias, c["kpm"], c["am"], window, dropout, c["seed"])
+        window = reference.window_mask(win) if entry == "win" else None
+        out = reference.attention(q, k, v, dense_bias, c["kpm"], c["am"], window, dropout, c["seed"])
     elif entry == "sba":
         out = sb.sparse_bias_attention(q, k, v, bias_obj, key_padding_mask=c["kpm"], attn_mask=c["am"],
                                        dropout_p=dropout, dropout_seed=c["seed"], backend=backend)
@@ -909,8 +835,8 @@ def test_regression_exact_rows_with_a_fully_masked_head(backend, dropout):
     def run(ref):
         q, k, v, ww = (t.clone().requires_grad_() for t in leaves + [w])
         if ref:
-            values = ref_window_values(win, 2, ww, None, 1.0, "flat", None, 3, 0)
-            out, _ = ref_attention(q, k, v, ref_dense_from_entries(win, values, 1, 2, 2), None, am, None, dropout, 9)
+            values = reference.window_values(win, ww, None, 1.0, "flat", None, 3, 0)
+            out = reference.attention(q, k, v, reference.dense_from_entries(win, values), None, am, None, dropout, 9)
         else:
             bias = sb.window_bias(win, ww, None)
             values = bias.values
@@ -962,7 +888,7 @@ def test_triton_case(spec):
         name, why = sb.select_window_backend(q, "triton")
     assert name == "triton", why
     got = evaluate(spec, d, "triton", device=device)
-    want = reference(spec)
+    want = reference_results(spec)
     entry = "sparse_bias_attention" if spec.entry == "sba" else "window_attention"
     compare(got, want, RTOL32, ATOL32, f"{entry} backend=triton case={spec.name}", spec.lq,
             float32_floors(spec, want))

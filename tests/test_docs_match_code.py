@@ -1,5 +1,5 @@
 """Statements in the docs that must agree with what the code does: every backend table in docs/*.md against the
-backend registry (`sparse_bias.backends`) and the choice of `sparse_bias.dispatch`, the signatures written in the
+backend registry (`sparse_bias.backends`) and the choice of `sparse_bias._core.dispatch`, the signatures written in the
 docs against the functions, the exact-row thresholds against the flag rule, and the dropout statements against
 the dense pass's kernel choice."""
 import ast
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias._call import Call
-from sparse_bias._exact_rows import EXACT_ROW_RATIO, flagged_rows
+from sparse_bias._core.call import Call
+from sparse_bias._core.exact_rows import EXACT_ROW_RATIO, flagged_rows
 from sparse_bias.attention import BACKEND_NAMES
 from sparse_bias.backends import AUTO_ORDER, BACKENDS, OPS
 from sparse_bias.dense import dense_kernel_name

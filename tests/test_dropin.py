@@ -99,7 +99,7 @@ def test_final_clamp_is_an_option_with_zero_gradient_where_it_clips():
     grad, = torch.autograd.grad(bias.values.sum(), lw)
     clipped = (2.0 * lw.detach()).abs() > 1.5
     assert (grad[clipped] == 0).all() and (grad[~clipped] != 0).all()
-    assert sb.build_attention_bias(dict(enable=True, bias_scale=8.0)).bias_clamp is None      # the origin design
+    assert sb.build_attention_bias(dict(enable=True, bias_scale=8.0)).bias_clamp is None      # the dense version
 
 
 def test_even_window_size_names_the_odd_sizes_around_it():
@@ -208,7 +208,7 @@ def test_attn_masks_as_torch_takes_them(kind, ndim):
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("nq", [5, 2])                        # 2 == B: a transposed bias would go unnoticed
 def test_dense_bias_in_the_modules_sequence_layout(batch_first, nq):
-    """The origin design / CMTTEST: the bias [Q, B, K] is added to the scores of every head (as CMTTEST's
+    """The dense version / CMTTEST: the bias [Q, B, K] is added to the scores of every head (as CMTTEST's
     PETRMultiheadAttention adds it to the float attn_mask [B * H, Q, K])."""
     mha, ref = mha_pair(batch_first)
     q, kv = torch.randn(nq, 2, C, dtype=torch.float64), torch.randn(9, 2, C, dtype=torch.float64)

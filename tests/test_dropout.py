@@ -1,5 +1,6 @@
 """Attention dropout on the fused CPU dense pass (sparse_bias/csrc/dense_dropout.cpp): the same counter-hash
-decisions as the dense reference, exact gradients, the keep rate, repeatability, the fallback and the modules."""
+decisions as the reference (tests/reference.py), exact gradients, the keep rate, repeatability, the fallback and the
+modules."""
 import dataclasses
 import math
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias._call import Call
+from sparse_bias._core.call import Call
 from sparse_bias.dense import chunked, kernel_lse, lse as dense_lse
 
-from helpers import (SMALL, assert_all_close, forward_and_grads, make_case, reference, skip_missing,
-                     skip_without_matmul, sparse_fn)
+import reference
+from helpers import (SMALL, assert_all_close, forward_and_grads, make_case, skip_missing, skip_without_matmul,
+                     sparse_fn)
 
 pytestmark = pytest.mark.skipif(not sb.extension_available(), reason="the compiled extension is not built")
 
@@ -49,7 +51,7 @@ def test_compiled_dense_pass_equals_the_chunked_kernel(p, masked):
     seed, key_range = (1 << 40) + 77, (13, k.shape[2] + 40)
     call = dataclasses.replace(Call.of(q, 0.25, mask, p, seed), key_range=key_range)
     out, lse, state = dense_lse.dense_lse_forward(q, k, v, call)
-    assert state.name == "cpu_dropout"
+    assert state == "cpu_dropout"
     ref_out, ref_lse = chunked.chunked_forward(q, k, v, call)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
@@ -62,13 +64,13 @@ def test_compiled_dense_pass_equals_the_chunked_kernel(p, masked):
 def test_low_precision_within_the_naive_drift(dtype):
     skip_without_matmul(dtype)
     q, k, v, g = problem(nq=40, nk=600)
-    exact = [chunked.chunked_forward(q, k, v, Call.of(q, 0.25, None, 0.2, 9))[0]]
+    exact = reference.attention(q, k, v, dropout_p=0.2, dropout_seed=9, scale=0.25)
     naive = sb.dense_bias_attention(q.to(dtype), k.to(dtype), v.to(dtype), dropout_p=0.2, dropout_seed=9, scale=0.25)
     qd = q.to(dtype)
     out, _, _ = dense_lse.dense_lse_forward(qd, k.to(dtype), v.to(dtype), Call.of(qd, 0.25, None, 0.2, 9))
     assert out.dtype == dtype
-    drift = float((naive.double() - exact[0]).abs().max())
-    assert float((out.double() - exact[0]).abs().max()) <= 2 * drift + 1e-6
+    drift = float((naive.double() - exact).abs().max())
+    assert float((out.double() - exact).abs().max()) <= 2 * drift + 1e-6
 
 
 def test_keep_rate_is_one_minus_p_within_binomial_error():
@@ -115,7 +117,7 @@ def test_sparse_bias_attention_with_dropout_matches_the_reference(backend):
     grad = torch.randn_like(q)
     kw = dict(dropout_p=0.2, dropout_seed=(1 << 35) + 3, key_padding_mask=kpm)
     assert_all_close(forward_and_grads(sparse_fn(backend), q, k, v, wb, wc, grad, win, **kw),
-                     forward_and_grads(reference, q, k, v, wb, wc, grad, win, **kw))
+                     forward_and_grads(reference.sparse_bias_attention, q, k, v, wb, wc, grad, win, **kw))
 
 
 def test_modality_bias_with_dropout_matches_the_reference():
@@ -124,7 +126,7 @@ def test_modality_bias_with_dropout_matches_the_reference():
     bias = sb.ModalityBias(SMALL, torch.stack([wb, wc], -1))
     kw = dict(dropout_p=0.25, dropout_seed=17)
     torch.testing.assert_close(sb.sparse_bias_attention(q, k, v, bias, **kw),
-                               sb.dense_bias_attention(q, k, v, bias.to_dense(), **kw), rtol=1e-10, atol=1e-10)
+                               reference.sparse_bias_attention(q, k, v, bias, **kw), rtol=1e-10, atol=1e-10)
 
 
 def test_fallback_without_the_extension_gives_the_same_result(monkeypatch):
@@ -163,4 +165,4 @@ def test_every_seed_gives_the_reference_decisions(seed):
     grad = torch.randn_like(q)
     kw = dict(dropout_p=0.3, dropout_seed=seed)
     assert_all_close(forward_and_grads(sparse_fn("fused"), q, k, v, wb, wc, grad, win, **kw),
-                     forward_and_grads(reference, q, k, v, wb, wc, grad, win, **kw))
+                     forward_and_grads(reference.sparse_bias_attention, q, k, v, wb, wc, grad, win, **kw))

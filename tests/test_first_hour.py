@@ -115,8 +115,8 @@ def test_debug_mode_warns_on_disagreement(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # agreement: no warning
         mha(x, mem, mem, attention_bias=bias)
-    original = mha_mod._sparse_bias_attention
-    monkeypatch.setattr(mha_mod, "_sparse_bias_attention", lambda *a, **kw: original(*a, **kw) + 0.1)
+    original = mha_mod.attend
+    monkeypatch.setattr(mha_mod, "attend", lambda *a, **kw: original(*a, **kw) + 0.1)
     with pytest.warns(RuntimeWarning, match="debug_mode: the sparse attention differs from the dense reference"):
         mha(x, mem, mem, attention_bias=bias)
 

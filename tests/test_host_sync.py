@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _sparse_function
-from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
+from sparse_bias._core import correction as _sparse_function
+from sparse_bias.backends.triton import TRITON_AVAILABLE
 from sparse_bias.nn import PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
 from helpers import run_python, skip_missing
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_positions
+from helpers import profile_names, random_positions
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_bias as sb
@@ -41,7 +41,7 @@ def hand_made(indptr=(0, 3, 5, 5), key=(0, 1, 9, 5, 12), source=None, batch=1, q
                           zeros.clone())
 
 
-# -- 1. index validation once per index object ---------------------------------------------------------------
+# -- index validation once per index object ------------------------------------------------------------------
 
 def test_index_validation_accepts_a_valid_hand_made_index():
     win = hand_made()
@@ -171,7 +171,7 @@ def test_index_validation_window_bias_validates_hand_made_indexes():
         sb.window_bias(win, torch.ones(1, 3), torch.ones(1, 3))
 
 
-# -- 2. dy / dx do not wrap -----------------------------------------------------------------------------------
+# -- dy / dx do not wrap --------------------------------------------------------------------------------------
 
 def test_dy_dx_wrap_gaussian_on_a_wide_grid():
     layout = sb.KeyLayout(bev_shape=(1, 40000))
@@ -198,7 +198,7 @@ def test_dy_dx_wrap_gaussian_on_a_wide_grid():
     assert win.nbytes() == win.nnz * (8 + 1 + 4 + 4) + 8 * (win.num_rows + 1)
 
 
-# -- 3. positions and window sizes must be signed -------------------------------------------------------------
+# -- positions and window sizes must be signed ----------------------------------------------------------------
 
 def test_unsigned_positions_are_refused():
     layout = sb.KeyLayout(bev_shape=(20, 20), cam_shape=(3, 8, 10))
@@ -218,7 +218,7 @@ def test_unsigned_positions_are_refused():
         assert torch.equal(win.key, ref.key) and torch.equal(win.indptr, ref.indptr)
 
 
-# -- 4. deterministic gradients of the AQR weights -----------------------------------------------------------
+# -- deterministic gradients of the AQR weights --------------------------------------------------------------
 
 def _cmt_scene(batch=2, queries=900, seed=0):
     layout = sb.KeyLayout(bev_shape=(180, 180), cam_shape=(6, 40, 100))
@@ -268,7 +268,9 @@ def test_deterministic_gradients_of_the_weights():
         torch.set_num_threads(threads)
 
 
-def test_deterministic_gradients_gradcheck_float64():
+def gradcheck_scene():
+    """A small index with missing windows, per-head BEV and shared camera weights and a scale (float64, requiring
+    gradients), and the generator they came from."""
     gen = torch.Generator().manual_seed(3)
     layout = sb.KeyLayout(bev_shape=(5, 6), cam_shape=(2, 3, 4))
     bev_pos, cam_pos = random_positions(layout, 2, 3, 2, gen, p_missing=0.3)
@@ -276,11 +278,22 @@ def test_deterministic_gradients_gradcheck_float64():
     wb = torch.randn(2, 3, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     wc = torch.randn(2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    for profile in ("flat", "gaussian"):
-        assert torch.autograd.gradcheck(
-            lambda a, b, s: sb.window_bias(win, a, b, scale=s, profile=profile).values, (wb, wc, scale))
-        assert torch.autograd.gradcheck(
-            lambda a, b: sb.window_bias(win, a, b, profile=profile).values, (wb[..., 0].detach().requires_grad_(), wc))
+    return gen, win, wb, wc, scale
+
+
+def check_weight_gradients(profile):
+    """gradcheck of window_bias's values in the weights (per-head and shared) and the scale, under ``profile``."""
+    _, win, wb, wc, scale = gradcheck_scene()
+    assert torch.autograd.gradcheck(
+        lambda a, b, s: sb.window_bias(win, a, b, scale=s, profile=profile).values, (wb, wc, scale))
+    assert torch.autograd.gradcheck(
+        lambda a, b: sb.window_bias(win, a, b, profile=profile).values, (wb[..., 0].detach().requires_grad_(), wc))
+
+
+def test_deterministic_gradients_gradcheck_float64():
+    gen, win, wb, wc, scale = gradcheck_scene()
+    for profile in profile_names():
+        check_weight_gradients(profile)
     # the expand itself, with empty segments (queries with no window) and a trailing head dim
     src = torch.randn(win.num_rows * 2, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda s: _segment_expand(s, win), (src,))

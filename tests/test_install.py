@@ -1,10 +1,10 @@
 """The install story in a user's own environment.
 
 A plain ``pip install`` builds the wheel in an isolated environment without torch, so the wheel has no
-``sparse_bias._C``; the package then compiles the kernels on first use (`sparse_bias._extension`) against the
+``sparse_bias._C``; the package then compiles the kernels on first use (`sparse_bias._core.extension`) against the
 user's torch, or says why not, naming the command that builds them and the backend that runs instead.
 
-Fast tests drive `sparse_bias._extension` with monkeypatching; the slow one installs the package into a fresh
+Fast tests drive `sparse_bias._core.extension` with monkeypatching; the slow one installs the package into a fresh
 virtualenv (its own torch from the local wheel, no view of the development venv) and runs it there.
 """
 import glob
@@ -19,7 +19,7 @@ import time
 import pytest
 
 import sparse_bias
-from sparse_bias import _extension
+from sparse_bias._core import extension as _extension
 
 from helpers import run_python
 
@@ -101,7 +101,7 @@ def test_extension_jit_compiles_once_with_the_setup_flags(without_installed_kern
     assert kw["extra_cflags"] == list(_extension.EXTRA_COMPILE_ARGS)
     assert kw["extra_ldflags"] == list(_extension.EXTRA_LINK_ARGS)
     assert kw["with_cuda"] is False and kw["name"].startswith("sparse_bias_C_")
-    assert [os.path.relpath(s, os.path.dirname(_extension.__file__)) for s in kw["sources"]] == list(_extension.SOURCES)
+    assert [os.path.relpath(s, _extension._PACKAGE_DIR) for s in kw["sources"]] == list(_extension.SOURCES)
     assert kw["build_directory"] == str(tmp_path / "torch_extensions" / kw["name"])
     compiling = [r for r in caplog.records if "compiling the fused CPU kernels" in r.getMessage()]
     assert len(compiling) == 1 and compiling[0].levelno == logging.WARNING
@@ -133,7 +133,7 @@ def test_install_import_compiles_nothing():
     out = run_python("""
         import sys
         sys.modules["sparse_bias._C"] = None
-        import sparse_bias, sparse_bias._extension as e
+        import sparse_bias, sparse_bias._core.extension as e
         print("cached" if e._cache else "lazy")
     """)
     assert out.strip() == "lazy"
@@ -166,7 +166,7 @@ def _run(cmd, timings=None, label=None, **kw):
 
 USE = r"""
 import logging, time, torch, sparse_bias as sb
-from sparse_bias._extension import extension
+from sparse_bias._core.extension import extension
 assert "site-packages" in sb.__file__, sb.__file__
 layout = sb.KeyLayout(bev_shape=(6, 6))
 win = sb.local_windows(layout, torch.tensor([[[2, 2], [4, 5]]]), None, 3)

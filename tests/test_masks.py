@@ -1,5 +1,5 @@
-"""Mask arguments: each entry point's convention against a dense reference, a 0/1 float mask refused, a mask that
-blocks every key warned about, CMT's all-zero float key padding mask accepted (docs/masks.md)."""
+"""Mask arguments: each entry point's convention against the reference (tests/reference.py), a 0/1 float mask
+refused, a mask that blocks every key warned about, CMT's all-zero float key padding mask accepted (docs/masks.md)."""
 import math
 import warnings
 
@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import sparse_bias as sb
-from sparse_bias import _validation
+from sparse_bias._core import masks as _validation
 from sparse_bias.nn import PETRTransformerDecoderLayer, SparseBiasMultiheadAttention
+
+import reference
 
 LAYOUT = sb.KeyLayout(bev_shape=(5, 6), cam_shape=(2, 3, 4))       # 30 + 24 = 54 keys
 B, H, Q, D, C = 2, 3, 6, 8, 12
@@ -30,13 +32,6 @@ def scene(seed=0):
     q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=DT) for n in (Q, K, K))
     bias = sb.window_bias(win, torch.randn(B, Q, generator=g, dtype=DT), torch.randn(B, Q, generator=g, dtype=DT))
     return win, q, k, v, bias
-
-
-def dense_reference(q, k, v, additive):
-    """``softmax(q k^T / sqrt(D) + additive) v`` written out, a fully masked row giving zeros."""
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + additive
-    empty = torch.isneginf(s).all(-1, keepdim=True)
-    return torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0) @ v
 
 
 def zero_one(shape, seed=1):
@@ -135,7 +130,7 @@ def test_other_float_masks_are_additive_masks(mask):
     win, q, k, v, bias = scene()
     am = mask.to(DT).repeat(K)[:K].expand(Q, K)
     out = sb.sparse_bias_attention(q, k, v, bias, attn_mask=am)
-    torch.testing.assert_close(out, dense_reference(q, k, v, bias.to_dense().unsqueeze(1) + am), rtol=1e-10,
+    torch.testing.assert_close(out, reference.attention(q, k, v, bias.to_dense().unsqueeze(1) + am), rtol=1e-10,
                                atol=1e-10)
 
 
@@ -233,7 +228,7 @@ def test_the_decoder_layer_reports_the_self_attention_mask():
     assert BLOCKED in str(rec[0].message) and rec[0].filename == __file__
 
 
-# ---- each convention against a dense reference ------------------------------------------------------------------
+# ---- each convention against the reference --------------------------------------------------------------------
 
 def masks_for_reference(seed=3):
     """Partial masks of every kind and their additive form: ``(kpm kinds, attn kinds)``; each is
@@ -272,7 +267,7 @@ def test_functional_conventions_against_the_dense_reference(kpm_kind, attn_kind)
     kpm, kpm_add = kpms[kpm_kind] if kpm_kind else (None, 0.0)
     am, am_add = attns[attn_kind] if attn_kind else (None, 0.0)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    want = dense_reference(q, k, v, bias.to_dense().unsqueeze(1) + kpm_add + am_add)
+    want = reference.attention(q, k, v, bias.to_dense().unsqueeze(1) + kpm_add + am_add)
     want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
     for backend in ("auto", "dense"):
         got = sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm, attn_mask=am, backend=backend)
@@ -285,9 +280,7 @@ def test_functional_conventions_against_the_dense_reference(kpm_kind, attn_kind)
                                                                   else am.to(DT)), rtol=1e-10, atol=1e-10)
     if am is None:
         lam = sb.window_attention(q, k, v, win, bias, key_padding_mask=kpm)
-        lam_want = dense_reference(q, k, v, bias.to_dense().unsqueeze(1) + kpm_add
-                                   + torch.zeros(B, 1, Q, K, dtype=DT).masked_fill(~win.to_dense_mask()[:, None],
-                                                                                  -math.inf))
+        lam_want = reference.window_attention(q, k, v, win, bias.to_dense().unsqueeze(1) + kpm_add)
         torch.testing.assert_close(lam, lam_want, rtol=1e-10, atol=1e-10)
 
 

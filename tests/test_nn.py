@@ -3,11 +3,13 @@ import logging
 
 import pytest
 import torch
-from helpers import random_positions
+from helpers import profile_names, random_positions
 
 import sparse_bias as sb
 from sparse_bias.nn import (MLPWeightGenerator, AttentionBiasGenerator, CmtTransformer, PETRTransformerDecoder,
                             PETRTransformerDecoderLayer, SparseBiasMultiheadAttention)
+
+import reference
 
 LAYOUT = sb.KeyLayout(bev_shape=(6, 7), cam_shape=(2, 3, 4))        # 42 + 24 = 66 keys
 C, H = 16, 4
@@ -129,9 +131,9 @@ def test_mha_debug_mode_logs_the_check(caplog):
 
 # ---- generators ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("profile", ["flat", "gaussian"])
-@pytest.mark.parametrize("per_head", [False, True])
-def test_generator_dense_mode_equals_to_dense(profile, per_head):
+def check_generator_dense_mode(profile, per_head):
+    """AttentionBiasGenerator with ``profile``: its dense mode gives its sparse bias's ``to_dense()``, which is
+    window_bias's."""
     bev_pos, cam_pos, lw, cw = scene(per_head=per_head)
     kwargs = dict(window_size=(3, 5), bias_scale=0.7, profile=profile)
     sparse = AttentionBiasGenerator(LAYOUT, **kwargs)(lw, cw, bev_pos, cam_pos)
@@ -140,6 +142,12 @@ def test_generator_dense_mode_equals_to_dense(profile, per_head):
     close(dense, sparse.to_dense())
     expected = sb.window_bias(sb.local_windows(LAYOUT, bev_pos, cam_pos, 3, 5), lw, cw, scale=0.7, profile=profile)
     close(dense, expected.to_dense())
+
+
+@pytest.mark.parametrize("profile", profile_names())
+@pytest.mark.parametrize("per_head", [False, True])
+def test_generator_dense_mode_equals_to_dense(profile, per_head):
+    check_generator_dense_mode(profile, per_head)
 
 
 def test_generator_accepts_flat_bev_indices_and_per_query_sizes():
@@ -214,11 +222,11 @@ def test_modality_bias_attention_matches_dense_reference(per_head, with_mask):
         kpm[0, 40:50] = True
     bias = sb.ModalityBias(LAYOUT, values)
     out = sb.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm)
-    ref = sb.dense_bias_attention(q, k, v, bias.to_dense(), key_padding_mask=kpm)
+    ref = reference.sparse_bias_attention(q, k, v, bias, key_padding_mask=kpm)
     for a, b in zip([out] + list(grads(out, [q, k, v, values])), [ref] + list(grads(ref, [q, k, v, values]))):
         close(a, b)
     drop = dict(dropout_p=0.3, dropout_seed=5, key_padding_mask=kpm)
-    close(sb.sparse_bias_attention(q, k, v, bias, **drop), sb.dense_bias_attention(q, k, v, bias.to_dense(), **drop))
+    close(sb.sparse_bias_attention(q, k, v, bias, **drop), reference.sparse_bias_attention(q, k, v, bias, **drop))
 
 
 # ---- decoder ----------------------------------------------------------------------------------------

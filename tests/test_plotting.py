@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias.synthetic import synthetic_scene
+from sparse_bias.tools.synthetic import synthetic_scene
 
 pytest.importorskip("matplotlib")
 from matplotlib.patches import Rectangle  # noqa: E402

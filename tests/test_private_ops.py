@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from sparse_bias._call import Call
+from sparse_bias._core.call import Call
 from sparse_bias.dense import private_ops as ops_mod
 from sparse_bias.dense.chunked import chunked_backward, chunked_forward
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import pytest
 from helpers import random_positions, skip_without_dynamo
-from sparse_bias._compat import CUSTOM_OPS
+from sparse_bias._core.compat import CUSTOM_OPS
 
 import sparse_bias as sb
 from sparse_bias.nn import AttentionBiasGenerator, PETRTransformerDecoderLayer

@@ -1,12 +1,12 @@
-"""First-use self-checks of the GPU paths (sparse_bias.dispatch), exercised on CPU by injecting faults."""
+"""First-use self-checks of the GPU paths (sparse_bias._core.selfcheck), exercised on CPU by injecting faults."""
 import warnings
 
 import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import dispatch
-from sparse_bias._concentrated import window_share
+from sparse_bias._core import selfcheck, verify
+from sparse_bias._core.concentrated import window_share
 from sparse_bias.backends import BACKENDS
 
 from helpers import SMALL, make_case, skip_missing
@@ -15,10 +15,10 @@ from helpers import SMALL, make_case, skip_missing
 @pytest.fixture
 def always(monkeypatch):
     """Check CPU backends too, from a clean slate."""
-    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "always")
-    dispatch.reset_self_checks()
+    monkeypatch.setenv(verify.SELF_CHECK_ENV, "always")
+    selfcheck.reset_self_checks()
     yield
-    dispatch.reset_self_checks()
+    selfcheck.reset_self_checks()
 
 
 def corrupt(monkeypatch, name, method="forward_block"):
@@ -43,11 +43,11 @@ def test_healthy_backends_pass_and_are_checked_once(always):
     win, q, k, v, bias = case()
     assert sb.select_backend(q, bias)[0] == "fused"
     assert sb.select_window_backend(q)[0] == "fused"
-    results = dispatch.self_check_results()
+    results = selfcheck.self_check_results()
     assert results[("correction", "fused", "cpu", torch.float32, 8)] == (True, "matches the dense reference")
     assert results[("window", "fused", "cpu", torch.float32, 8)][0]
     sb.sparse_bias_attention(q, k, v, bias)
-    assert len(dispatch.self_check_results()) == 2
+    assert len(selfcheck.self_check_results()) == 2
 
 
 def test_faulty_kernel_warns_and_falls_back(always, monkeypatch):
@@ -81,7 +81,7 @@ def test_a_kernel_that_raises_fails_its_check(always, monkeypatch):
         raise RuntimeError("illegal memory access")
     monkeypatch.setattr(BACKENDS["sparse"], "forward_block", broken)
     with pytest.warns(RuntimeWarning, match="illegal memory access"):
-        ok, detail = dispatch.self_check("sparse", torch.device("cpu"), torch.float32, 8)
+        ok, detail = selfcheck.self_check("sparse", torch.device("cpu"), torch.float32, 8)
     assert not ok and "illegal memory access" in detail
 
 
@@ -94,27 +94,27 @@ def test_every_backend_failing_is_an_error(always, monkeypatch):
 
 
 def test_policy(monkeypatch):
-    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "gpu")
-    assert not dispatch.needs_self_check("fused", torch.device("cpu"))
-    assert dispatch.needs_self_check("triton", torch.device("cpu"))            # Triton: wherever it runs
-    assert dispatch.needs_self_check("scatter", torch.device("cuda"))
-    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "off")
-    assert not dispatch.needs_self_check("triton", torch.device("cuda"))
-    monkeypatch.setenv(dispatch.SELF_CHECK_ENV, "sometimes")
+    monkeypatch.setenv(verify.SELF_CHECK_ENV, "gpu")
+    assert not verify.needs_self_check("fused", torch.device("cpu"))
+    assert verify.needs_self_check("triton", torch.device("cpu"))            # Triton: wherever it runs
+    assert verify.needs_self_check("scatter", torch.device("cuda"))
+    monkeypatch.setenv(verify.SELF_CHECK_ENV, "off")
+    assert not verify.needs_self_check("triton", torch.device("cuda"))
+    monkeypatch.setenv(verify.SELF_CHECK_ENV, "sometimes")
     with pytest.raises(ValueError, match="SPARSE_BIAS_SELF_CHECK must be one of"):
-        dispatch.needs_self_check("fused", torch.device("cpu"))
+        verify.needs_self_check("fused", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_check_problem_covers_both_paths(always, monkeypatch, dtype):
     """The check's concentrated attention puts rows on the exact-row path and rows on the correction, in every
     dtype, with window shares around 0.9 and biases of both signs."""
-    from sparse_bias import _sparse_function
+    from sparse_bias._core import correction as _sparse_function
     flagged = []
     original = _sparse_function.flagged_rows
     monkeypatch.setattr(_sparse_function, "flagged_rows", lambda *a: flagged.append(original(*a)) or flagged[-1])
-    assert dispatch.self_check("sparse", torch.device("cpu"), dtype, 16)[0]
+    assert selfcheck.self_check("sparse", torch.device("cpu"), dtype, 16)[0]
     assert flagged and 1 <= int(flagged[0].sum()) < flagged[0].numel()
-    win, (q, k, _, values), _, _ = dispatch._case(16, "correction")
+    win, (q, k, _, values), _, _ = selfcheck._case(16, "correction")
     assert window_share(q, k, win).median() > 0.8
     assert float(values.min()) < -4 and float(values.max()) > 4

@@ -1,4 +1,4 @@
-"""`python -m sparse_bias.selftest` in its quick CPU mode, end to end, and its failure exit status."""
+"""`python -m sparse_bias.tools.selftest` in its quick CPU mode, end to end, and its failure exit status."""
 import importlib
 import json
 import subprocess
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparse_bias as sb
+from sparse_bias.tools.selftest import selftest
 from sparse_bias.backends import BACKENDS
 
 selftest_mod = importlib.import_module("sparse_bias.tools.selftest")
@@ -15,7 +16,7 @@ selftest_mod = importlib.import_module("sparse_bias.tools.selftest")
 
 def test_quick_cpu_selftest_end_to_end(tmp_path):
     path = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, "-m", "sparse_bias.selftest", "--quick", "--device", "cpu", "--json",
+    res = subprocess.run([sys.executable, "-m", "sparse_bias.tools.selftest", "--quick", "--device", "cpu", "--json",
                           str(path)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()
@@ -41,7 +42,7 @@ def test_estimates_come_before_each_part_and_progress_goes_to_stderr(monkeypatch
     monkeypatch.setattr(selftest_mod, "_check", instant_check)
     monkeypatch.setattr(cli, "PLAIN_PROGRESS_INTERVAL_S", 0.0)
     lines = []
-    report = sb.selftest("cpu", ["float32"], quick=True, log=lines.append)
+    report = selftest("cpu", ["float32"], quick=True, log=lines.append)
     err = capsys.readouterr().err
     assert report["passed"]
     first = {key: next(i for i, line in enumerate(lines) if line.startswith(key))
@@ -79,7 +80,7 @@ def test_failure_footer_names_the_device():
 
 
 def test_function_form_returns_the_report():
-    report = sb.selftest("cpu", ["float32"], quick=True, timing=False, log=lambda line: None, progress=False)
+    report = selftest("cpu", ["float32"], quick=True, timing=False, log=lambda line: None, progress=False)
     assert report["passed"] and report["timing"] == []
 
 
@@ -97,3 +98,15 @@ def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exc:
         selftest_mod.main(["--device", "cuda:0"])
     assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_selftest_tolerance_admits_a_correct_bfloat16_build():
+    from sparse_bias._core.precision import tolerance
+    eps = torch.finfo(torch.bfloat16).eps
+    # the measured failure: dq 1.60e-2 of its largest value, with the naive error under one rounding step
+    assert 1.60e-2 <= tolerance(0.0, 1.0, torch.bfloat16)
+    # and it is not loose: a 5-ulp error (a real bug's scale) fails in every low-precision dtype
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert tolerance(0.0, 1.0, dtype) < 5 * torch.finfo(dtype).eps or dtype == torch.float32
+    assert tolerance(0.0, 1.0, torch.float32) < 2e-5
+    assert eps > 0

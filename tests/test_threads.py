@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import _threads
-from sparse_bias._extension import extension
+from sparse_bias._core import threads as _threads
+from sparse_bias._core.extension import extension
 from sparse_bias.backends.fused import FusedCPUBackend
 
 OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import sparse_bias as sb
-from sparse_bias import dispatch
-from sparse_bias.backends import triton_backend
-from sparse_bias.backends.triton_backend import TRITON_AVAILABLE
+from sparse_bias._core import selfcheck
+from sparse_bias.backends.triton import TRITON_AVAILABLE
 
 from helpers import make_case, pytest_under_the_interpreter, reference, sparse_fn
 
@@ -115,8 +114,8 @@ def test_triton_dropout_matches_reference(dtype):
 @active
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_passes_its_self_check(dtype):
-    dispatch.reset_self_checks()
-    assert dispatch.self_check("triton", torch.device(DEVICE), dtype, 24) == (True, "matches the dense reference")
+    selfcheck.reset_self_checks()
+    assert selfcheck.self_check("triton", torch.device(DEVICE), dtype, 24) == (True, "matches the dense reference")
 
 
 @active
@@ -172,10 +171,10 @@ class _Corrupted:
 
 @active
 def test_faulty_triton_kernel_is_caught_and_skipped(monkeypatch):
-    kernels = triton_backend._kernels()
-    monkeypatch.setitem(kernels, "fwd", _Corrupted(kernels["fwd"]))
+    from sparse_bias.backends.triton import correction_kernels as kern
+    monkeypatch.setattr(kern, "correction_forward_kernel", _Corrupted(kern.correction_forward_kernel))
     monkeypatch.setitem(sb.backends.AUTO_ORDER, DEVICE, ("triton", "sparse", "torch"))
-    dispatch.reset_self_checks()
+    selfcheck.reset_self_checks()
     win, q, k, v, wb, wc = case(per_head=True, seed=5)
     q, k, v = q.float(), k.float(), v.float()
     bias = sb.window_bias(win, wb.float(), wc.float())
@@ -187,7 +186,7 @@ def test_faulty_triton_kernel_is_caught_and_skipped(monkeypatch):
         assert sb.select_backend(q, bias, backend="triton")[0] == "sparse"
         out = sb.sparse_bias_attention(q, k, v, bias, backend="triton")
     torch.testing.assert_close(out, sb.dense_bias_attention(q, k, v, bias.to_dense()), rtol=2e-5, atol=2e-6)
-    dispatch.reset_self_checks()
+    selfcheck.reset_self_checks()
 
 
 def test_triton_backend_reports_why_it_cannot_run():
@@ -195,7 +194,7 @@ def test_triton_backend_reports_why_it_cannot_run():
     assert not ok and ("float32" in why or "TRITON_INTERPRET" in why)
 
 
-# ---- the dense pass with dropout (sparse_bias.dense.triton_dense) -----------------------------------------
+# ---- the dense pass with dropout (sparse_bias.backends.triton.dense) -----------------------------------------
 
 def dense_problem(dim, nq=45, nk=77, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -214,8 +213,9 @@ def test_triton_dense_dropout_matches_the_chunked_kernel(dtype, dim):
     """Same keep decisions as the reference (a key range and a seed above 2^32 included); output, log-sum-exp and
     gradients within twice the drift of the chunked kernel run in the same dtype."""
     import dataclasses
-    from sparse_bias._call import Call
-    from sparse_bias.dense import chunked, kernel_lse, triton_dense
+    from sparse_bias._core.call import Call
+    from sparse_bias.backends.triton import dense as triton_dense
+    from sparse_bias.dense import chunked, kernel_lse
     q, k, v, g, mask = dense_problem(dim)
 
     def chunked_bwd(gg, inputs, outputs, call):
@@ -256,12 +256,12 @@ def test_sparse_bias_attention_with_dropout_on_the_triton_dense_pass(monkeypatch
 
 @active
 def test_triton_dense_kernel_is_checked_before_first_use(monkeypatch):
-    from sparse_bias.dense import lse as dense_lse, triton_dense
-    dispatch.reset_self_checks()
+    from sparse_bias.backends.triton import dense_kernels as kern
+    from sparse_bias.dense import lse as dense_lse
+    selfcheck.reset_self_checks()
     q = torch.zeros(1, 2, 5, 16, device=DEVICE)
     assert dense_lse._checked("triton_dropout", q)
-    ker = triton_dense._kernels()
-    monkeypatch.setitem(ker, "fwd", _Corrupted(ker["fwd"], out_index=4))
+    monkeypatch.setattr(kern, "dense_forward_kernel", _Corrupted(kern.dense_forward_kernel, out_index=4))
     with pytest.warns(RuntimeWarning, match="dense kernel triton_dropout disagrees"):
         assert not dense_lse._checked("triton_dropout", q.half())
-    dispatch.reset_self_checks()
+    selfcheck.reset_self_checks()

@@ -1,4 +1,4 @@
-"""The fused Triton window-attention kernels (`sparse_bias.backends.triton_window`) against a dense float64
+"""The fused Triton window-attention kernels (`sparse_bias.backends.triton.window`) against a dense float64
 reference, forward and backward, in float32 / bfloat16 / float16.
 
 Without a GPU they run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors): the interpreter must
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from helpers import pytest_under_the_interpreter
-from sparse_bias.backends import triton_window as tw
+from sparse_bias.backends.triton import TRITON_AVAILABLE, window as tw
 
-pytestmark = pytest.mark.skipif(not tw.TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
+pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed (extra: triton)")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ACTIVE = INTERPRETED or torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
@@ -148,7 +148,7 @@ def run_kernels(c: Case, dtype):
     out_buf = torch.full((h, rows, dim + 3), float("nan"), device=dev)
     lse_buf = torch.full((h, rows + 2), float("nan"), device=dev)
     out, lse = out_buf[..., :dim], lse_buf[:, :rows]
-    tw.window_forward(q, k, v, indptr, key, bv, em, kp, c.scale, h0, out, lse)
+    tw.window_attention_forward(q, k, v, indptr, key, bv, em, kp, c.scale, h0, out, lse)
     assert out_buf[..., dim:].isnan().all() and lse_buf[:, rows:].isnan().all()
 
     go_buf = torch.zeros(h, rows + 1, device=dev)
@@ -165,7 +165,7 @@ def run_kernels(c: Case, dtype):
     dk_before, dv_before = dk.clone(), dv.clone()
     db_buf = torch.full((h, nnz + 4), float("nan"), device=dev)
     db = db_buf[:, :nnz]
-    tw.window_backward(q, k, v, indptr, key, bv, em, kp, c.scale, h0, g, go, lse, dq, dk, dv, db)
+    tw.window_attention_backward(q, k, v, indptr, key, bv, em, kp, c.scale, h0, g, go, lse, dq, dk, dv, db)
     assert torch.equal(dq_buf[..., dim:], dq_before[..., dim:]) and db_buf[:, nnz:].isnan().all()
     others = [i for i in range(heads) if not c.h0 <= i < c.h0 + c.h]
     assert torch.equal(dk[:, others], dk_before[:, others]) and torch.equal(dv[:, others], dv_before[:, others])
@@ -266,31 +266,32 @@ def test_no_entries_launches_nothing(monkeypatch):
     q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 8)
     indptr, key = torch.zeros(9, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     out_buf, lse = torch.full((2, 8, 10), float("nan")), torch.zeros(2, 8)
-    tw.window_forward(q, k, k, indptr, key, None, None, None, 0.5, 1, out_buf[..., :8], lse)
+    tw.window_attention_forward(q, k, k, indptr, key, None, None, None, 0.5, 1, out_buf[..., :8], lse)
     assert torch.isneginf(lse).all() and (out_buf[..., :8] == 0).all() and out_buf[..., 8:].isnan().all()
     dq, dk, dv = torch.ones(2, 8, 8), torch.ones_like(k), torch.ones_like(k)
-    tw.window_backward(q, k, k, indptr, key, None, None, None, 0.5, 1, torch.zeros_like(q), torch.zeros(2, 8),
-                       lse, dq, dk, dv, torch.zeros(2, 0))
+    tw.window_attention_backward(q, k, k, indptr, key, None, None, None, 0.5, 1, torch.zeros_like(q), torch.zeros(2, 8),
+                                 lse, dq, dk, dv, torch.zeros(2, 0))
     assert (dq == 1).all() and (dk == 1).all() and (dv == 1).all()
     q0 = torch.randn(2, 3, 0, 8)                          # no queries at all
-    tw.window_forward(q0, k, k, torch.zeros(1, dtype=torch.int64), key, None, None, None, 0.5, 0,
-                      torch.zeros(3, 0, 8), torch.zeros(3, 0))
+    tw.window_attention_forward(q0, k, k, torch.zeros(1, dtype=torch.int64), key, None, None, None, 0.5, 0,
+                                torch.zeros(3, 0, 8), torch.zeros(3, 0))
 
 
 def test_launch_functions_reject_bad_layouts():
     q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
     indptr, key = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 4])
     with pytest.raises(ValueError, match="unit last stride"):
-        tw.window_forward(q, k, k, indptr, key, None, None, None, 1.0, 0, torch.zeros(2, 4, 3).transpose(1, 2),
-                          torch.zeros(2, 3))
+        tw.window_attention_forward(q, k, k, indptr, key, None, None, None, 1.0, 0,
+                                    torch.zeros(2, 4, 3).transpose(1, 2), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="contiguous"):
-        tw.window_forward(q.transpose(2, 3).contiguous().transpose(2, 3), k, k, indptr, key, None, None, None, 1.0,
-                          0, torch.zeros(2, 3, 4), torch.zeros(2, 3))
+        tw.window_attention_forward(q.transpose(2, 3).contiguous().transpose(2, 3), k, k, indptr, key, None, None,
+                                    None, 1.0, 0, torch.zeros(2, 3, 4), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="head block"):
-        tw.window_forward(q, k, k, indptr, key, None, None, None, 1.0, 1, torch.zeros(2, 3, 4), torch.zeros(2, 3))
+        tw.window_attention_forward(q, k, k, indptr, key, None, None, None, 1.0, 1, torch.zeros(2, 3, 4),
+                                    torch.zeros(2, 3))
     with pytest.raises(ValueError, match="indptr"):
-        tw.window_forward(q, k, k, indptr[:-1], key, None, None, None, 1.0, 0, torch.zeros(2, 3, 4),
-                          torch.zeros(2, 3))
+        tw.window_attention_forward(q, k, k, indptr[:-1], key, None, None, None, 1.0, 0, torch.zeros(2, 3, 4),
+                                    torch.zeros(2, 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is only observable on CUDA")
@@ -301,16 +302,16 @@ def test_launches_do_not_synchronise():
     g, indptr, key, bv, em, kp = (t.float().to(dev) if t.is_floating_point() else t.to(dev)
                                   for t in (c.g, c.indptr, c.key, c.bvals, c.emask, c.keep))
     out, lse, go = torch.empty(1, nb * nq, dim, device=dev), torch.empty(1, nb * nq, device=dev), None
-    tw.window_forward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, out, lse)      # compiles outside the check
+    tw.window_attention_forward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, out, lse)   # compiled outside the check
     go = (g[:, 1:2].transpose(0, 1).reshape(1, nb * nq, dim) * out).sum(-1)
     grads = (torch.zeros(1, nb * nq, dim, device=dev), torch.zeros_like(k), torch.zeros_like(v),
              torch.empty(1, key.numel(), device=dev))
-    tw.window_backward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, g, go, lse, *grads)
+    tw.window_attention_backward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, g, go, lse, *grads)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tw.window_forward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, out, lse)
-        tw.window_backward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, g, go, lse, *grads)
+        tw.window_attention_forward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, out, lse)
+        tw.window_attention_backward(q, k, v, indptr, key, bv, em, kp, c.scale, c.h0, g, go, lse, *grads)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -318,12 +319,12 @@ def test_launches_do_not_synchronise():
 @active
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_first_use_self_check_passes_and_auto_picks_triton(dtype):
-    """The window-attention self-check of `sparse_bias.dispatch` (key padding, per-head bias, the modules' layouts)
+    """The window-attention self-check of `sparse_bias._core.selfcheck` (key padding, per-head bias, the modules' layouts)
     passes for the Triton kernels in every dtype, and `auto` then takes them (as on CUDA)."""
     import sparse_bias as sb
-    from sparse_bias import dispatch
-    dispatch.reset_self_checks()
-    ok, detail = dispatch.self_check("triton", torch.device(DEVICE), dtype, 16, "window")
+    from sparse_bias._core import selfcheck
+    selfcheck.reset_self_checks()
+    ok, detail = selfcheck.self_check("triton", torch.device(DEVICE), dtype, 16, "window")
     assert ok, detail
     if DEVICE == "cuda":
         assert sb.select_window_backend(torch.zeros(1, 1, 1, 16, device="cuda", dtype=dtype))[0] == "triton"

@@ -1,17 +1,18 @@
-"""window_attention against scaled_dot_product_attention with the dense local attention mask."""
+"""window_attention against the reference (tests/reference.py): attention restricted to the window keys."""
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
-from helpers import (SMALL, WINDOW_BACKENDS, layouts, odd_or_zero, random_positions, skip_missing,
+from helpers import (SMALL, WINDOW_BACKENDS, layouts, make_case, odd_or_zero, random_positions, skip_missing,
                      skip_without_matmul)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import sparse_bias as sb
-from sparse_bias import kernels
+
+import reference
 
 BACKENDS = WINDOW_BACKENDS + ["dense"]
 NAMES = ["out", "dq", "dk", "dv", "d_bias"]
@@ -32,28 +33,17 @@ def case(layout=SMALL, batch=2, heads=3, queries=7, dim=8, seed=0, bev_window=5,
     return win, q, k, v, values
 
 
-def sdpa_lam(q, k, v, win, values=None, key_padding_mask=None, dropout_p=0.0, seed=0):
-    """The dense version: SDPA with the bool mask [B, 1, Q, K] (plus the dense bias), fully masked rows -> 0."""
+def sdpa_window(q, k, v, win, values=None):
+    """The dense version in the inputs' dtype, the naive same-precision yardstick: SDPA with the window's bool mask
+    ``[B, 1, Q, K]`` (and the dense bias as a float mask), fully masked rows -> 0."""
     allowed = win.to_dense_mask().unsqueeze(1)
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask[:, None, None, :]
     valid = allowed.any(-1, keepdim=True)
     allowed = allowed | ~valid                              # keep SDPA finite on the rows zeroed below
-    if dropout_p == 0:
-        if values is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        else:
-            dense = sb.SparseBias(win, values).to_dense()
-            dense = dense.unsqueeze(1) if dense.dim() == 3 else dense
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense.masked_fill(~allowed, float("-inf")))
-        return out * valid
-    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    if values is not None:
-        dense = sb.SparseBias(win, values).to_dense()
-        scores = scores + (dense.unsqueeze(1) if dense.dim() == 3 else dense)
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) * valid
-    probs = probs * kernels.dropout_mask(seed, probs.shape, dropout_p, q.device).to(probs.dtype) / (1 - dropout_p)
-    return probs @ v
+    if values is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed) * valid
+    dense = sb.SparseBias(win, values).to_dense()
+    dense = dense.unsqueeze(1) if dense.dim() == 3 else dense
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense.masked_fill(~allowed, float("-inf"))) * valid
 
 
 def fwd_grads(fn, q, k, v, values, grad):
@@ -79,7 +69,9 @@ def compare(win, q, k, v, values, backend, tol=1e-10, **kwargs):
                                    dropout_seed=kwargs.get("seed"), **{n: kwargs[n] for n in kwargs if n != "seed"})
 
     def ref(q, k, v, vals):
-        return sdpa_lam(q, k, v, win, vals, **kwargs)
+        bias = None if vals is None else sb.SparseBias(win, vals)
+        return reference.window_attention(q, k, v, win, bias, dropout_seed=kwargs.get("seed", 0),
+                                          **{n: kwargs[n] for n in kwargs if n != "seed"})
 
     assert_close(fwd_grads(ours, q, k, v, values, grad), fwd_grads(ref, q, k, v, values, grad), tol)
 
@@ -89,7 +81,7 @@ def compare(win, q, k, v, values, backend, tol=1e-10, **kwargs):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [None, "shared", "per_head"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_sdpa_with_dense_mask(backend, bias, device):
+def test_matches_the_reference(backend, bias, device):
     skip_missing(backend)
     win, q, k, v, values = case(bias=bias, device=device)
     compare(win, q, k, v, values, backend)
@@ -193,12 +185,25 @@ def test_windows_at_the_borders_and_multi_view():
 def test_low_precision_drift_bounded_by_a_same_precision_naive_version(dtype):
     skip_without_matmul(dtype)
     win, q, k, v, values = case(queries=40, dim=16, bias="shared")
-    exact = sdpa_lam(q, k, v, win, values)
+    exact = reference.window_attention(q, k, v, win, sb.SparseBias(win, values))
     ours = sb.window_attention(q.to(dtype), k.to(dtype), v.to(dtype), win, bias=sb.SparseBias(win, values.to(dtype)))
-    naive = sdpa_lam(q.to(dtype), k.to(dtype), v.to(dtype), win, values.to(dtype))
+    naive = sdpa_window(q.to(dtype), k.to(dtype), v.to(dtype), win, values.to(dtype))
     err, err_naive = ((x.double() - exact).abs().max() for x in (ours, naive))
     assert ours.dtype == dtype
     assert err <= 2 * err_naive + 1e-6
+
+
+@pytest.mark.parametrize("backend", WINDOW_BACKENDS + ["dense"])
+def test_inf_score_gives_nan_as_sdpa(backend):
+    skip_missing(backend)
+    win, q, k, v, wb, wc = make_case(SMALL, batch=1, heads=1, queries=3, dim=2, dtype=torch.float32)
+    e0, e1 = int(win.indptr[0]), int(win.indptr[1])
+    if e1 == e0:
+        pytest.skip("query 0 has no window")
+    q[0, 0, 0] = torch.tensor([3e38, 3e38])
+    k[0, 0, win.key[e0]] = torch.tensor([3e38, 3e38])                         # the score overflows to +inf
+    out = sb.window_attention(q, k, v, win, backend=backend)
+    assert torch.isnan(out[0, 0, 0]).all()
 
 
 def test_backend_selection():

@@ -1,10 +1,10 @@
-"""local_windows against a brute-force window enumeration."""
+"""local_windows against a brute-force window enumeration (`reference.window_entries`)."""
 import pytest
 import torch
-from brute import window_entries
 from helpers import layouts, odd_or_zero, random_positions
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import window_entries
 
 import sparse_bias as sb
 

@@ -2,7 +2,7 @@
 
 Every backend implements three primitives over all ``nnz`` window entries of a `WindowIndex` -- every batch
 element at once, entry ``e`` in global row ``r = b * Q + q`` (`sparse_bias.backends.base.WindowBlock`: the index's
-`sparse_bias._entries.Entries`) -- for a block of heads ``hs`` (a slice of ``h`` heads), accumulated in the compute
+`sparse_bias._core.entries.Entries`) -- for a block of heads ``hs`` (a slice of ``h`` heads), accumulated in the compute
 dtype (float32, or float64 for float64 input), without reading a device value on the host:
 
 * ``sddmm(blk, x [B, H, Q, D], y [B, H, K, D]) -> [h, nnz]``: ``<x[b_e, h, q_e], y[b_e, h, key_e]>``;
@@ -14,7 +14,7 @@ row once for all heads; the CSR backend works one head at a time (over the block
 matrix of the batch), so the correction's temporaries are a few ``[nnz]`` vectors.
 
 ``"fused"`` (CPU) and ``"triton"`` (CUDA) override the block methods of `sparse_bias.backends.base.Backend` with fused kernels
-(see `sparse_bias.backends.triton_backend`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
+(see `sparse_bias.backends.triton`). ``"scatter"`` gathers window rows in bounded chunks and reduces them with torch-scatter's
 ``segment_csr``; ``"torch"`` is the same with native ``index_add_``; ``"sparse"`` uses PyTorch's
 sparse CSR kernels (``sampled_addmm`` and CSR @ dense, with the transposed structure built once per
 index). ``"dense"`` (materialise the bias) is handled by `sparse_bias.attention`.
@@ -29,9 +29,9 @@ from .base import OPS, Backend, Supports
 from .csr import SparseCSRBackend
 from .fused import FusedCPUBackend, extension_available
 from .gather import ScatterBackend, TorchBackend, torch_scatter_available
-from .triton_backend import TritonBackend
+from .triton.backend import TritonBackend
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "get_backend", "backend_names", "backend_candidates", "Backend", "Supports",
+__all__ = ["BACKENDS", "AUTO_ORDER", "backend_names", "backend_candidates", "Backend", "Supports",
            "torch_scatter_available", "extension_available"]
 
 #: The registry: every backend once, by name. The auto order, the ``backend=`` choices of the ops and CLIs, the
@@ -48,10 +48,6 @@ def _auto_order(device_type: str) -> Tuple[str, ...]:
 #: ``"auto"`` tries these in order, per device type (``"other"``: any other), and takes the first that can run
 #: (derived from each backend's `Supports.auto_rank`; see `backend_candidates`).
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {d: _auto_order(d) for d in ("cpu", "cuda", "other")}
-
-
-def get_backend(name: str) -> Backend:
-    return BACKENDS[name]
 
 
 def backend_names(op: str) -> Tuple[str, ...]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._call import Call
-from .._entries import Entries
+from .._core.call import Call
+from .._core.entries import Entries
 from ..dense.dropout import dropout_scale
 
 __all__ = ["WindowBlock", "Backend", "Supports", "entry_mask", "OPS"]
@@ -67,9 +67,9 @@ class WindowBlock:
 
     Attributes:
         hs: slice of heads.
-        ent: the `sparse_bias._entries.Entries` of the index (global rows ``r = b * Q + q``).
+        ent: the `sparse_bias._core.entries.Entries` of the index (global rows ``r = b * Q + q``).
         bvals: bias values ``[h or 1, nnz]`` in the compute dtype, or None.
-        call: the call record (`sparse_bias._call.Call`: scale, additive mask, dropout, seed, compute dtype).
+        call: the call record (`sparse_bias._core.call.Call`: scale, additive mask, dropout, seed, compute dtype).
         shape: ``(B, H, Q, K)`` of the score tensor (dropout decisions index it).
 
     ``batch`` / ``query`` (each entry's batch element and query), ``emask`` and ``keep`` (the mask and the dropout
@@ -137,19 +137,28 @@ class Backend:
         """What the forward of ``op`` keeps for the backward (`Supports.saves`)."""
         return self.supports.saves.get(op)
 
-    def can_run(self, device, dtype, head_dim=None, op: Optional[str] = None) -> Tuple[bool, str]:
-        """``(ok, why)``: whether this backend runs ``op`` on ``device`` / ``dtype`` / ``head_dim`` (None: not
-        checked) -- the declared `Supports` first, then `available`."""
+    def not_supported_reasons(self, device, dtype, head_dim=None, op: Optional[str] = None) -> List[str]:
+        """Every reason this backend cannot run ``op`` on ``device`` / ``dtype`` / ``head_dim`` (None: not
+        checked): the declared `Supports`, then `available`. Empty when it can."""
         sup = self.supports
+        device = torch.device(device)
+        reasons = []
         if op is not None and op not in sup.ops:
-            return False, f"no {op} kernels"
-        if sup.devices is not None and torch.device(device).type not in sup.devices:
-            return False, f"runs on {' / '.join(sup.devices)}, got {torch.device(device).type}"
+            reasons.append(f"no {op} kernels")
+        if sup.devices is not None and device.type not in sup.devices:
+            reasons.append(f"runs on {' / '.join(sup.devices)}, got {device.type}")
         if dtype not in sup.dtypes:
-            return False, f"takes {' / '.join(str(d).replace('torch.', '') for d in sup.dtypes)} inputs, got {dtype}"
+            reasons.append(f"takes {' / '.join(str(d).replace('torch.', '') for d in sup.dtypes)} inputs, got {dtype}")
         if head_dim is not None and sup.max_head_dim is not None and head_dim > sup.max_head_dim:
-            return False, f"takes head dims up to {sup.max_head_dim}, got {head_dim}"
-        return self.available()
+            reasons.append(f"takes head dims up to {sup.max_head_dim}, got {head_dim}")
+        ok, why = self.available()
+        return reasons if ok else reasons + [why]
+
+    def can_run(self, device, dtype, head_dim=None, op: Optional[str] = None) -> Tuple[bool, str]:
+        """``(ok, why)``: whether this backend runs ``op`` here; ``why`` joins `not_supported_reasons` (or says
+        what runs)."""
+        reasons = self.not_supported_reasons(device, dtype, head_dim, op)
+        return (False, "; ".join(reasons)) if reasons else self.available()
 
     # Segment reductions over each row's entries: scatter_reduce (max) and torch.segment_reduce (sum) over the
     # global CSR rows. The scatter backend overrides both with torch-scatter's segment_csr.
@@ -215,7 +224,7 @@ class Backend:
         ``lse [h, B * Q]`` (as `sparse_bias.dense.kernel_lse` gives it); writes ``p_j = exp(s_j - L)`` into
         ``state [h, nnz]`` (backends whose correction saves ``"p"``; None for the others); ``totals = (den [h, B * Q],
         removed [h, B * Q], out [h, B * Q, D])``: adds ``S`` into ``den``, the removed mass ``R = sum_j max(0, -a_j)``
-        into ``removed`` (`sparse_bias._exact_rows` flags rows by it) and ``C`` into ``out``.
+        into ``removed`` (`sparse_bias._core.exact_rows` flags rows by it) and ``C`` into ``out``.
         """
         q, k, v = qkv
         den, removed, out = totals

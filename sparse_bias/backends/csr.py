@@ -26,7 +26,7 @@ class SparseCSRBackend(Backend):
     """Per head: one ``sampled_addmm`` or one CSR @ dense product over the block-diagonal ``[B * Q, B * K]`` CSR
     matrix of the whole batch (row ``b * Q + q``, column ``b * K + key``).
 
-    The structure and its transpose come from the index's `sparse_bias._entries.Entries` (built once per index,
+    The structure and its transpose come from the index's `sparse_bias._core.entries.Entries` (built once per index,
     without a host sync). Head slices of low-precision inputs are upcast to float32 one at a time (MKL has no
     bfloat16 CSR kernels), so the extra memory is one ``[B * K, D]`` slice.
     """

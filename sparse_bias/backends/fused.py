@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._extension import extension, extension_available
+from .._core.extension import extension, extension_available
 from ..dense.dropout import seed64
 from .base import Backend, Supports
 
@@ -99,8 +99,8 @@ class FusedCPUBackend(Backend):
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, _, _, _) in _batches(blk.ent):
             denc, remc, outc = den[:, rows].contiguous(), removed[:, rows].contiguous(), out[:, rows].contiguous()
-            extension()[0].window_forward(*qkv, lse[:, rows].contiguous(), crow, col, order, eb[ents], mask,
-                                          *_common(blk, b), denc, remc, outc)
+            extension()[0].correction_forward(*qkv, lse[:, rows].contiguous(), crow, col, order, eb[ents], mask,
+                                              *_common(blk, b), denc, remc, outc)
             den[:, rows], removed[:, rows], out[:, rows] = denc, remc, outc
 
     def backward_block(self, blk, qkv, upstream, state, grads):
@@ -111,10 +111,9 @@ class FusedCPUBackend(Backend):
         for b, rows, ents, (crow, col, order, tcrow, trow, perm) in _batches(blk.ent):
             ebb, dqc = eb[ents], dq[:, rows].contiguous()
             dbb = torch.empty(blk.heads, ents.stop - ents.start, dtype=blk.call.cdt)
-            extension()[0].window_backward(*qkv, lse[:, rows].contiguous(), gp[b, blk.hs].contiguous(),
-                                           go[:, rows].contiguous(), crow, col, order, tcrow, trow, ebb,
-                                           ebb[perm].contiguous(), None, None, False, mask, *_common(blk, b), dqc, dk,
-                                           dv, dbb)
+            extension()[0].correction_backward(*qkv, lse[:, rows].contiguous(), gp[b, blk.hs].contiguous(),
+                                               go[:, rows].contiguous(), crow, col, order, tcrow, trow, ebb,
+                                               ebb[perm].contiguous(), mask, *_common(blk, b), dqc, dk, dv, dbb)
             dq[:, rows], db[:, ents] = dqc, dbb
         return db.mul_(torch.exp(blk.bvals))                        # p e^b (...): e^b, never 1 + expm1(b)
 
@@ -127,8 +126,9 @@ class FusedCPUBackend(Backend):
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, _, _, _) in _batches(blk.ent):
             st, outc = state[:, rows].contiguous(), out[:, rows].contiguous()
-            extension()[0].attention_forward(*qkv, crow, col, order, None if sbias is None else sbias[ents], mask,
-                                             *_common(blk, b), st, outc)
+            extension()[0].window_attention_forward(*qkv, crow, col, order,
+                                                    None if sbias is None else sbias[ents], mask, *_common(blk, b),
+                                                    st, outc)
             state[:, rows], out[:, rows] = st, outc
 
     def window_backward_block(self, blk, qkv, upstream, state, grads):
@@ -137,15 +137,14 @@ class FusedCPUBackend(Backend):
         (g, go), (dq, dk, dv) = upstream, grads
         db = torch.zeros(blk.heads, blk.ent.nnz, dtype=cdt)      # empty / fully masked windows: zero
         sbias = None if blk.bvals is None else blk.bvals.t().contiguous()
-        unused = torch.zeros(1, 1, dtype=cdt)
         mask = _mask(blk)
         for b, rows, ents, (crow, col, order, tcrow, trow, perm) in _batches(blk.ent):
             sb = None if sbias is None else sbias[ents]
             dqc = dq[:, rows].contiguous()
             dbb = torch.zeros(blk.heads, ents.stop - ents.start, dtype=cdt)
-            extension()[0].window_backward(*qkv, state[:, rows].contiguous(), g[b, blk.hs].contiguous(),
-                                           go[:, rows].contiguous(), crow, col, order, tcrow, trow, unused, unused, sb,
-                                           None if sb is None else sb[perm].contiguous(), True, mask, *_common(blk, b),
-                                           dqc, dk, dv, dbb)
+            extension()[0].window_attention_backward(*qkv, state[:, rows].contiguous(), g[b, blk.hs].contiguous(),
+                                                     go[:, rows].contiguous(), crow, col, order, tcrow, trow, sb,
+                                                     None if sb is None else sb[perm].contiguous(), mask,
+                                                     *_common(blk, b), dqc, dk, dv, dbb)
             dq[:, rows], db[:, ents] = dqc, dbb
         return db

@@ -1,4 +1,4 @@
-// Fused CPU kernels for the window terms of the exact sparse-bias correction (design brief, section 3).
+// Fused CPU kernels for the window terms of the exact sparse-bias correction.
 //
 // One batch element, all heads, per call. The forward makes one pass over each query's window entries and
 // computes the scores, p = exp(s - L), a = p * expm1(b), S and C; the backward makes one pass over each query's
@@ -107,6 +107,16 @@ inline void row_keep(const int64_t* col_p, int64_t e0, int64_t e1, const Common&
   for (int64_t e = e0; e < e1; ++e) keep[e - e0] = keep_entry(c.seed, base + col_p[e], c.dropout_p) ? inv : acc_t(0);
 }
 
+// One batch element's window entries in CSR form: row pointers, entry keys, and the rows in spatial order
+// (neighbours share window keys, so walking rows in this order keeps their k / v rows in cache).
+struct Csr {
+  const int64_t* crow;
+  const int64_t* col;
+  const int64_t* order;
+  Csr(const at::Tensor& crow_, const at::Tensor& col_, const at::Tensor& order_)
+      : crow(crow_.data_ptr<int64_t>()), col(col_.data_ptr<int64_t>()), order(order_.data_ptr<int64_t>()) {}
+};
+
 template <int DC, typename T, typename acc_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                   const at::Tensor& crow, const at::Tensor& col, const at::Tensor& order, const at::Tensor& ebias,
@@ -115,9 +125,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
-  const int64_t* crow_p = crow.data_ptr<int64_t>();
-  const int64_t* col_p = col.data_ptr<int64_t>();
-  const int64_t* order_p = order.data_ptr<int64_t>();   // rows in spatial order: neighbours share window keys
+  const Csr E(crow, col, order);
   const acc_t* eb = ebias.data_ptr<acc_t>();    // expm1(bias) [n, 1 or heads]
   const int64_t hb = ebias.size(1);
   const acc_t* lse_p = lse.data_ptr<acc_t>();   // [heads, Q] contiguous
@@ -125,21 +133,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   acc_t* rem_p = removed.data_ptr<acc_t>();     // [heads, Q] contiguous
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D] contiguous
   const bool drop = c.dropout_p > 0;
-  const int64_t max_row = longest_segment(crow_p, c.nq);
+  const int64_t max_row = longest_segment(E.crow, c.nq);
   // head-major: one head's keys and values (K x D each) stay in cache while its queries are processed;
   // per entry a dot product and a row update
-  parallel_items(c.heads * c.nq, pass_work(crow_p, c.nq, c.heads, d, 2), [&](int64_t i0, int64_t i1) {
+  parallel_items(c.heads * c.nq, pass_work(E.crow, c.nq, c.heads, d, 2), [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> buf(static_cast<size_t>(max_row));
     std::vector<acc_t> keep(drop ? static_cast<size_t>(max_row) : 0);
     for (int64_t idx = i0; idx < i1; ++idx) {
-      const int64_t hi = idx / c.nq, r = order_p[idx % c.nq];
-      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
+      const int64_t hi = idx / c.nq, r = E.order[idx % c.nq];
+      const int64_t e0 = E.crow[r], e1 = E.crow[r + 1], n = e1 - e0;
       if (n == 0) continue;
       {
         const int64_t h = c.h0 + hi;
         load(qv, Q.at(c.b, h, r), d);
-        row_probs<DC>(qv, K, M, col_p, e0, e1, c, h, r, lse_p[hi * c.nq + r], buf.data());   // p_e
+        row_probs<DC>(qv, K, M, E.col, e0, e1, c, h, r, lse_p[hi * c.nq + r], buf.data());   // p_e
         const acc_t* ebr = eb + e0 * hb + (hb > 1 ? hi : 0);
         acc_t S = 0, R = 0;
 #pragma omp simd reduction(+ : S, R)
@@ -149,12 +157,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           R += buf[i] < 0 ? -buf[i] : acc_t(0);                                         // removed mass
         }
         if (drop) {
-          row_keep(col_p, e0, e1, c, h, r, keep.data());
+          row_keep(E.col, e0, e1, c, h, r, keep.data());
           for (int64_t i = 0; i < n; ++i) buf[i] *= keep[i];
         }
         for (int64_t i = 0; i < d; ++i) acc[i] = 0;
         for (int64_t i = 0; i < n; ++i)
-          if (buf[i] != 0) axpy(acc, buf[i], V.at(c.b, h, col_p[e0 + i]), d);           // C
+          if (buf[i] != 0) axpy(acc, buf[i], V.at(c.b, h, E.col[e0 + i]), d);           // C
         den_p[hi * c.nq + r] += S;
         rem_p[hi * c.nq + r] += R;
         acc_t* o = out_p + (hi * c.nq + r) * d;
@@ -174,9 +182,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
-  const int64_t* crow_p = crow.data_ptr<int64_t>();
-  const int64_t* col_p = col.data_ptr<int64_t>();
-  const int64_t* order_p = order.data_ptr<int64_t>();   // rows in spatial order: neighbours share window keys
+  const Csr E(crow, col, order);
   const acc_t* eb = ebias.data_ptr<acc_t>();     // expm1(bias) [n, 1 or heads], entry order
   const acc_t* ebt = ebias_t.data_ptr<acc_t>();  // the same in the transposed (key-sorted) order
   const int64_t hb = ebias.size(1);
@@ -192,32 +198,32 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t n_all = col.numel();
   const acc_t scale = static_cast<acc_t>(c.scale);
   const bool drop = c.dropout_p > 0;
-  const int64_t max_row = longest_segment(crow_p, c.nq);
+  const int64_t max_row = longest_segment(E.crow, c.nq);
   const int64_t* tcrow_p = tcrow.data_ptr<int64_t>();
   const int64_t* trow_p = trow.data_ptr<int64_t>();
   const int64_t max_col = longest_segment(tcrow_p, c.nk);
 
   // Per query (head-major): d_j = a_j (keep_j <g', v_j> - <g', o>), dq += scale sum_j d_j k_j, the bias gradient
   // (per entry two dot products and a row update).
-  parallel_items(c.heads * c.nq, pass_work(crow_p, c.nq, c.heads, d, 3), [&](int64_t i0, int64_t i1) {
+  parallel_items(c.heads * c.nq, pass_work(E.crow, c.nq, c.heads, d, 3), [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], gv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> p(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
     for (int64_t idx = i0; idx < i1; ++idx) {
-      const int64_t hi = idx / c.nq, r = order_p[idx % c.nq], h = c.h0 + hi;
-      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
+      const int64_t hi = idx / c.nq, r = E.order[idx % c.nq], h = c.h0 + hi;
+      const int64_t e0 = E.crow[r], e1 = E.crow[r + 1], n = e1 - e0;
       if (n == 0) continue;
       const acc_t L = lse_p[hi * c.nq + r];
       if (c.window && L == -std::numeric_limits<acc_t>::infinity()) continue;  // empty / fully masked: no gradient
       load(qv, Q.at(c.b, h, r), d);
       const acc_t* g = gp_p + (hi * c.nq + r) * d;
       for (int64_t i = 0; i < d; ++i) { gv[i] = g[i]; acc[i] = 0; }
-      row_probs<DC>(qv, K, M, col_p, e0, e1, c, h, r, L, p.data(), sb, sbh, hi);            // p_e
-      if (drop) row_keep(col_p, e0, e1, c, h, r, keep.data());
+      row_probs<DC>(qv, K, M, E.col, e0, e1, c, h, r, L, p.data(), sb, sbh, hi);            // p_e
+      if (drop) row_keep(E.col, e0, e1, c, h, r, keep.data());
       const acc_t go_r = go_p[hi * c.nq + r];
       const acc_t* ebr = eb + e0 * hb + (hb > 1 ? hi : 0);
       acc_t* dbr = db_p + hi * n_all + e0;
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t key = col_p[e0 + i];
+        const int64_t key = E.col[e0 + i];
         const acc_t kp = drop ? keep[i] : acc_t(1);
         const acc_t diff = (kp != 0 ? dot(gv, V.at(c.b, h, key), d) * kp : acc_t(0)) - go_r;
         const acc_t dj = (c.window ? p[i] : p[i] * ebr[i * hb]) * diff;
@@ -287,30 +293,28 @@ void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t d = DC > 0 ? DC : c.d;
   Rows<T> Q(q), K(k), V(v);
   Mask<acc_t> M(mask);
-  const int64_t* crow_p = crow.data_ptr<int64_t>();
-  const int64_t* col_p = col.data_ptr<int64_t>();
-  const int64_t* order_p = order.data_ptr<int64_t>();
+  const Csr E(crow, col, order);
   const bool has_sb = sbias.has_value() && sbias->defined();
   const acc_t* sb = has_sb ? sbias->data_ptr<acc_t>() : nullptr;
   const int64_t sbh = has_sb ? sbias->size(1) : 1;
   acc_t* lse_p = lse.data_ptr<acc_t>();         // [heads, Q]: the window log-sum-exp (-inf: empty window)
   acc_t* out_p = out.data_ptr<acc_t>();         // [heads, Q, D]
   const bool drop = c.dropout_p > 0;
-  const int64_t max_row = longest_segment(crow_p, c.nq);
+  const int64_t max_row = longest_segment(E.crow, c.nq);
   // per entry a dot product and a row update
-  parallel_items(c.heads * c.nq, pass_work(crow_p, c.nq, c.heads, d, 2), [&](int64_t i0, int64_t i1) {
+  parallel_items(c.heads * c.nq, pass_work(E.crow, c.nq, c.heads, d, 2), [&](int64_t i0, int64_t i1) {
     acc_t qv[kMaxHeadDim], acc[kMaxHeadDim];
     std::vector<acc_t> buf(static_cast<size_t>(max_row)), keep(drop ? static_cast<size_t>(max_row) : 0);
     for (int64_t idx = i0; idx < i1; ++idx) {
-      const int64_t hi = idx / c.nq, r = order_p[idx % c.nq], h = c.h0 + hi;
-      const int64_t e0 = crow_p[r], e1 = crow_p[r + 1], n = e1 - e0;
+      const int64_t hi = idx / c.nq, r = E.order[idx % c.nq], h = c.h0 + hi;
+      const int64_t e0 = E.crow[r], e1 = E.crow[r + 1], n = e1 - e0;
       lse_p[hi * c.nq + r] = -std::numeric_limits<acc_t>::infinity();
       if (n == 0) continue;
       load(qv, Q.at(c.b, h, r), d);
       const acc_t scale = static_cast<acc_t>(c.scale);
       acc_t m = -std::numeric_limits<acc_t>::infinity();
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t key = col_p[e0 + i];
+        const int64_t key = E.col[e0 + i];
         buf[i] = dot(qv, K.at(c.b, h, key), d) * scale + M(c.b, h, r, key);
         if (has_sb) buf[i] += sb[(e0 + i) * sbh + (sbh > 1 ? hi : 0)];
         m = std::max(m, buf[i]);
@@ -324,11 +328,11 @@ void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       }
       lse_p[hi * c.nq + r] = m + std::log(l);
       const acc_t inv = acc_t(1) / l;
-      if (drop) row_keep(col_p, e0, e1, c, h, r, keep.data());
+      if (drop) row_keep(E.col, e0, e1, c, h, r, keep.data());
       for (int64_t i = 0; i < d; ++i) acc[i] = 0;
       for (int64_t i = 0; i < n; ++i) {
         const acc_t w = buf[i] * inv * (drop ? keep[i] : acc_t(1));
-        if (w != 0) axpy(acc, w, V.at(c.b, h, col_p[e0 + i]), d);
+        if (w != 0) axpy(acc, w, V.at(c.b, h, E.col[e0 + i]), d);
       }
       acc_t* o = out_p + (hi * c.nq + r) * d;
       for (int64_t i = 0; i < d; ++i) o[i] = acc[i];
@@ -356,7 +360,7 @@ Common make_common(const at::Tensor& q, const at::Tensor& k, int64_t b, int64_t 
 // Adds S into den [heads, Q], the removed mass R = sum max(0, -a_e) into removed [heads, Q] and C into
 // out [heads, Q, D] for batch element b, heads h0 .. h0 + heads.
 // ebias = expm1(bias values) [n, 1 or heads] in the compute dtype.
-void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+void correction_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& order, const at::Tensor& ebias,
                     const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
                     double dropout_p, int64_t seed, at::Tensor den, at::Tensor removed, at::Tensor out) {
@@ -365,7 +369,7 @@ void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(den.is_contiguous() && removed.is_contiguous() && out.is_contiguous() && lse.is_contiguous() &&
                   ebias.is_contiguous(),
               "den, removed, out, lse and ebias must be contiguous");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "correction_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     switch (c.d) {  // the common head dims get fully unrolled row operations
       case 32: forward_impl<32, scalar_t, acc_t>(q, k, v, lse, crow, col, order, ebias, mask, c, den, removed, out); break;
@@ -377,13 +381,16 @@ void window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
 // Adds the window terms of the backward into dq [heads, Q, D] and dk, dv [B, H, K, D]; writes dbias [heads, n].
 // ebias_t = ebias in the transposed (key-sorted) entry order.
-void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                     const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
-                     const at::Tensor& order, const at::Tensor& tcrow, const at::Tensor& trow, const at::Tensor& ebias,
-                     const at::Tensor& ebias_t, const c10::optional<at::Tensor>& sbias,
-                     const c10::optional<at::Tensor>& sbias_t, bool window,
-                     const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
-                     double dropout_p, int64_t seed, at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dbias) {
+// window: the backward of window attention (the bias sbias is in the scores, ebias unused) rather than of the
+// correction (ebias = expm1(bias), no sbias).
+static void backward_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                           const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& order, const at::Tensor& tcrow, const at::Tensor& trow,
+                           const at::Tensor& ebias, const at::Tensor& ebias_t, const c10::optional<at::Tensor>& sbias,
+                           const c10::optional<at::Tensor>& sbias_t, bool window,
+                           const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
+                           double dropout_p, int64_t seed, at::Tensor dq, at::Tensor dk, at::Tensor dv,
+                           at::Tensor dbias) {
   Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
   c.window = window;
   check_rows(v, "v");
@@ -392,7 +399,7 @@ void window_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(gp.is_contiguous() && go.is_contiguous() && dq.is_contiguous() && dbias.is_contiguous() &&
                   lse.is_contiguous() && ebias.is_contiguous() && ebias_t.is_contiguous(),
               "gp, go, dq, dbias, lse and ebias must be contiguous");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "backward_terms", [&] {
     using acc_t = at::opmath_type<scalar_t>;
 switch (c.d) {  // the common head dims get fully unrolled row operations
       case 32: backward_impl<32, scalar_t, acc_t>(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, sbias, sbias_t, mask,
@@ -405,16 +412,41 @@ switch (c.d) {  // the common head dims get fully unrolled row operations
   });
 }
 
+// The correction's window terms of the backward (see backward_terms).
+void correction_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                         const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow, const at::Tensor& col,
+                         const at::Tensor& order, const at::Tensor& tcrow, const at::Tensor& trow,
+                         const at::Tensor& ebias, const at::Tensor& ebias_t, const c10::optional<at::Tensor>& mask,
+                         int64_t b, int64_t h0, int64_t heads, double scale, double dropout_p, int64_t seed,
+                         at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dbias) {
+  backward_terms(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, ebias, ebias_t, c10::nullopt, c10::nullopt,
+                 false, mask, b, h0, heads, scale, dropout_p, seed, dq, dk, dv, dbias);
+}
+
+// Window attention's backward: lse is the window log-sum-exp of window_attention_forward, sbias / sbias_t the
+// bias values [n, 1 or heads] in entry and transposed order (or none).
+void window_attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                               const at::Tensor& gp, const at::Tensor& go, const at::Tensor& crow,
+                               const at::Tensor& col, const at::Tensor& order, const at::Tensor& tcrow,
+                               const at::Tensor& trow, const c10::optional<at::Tensor>& sbias,
+                               const c10::optional<at::Tensor>& sbias_t, const c10::optional<at::Tensor>& mask,
+                               int64_t b, int64_t h0, int64_t heads, double scale, double dropout_p, int64_t seed,
+                               at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dbias) {
+  const at::Tensor unused = at::zeros({1, 1}, dq.options());
+  backward_terms(q, k, v, lse, gp, go, crow, col, order, tcrow, trow, unused, unused, sbias, sbias_t, true, mask, b,
+                 h0, heads, scale, dropout_p, seed, dq, dk, dv, dbias);
+}
+
 // Window attention (the local attention mask): out [heads, Q, D] and the window log-sum-exp lse [heads, Q] of
 // batch element b; sbias = the bias values [n, 1 or heads] added to the scores, or none.
-void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& crow,
+void window_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& crow,
                        const at::Tensor& col, const at::Tensor& order, const c10::optional<at::Tensor>& sbias,
                        const c10::optional<at::Tensor>& mask, int64_t b, int64_t h0, int64_t heads, double scale,
                        double dropout_p, int64_t seed, at::Tensor lse, at::Tensor out) {
   const Common c = make_common(q, k, b, h0, heads, scale, dropout_p, seed);
   check_rows(v, "v");
   TORCH_CHECK(lse.is_contiguous() && out.is_contiguous(), "lse and out must be contiguous");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "window_attention_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     switch (c.d) {
       case 32: attn_forward_impl<32, scalar_t, acc_t>(q, k, v, crow, col, order, sbias, mask, c, lse, out); break;
@@ -426,10 +458,14 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_bias fused CPU kernels: the window terms of the exact correction, and the dense pass with dropout";
-  m.def("window_forward", &window_forward, "window terms of the forward (one batch element, a block of heads)");
-  m.def("window_backward", &window_backward, "window terms of the backward (one batch element, a block of heads); "
-        "with window=True the backward of window attention");
-  m.def("attention_forward", &attention_forward, "window attention forward (one batch element, a block of heads)");
+  m.def("correction_forward", &correction_forward,
+        "the correction's window terms of the forward (one batch element, a block of heads)");
+  m.def("correction_backward", &correction_backward,
+        "the correction's window terms of the backward (one batch element, a block of heads)");
+  m.def("window_attention_forward", &window_attention_forward,
+        "window attention's forward (one batch element, a block of heads)");
+  m.def("window_attention_backward", &window_attention_backward,
+        "window attention's backward (one batch element, a block of heads)");
   m.def("dense_forward", &sparse_bias::dense_forward, "flash-style dense attention with counter-hash dropout: (out, lse)");
   m.def("dense_backward", &sparse_bias::dense_backward, "backward of dense_forward: (dq, dk, dv)");
   m.def("parallel_calls", [] { return sparse_bias::parallel_call_count.load(); },

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .._call import Call
+from .._core.call import Call
 from .dropout import dropout_scale
 
 __all__ = ["chunked_forward", "chunked_backward", "CHUNK_SCORES"]

@@ -2,7 +2,7 @@
 
 Each score ``(b, h, q, key)`` of the ``[B, H, Q, K]`` score tensor is kept or dropped by a pure function of the seed
 and its flat index, so the dense pass, the window correction and every backward see one consistent mask without
-storing it. ``csrc/dropout_hash.h`` and `sparse_bias.dense.triton_dense` compute the same bits.
+storing it. ``csrc/dropout_hash.h`` and `sparse_bias.backends.triton.dense` compute the same bits.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import math
 from typing import Tuple
 
 import torch
+
+from .._core.call import seed64
 
 __all__ = ["dropout_keep", "dropout_scale", "dropout_mask", "seed_keys", "seed64"]
 
@@ -65,11 +67,3 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     """The full keep-mask ``[B, H, Q, K]`` of `dropout_keep` (for references and tests)."""
     numel = math.prod(shape)
     return dropout_keep(seed, torch.arange(numel, device=device), p).view(*shape)
-
-
-def seed64(seed: int) -> int:
-    """The dropout seed as the compiled kernels take it: the signed int64 with the same low 64 bits (the kernels
-    read them back as unsigned), so every seed -- negative or above 2^63 included -- gives the decisions of
-    :func:`dropout_keep`."""
-    bits = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return bits - (1 << 64) if bits >= (1 << 63) else bits

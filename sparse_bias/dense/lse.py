@@ -1,6 +1,6 @@
 """The dense global pass: attention without bias that also returns the log-sum-exp, and its backward.
 
-`dense_lse_forward` returns ``(out, lse, state)``; `dense_lse_backward` takes an upstream gradient, *any* output
+`dense_lse_forward` returns ``(out, lse, kernel)``; `dense_lse_backward` takes an upstream gradient, *any* output
 tensor and the log-sum-exp and returns ``(dq, dk, dv)`` -- the sparse correction calls it with the final (biased)
 output and ``g / (1 + S)``, which makes it exact for every key outside the windows.
 
@@ -14,11 +14,11 @@ Implementations, in order of preference:
   or with a mask); its LSE (padded to a multiple of 32 along queries in some releases) is sliced.
   The adapters of both CUDA ops are pure functions in `sparse_bias.dense.private_ops` (tested on CPU against
   an emulation); each CUDA kernel is compared once with the chunked kernel on a tiny problem before first use
-  (`sparse_bias._verify`).
+  (`sparse_bias._core.verify`).
 * ``"cpu_dropout"``: with attention dropout on the CPU, the compiled flash-style kernel of
   ``sparse_bias/csrc/dense_dropout.cpp`` (online softmax over key blocks, the counter-hash keep decision of
   `sparse_bias.dense.dropout` computed inside the block loop, never stored; deterministic backward).
-* ``"triton_dropout"``: with attention dropout on CUDA, the Triton kernels of `sparse_bias.dense.triton_dense`
+* ``"triton_dropout"``: with attention dropout on CUDA, the Triton kernels of `sparse_bias.backends.triton.dense`
   (the same decisions, computed in registers), after the same first-use check.
 * ``"chunked"``: pure PyTorch (`sparse_bias.dense.chunked`), the fallback when a private op or the compiled
   kernels are missing or refuse the input, and for empty problems.
@@ -27,33 +27,31 @@ Whatever the kernel, a fully masked row comes out as ``out = 0``, ``lse = -inf``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 
-from .._call import Call
-from .._extension import extension
-from .._verify import verified
-from . import private_ops, triton_dense
+from .._core.call import Call
+from .._core.extension import extension
+from .._core.verify import verified
+from ..backends import triton as triton_dense
+from . import private_ops
 from .boundary import fully_masked_rows, kernel_lse, unit_stride
 from .chunked import chunked_backward, chunked_forward
 from .dropout import seed64
 
-__all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "KernelState"]
+__all__ = ["dense_lse_forward", "dense_lse_backward", "dense_kernel_name", "KERNELS"]
 
 _HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_OPS = {"cuda_flash": "_scaled_dot_product_flash_attention",
              "cuda_efficient": "_scaled_dot_product_efficient_attention"}
 
 
-@dataclass
-class KernelState:
-    """What `dense_lse_backward` needs besides the tensors: the kernel's name. (The CUDA ops' extra outputs are
-    rebuilt from the sizes and the log-sum-exp, `sparse_bias.dense.private_ops.flash_aux` / ``efficient_aux``, so a
-    backward runs from tensors a custom op can save.)"""
-
-    name: str
+#: The dense kernels by name. The forward returns the name of the one it ran (after any fallback) and the backward
+#: takes it: the registered ops pass it as its index in this tuple (`sparse_bias._core.ops`). The CUDA ops' extra
+#: outputs are rebuilt from the sizes and the log-sum-exp (`sparse_bias.dense.private_ops.flash_aux` /
+#: ``efficient_aux``), so a backward runs from tensors a custom op can save.
+KERNELS = ("chunked", "cpu_flash", "cpu_dropout", "cuda_flash", "cuda_efficient", "triton_dropout")
 
 
 def _has_op(name: str) -> bool:
@@ -103,9 +101,9 @@ def _check(name: str, q: torch.Tensor) -> Tuple[bool, str]:
     g = torch.randn(shape, generator=gen, device=q.device).to(q.dtype)
     tol = 1e-3 if q.dtype == torch.float32 else 3e-2
     call = Call.of(tq, 0.3, None, *((0.2, 5) if name == "triton_dropout" else (0.0, 0)))
-    out, lse, state = _run_gpu(name, tq, tk, tv, call)
+    out, lse, kernel = _run_gpu(name, tq, tk, tv, call)
     ref_out, ref_lse = chunked_forward(tq, tk, tv, call)
-    grads = dense_lse_backward(state, g, (tq, tk, tv), (out, lse), call)
+    grads = dense_lse_backward(kernel, g, (tq, tk, tv), (out, lse), call)
     ref = chunked_backward(g, tq, tk, tv, out, kernel_lse(lse.float()), call)
     ok = bool(torch.allclose(out.float(), ref_out.float(), atol=tol, rtol=tol)
               and torch.allclose(lse.float(), ref_lse.float(), atol=tol, rtol=tol)
@@ -122,39 +120,39 @@ def _checked(name: str, q: torch.Tensor) -> bool:
 
 
 def _run_gpu(name, q, k, v, call: Call):
-    """A GPU dense kernel's ``(out, lse, state)``."""
+    """A GPU dense kernel's ``(out, lse, name)``."""
     if name == "triton_dropout":
         out, lse = triton_dense.dense_forward(q, k, v, call)
-        return out, lse, KernelState(name)
+        return out, lse, name
     if name == "cuda_flash":  # pragma: no cover - exercised on GPU machines only
         out, lse, _ = private_ops.flash_forward(torch.ops.aten, q, k, v, call.scale)
     else:  # pragma: no cover - exercised on GPU machines only
         out, lse, _ = private_ops.efficient_forward(torch.ops.aten, q, k, v, call.mask, call.scale)
-    return out, lse, KernelState(name)
+    return out, lse, name
 
 
 def _mask_for(call: Call, dtype: torch.dtype):
     return None if call.mask is None else call.mask.to(dtype)
 
 
-def dense_lse_forward(q, k, v, call: Call) -> Tuple[torch.Tensor, torch.Tensor, KernelState]:
+def dense_lse_forward(q, k, v, call: Call) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """Unbiased attention with its log-sum-exp.
 
     Args:
         q: ``[B, H, Q, D]``; k, v: ``[B, H, K, D]``, each with a unit last stride (`unit_stride`).
-        call: the `sparse_bias._call.Call` (scale, additive mask, dropout and seed, key range).
+        call: the `sparse_bias._core.call.Call` (scale, additive mask, dropout and seed, key range).
 
     Returns:
-        ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), state)``; pass
-        ``state`` to `dense_lse_backward`. A fully masked row (every key ``-inf``, or no keys) gets ``out = 0``
+        ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), kernel)``: pass
+        ``kernel`` (the name of the kernel that ran, one of `KERNELS`) to `dense_lse_backward`. A fully masked row (every key ``-inf``, or no keys) gets ``out = 0``
         and ``lse = -inf``, whatever the kernel (the CPU flash op reports ``lse = 0`` there).
     """
-    out, lse, state = _forward(q, k, v, call)
+    out, lse, kernel = _forward(q, k, v, call)
     empty = fully_masked_rows(call.mask)
     if empty is not None:
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
-    return out, lse, state
+    return out, lse, kernel
 
 
 def _forward(q, k, v, call: Call):
@@ -163,12 +161,12 @@ def _forward(q, k, v, call: Call):
         offset, total = call.key_range or (0, k.shape[2])
         out, lse = extension()[0].dense_forward(q, k, v, call.mask, call.scale, call.dropout_p, seed64(call.seed),
                                                 offset, total)
-        return out, lse, KernelState(name)
+        return out, lse, name
     if name == "cpu_flash":
         try:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, False, attn_mask=_mask_for(call, q.dtype), scale=call.scale)
-            return out, lse, KernelState(name)
+            return out, lse, name
         except RuntimeError:  # pragma: no cover - an input the private op refuses
             pass
     elif name != "chunked":
@@ -177,15 +175,15 @@ def _forward(q, k, v, call: Call):
         except RuntimeError:  # pragma: no cover - an input the kernel refuses
             pass
     out, lse = chunked_forward(q, k, v, call)
-    return out, lse, KernelState("chunked")
+    return out, lse, "chunked"
 
 
-def dense_lse_backward(state: KernelState, grad_out, inputs, outputs, call: Call
+def dense_lse_backward(kernel: str, grad_out, inputs, outputs, call: Call
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of `dense_lse_forward` with its ``state``.
+    """Backward of `dense_lse_forward` on the kernel it ran.
 
     Args:
-        state: from `dense_lse_forward`.
+        kernel: the name `dense_lse_forward` returned.
         grad_out: ``[B, H, Q, D]``, any strides.
         inputs: ``(q, k, v)`` as passed to the forward.
         outputs: ``(out, lse)``: ``out`` may be any output tensor (it enters only through
@@ -197,7 +195,7 @@ def dense_lse_backward(state: KernelState, grad_out, inputs, outputs, call: Call
     """
     q, k, v = inputs
     out, lse = outputs
-    name = state.name
+    name = kernel
     grad_out = unit_stride(grad_out)
     lse = kernel_lse(lse)
     if name == "cpu_dropout":

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._checks import check_tensor
+from .._core.checks import check_tensor
 from ..layout import KeyLayout
 from ..projection import project_points
 from ..windows import WindowIndex, local_windows

@@ -12,10 +12,12 @@ from torch import Tensor
 from einops import rearrange
 from torch import nn
 
-from .._validation import module_masks, normalize_key_padding_mask
-from ..attention import _dense_bias_attention, _sparse_bias_attention
+from .._core.inputs import AttentionInputs
+from .._core.masks import module_masks
+from .._core.reference import dense_attention
+from ..attention import attend
 from ..bias import ModalityBias, SparseBias
-from ..window_attention import _window_attention
+from ..window_attention import attend_windows
 from ..windows import WindowIndex
 
 __all__ = ["SparseBiasMultiheadAttention", "MMCV_IGNORED_KEYWORDS"]
@@ -130,7 +132,7 @@ class SparseBiasMultiheadAttention(nn.Module):
                 (docs/masks.md, also for when the values are read).
             attention_bias: a `SparseBias` / `ModalityBias` (layout-free; its sequence-first view
                 ``bias.transpose(0, 1)``, as CMTTEST's ``CmtTransformer`` makes it, is taken unless ``batch_first``),
-                a dense tensor in the module's sequence layout -- ``[Q, B, K]`` (as the origin design and CMTTEST
+                a dense tensor in the module's sequence layout -- ``[Q, B, K]`` (as the dense version and CMTTEST
                 hand it over) or ``[B, Q, K]`` with ``batch_first`` -- or ``[B, H, Q, K]`` per head, or None. With
                 ``local_window``: a `SparseBias` on that index, or None. Built by mmcv's ``BaseTransformerLayer``
                 as its self-attention (``operation_name == "self_attn"``), the module ignores ``attention_bias``
@@ -179,7 +181,6 @@ class SparseBiasMultiheadAttention(nn.Module):
         k = nn.functional.linear(key, w[c:2 * c], None if bias is None else bias[c:2 * c])
         v = nn.functional.linear(value, w[2 * c:], None if bias is None else bias[2 * c:])
         q, k, v = (rearrange(t, f"{layout} -> b h n d", h=heads) for t in (q, k, v))
-        key_padding_mask = normalize_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device)
         dropout_p = self.attn_drop if self.training else 0.0
         if isinstance(attn_mask, WindowIndex):
             if local_window is not None and local_window is not attn_mask:
@@ -192,15 +193,17 @@ class SparseBiasMultiheadAttention(nn.Module):
             if attention_bias is not None and not isinstance(attention_bias, SparseBias):
                 raise TypeError(f"with local_window, attention_bias must be a SparseBias on that window index or "
                                 f"None, got {type(attention_bias).__name__}")
-            out = _window_attention(q, k, v, local_window, attention_bias, key_padding_mask, dropout_p, None,
-                                    self.backend, None, module_masks(type(self).__name__))
+            out = attend_windows(AttentionInputs.of("window", q, k, v, attention_bias, local_window,
+                                                    key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                                    conventions=module_masks(type(self).__name__)), self.backend)
         else:
             if isinstance(attention_bias, torch.Tensor):
                 attention_bias = self._dense_bias(attention_bias, q.shape[0], heads, q.shape[2], k.shape[2])
             mask = _convert_attn_mask(attn_mask, q.shape[0], heads, q.shape[2], k.shape[2])
-            out = _sparse_bias_attention(q, k, v, attention_bias, key_padding_mask, mask, dropout_p, None,
-                                         self.backend, None, module_masks(type(self).__name__))
-            if isinstance(attention_bias, SparseBias) and getattr(attention_bias, "debug", False):
+            out = attend(AttentionInputs.of("correction", q, k, v, attention_bias, key_padding_mask=key_padding_mask,
+                                            attn_mask=mask, dropout_p=dropout_p,
+                                            conventions=module_masks(type(self).__name__)), self.backend)
+            if isinstance(attention_bias, SparseBias) and attention_bias.debug:
                 _debug_check(q, k, v, attention_bias, key_padding_mask, mask, out)
         out = self.attn.out_proj(rearrange(out, f"b h n d -> {layout}"))
         return identity + self.dropout_layer(self.proj_drop(out))
@@ -337,8 +340,9 @@ def _debug_check(q, k, v, bias, key_padding_mask, mask, out, samples: int = 8):
         if mask is not None:
             m = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
             sub_mask = m[:, :, rows] if m.shape[2] > 1 else m
-        ref = _dense_bias_attention(q[:, :, rows], k, v, bias.to_dense(rows), key_padding_mask, sub_mask, 0.0, None,
-                                    None, None)
+        sub = AttentionInputs.of("dense", q[:, :, rows], k, v, bias.to_dense(rows), key_padding_mask=key_padding_mask,
+                                 attn_mask=sub_mask)                  # its masks' values were checked by the call
+        ref = dense_attention(sub.q, sub.k, sub.v, sub.bias, sub.call)
         err = float((out[:, :, rows].float() - ref.float()).abs().max()) if rows.numel() else 0.0
         vals = bias.values.detach().float()
         stats = (float(vals.min()), float(vals.mean()), float(vals.max())) if vals.numel() else (0.0, 0.0, 0.0)
@@ -349,7 +353,7 @@ def _debug_check(q, k, v, bias, key_padding_mask, mask, out, samples: int = 8):
         if not err <= tol:
             warnings.warn(f"sparse_bias debug_mode: the sparse attention differs from the dense reference by "
                           f"{err:.3e} (tolerance {tol:.1e}, {q.dtype}) on {rows.numel()} sampled queries -- please "
-                          "report this with `python -m sparse_bias.selftest`", RuntimeWarning, stacklevel=3)
+                          "report this with `python -m sparse_bias.tools.selftest`", RuntimeWarning, stacklevel=3)
     return err
 
 

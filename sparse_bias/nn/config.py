@@ -1,4 +1,4 @@
-"""The dense versions' ``attention_bias_config`` entry point (the origin design's and CMTTEST's keys)."""
+"""The dense versions' ``attention_bias_config`` entry point (the dense version's and CMTTEST's keys)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,7 +8,7 @@ from .generators import AttentionBiasGenerator
 
 __all__ = ["build_attention_bias"]
 
-#: The origin design's keys (``seed/``, "配置接口设计").
+#: The dense version's keys (its configuration interface).
 ORIGIN_KEYS = {"enable", "window_size", "bias_scale", "use_local_bias", "fp16", "debug_mode"}
 #: CMTTEST's ``AttentionBiasGenerator`` arguments (``CMTTEST/bias/attention_bias_generator.py``) besides those.
 CMTTEST_KEYS = {"type", "bev_feature_shape", "pers_feature_shape", "learnable_scale", "min_scale", "max_scale",
@@ -26,7 +26,7 @@ def build_attention_bias(cfg: Optional[dict]) -> Optional[AttentionBiasGenerator
 
     Every key of both dense versions keeps its meaning:
 
-    - the origin design: ``enable`` (False = no bias: returns None), ``window_size`` (odd; one size for BEV and
+    - the dense version: ``enable`` (False = no bias: returns None), ``window_size`` (odd; one size for BEV and
       camera), ``bias_scale`` (default 1.0), ``use_local_bias`` (False = one bias per modality over all its
       keys, a `sparse_bias.ModalityBias`), ``fp16`` (half-precision values), ``debug_mode`` (the attention
       checks a sample of queries against the dense reference; see `sparse_bias.nn.AttentionBiasGenerator`);

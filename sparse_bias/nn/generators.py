@@ -1,4 +1,4 @@
-"""Modules producing the bias: the attention-bias generator of the origin design and a light MLP weight head.
+"""Modules producing the bias: the attention-bias generator of the dense version and a light MLP weight head.
 
 The AQR weight generator of the MoME / CMTTEST pipelines (a LAM decoder layer over the memory) is
 `sparse_bias.nn.AQRWeightGenerator` in `sparse_bias.nn.aqr`.
@@ -73,7 +73,7 @@ class MLPWeightGenerator(nn.Module):
 
 
 class AttentionBiasGenerator(nn.Module):
-    """The dense versions' ``AttentionBiasGenerator`` (origin design, CMTTEST), producing a `SparseBias`.
+    """The dense versions' ``AttentionBiasGenerator`` (the dense version's and CMTTEST's), producing a `SparseBias`.
 
     ``forward(lidar_weights, camera_weights, bev_pos, cam_pos)`` spreads each query's weights over its
     local windows: ``bias = weight * scale`` (``"flat"``) or ``* exp(-(dy^2 + dx^2) / (2 sigma^2))``
@@ -90,9 +90,9 @@ class AttentionBiasGenerator(nn.Module):
         profile: ``"flat"`` or ``"gaussian"`` (see `sparse_bias.window_bias`).
         sigma: Gaussian width (see `sparse_bias.window_bias`).
         warmup_steps: ramp the scale linearly from 0 over this many training forwards (0 = off), the
-            origin design's mitigation for early training instability. The step count is a buffer.
+            dense version's mitigation for early training instability. The step count is a buffer.
         dense: return the dense ``[B, Q, K]`` (``[B, H, Q, K]`` for per-head weights) tensor, reproducing the
-            origin design exactly.
+            dense version exactly.
         fp16: keep bias values in float16 (cast after the clamp, as CMTTEST).
         use_local_bias: False = one bias per modality over all its keys (a `ModalityBias`).
         debug: mark the bias so that `SparseBiasMultiheadAttention` checks its result against the dense

@@ -14,7 +14,7 @@ __all__ = ["AQRAttentionBias"]
 
 
 class AQRAttentionBias(nn.Module):
-    """The origin design's CmtHead integration: AQR weights and the local attention bias from one projection.
+    """The dense version's CmtHead integration: AQR weights and the local attention bias from one projection.
 
     Per forward: the reference points are projected once (`AQRWeightGenerator.project`); the AQR runs its
     LAM decoder layer as window attention over the memory; the `AttentionBiasGenerator` built from
@@ -22,7 +22,7 @@ class AQRAttentionBias(nn.Module):
     what ``CmtTransformer(..., attention_bias=...)`` takes.
 
     Args:
-        attention_bias_config: the origin design's / CMTTEST's ``attention_bias_config`` dict
+        attention_bias_config: the dense version's / CMTTEST's ``attention_bias_config`` dict
             (see `sparse_bias.build_attention_bias`); must be enabled. Its feature shapes define the layout.
         aqr_config: keyword arguments of `AQRWeightGenerator` (``embed_dims``, ``num_heads``,
             ``window_sizes``, ``use_type_embed``, ...; ``layout`` comes from the bias config).

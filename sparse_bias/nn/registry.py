@@ -1,7 +1,7 @@
 """Registration in mmcv 1.x / mmdet 2.x and mmengine (mmcv 2.x, mmdet 3.x, mmdet3d 1.x) registries -- only
 when asked.
 
-``import sparse_bias`` touches no registry. Two explicit routes (design brief, section 4):
+``import sparse_bias`` touches no registry. Two explicit routes:
 
 * ``custom_imports=dict(imports=["sparse_bias.mmcv"])`` in a config (or `register_modules` with no
   arguments) registers this library's own, collision-free names (``SparseBiasMultiheadAttention``,

@@ -216,7 +216,7 @@ class PETRTransformerDecoder(nn.Module):
 
     def forward(self, query: Tensor, *args, **kwargs) -> Tensor:
         """Shapes as `PETRTransformerDecoderLayer`, except a dense ``attention_bias``: ``[B, Q, K]`` here
-        (the origin design's decoder level), handed to the layers in their sequence layout (``[Q, B, K]``
+        (the dense version's decoder level), handed to the layers in their sequence layout (``[Q, B, K]``
         unless ``batch_first``), as CMTTEST's decoder does. Keywords are the layer's: any other than
         `sparse_bias.nn.attention.MMCV_IGNORED_KEYWORDS` is a ``TypeError`` naming the decoder."""
         others = {k: v for k, v in kwargs.items() if k not in _LAYER_KEYWORDS_SET}   # (dynamo 2.4 traces no keys() - set)

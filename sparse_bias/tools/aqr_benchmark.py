@@ -1,6 +1,6 @@
 """Benchmark the AQR step: the dense local attention mask (current practice) against window attention.
 
-    python -m sparse_bias.aqr_benchmark [--queries 900] [--repeats 3] [--json FILE] [--quick]
+    python -m sparse_bias.tools.aqr_benchmark [--queries 900] [--repeats 3] [--json FILE] [--quick]
 
 At MoME's AQR shape (B=2, Q=900, C=256, 4 heads, CMT fusion memory of 56,400 keys, windows camera 15 /
 BEV 5, fp32, forward + backward of the whole one-layer LAM decoder, all parameter and input gradients):

@@ -1,6 +1,6 @@
 """Benchmark sparse-bias attention against unbiased SDPA and the dense-bias version.
 
-    python -m sparse_bias.benchmark [--queries 900] [--config fusion] [--repeats 5] [--quick]
+    python -m sparse_bias.tools.benchmark [--queries 900] [--config fusion] [--repeats 5] [--quick]
 
 One process checks every variant's output and gradients (q, k, v and the AQR weights behind the bias)
 against the dense reference on the same inputs. One process then times the forward and the forward +
@@ -10,7 +10,7 @@ multi-GB buffers would slow down what runs next). Finally every variant runs one
 step in a fresh process of its own for its peak RSS (forward + backward, and forward only).
 
 Variants: ``sdpa`` (no bias, no dropout: the floor), ``sparse-<backend>`` (``auto`` and each backend),
-``dense-bias`` (``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the origin design).
+``dense-bias`` (``scaled_dot_product_attention`` with the materialised ``[B, 1, Q, K]`` bias -- the dense version).
 With ``--dropout P`` every variant but ``sdpa`` runs attention dropout P, and ``sdpa-dropout`` (SDPA with
 dropout) is added; the sparse variants are checked against the dense reference with the same dropout seed.
 """

@@ -1,13 +1,13 @@
-"""The library's main job on a synthetic CMT scene: ``python -m sparse_bias.demo [--quick] [--out DIR]``.
+"""The library's main job on a synthetic CMT scene: ``python -m sparse_bias.tools.demo [--quick] [--out DIR]``.
 
 1. Projects 900 random reference points onto the BEV grid and six synthetic cameras, builds their local
-   windows and the sparse bias, prints its size against the origin design's dense ``[B, Q, K]`` fp32
+   windows and the sparse bias, prints its size against the dense version's ``[B, Q, K]`` fp32
    tensor, and writes ``bias_queries.png``: the bias of a few queries, one row per query (its BEV window and
    the camera views it projects into, the projected point marked, the window outlined).
 2. Attention at the CMT shape (B=2, H=8, D=32, Q=900, K=56400): checks the sparse-bias attention against
    the dense reference (output and all gradients), then prints time and peak memory of forward and forward +
    backward for unbiased SDPA, sparse-bias attention (``auto`` backend) and the dense-bias version, each in a
-   fresh process (`sparse_bias.benchmark`), and writes ``attention_comparison.png``. It takes minutes on a CPU
+   fresh process (`sparse_bias.tools.benchmark`), and writes ``attention_comparison.png``. It takes minutes on a CPU
    and about 11.5 GB of RAM (the dense-bias variant, skipped where that is not free): it starts with an estimate
    of both, each phase with its own, and shows progress on stderr. ``--no-attention`` skips this part.
 """

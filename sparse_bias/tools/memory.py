@@ -17,7 +17,7 @@ def available_gib() -> Optional[float]:
 
 
 def dense_bias_gb(batch: int, heads: int, queries: int, keys: int) -> float:
-    """RAM (GB) of a forward + backward of the dense-bias SDPA (the origin design) on CPU: measured 10.5 GB peak
+    """RAM (GB) of a forward + backward of the dense-bias SDPA (the dense version) on CPU: measured 10.5 GB peak
     at B=2, H=8, Q=900, K=56,400, fp32 (docs/results/attention-cmt-fusion-cpu.txt), i.e. about 3.4 score-sized
     fp32 buffers of ``B * H * Q * K`` plus 0.5 GB of inputs; scaled to other sizes."""
     return 0.5 + 3.4 * batch * heads * queries * keys * 4 / 1e9

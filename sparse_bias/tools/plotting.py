@@ -298,7 +298,7 @@ def machine_description() -> str:
 
 
 def comparison_figure(rows, title: Optional[str] = None, setup: Optional[str] = None):
-    """A matplotlib figure of benchmark rows (from `sparse_bias.benchmark`): time in seconds and peak memory in MiB
+    """A matplotlib figure of benchmark rows (from `sparse_bias.tools.benchmark`): time in seconds and peak memory in MiB
     of each variant, forward and forward + backward side by side, each bar labelled with its value and its
     ratio to unbiased SDPA (the row named ``sdpa``, else the first).
 

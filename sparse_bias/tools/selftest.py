@@ -1,14 +1,14 @@
 """Self-test on your device: exactness of every backend, then timings against SDPA / dense bias / FlexAttention.
 
-    python -m sparse_bias.selftest                      # the best device here (cuda:0 when there is one)
-    python -m sparse_bias.selftest --device cuda:1 --json selftest.json
-    python -m sparse_bias.selftest --quick              # small sizes everywhere (what the test suite runs)
+    python -m sparse_bias.tools.selftest                      # the best device here (cuda:0 when there is one)
+    python -m sparse_bias.tools.selftest --device cuda:1 --json selftest.json
+    python -m sparse_bias.tools.selftest --quick              # small sizes everywhere (what the test suite runs)
 
 Part 1 (exactness): for every backend that can run on the device, every dtype (float32, bfloat16, float16),
 and each case -- shared bias, per-head bias, key padding, dropout with a fixed seed, concentrated attention (windows
 holding 90 % of the mass, weights of +-5 of both signs: where an additive correction would cancel), and
 ``window_attention`` plain, with padding and with dropout -- output and gradients (q, k, v, bias values) against the dense reference in
-float64, within the bound of `sparse_bias._precision` (twice the error of the naive dense computation in the same
+float64, within the bound of `sparse_bias._core.precision` (twice the error of the naive dense computation in the same
 dtype plus the roundings only the library's path makes). One PASS/FAIL line per check.
 Part 2 (timing): forward and forward + backward at the CMT fusion shape (or ``--queries`` / ``--window`` /
 ``--layout``) of unbiased SDPA (flash on a GPU), ``sparse_bias_attention`` (auto backend), the dense-bias
@@ -28,16 +28,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .._call import Call
-from .._concentrated import concentrated_qk
-from .._precision import tolerance
-from .._reference import dense_attention, dense_window_attention
-from .._validation import additive_mask
-from .._ops import sparse_op, window_op
+from .._core.call import Call
+from .._core.concentrated import concentrated_qk
+from .._core.masks import additive_mask
+from .._core.ops import SparseBiasAttention, WindowAttention
+from .._core.precision import tolerance
+from .._core.reference import dense_attention, dense_window_attention
+from .._core.selfcheck import self_check_results
 from ..attention import sparse_bias_attention
 from ..backends import backend_candidates
 from ..bias import SparseBias, window_bias
-from ..dispatch import self_check_results
 from ..flex import flex_score_mod
 from ..windows import local_windows
 from .cli import Parser, odd_positive_int, positive_int, progress_bar, run_cli, write_json
@@ -92,7 +92,8 @@ def _evaluate(op, backend, case, prob, device, dtype):
         out = (dense_window_attention(q, k, v, win, SparseBias(win, values), call) if op == "window"
                else dense_attention(q, k, v, SparseBias(win, values).to_dense(), call))
     else:
-        out = (window_op if op == "window" else sparse_op)(q, k, v, values, win, call, backend)
+        function = WindowAttention if op == "window" else SparseBiasAttention
+        out = function.apply(q, k, v, values, win.entries().as_args(), call, backend)
     grads = torch.autograd.grad(out, (q, k, v, wb, wc), prob["grad"].to(device, dtype))
     return [t.detach().double().cpu() for t in (out,) + grads]
 
@@ -115,7 +116,7 @@ def _check(op, backend, case, prob, device, dtype, refs) -> Dict:
     for name, e, n, g in zip(("out", "dq", "dk", "dv", "dw_bev", "dw_cam"), exact, naive, got):
         size = max(float(e.abs().max()), 1e-30)
         err = float((g - e).abs().max())
-        tol = tolerance(float((n - e).abs().max()), size, dtype)      # sparse_bias._precision
+        tol = tolerance(float((n - e).abs().max()), size, dtype)      # sparse_bias._core.precision
         ratio = err / tol if err == err else float("inf")        # NaN fails
         if ratio > worst:
             worst = ratio
@@ -127,7 +128,7 @@ def _check(op, backend, case, prob, device, dtype, refs) -> Dict:
 
 
 #: seconds of one exactness check on the reference machine (2 CPU threads), full and ``quick`` problem: 96 checks
-#: of ``python -m sparse_bias.selftest --device cpu --no-timing [--quick]`` took 95 s and 75 s of CPU time
+#: of ``python -m sparse_bias.tools.selftest --device cpu --no-timing [--quick]`` took 95 s and 75 s of CPU time
 CHECK_SECONDS = {False: 1.0, True: 0.8}
 #: peak RAM (GB) of the exactness checks on a CPU, measured the same way (4.5 GB full, 4.1 GB quick, all three
 #: dtypes: the float64 dense references of every case); their problem has a fixed size
@@ -304,7 +305,7 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
              timing: bool = True, queries: Optional[int] = None, window: Optional[int] = None,
              layout: Optional[str] = None, timing_dtype: str = "float32", repeats: Optional[int] = None, json_path: Optional[str] = None,
              progress: bool = True, log: Callable[[str], None] = print) -> Dict:
-    """Run the self-test (``python -m sparse_bias.selftest`` is its command line) and return its report.
+    """Run the self-test (``python -m sparse_bias.tools.selftest`` is its command line) and return its report.
 
     Args:
         device: e.g. ``"cuda:0"``; default the best available.
@@ -326,8 +327,8 @@ def selftest(device: Optional[str] = None, dtypes: Sequence[str] = tuple(DTYPES)
         ``{"passed": bool, "device", "torch", "checks": [...], "timing": [...], "self_checks": [...]}``.
 
     Example:
-        >>> import sparse_bias as sb
-        >>> report = sb.selftest("cpu", ["float32"], quick=True, timing=False, log=lambda line: None, progress=False)
+        >>> from sparse_bias.tools.selftest import selftest
+        >>> report = selftest("cpu", ["float32"], quick=True, timing=False, log=lambda line: None, progress=False)
         >>> report["passed"]
         True
     """

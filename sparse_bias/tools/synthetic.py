@@ -18,7 +18,7 @@ __all__ = ["CMT_CONFIGS", "CmtConfig", "SyntheticScene", "synthetic_cameras", "s
 
 @dataclass(frozen=True)
 class CmtConfig:
-    """Shapes of one CMT configuration (design brief, section 2)."""
+    """Shapes of one CMT configuration."""
 
     bev_shape: Tuple[int, int]
     cam_shape: Tuple[int, int, int]
