@@ -15,7 +15,7 @@
 # %%
 import os
 
-from sparse_bias import benchmark
+from sparse_bias.tools import benchmark
 
 QUICK = os.environ.get("SPARSE_BIAS_QUICK") == "1"
 OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")

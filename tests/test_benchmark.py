@@ -1,7 +1,7 @@
 """The benchmark in its quick (dry-run) mode: every variant runs, is checked, and is tabulated."""
 import re
 
-from sparse_bias import benchmark
+from sparse_bias.tools import benchmark
 
 
 def _ratio_ok(printed_ratio, num, den, ratio_digits, num_digits, den_digits):

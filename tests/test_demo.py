@@ -3,7 +3,7 @@ import io
 import os
 import sys
 
-from sparse_bias import demo
+from sparse_bias.tools import demo
 from sparse_bias.tools import cli
 
 
