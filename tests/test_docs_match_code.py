@@ -227,7 +227,7 @@ def _threshold_share(b: float) -> float:
     def flagged(w):
         removed = torch.tensor([[w * removed_per_share]], dtype=torch.float64)
         den = 1 + torch.tensor([[w * s_per_share]], dtype=torch.float64)
-        return bool(flagged_rows(den, removed, 1)[0, 0])
+        return bool(flagged_rows(den, removed, torch.zeros(1, 1, 1, dtype=torch.float64), 1)[0, 0])
 
     lo, hi = 0.0, 1.0
     assert flagged(hi)

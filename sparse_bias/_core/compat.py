@@ -10,7 +10,9 @@ feature is absent. The library runs on torch 2.0 and newer (docs/install.md, "Su
   (``register_fake`` a no-op) and nothing is registered;
 * `custom_op_definitions`: the registry of ``torch.library.custom_op`` ops (empty without them);
 * `not_traced`: ``torch.compiler.disable`` without importing dynamo here (through ``torch._compile``'s lazy
-  ``_disable_dynamo``, 2.1+; without it the function stays as it is).
+  ``_disable_dynamo``, 2.1+; without it the function stays as it is);
+* `autocast_dtype`: the dtype autocast casts to on a device type, or None where it is off (the device-type
+  ``torch.is_autocast_enabled`` / ``get_autocast_dtype`` of 2.4+, else the per-device functions of 2.0).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Callable, Dict
 import torch
 
 __all__ = ["CUSTOM_OPS", "EXPORT_FLAG", "is_compiling", "is_exporting", "custom_op", "custom_op_definitions",
-           "not_traced"]
+           "not_traced", "autocast_dtype"]
 
 #: torch.library's Python custom-op API (torch 2.4+)
 CUSTOM_OPS = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake"))
@@ -115,3 +117,18 @@ def custom_op_definitions() -> Dict[str, object]:
         return {}
     from torch._library.custom_ops import OPDEFS
     return OPDEFS
+
+
+def autocast_dtype(device_type: str):
+    """The dtype ``torch.autocast`` casts eligible (float32 / half) tensors to on ``device_type``, or None when
+    autocast is off there (or the device type has none)."""
+    if hasattr(torch, "get_autocast_dtype"):                                  # the device-type API (2.4+)
+        try:
+            return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        except (RuntimeError, TypeError, ValueError):                          # a device type without autocast
+            return None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return None

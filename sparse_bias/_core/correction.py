@@ -65,7 +65,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, values: Optional[Tensor], index: Li
             impl.forward_block(blk, (q, k, v), klse[blk.hs], p[blk.hs] if saves_p else None,
                                (den[blk.hs], removed[blk.hs], acc[blk.hs]))
         acc /= den.unsqueeze(-1)
-        exact = flagged_rows(den, removed, bsz)
+        exact = flagged_rows(den, removed, acc, bsz)
         exact_forward(acc, (q, k, v), values, ent, call, exact, impl)
     return [batch_major(acc, bsz).to(q.dtype), lse, den, p, exact, kernel]
 
@@ -101,6 +101,7 @@ def _backward(kernel: str, grad_out, saved, ent: Entries, call: Call, backend, w
     # The dense backward takes g itself (in its dtype: no rounding of g') with the biased log-normaliser
     # L + log(1 + S): its p_j / (1 + S) is then the biased probability outside the window, the same gradients.
     lse_b = torch.where(rows_exact, lse.to(cdt), lse.to(cdt) + torch.log(den_b))
+    out = out.masked_fill(rows_exact.unsqueeze(-1), 0.0)        # g = 0 there: <g, o> = 0 even where o is not finite
     dq, dk, dv = dense_lse_backward(kernel, g, (q, k, v), (out, lse_b), call)
     dq = head_major(dq.to(cdt))                                                        # [H, B * Q, D]
     if backend.needs_contiguous:             # kernels that address the gradient buffers directly

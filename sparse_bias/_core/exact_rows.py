@@ -49,10 +49,13 @@ HOST_DEVICES = ("cpu",)
 EXACT_ROW_BUDGET = 1 << 23
 
 
-def flagged_rows(den: torch.Tensor, removed: torch.Tensor, batch: int) -> torch.Tensor:
-    """``[B, Q]`` bool: the rows that take the exact path, from the normaliser ``den = 1 + S`` and the removed mass
-    ``removed = R`` (both ``[H, B * Q]``)."""
+def flagged_rows(den: torch.Tensor, removed: torch.Tensor, out: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B, Q]`` bool: the rows that take the exact path, from the normaliser ``den = 1 + S``, the removed mass
+    ``removed = R`` (both ``[H, B * Q]``) and the corrected output ``out [H, B * Q, D]``: a row whose output is not
+    finite (NaN / inf inputs) is evaluated densely too, so it has the dense version's NaN / inf pattern -- the
+    correction's ``o_d + C`` would turn an infinite value into ``inf - inf = NaN``."""
     ok = (removed <= EXACT_ROW_RATIO * den.clamp(max=1.0)) & torch.isfinite(den) & (den > 0)
+    ok &= torch.isfinite(out).all(dim=-1)
     return (~ok.all(dim=0)).view(batch, -1)
 
 
@@ -177,6 +180,10 @@ def _rows_problem(q, values: torch.Tensor, ent: Entries, call: Call, b: int, row
     if call.mask is not None:
         m = call.mask[b:b + 1] if call.mask.shape[0] > 1 else call.mask
         mask = mask + (m[:, :, rows] if m.shape[2] > 1 else m).to(cdt)
+    # Less each row's largest (finite) bias: the softmax is unchanged, and a huge bias (an overflowing one flags
+    # its row) cannot swamp the kernel's log-normaliser, whose rounding the backward's exp(s - L) would inherit.
+    top = mask.amax(-1, keepdim=True)
+    mask = mask - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return q[b:b + 1, :, rows].to(cdt), replace(call, mask=mask), grid
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .call import Call
 from .checks import check_device, check_tensor, debug_check_finite
-from .compat import is_compiling
+from .compat import autocast_dtype, is_compiling
 from .masks import MaskConventions, additive_mask
 from ..backends import BACKENDS, OPS
 from ..bias import ModalityBias, SparseBias
@@ -61,6 +61,7 @@ class AttentionInputs:
         if op not in INPUT_OPS:
             raise ValueError(f"op must be one of {INPUT_OPS}, got {op!r}")
         check_qkv(q, k, v)
+        q, k, v = autocast_inputs(q, k, v)
         if op == "window":
             check_window(win, q, k)
         scale = check_scale(scale, q)
@@ -104,6 +105,18 @@ def check_qkv(q, k, v):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_device("k", k, q.device, "q")
     check_device("v", v, q.device, "q")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        debug_check_finite(name, t.detach())
+
+
+def autocast_inputs(q, k, v):
+    """q, k, v as ``scaled_dot_product_attention`` takes them under ``torch.autocast``: float32 / half tensors in the
+    autocast dtype (float64 as it is), so the output has SDPA's dtype there; bias values keep theirs (they enter in
+    the compute dtype, float32 for half inputs)."""
+    target = autocast_dtype(q.device.type)
+    if target is None or q.dtype == target or q.dtype == torch.float64:
+        return q, k, v
+    return q.to(target), k.to(target), v.to(target)
 
 
 def check_batch_first(bias, name="bias"):

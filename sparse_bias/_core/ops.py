@@ -48,10 +48,15 @@ class Op:
 
     def __init__(self, name: str, impl):
         @functools.wraps(impl)
+        def without_autocast(*args):      # the inputs are cast once, at the public entry (`.inputs`); inside,
+            with torch.autocast(args[0].device.type, enabled=False):     # each op keeps its compute dtype
+                return impl(*args)
+
+        @functools.wraps(impl)
         def contiguous_outputs(*args):
-            return [t.contiguous() for t in impl(*args)]
+            return [t.contiguous() for t in without_autocast(*args)]
         self.registered = custom_op(f"sparse_bias::{name}", mutates_args=())(contiguous_outputs)
-        self.impl = impl
+        self.impl = without_autocast
 
     def __call__(self, *args):
         return self.registered(*args) if is_compiling() else self.impl(*args)

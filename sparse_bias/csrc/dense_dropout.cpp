@@ -121,11 +121,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               mx = std::max(mx, row[j]);
             }
           }
-          const acc_t m_new = std::max(m[i], mx);
+          acc_t m_new = std::max(m[i], mx);
           acc_t* arow = ap + i * D;
-          if (m_new == ninf) {                         // every key so far masked: nothing to add
-            std::fill(row, row + nk, acc_t(0));
-            continue;
+          if (m_new == ninf) {
+            if (!any_nan(row, nk)) {                   // every key so far masked: nothing to add
+              std::fill(row, row + nk, acc_t(0));
+              continue;
+            }
+            m_new = std::numeric_limits<acc_t>::quiet_NaN();   // NaN scores: a NaN row, as the dense version
           }
           const acc_t corr = std::exp(m[i] - m_new);
           acc_t sum = 0;

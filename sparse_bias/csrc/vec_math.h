@@ -35,4 +35,14 @@ inline float vexp(float x) {
 
 inline double vexp(double x) { return std::exp(x); }
 
+// The running maximum of a row is taken with std::max in vectorised loops, which drops NaN. A row whose maximum
+// stayed -inf (every key masked: zeros, docs/conventions.md) is told apart from one whose scores are NaN by this,
+// so NaN scores give a NaN row, as the dense version does.
+template <typename T>
+inline bool any_nan(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i]) return true;
+  return false;
+}
+
 }  // namespace sparse_bias

@@ -319,7 +319,10 @@ void attn_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         if (has_sb) buf[i] += sb[(e0 + i) * sbh + (sbh > 1 ? hi : 0)];
         m = std::max(m, buf[i]);
       }
-      if (m == -std::numeric_limits<acc_t>::infinity()) continue;  // every window key masked: zeros (+inf: NaN, as SDPA)
+      if (m == -std::numeric_limits<acc_t>::infinity()) {  // every window key masked: zeros (+inf: NaN, as SDPA)
+        if (!sparse_bias::any_nan(buf.data(), n)) continue;
+        m = std::numeric_limits<acc_t>::quiet_NaN();        // NaN scores: a NaN row, as the dense version
+      }
       acc_t l = 0;
 #pragma omp simd reduction(+ : l)
       for (int64_t i = 0; i < n; ++i) {

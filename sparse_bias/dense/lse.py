@@ -145,9 +145,11 @@ def dense_lse_forward(q, k, v, call: Call) -> Tuple[torch.Tensor, torch.Tensor, 
     Returns:
         ``(out [B, H, Q, D] in q's dtype, lse [B, H, Q] float32 (float64 for float64 input), kernel)``: pass
         ``kernel`` (the name of the kernel that ran, one of `KERNELS`) to `dense_lse_backward`. A fully masked row (every key ``-inf``, or no keys) gets ``out = 0``
-        and ``lse = -inf``, whatever the kernel (the CPU flash op reports ``lse = 0`` there).
+        and ``lse = -inf``, whatever the kernel (the CPU flash op reports ``lse = 0`` there). A row with a ``+inf``
+        score gets ``lse = NaN`` (every kernel's output is NaN there; its probabilities are NaN, as in ``softmax``).
     """
     out, lse, kernel = _forward(q, k, v, call)
+    lse = torch.where(torch.isposinf(lse), torch.full_like(lse, float("nan")), lse)
     empty = fully_masked_rows(call.mask)
     if empty is not None:
         lse = lse.masked_fill(empty, float("-inf"))

@@ -64,7 +64,7 @@ def window_forward_kernel(Q, K, V, INDPTR, KEY, BV, EM, KP, OUT, LSE,
         vrows = tl.load(V + rows, mask=mm, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * vrows, axis=0)
         m_i = m_new
-    live = l_i > 0.0                                 # empty or fully masked rows: lse = -inf, out = 0
+    live = l_i != 0.0                                # empty or fully masked rows: lse = -inf, out = 0 (NaN stays)
     tl.store(LSE + i * lse_s + r, tl.where(live, m_i + tl.log(tl.where(live, l_i, 1.0)), float("-inf")))
     out = tl.where(live, acc / tl.where(live, l_i, 1.0), 0.0)
     tl.store(OUT + i * out_s + r * out_r + d, out, mask=dm)
