@@ -125,7 +125,7 @@ def exact_backward_kernel(Q, K, V, G, M, INDPTR, KEY, BV, FLAGS, DQ, DK, DV, DB,
         m_i, l_i, acc = _row_pass(q, K, V, M, KEY, BV, b, hh, qi, bh, nq, nk, start, end, total, offset, scale,
                                   p, seed_lo, seed_hi, bv_s, m_sb, m_sh, m_sq, m_sk, d, dm, D, DP, BN, HAS_M,
                                   DROP)
-        if l_i > 0:                                   # a fully masked row has no gradient
+        if l_i != 0:                                  # a fully masked row has no gradient (NaN: NaN ones)
             lse = m_i + tl.log(l_i)
             delta = tl.sum(g * acc, axis=0) / l_i                                   # <g, o>
             dq = tl.zeros([DP], tl.float32)
