@@ -80,7 +80,7 @@ def test_sweep_quick(tmp_path):
 
 
 def test_aqr_benchmark_quick(capsys, tmp_path):
-    from sparse_bias import aqr_benchmark
+    from sparse_bias.tools import aqr_benchmark
     result = aqr_benchmark.main(["--quick", "--json", str(tmp_path / "aqr.json")])
     out = capsys.readouterr().out
     assert [r["variant"] for r in result["rows"]] == list(aqr_benchmark.VARIANTS)

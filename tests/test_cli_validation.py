@@ -48,14 +48,14 @@ def test_bad_numbers_are_one_line_and_exit_2_in_process(tool, argv, names, capsy
     err = capsys.readouterr().err
     assert exc.value.code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"python -m sparse_bias.{tool}: error:") and names in lines[0], err
+    assert len(lines) == 1 and lines[0].startswith(f"python -m sparse_bias.tools.{tool}: error:") and names in lines[0], err
 
 
 @pytest.mark.parametrize("tool, argv", [("benchmark", ["--queries", "0"]), ("benchmark", ["--repeats", "0"]),
                                         ("benchmark", ["--bev-window", "4"]), ("demo", ["--queries", "-5"]),
                                         ("aqr_benchmark", ["--heads", "3", "--quick"])])
 def test_the_reported_cases_exit_2_with_one_line(tool, argv):
-    res = subprocess.run([sys.executable, "-m", f"sparse_bias.{tool}"] + argv, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", f"sparse_bias.tools.{tool}"] + argv, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "Traceback" not in res.stderr and res.stdout == ""
@@ -112,7 +112,7 @@ def test_selftest_function_validates_its_sizes():
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_help_states_each_default_once_and_no_flag_as_true(tool):
-    res = subprocess.run([sys.executable, "-m", f"sparse_bias.{tool}", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", f"sparse_bias.tools.{tool}", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0
     text = res.stdout

@@ -77,3 +77,33 @@ def test_one_module_from_four_threads_equals_the_calls_in_turn(monkeypatch, back
     for got, want in zip(together, in_turn):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_first_use_check_runs_once_when_threads_race():
+    """Threads reaching an unchecked kernel at once: the check runs once, every thread gets its result, one
+    warning for a failure."""
+    import threading
+    import time
+    import warnings
+
+    from sparse_bias._core import verify
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        time.sleep(0.05)                              # long enough for the other threads to arrive
+        return False, "wrong"
+
+    key = ("test", "race", object())
+    results = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=lambda: results.append(verify.verified(key, check, lambda d: d)))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert calls == [1] and results == [(False, "wrong")] * 4
+    assert sum(str(w.message) == "wrong" for w in caught) == 1

@@ -18,19 +18,19 @@ from sparse_bias.nn import CmtTransformer, SparseBiasMultiheadAttention
                                          ("demo", ["--window", "15"]), ("aqr_benchmark", ["--variants", "bar"]),
                                          ("selftest", ["--dtypes", "double"]), ("benchmark", ["--dropout", "1.5"])])
 def test_invalid_arguments_exit_2_with_one_line(module, argv):
-    res = subprocess.run([sys.executable, "-m", f"sparse_bias.{module}"] + argv, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", f"sparse_bias.tools.{module}"] + argv, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"python -m sparse_bias.{module}: error:"), res.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"python -m sparse_bias.tools.{module}: error:"), res.stderr
     assert "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("module", ["benchmark", "demo", "aqr_benchmark", "selftest"])
 def test_help_shows_a_default_or_a_flag_for_every_option(module):
-    res = subprocess.run([sys.executable, "-m", f"sparse_bias.{module}", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", f"sparse_bias.tools.{module}", "--help"], capture_output=True, text=True,
                          timeout=120)
-    assert res.returncode == 0 and res.stdout.startswith(f"usage: python -m sparse_bias.{module}")
+    assert res.returncode == 0 and res.stdout.startswith(f"usage: python -m sparse_bias.tools.{module}")
     options = [line for line in res.stdout.splitlines() if line.startswith("  --")]   # not wrapped help lines
     text = res.stdout.replace("\n", " ")
     assert options and text.count("(default:") >= len(options) - 1          # every option but --help has help

@@ -45,8 +45,8 @@ def set_debug_checks(enabled: bool) -> None:
     """Turn the debug checks of the attention ops on or off (default: the ``SPARSE_BIAS_DEBUG`` environment
     variable, off when unset).
 
-    With them on, every call also checks what needs device values -- bias values finite, float masks free of
-    NaN / ``+inf``, a bias on a different index object holding the same entries -- and raises a `ValueError`
+    With them on, every call also checks what needs device values -- q, k, v and bias values finite, float masks
+    free of NaN / ``+inf``, a bias on a different index object holding the same entries -- and raises a `ValueError`
     naming the argument; the mask checks that otherwise read a device mask once per process (a 0/1 float mask,
     a mask blocking every key: docs/masks.md) run on every call too. Each check reads a device
     value (a host synchronisation on a GPU), which is why they are off by default: without them a NaN bias gives a

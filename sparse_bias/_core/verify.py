@@ -8,11 +8,13 @@ the dense pass its GPU kernels' (`sparse_bias.dense`), the dispatch its window b
 
 ``SPARSE_BIAS_SELF_CHECK`` sets which window backends are checked: ``gpu`` (default: every backend on a non-CPU
 device, and the Triton kernels wherever they run, the interpreter included), ``always`` (CPU backends too) or
-``off``. The dense pass's GPU kernels are always checked.
+``off``. The dense pass's GPU kernels are always checked. Threads calling at once run each check once: the first
+runs it, the others wait for its result (one re-entrant lock: a check may use other checked kernels).
 """
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Callable, Dict, Tuple
 
@@ -25,22 +27,27 @@ _POLICIES = ("gpu", "always", "off")
 
 #: key -> (passed, detail)
 _RESULTS: Dict[tuple, Tuple[bool, str]] = {}
+_LOCK = threading.RLock()
 
 
 def verified(key: tuple, check: Callable[[], Tuple[bool, str]], warning: Callable[[str], str]
              ) -> Tuple[bool, str]:
     """``(passed, detail)`` of ``check()``, run once per ``key`` (an exception fails it). On failure
     ``warning(detail)`` is issued once as a ``RuntimeWarning``."""
-    if key not in _RESULTS:
-        with torch.enable_grad():
-            try:
-                result = check()
-            except Exception as exc:  # noqa: BLE001 - a kernel that fails to run fails its check
-                result = (False, f"it raised {type(exc).__name__}: {exc}")
-        _RESULTS[key] = result
-        if not result[0]:
-            warnings.warn(warning(result[1]), RuntimeWarning, stacklevel=3)
-    return _RESULTS[key]
+    result = _RESULTS.get(key)
+    if result is not None:                                # checked: no lock on the hot path
+        return result
+    with _LOCK:
+        if key not in _RESULTS:
+            with torch.enable_grad():
+                try:
+                    result = check()
+                except Exception as exc:  # noqa: BLE001 - a kernel that fails to run fails its check
+                    result = (False, f"it raised {type(exc).__name__}: {exc}")
+            _RESULTS[key] = result
+            if not result[0]:
+                warnings.warn(warning(result[1]), RuntimeWarning, stacklevel=3)
+        return _RESULTS[key]
 
 
 def results() -> Dict[tuple, Tuple[bool, str]]:
@@ -50,7 +57,8 @@ def results() -> Dict[tuple, Tuple[bool, str]]:
 
 def reset() -> None:
     """Forget every result (the checks run again on next use)."""
-    _RESULTS.clear()
+    with _LOCK:
+        _RESULTS.clear()
 
 
 def _policy() -> str:

@@ -157,8 +157,8 @@ class Parser(argparse.ArgumentParser):
 
     @classmethod
     def for_tool(cls, name: str, doc: str, **kwargs) -> "Parser":
-        """The parser of ``python -m sparse_bias.<name>``, described by the first line of the tool's docstring."""
-        return cls(f"python -m sparse_bias.{name}", doc.splitlines()[0], **kwargs)
+        """The parser of ``python -m sparse_bias.tools.<name>``, described by the first line of the tool's docstring."""
+        return cls(f"python -m sparse_bias.tools.{name}", doc.splitlines()[0], **kwargs)
 
     _NO_QUICK = object()
 
