@@ -48,21 +48,26 @@ class Op:
 
     def __init__(self, name: str, impl):
         @functools.wraps(impl)
-        def without_autocast(*args):      # the inputs are cast once, at the public entry (`.inputs`); inside,
-            with torch.autocast(args[0].device.type, enabled=False):     # each op keeps its compute dtype
-                return impl(*args)
-
-        @functools.wraps(impl)
-        def contiguous_outputs(*args):
-            return [t.contiguous() for t in without_autocast(*args)]
-        self.registered = custom_op(f"sparse_bias::{name}", mutates_args=())(contiguous_outputs)
-        self.impl = without_autocast
+        def registered(*args):
+            with _no_autocast(args[0]):
+                return [t.contiguous() for t in impl(*args)]
+        self.registered = custom_op(f"sparse_bias::{name}", mutates_args=())(registered)
+        self.impl = impl
 
     def __call__(self, *args):
-        return self.registered(*args) if is_compiling() else self.impl(*args)
+        if is_compiling():
+            return self.registered(*args)
+        with _no_autocast(args[0]):
+            return self.impl(*args)
 
     def register_fake(self, fn):
         return self.registered.register_fake(fn)
+
+
+def _no_autocast(q: Tensor):
+    """Autocast off for an op's implementation: the inputs are cast once, at the public entry (`.inputs`); inside,
+    each op keeps its compute dtype."""
+    return torch.autocast(q.device.type, enabled=False)
 
 
 def _like(t: Tensor, shape, dtype=None) -> Tensor:
