@@ -40,9 +40,12 @@ def test_unregistered_ops_equal_the_registered_ops(monkeypatch, op):
         return sb.window_attention(q, k, v, win, bias, backend="sparse")
 
     want = grads_of(fn, (q, k, v, values))
+    monkeypatch.setattr(_ops, "custom_op", lambda name, mutates_args=(): _compat._Unregistered)   # torch < 2.4
     for name, math in (("sparse", correction), ("window", window), ("modality", modality)):
         for step in ("forward", "backward"):
-            monkeypatch.setattr(_ops, f"_{name}_{step}", _compat._Unregistered(getattr(math, step)))
+            unregistered = _ops.Op(f"unregistered_{name}_{step}", getattr(math, step))
+            assert isinstance(unregistered.registered, _compat._Unregistered)
+            monkeypatch.setattr(_ops, f"_{name}_{step}", unregistered)
     got = grads_of(fn, (q, k, v, values))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

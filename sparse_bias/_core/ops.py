@@ -23,6 +23,7 @@ attention call (``torch._dynamo.disable`` on it) there.
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads these annotations as objects (torch
 # 2.4 cannot resolve them from strings).
+import contextlib
 import functools
 from typing import List, Optional
 
@@ -39,8 +40,8 @@ __all__ = ["Op", "SparseBiasAttention", "WindowAttention", "ModalityAttention"]
 
 
 class Op:
-    """A registered op (``torch.ops.sparse_bias.<name>``, implementation ``impl``) as the Functions call it: the
-    registered op while ``torch.compile`` / ``torch.export`` trace, ``impl`` itself otherwise.
+    """A registered op (``torch.ops.sparse_bias.<name>``, implementation ``impl``) and what the Functions call:
+    `current`, inside ``with no_autocast(q)`` (`no_autocast`).
 
     The registered op returns its outputs contiguous, as its fake implementation declares them (Inductor relies on
     it); ``impl`` returns some in the dense kernels' layouts (the CPU flash kernel's key-major ``dk`` / ``dv``),
@@ -49,25 +50,26 @@ class Op:
     def __init__(self, name: str, impl):
         @functools.wraps(impl)
         def registered(*args):
-            with _no_autocast(args[0]):
+            with no_autocast(args[0]):
                 return [t.contiguous() for t in impl(*args)]
         self.registered = custom_op(f"sparse_bias::{name}", mutates_args=())(registered)
         self.impl = impl
 
-    def __call__(self, *args):
-        if is_compiling():
-            return self.registered(*args)
-        with _no_autocast(args[0]):
-            return self.impl(*args)
+    @property
+    def current(self):
+        """The registered op while ``torch.compile`` / ``torch.export`` trace, ``impl`` itself otherwise (returned,
+        not wrapped: no Python level between a Function and the op's implementation)."""
+        return self.registered if is_compiling() else self.impl
 
     def register_fake(self, fn):
         return self.registered.register_fake(fn)
 
 
-def _no_autocast(q: Tensor):
-    """Autocast off for an op's implementation: the inputs are cast once, at the public entry (`.inputs`); inside,
-    each op keeps its compute dtype."""
-    return torch.autocast(q.device.type, enabled=False)
+def no_autocast(q: Tensor):
+    """Autocast off around an op's implementation: the inputs are cast once, at the public entry (`.inputs`);
+    inside, each op keeps its compute dtype. Under a compiler trace the registered op switches it off inside (a
+    context here would put an autocast region around the op in the graph)."""
+    return contextlib.nullcontext() if is_compiling() else torch.autocast(q.device.type, enabled=False)
 
 
 def _like(t: Tensor, shape, dtype=None) -> Tensor:
@@ -123,7 +125,8 @@ class SparseBiasAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, values, index, call: Call, backend: str):
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)       # the kernels' layout (docs/conventions.md)
         args = call.as_args()
-        out, lse, den, p, exact, kernel = _sparse_forward(q, k, v, values, index, *args, backend)
+        with no_autocast(q):
+            out, lse, den, p, exact, kernel = _sparse_forward.current(q, k, v, values, index, *args, backend)
         ctx.save_for_backward(q, k, v, values, args[0], args[3], out, lse, den, p, exact, kernel, *index)
         ctx.params = (args[1], args[2], backend)
         return out
@@ -133,8 +136,10 @@ class SparseBiasAttention(torch.autograd.Function):
         q, k, v, values, mask, seed, out, lse, den, p, exact, kernel, *index = ctx.saved_tensors
         scale, dropout_p, backend = ctx.params
         want_values = values is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dvalues = _sparse_backward(grad_out.contiguous(), q, k, v, values, index, mask, out, lse, den,
-                                               p, exact, kernel, scale, dropout_p, seed, backend, want_values)
+        with no_autocast(q):
+            dq, dk, dv, dvalues = _sparse_backward.current(grad_out.contiguous(), q, k, v, values, index, mask, out,
+                                                           lse, den, p, exact, kernel, scale, dropout_p, seed, backend,
+                                                           want_values)
         return dq, dk, dv, dvalues if want_values else None, None, None, None
 
 
@@ -164,7 +169,8 @@ class WindowAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, values, index, call: Call, backend: str):
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         args = call.as_args()
-        out, state = _window_forward(q, k, v, values, index, *args, backend)
+        with no_autocast(q):
+            out, state = _window_forward.current(q, k, v, values, index, *args, backend)
         ctx.save_for_backward(q, k, v, values, args[0], args[3], out, state, *index)
         ctx.params = (args[1], args[2], backend)
         return out
@@ -174,8 +180,9 @@ class WindowAttention(torch.autograd.Function):
         q, k, v, values, mask, seed, out, state, *index = ctx.saved_tensors
         scale, dropout_p, backend = ctx.params
         want_values = values is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dvalues = _window_backward(grad_out.contiguous(), q, k, v, values, index, mask, out, state, scale,
-                                               dropout_p, seed, backend, want_values)
+        with no_autocast(q):
+            dq, dk, dv, dvalues = _window_backward.current(grad_out.contiguous(), q, k, v, values, index, mask, out,
+                                                           state, scale, dropout_p, seed, backend, want_values)
         return dq, dk, dv, dvalues if want_values else None, None, None, None
 
 
@@ -212,7 +219,8 @@ class ModalityAttention(torch.autograd.Function):
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         args = call.as_args()
         bounds = [int(i) for r in ranges for i in r]
-        out, w, outs, lses, kernels = _modality_forward(q, k, v, values, bounds, *args)
+        with no_autocast(q):
+            out, w, outs, lses, kernels = _modality_forward.current(q, k, v, values, bounds, *args)
         ctx.save_for_backward(q, k, v, args[0], args[3], out, w, outs, lses, kernels)
         ctx.params = (bounds, args[1], args[2], values.dim() == 3)
         return out
@@ -221,6 +229,7 @@ class ModalityAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, mask, seed, out, w, outs, lses, kernels = ctx.saved_tensors
         bounds, scale, dropout_p, shared = ctx.params
-        dq, dk, dv, dvalues = _modality_backward(grad_out.contiguous(), q, k, v, out, w, outs, lses, kernels, bounds,
-                                                 mask, scale, dropout_p, seed, shared)
+        with no_autocast(q):
+            dq, dk, dv, dvalues = _modality_backward.current(grad_out.contiguous(), q, k, v, out, w, outs, lses,
+                                                             kernels, bounds, mask, scale, dropout_p, seed, shared)
         return dq, dk, dv, dvalues, None, None
