@@ -52,6 +52,13 @@ REPORT_EVERY = 10 if QUICK else 25
 ROUTING_WEIGHT = 0.5
 torch.manual_seed(SEED)
 
+# A model this small gains nothing from a second thread, and where other jobs share the cores each parallel region
+# of torch's own layers and optimiser waits for a scheduler time slice (docs/benchmarks.md, "Threads on small
+# problems"): one thread unless OMP_NUM_THREADS says otherwise.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+print(f"threads: {torch.get_num_threads()} (set OMP_NUM_THREADS to choose)")
+
 # %% [markdown]
 # Layout: a 16 x 16 BEV grid and six 4 x 10 camera views (496 keys), cameras of a 64 x 160 image on a ring.
 # The bias config is the dense version's dict; the AQR config names MoME's window sizes `[camera, bev]`.

@@ -28,6 +28,13 @@ OUT = os.environ.get("SPARSE_BIAS_OUT", "examples_out")
 STEPS = 40 if QUICK else 300
 torch.manual_seed(0)
 
+# A model this small gains nothing from a second thread, and where other jobs share the cores each parallel region
+# of torch's own layers and optimiser waits for a scheduler time slice (docs/benchmarks.md, "Threads on small
+# problems"): one thread unless OMP_NUM_THREADS says otherwise.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+print(f"threads: {torch.get_num_threads()} (set OMP_NUM_THREADS to choose)")
+
 # %% [markdown]
 # A small CMT-like layout: a 16 x 16 BEV grid and two 6 x 8 camera views (352 keys). The bias uses a
 # one-cell window (the projected cell itself) and scale 8, so each query starts out looking at its cells.
